@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -56,6 +57,20 @@ def _add_evaluate(sub):
     p.add_argument("--machines", nargs="*")
 
 
+def _add_serve_fleet(sub):
+    p = sub.add_parser("serve-fleet", help="score machine streams through per-machine bank actors and a router")
+    p.add_argument("--banks", required=True, type=Path, help="saved banks, one folder per machine (asd-ray run writes <out>/banks)")
+    p.add_argument("--data", nargs="*", type=Path, default=[], help="DCASE roots: each machine's test clips are one stream")
+    p.add_argument("--clips", type=Path, help="a folder of incoming clips of --machine, one stream")
+    p.add_argument("--machine", help="machine type of the clips in --clips")
+    p.add_argument("--simulate", type=int, default=0, metavar="STREAMS",
+                   help="instead: a simulated fleet of this many streams (pre-computed embeddings)")
+    p.add_argument("--rate", type=float, default=5.0, help="clips per second per simulated stream")
+    p.add_argument("--seconds", type=float, default=10.0, help="length of the simulation")
+    p.add_argument("--out", type=Path, default=Path("runs/fleet"))
+    _add_config_args(p)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="asd-ray", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -63,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_synth(sub)
     _add_run(sub)
     _add_evaluate(sub)
+    _add_serve_fleet(sub)
     return parser
 
 
@@ -127,7 +143,26 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
-COMMANDS = {"synth": cmd_synth, "run": cmd_run, "evaluate": cmd_evaluate}
+def cmd_serve_fleet(args) -> int:
+    from asd_ray.distributed import streams
+
+    config = run_config(args.config, args.overrides)
+    if args.simulate:
+        stats = streams.simulate(args.banks, config, args.out, streams=args.simulate, rate_hz=args.rate,
+                                 seconds=args.seconds)
+        print(json.dumps(dataclasses.asdict(stats)))
+        return 0
+    if not args.data and args.clips is None:
+        raise ConfigError("serve-fleet needs --data ROOT..., --clips DIR --machine M, or --simulate STREAMS")
+    results = streams.score_streams(args.banks, config, args.out, roots=args.data, clips=args.clips,
+                                    machine=args.machine)
+    bad = sum(1 for r in results if r.error)
+    print(f"{len(results) - bad} clips scored, {bad} without a score (see {args.out}/rejects.csv); "
+          f"per-stream results in {args.out}/streams.csv")
+    return 0
+
+
+COMMANDS = {"synth": cmd_synth, "run": cmd_run, "evaluate": cmd_evaluate, "serve-fleet": cmd_serve_fleet}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -140,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return COMMANDS[args.command](args)
-    except (ConfigError, LayoutError, MetricError, BankError, BackboneError) as err:
+    except (ConfigError, LayoutError, MetricError, BankError, BackboneError, FileNotFoundError, ValueError) as err:
         print(f"asd-ray {args.command}: error: {err}", file=sys.stderr)
         return 2
 

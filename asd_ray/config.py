@@ -81,6 +81,18 @@ class RayConfig:
 
 
 @dataclass(frozen=True)
+class FleetConfig:
+    """Bank actors and the router that scores many machine streams (SPEC §8)."""
+
+    namespace: str = "asd-ray"  # Ray namespace of the named bank actors ("bank:<machine>")
+    replicas: int = 1  # bank actors per machine; the router sends each batch to the least busy one
+    max_batch: int = 256  # requests of one machine sent to its bank in one call
+    max_wait_ms: float = 0.0  # how long a request waits for company when a bank is free (0: send at once)
+    max_in_flight: int = 1  # calls outstanding per bank actor; requests arriving meanwhile form the next batch
+    embed_batch: int = 16  # clips per call to an embedding actor (requests that carry a clip, not an embedding)
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """The whole detection run."""
 
@@ -89,6 +101,7 @@ class RunConfig:
     bank: BankConfig = field(default_factory=BankConfig)
     post: PostConfig = field(default_factory=PostConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+    fleet: FleetConfig = field(default_factory=FleetConfig)
     normals_only_roots: tuple[str, ...] = ()  # roots whose unparsed names are trusted as normal train clips
 
 

@@ -107,12 +107,13 @@ def embed_records(records: Sequence[ClipRecord], backbone: Backbone, preprocess:
 
 
 def detect(embeddings: np.ndarray, records: Sequence[ClipRecord], *, bank: BankConfig, post: PostConfig,
-           unscored: list[dict] | None = None) -> dict[str, MachineResult]:
+           unscored: list[dict] | None = None, bank_dir: str | Path | None = None) -> dict[str, MachineResult]:
     """Per machine: a bank of its normal train clips, scores of its test clips, post-processing, decisions.
 
     ``records[i]`` describes ``embeddings[i]``; test clips are scored in file-name order (the stream order).
     A machine without a usable bank (fewer than 2 normal train clips) is skipped: its test clips are
-    appended to ``unscored`` with the reason, and the other machines go on.
+    appended to ``unscored`` with the reason, and the other machines go on. With ``bank_dir``, each
+    machine's bank is saved to ``bank_dir/<machine>`` (what the bank actors of ``serve-fleet`` load).
     """
     by_machine: dict[str, list[int]] = {}
     for i, r in enumerate(records):
@@ -131,6 +132,8 @@ def detect(embeddings: np.ndarray, records: Sequence[ClipRecord], *, bank: BankC
             continue
         mbank = build_bank(embeddings[train], [records[i].filename for i in train],
                            [records[i].domain for i in train], **dataclasses.asdict(bank))
+        if bank_dir is not None:
+            mbank.save(Path(bank_dir) / machine)
         raw = mbank.score(embeddings[test])
         scores, decisions, threshold = postprocess(raw, mbank.loo_scores(), **dataclasses.asdict(post))
         results[machine] = MachineResult(machine=machine, section=records[test[0]].section,
@@ -210,7 +213,8 @@ def run_detection(roots: Sequence[str | Path], config: RunConfig, embedder: Embe
     emb, kept, rejects, flags = embedder(used)
     t2 = time.perf_counter()
     unscored: list[dict] = []
-    results = detect(emb, kept, bank=config.bank, post=config.post, unscored=unscored)
+    results = detect(emb, kept, bank=config.bank, post=config.post, unscored=unscored,
+                     bank_dir=None if out_dir is None else Path(out_dir) / "banks")
     truth = known_truth(results, roots)
     metrics = evaluate_results(results, truth)
     t3 = time.perf_counter()

@@ -105,12 +105,18 @@ class MemoryBank:
         dist, _ = self.search(queries, k or self.k)
         return dist.astype(np.float64).mean(axis=1)
 
+    def members(self) -> np.ndarray:
+        """The stored vectors (size x dim float32; unit length for cosine banks)."""
+        if self.index is None:
+            raise BankError("the bank is empty: fit() it with normal embeddings first")
+        return self.index.reconstruct_n(0, self.size)
+
     def loo_scores(self, k: int | None = None) -> np.ndarray:
         """Each member's score against the other members (leave-one-out), for thresholds and calibration."""
         k = k or self.k
         if self.size < 2:
             raise BankError(f"leave-one-out needs at least 2 members, the bank has {self.size}")
-        members = self.index.reconstruct_n(0, self.size)  # cosine members are stored normalised already
+        members = self.members()  # cosine members are stored normalised already
         dist, idx = self.search(members, min(k, self.size - 1) + 1)
         own = idx == np.arange(self.size)[:, None]
         # A member that is not among its own hits (exact duplicates) drops its first hit instead.
@@ -210,6 +216,10 @@ class DomainAwareBank:
         self.banks[domain].add(embeddings, ids)
         return self
 
+    def members(self) -> np.ndarray:
+        """Every domain's stored vectors, stacked (source first)."""
+        return np.concatenate([b.members() for b in self.banks.values()])
+
     def _scaled(self, queries: np.ndarray, k: int) -> np.ndarray:
         if not self.banks:
             raise BankError("the bank is empty: fit() it with normal embeddings before scoring")
@@ -224,7 +234,7 @@ class DomainAwareBank:
         out = []
         for d, bank in self.banks.items():
             own = bank.loo_scores(k) / self.scales[d]
-            members = bank.index.reconstruct_n(0, bank.size)
+            members = bank.members()
             others = [b.score(members, k) / self.scales[o] for o, b in self.banks.items() if o != d]
             out.append(np.min(np.stack([own, *others]), axis=0))
         return np.concatenate(out)

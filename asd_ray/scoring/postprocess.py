@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import statistics
+from collections import deque
+from dataclasses import dataclass
+
 import numpy as np
 import scipy.ndimage
 import scipy.stats
@@ -62,3 +66,41 @@ def postprocess(raw: np.ndarray, train_scores: np.ndarray, *, minmax: bool = Tru
         lo, hi = float(filtered.min()), float(filtered.max())
         return minmax_scale(filtered), decisions, float(minmax_scale(np.array([threshold]), lo, hi)[0])
     return filtered, decisions, threshold
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """A bank's scale for streams: min-max range and decision threshold of its leave-one-out train scores."""
+
+    lo: float
+    hi: float
+    threshold: float
+
+
+def calibrate(train_scores: np.ndarray, threshold_quantile: float = 0.9) -> Calibration:
+    """Calibration from a bank's leave-one-out ``train_scores`` (raw distances): their min, max and gamma threshold."""
+    s = np.asarray(train_scores, dtype=np.float64)
+    return Calibration(lo=float(s.min()), hi=float(s.max()), threshold=gamma_threshold(s, threshold_quantile))
+
+
+class StreamPostprocessor:
+    """Post-processing of one stream's raw scores as they arrive, clip by clip.
+
+    A stream cannot look ahead, so the median filter is causal: the median of this clip's raw score
+    and the ``median_window - 1`` before it. Decisions compare that filtered raw score with the
+    calibration threshold; min-max uses the bank's calibration range (scores may fall outside [0, 1]).
+    Keyword names are those of ``PostConfig``.
+    """
+
+    def __init__(self, calibration: Calibration, *, minmax: bool = True, median_window: int = 1):
+        self.calibration = calibration
+        self.minmax = minmax
+        self.recent: deque[float] = deque(maxlen=max(1, median_window))
+
+    def push(self, raw: float) -> tuple[float, int]:
+        """One clip's raw score -> (final score, decision 0/1)."""
+        self.recent.append(float(raw))
+        filtered = statistics.median(self.recent)  # a few values: faster than numpy per clip
+        c = self.calibration
+        score = float(minmax_scale(np.array([filtered]), c.lo, c.hi)[0]) if self.minmax else filtered
+        return score, int(filtered > c.threshold)

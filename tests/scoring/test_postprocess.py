@@ -36,3 +36,19 @@ def test_postprocess_orders_filter_threshold_minmax():
     assert scores.min() == 0.0 and scores.max() == 1.0
     assert decisions.tolist() == decide(raw, gamma_threshold(train)).tolist() == [0, 0, 1, 0, 1, 0]
     assert ((scores > thr) == decisions.astype(bool)).all()
+
+
+def test_stream_postprocessor_is_a_causal_median_on_the_calibration_scale():
+    from asd_ray.scoring.postprocess import Calibration, StreamPostprocessor, calibrate
+
+    cal = Calibration(lo=1.0, hi=3.0, threshold=2.5)
+    stream = StreamPostprocessor(cal, median_window=3)
+    out = [stream.push(r) for r in (1.0, 5.0, 2.0, 9.0, 9.0)]
+    # medians of [1], [1,5], [1,5,2], [5,2,9], [2,9,9]: no look-ahead
+    assert [s for s, _ in out] == [0.0, 1.0, 0.5, 2.0, 4.0]
+    assert [d for _, d in out] == [0, 1, 0, 1, 1]
+    raw = StreamPostprocessor(cal, minmax=False)
+    assert raw.push(7.0) == (7.0, 1)
+    train = np.random.default_rng(0).gamma(4.0, 1.0, 500)
+    c = calibrate(train, 0.9)
+    assert (c.lo, c.hi) == (train.min(), train.max()) and np.mean(train > c.threshold) == pytest.approx(0.1, abs=0.03)

@@ -1,0 +1,411 @@
+"""Bank actors and the fleet router: k-NN scoring for many machine streams (SPEC §4, §8).
+
+One named actor per machine type (``bank:<machine>`` in one namespace; replicas ``bank:<machine>#i``)
+wraps a saved ``MemoryBank`` and nothing more. Ray restarts a dead one (``max_restarts``), which
+reloads its bank from storage, and retries the calls that were in flight (``max_task_retries``), so
+no request is lost. ``add()`` persists before it returns, so a restarted actor serves what it had.
+
+The ``Router`` lives in the caller's event loop. Requests ``(machine, stream_id, embedding or clip)``
+queue per machine; a batch leaves when a bank actor has a free slot (after ``max_wait_ms`` at most)
+or when ``max_batch`` requests wait, so that under load one actor call carries many requests
+(one call per request cannot go beyond about 2k requests/s here). Clips are embedded first through
+a pool of embedding actors. Raw scores come back per stream in request order and go through that
+stream's ``StreamPostprocessor`` (causal median, the bank's calibration range and threshold).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import gc
+import os
+import shutil
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
+
+from asd_ray.bank.memory_bank import DomainAwareBank, load_bank
+from asd_ray.config import EmbedConfig, FleetConfig, PostConfig, PreprocessConfig
+from asd_ray.scoring.postprocess import Calibration, StreamPostprocessor, calibrate
+
+
+def actor_name(machine: str, replica: int = 0) -> str:
+    return f"bank:{machine}" if replica == 0 else f"bank:{machine}#{replica}"
+
+
+class BankActor:
+    """One machine's saved bank as a Ray actor; ``__init__`` (also after a restart) loads it from ``bank_dir``."""
+
+    def __init__(self, machine: str, bank_dir: str, faiss_threads: int = 1, persist: bool = True):
+        self.machine = machine
+        self.bank_dir = Path(bank_dir)
+        self.persist = persist  # one replica writes the shared bank_dir; the others only apply the same add
+        self.bank = load_bank(self.bank_dir, faiss_threads=faiss_threads)
+        self.pid = os.getpid()
+
+    def score(self, embeddings: np.ndarray) -> np.ndarray:
+        """(m x dim) float32 -> (m,) raw k-NN scores, exactly ``MemoryBank.score``."""
+        return self.bank.score(embeddings)
+
+    def loo_scores(self) -> np.ndarray:
+        return self.bank.loo_scores()
+
+    def add(self, embeddings: np.ndarray, ids: Sequence[str], domain: str = "target") -> dict:
+        """Append normals (first-shot calibration) and persist; ids already in the bank are skipped,
+        so a call retried after a restart does not add twice."""
+        members = self.bank.banks.get(domain) if isinstance(self.bank, DomainAwareBank) else self.bank
+        have = set(members.ids) if members is not None else set()
+        keep = [i for i, name in enumerate(ids) if str(name) not in have]
+        if keep:
+            new, new_ids = np.asarray(embeddings)[keep], [str(ids[i]) for i in keep]
+            if isinstance(self.bank, DomainAwareBank):
+                self.bank.add(new, new_ids, domain=domain)
+            else:
+                self.bank.add(new, new_ids)
+            if self.persist:
+                self._save()
+        return self.stats()
+
+    def _save(self) -> None:
+        tmp, old = self.bank_dir.with_name(self.bank_dir.name + ".new"), self.bank_dir.with_name(self.bank_dir.name + ".old")
+        shutil.rmtree(tmp, ignore_errors=True)
+        self.bank.save(tmp)
+        shutil.rmtree(old, ignore_errors=True)
+        self.bank_dir.rename(old)
+        tmp.rename(self.bank_dir)
+        shutil.rmtree(old, ignore_errors=True)
+
+    def stats(self) -> dict:
+        return {"machine": self.machine, "kind": type(self.bank).__name__, "size": self.bank.size,
+                "dim": self.bank.dim, "k": self.bank.k, "metric": self.bank.metric, "pid": self.pid,
+                "bank_dir": str(self.bank_dir)}
+
+
+def start_banks(bank_root: str | Path, *, machines: Iterable[str] | None = None, replicas: int = 1,
+                namespace: str = "asd-ray", faiss_threads: int = 1) -> dict[str, list]:
+    """Start (or find) the bank actors of every machine saved under ``bank_root/<machine>``.
+
+    Actors take no CPU slot (they mostly wait; FAISS threads are set explicitly), restart forever and
+    retry their calls. Returns {machine: [actor handles, replica 0 first]}.
+    """
+    import ray
+
+    root = Path(bank_root).expanduser().resolve()
+    if not root.is_dir():
+        raise FileNotFoundError(f"bank folder not found: {root}")
+    wanted = set(machines) if machines is not None else None
+    found = sorted(d.name for d in root.iterdir() if (d / "bank.json").is_file())
+    missing = sorted(wanted - set(found)) if wanted else []
+    if missing:
+        raise FileNotFoundError(f"no saved bank for {missing} under {root} (banks there: {found})")
+    remote = ray.remote(BankActor)
+    banks = {}
+    for machine in found:
+        if wanted is not None and machine not in wanted:
+            continue
+        banks[machine] = [
+            remote.options(name=actor_name(machine, r), namespace=namespace, get_if_exists=True, num_cpus=0,
+                           max_restarts=-1, max_task_retries=-1, max_concurrency=1)
+            .remote(machine, str(root / machine), faiss_threads, r == 0)
+            for r in range(replicas)]
+    ray.get([a.stats.remote() for actors in banks.values() for a in actors])  # loaded, or the error now
+    return banks
+
+
+class ClipEmbedder:
+    """An embedding actor: clip paths -> pre-processed, embedded (the Ray Data pipeline's own steps)."""
+
+    def __init__(self, embed: dict, preprocess: dict):
+        from asd_ray.distributed.embed import EmbedBatch
+
+        self.embedder = EmbedBatch(**embed)
+        self.preprocess = preprocess
+
+    def embed(self, paths: Sequence[str]) -> tuple[np.ndarray, list[str]]:
+        """-> (n x dim float32 embeddings, n reasons: "" where the clip was usable)."""
+        from asd_ray.distributed.embed import preprocess_batch
+
+        out = self.embedder(preprocess_batch({"path": np.array(paths, dtype=object)}, **self.preprocess))
+        return out["embedding"], [str(e) for e in out["error"]]
+
+
+def start_embedders(embed: EmbedConfig, preprocess: PreprocessConfig, *, num_actors: int = 1,
+                    actor_cpus: float = 0.5, use_gpu: bool = False) -> list:
+    import ray
+
+    kwargs = dataclasses.asdict(embed)
+    if not use_gpu and kwargs["device"] == "auto":
+        kwargs["device"] = "cpu"
+    opts = {"num_gpus": 1} if use_gpu else {"num_cpus": actor_cpus}
+    return [ray.remote(ClipEmbedder).options(max_restarts=-1, max_task_retries=-1, **opts)
+            .remote(kwargs, dataclasses.asdict(preprocess)) for _ in range(num_actors)]
+
+
+@dataclass
+class Request:
+    """One clip of one stream: its embedding, or the path of its audio (embedded on the way)."""
+
+    machine: str
+    stream_id: str
+    embedding: np.ndarray | None = None
+    path: str | None = None
+
+
+@dataclass
+class Result:
+    """A request's outcome: raw k-NN score, post-processed score and decision, or the reason it has none."""
+
+    machine: str
+    stream_id: str
+    path: str | None
+    raw_score: float | None = None
+    score: float | None = None
+    decision: int | None = None
+    error: str = ""
+
+
+class _Lane:
+    """Micro-batches items for a set of actors: a batch leaves when an actor has a free slot (after
+    ``max_wait`` at most) or ``max_batch`` items wait; ``call(actor, items)`` returns an ObjectRef and
+    ``done(items, value, error)`` receives its result."""
+
+    def __init__(self, actors: list, call: Callable, done: Callable, *, max_batch: int, max_wait: float,
+                 max_in_flight: int):
+        self.actors, self.call, self.done = actors, call, done
+        self.max_batch, self.max_wait, self.max_in_flight = max_batch, max_wait, max_in_flight
+        self.waiting: list = []
+        self.in_flight = [0] * len(actors)
+        self.timer: asyncio.TimerHandle | None = None
+
+    def put(self, item: Any) -> None:
+        self.waiting.append(item)
+        if len(self.waiting) >= self.max_batch or self.max_wait <= 0:
+            self._flush()
+        elif self.timer is None:
+            self.timer = asyncio.get_running_loop().call_later(self.max_wait, self._flush)
+
+    def _flush(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        while self.waiting:
+            slot = min(range(len(self.actors)), key=self.in_flight.__getitem__)
+            if self.in_flight[slot] >= self.max_in_flight:
+                return  # every actor busy: the next completion sends what waits
+            batch, self.waiting = self.waiting[:self.max_batch], self.waiting[self.max_batch:]
+            self.in_flight[slot] += 1
+            asyncio.get_running_loop().create_task(self._send(slot, batch))
+
+    async def _send(self, slot: int, batch: list) -> None:
+        try:
+            value, error = await self.call(self.actors[slot], batch), None
+        except Exception as err:  # an actor error answers every request of the batch; the lane goes on
+            value, error = None, f"{type(err).__name__}: {err}"
+        self.in_flight[slot] -= 1
+        self.done(batch, value, error)
+        self._flush()
+
+
+@dataclass
+class _Pending:
+    request: Request
+    seq: int
+    future: asyncio.Future
+
+
+class Router:
+    """Scores requests of many machine streams through the bank actors (see the module docstring).
+
+    ``submit(request)`` (inside a running event loop) returns a future of its ``Result``; ``score``
+    scores a list and returns results in request order. An unknown machine, an embedding of the wrong
+    size or a clip that cannot be used gives a ``Result`` with ``error`` set; other requests go on.
+    """
+
+    def __init__(self, banks: dict[str, list], *, post: PostConfig = PostConfig(), fleet: FleetConfig = FleetConfig(),
+                 embedders: list | None = None):
+        import ray
+
+        self.banks, self.post, self.fleet, self.embedders = banks, post, fleet, embedders
+        stats = ray.get([actors[0].stats.remote() for actors in banks.values()])
+        self.dims = {m: s["dim"] for m, s in zip(banks, stats)}
+        self.calibrations: dict[str, Calibration] = {}
+        for machine in banks:
+            self.refresh_calibration(machine)
+        self.streams: dict[str, StreamPostprocessor] = {}
+        self.next_seq: dict[str, int] = defaultdict(int)  # per stream: next request number handed out
+        self.next_out: dict[str, int] = defaultdict(int)  # per stream: next request number to post-process
+        self.ready: dict[str, dict[int, tuple[_Pending, float | None, str]]] = defaultdict(dict)
+        self.lanes: dict[str, _Lane] = {}
+        self.embed_lane: _Lane | None = None
+
+    def refresh_calibration(self, machine: str) -> Calibration:
+        import ray
+
+        loo = ray.get(self.banks[machine][0].loo_scores.remote())
+        self.calibrations[machine] = calibrate(loo, self.post.threshold_quantile)
+        return self.calibrations[machine]
+
+    def add(self, machine: str, embeddings: np.ndarray, ids: Sequence[str], domain: str = "target") -> dict:
+        """Append normals to every replica of ``machine``'s bank (persisted), then re-calibrate its streams."""
+        import ray
+
+        if machine not in self.banks:
+            raise KeyError(self._unknown(machine))
+        stats = ray.get([a.add.remote(np.asarray(embeddings, np.float32), list(ids), domain)
+                         for a in self.banks[machine]])
+        self.refresh_calibration(machine)
+        return stats[0]
+
+    def _unknown(self, machine: str) -> str:
+        return f"no bank for machine {machine!r} (banks: {sorted(self.banks)})"
+
+    def submit(self, request: Request) -> asyncio.Future:
+        loop = asyncio.get_running_loop()
+        key = f"{request.machine}/{request.stream_id}"
+        pending = _Pending(request, self.next_seq[key], loop.create_future())
+        self.next_seq[key] += 1
+        if request.machine not in self.banks:
+            self._finish(pending, None, self._unknown(request.machine))
+        elif request.embedding is not None:
+            self._to_bank(pending, request.embedding)
+        elif request.path is not None:
+            self._embed_lane().put(pending)
+        else:
+            self._finish(pending, None, "request has neither an embedding nor a clip path")
+        return pending.future
+
+    async def score(self, requests: Sequence[Request]) -> list[Result]:
+        return list(await asyncio.gather(*[self.submit(r) for r in requests]))
+
+    def _to_bank(self, pending: _Pending, embedding: np.ndarray) -> None:
+        e = np.asarray(embedding, dtype=np.float32).reshape(-1)
+        dim = self.dims[pending.request.machine]
+        if e.shape[0] != dim or not np.isfinite(e).all():
+            self._finish(pending, None, f"embedding of size {e.shape[0]} (finite: {bool(np.isfinite(e).all())}); "
+                                        f"the {pending.request.machine} bank takes finite vectors of size {dim}")
+            return
+        self._lane(pending.request.machine).put((pending, e))
+
+    def _lane(self, machine: str) -> _Lane:
+        if machine not in self.lanes:
+            f = self.fleet
+            self.lanes[machine] = _Lane(self.banks[machine], lambda actor, items: actor.score.remote(
+                np.stack([e for _, e in items])), self._scored, max_batch=f.max_batch,
+                max_wait=f.max_wait_ms / 1000, max_in_flight=f.max_in_flight)
+        return self.lanes[machine]
+
+    def _scored(self, items: list, raw: np.ndarray | None, error: str | None) -> None:
+        for i, (pending, _) in enumerate(items):
+            self._finish(pending, None if error else float(raw[i]), error or "")
+
+    def _embed_lane(self) -> _Lane:
+        if not self.embedders:
+            raise RuntimeError("requests carry clip paths but the router has no embedding actors")
+        if self.embed_lane is None:
+            f = self.fleet
+            self.embed_lane = _Lane(self.embedders, lambda actor, items: actor.embed.remote(
+                [p.request.path for p in items]), self._embedded, max_batch=f.embed_batch,
+                max_wait=f.max_wait_ms / 1000, max_in_flight=1)
+        return self.embed_lane
+
+    def _embedded(self, items: list, value: tuple | None, error: str | None) -> None:
+        for i, pending in enumerate(items):
+            reason = error or value[1][i]
+            if reason:
+                self._finish(pending, None, f"{pending.request.path}: {reason}")
+            else:
+                self._to_bank(pending, value[0][i])
+
+    def _finish(self, pending: _Pending, raw: float | None, error: str) -> None:
+        """Hand results to each stream's post-processing strictly in request order."""
+        key = f"{pending.request.machine}/{pending.request.stream_id}"
+        self.ready[key][pending.seq] = (pending, raw, error)
+        while self.next_out[key] in self.ready[key]:
+            p, raw, error = self.ready[key].pop(self.next_out[key])
+            self.next_out[key] += 1
+            r = p.request
+            result = Result(r.machine, r.stream_id, r.path, error=error)
+            if not error:
+                stream = self.streams.get(key)
+                if stream is None:
+                    stream = self.streams[key] = StreamPostprocessor(
+                        self.calibrations[r.machine], minmax=self.post.minmax, median_window=self.post.median_window)
+                result.raw_score = raw
+                result.score, result.decision = stream.push(raw)
+            p.future.set_result(result)
+
+
+def score_requests(router: Router, requests: Sequence[Request]) -> list[Result]:
+    """Blocking form of ``router.score`` for code without an event loop."""
+    return asyncio.run(router.score(requests))
+
+
+@dataclass
+class FleetStats:
+    """A simulated fleet run: what was offered, what came back, and how long it took."""
+
+    streams: int
+    offered_per_s: float
+    requests: int
+    errors: int
+    seconds: float
+    sustained_per_s: float
+    latency_p50_ms: float
+    latency_p99_ms: float
+
+
+async def simulate_fleet(router: Router, pools: dict[str, np.ndarray], *, streams: int, rate_hz: float,
+                         seconds: float, seed: int = 0) -> tuple[FleetStats, list[Result]]:
+    """``streams`` machine streams (machine types round-robin over ``pools``), each sending one clip
+    embedding (drawn from its machine's pool) every ``1 / rate_hz`` s at its own phase, open loop, for
+    ``seconds``. Latency runs from a request's scheduled time to its result, so a scheduler falling
+    behind shows up in it."""
+    rng = np.random.default_rng(seed)
+    machines = sorted(pools)
+    phase = rng.uniform(0, 1 / rate_hz, streams)
+    n_per = int(seconds * rate_hz)
+    times = (phase[:, None] + np.arange(n_per)[None, :] / rate_hz).ravel()
+    who = np.repeat(np.arange(streams), n_per)
+    order = np.argsort(times, kind="stable")
+    picks = rng.integers(0, 1 << 30, len(order))
+    latencies = np.zeros(len(order))
+    results: list[Result | None] = [None] * len(order)
+    loop = asyncio.get_running_loop()
+    all_done = loop.create_future()
+    remaining = [len(order)]
+    # The heap built so far (Ray, numpy, the pools) is frozen out of the cyclic GC: full collections over
+    # it stall the loop for 100-800 ms every few seconds, which is the whole p99 budget.
+    gc.freeze()
+    start = loop.time()
+
+    def finish(j: int, due: float) -> Callable:
+        def cb(fut: asyncio.Future) -> None:
+            latencies[j] = loop.time() - due
+            results[j] = fut.result()
+            remaining[0] -= 1
+            if remaining[0] == 0:
+                all_done.set_result(None)
+        return cb
+
+    for j, idx in enumerate(order):
+        due = start + times[idx]
+        delay = due - loop.time()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        s = int(who[idx])
+        machine = machines[s % len(machines)]
+        pool = pools[machine]
+        fut = router.submit(Request(machine, f"stream{s:05d}", embedding=pool[picks[j] % len(pool)]))
+        fut.add_done_callback(finish(j, due))
+    await all_done
+    took = loop.time() - start
+    gc.unfreeze()
+    stats = FleetStats(streams=streams, offered_per_s=streams * rate_hz, requests=len(results),
+                       errors=sum(1 for r in results if r.error), seconds=took, sustained_per_s=len(results) / took,
+                       latency_p50_ms=float(np.percentile(latencies, 50) * 1e3),
+                       latency_p99_ms=float(np.percentile(latencies, 99) * 1e3))
+    return stats, results

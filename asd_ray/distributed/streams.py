@@ -1,0 +1,130 @@
+"""The fleet scoring job (``asd-ray serve-fleet``, ``jobs/score_stream.py``): bank actors + router over
+a folder of incoming clips, DCASE test folders, or a simulated fleet of machine streams."""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import dataclasses
+import json
+import re
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from asd_ray.bank.memory_bank import load_bank
+from asd_ray.config import RunConfig
+from asd_ray.data.layout import discover
+from asd_ray.distributed.fleet import FleetStats, Request, Result, Router, start_banks, start_embedders
+from asd_ray.distributed.session import ensure_ray
+from asd_ray.scoring.files import write_results
+
+AUDIO_SUFFIXES = (".wav", ".flac")
+
+
+def stream_requests(roots: Sequence[str | Path] = (), clips: str | Path | None = None,
+                    machine: str | None = None) -> tuple[list[Request], list[dict]]:
+    """Requests in stream order, and clips that cannot be requests (with the reason).
+
+    ``roots``: DCASE roots; each machine's test clips form one stream (``<machine>_section_<ss>``) in
+    file-name order. ``clips``: a folder of incoming clips of ``machine``, one stream named after the
+    folder, in file-name order; files that are not audio are listed, not dropped.
+    """
+    requests, skipped = [], []
+    if roots:
+        for r in sorted((r for r in discover(roots) if r.split == "test"), key=lambda r: (r.machine, r.filename)):
+            if r.parse_error:
+                skipped.append({"path": r.path, "reason": r.parse_error})
+            else:
+                requests.append(Request(r.machine, f"{r.machine}_section_{r.section}", path=r.path))
+    if clips is not None:
+        folder = Path(clips)
+        if not folder.is_dir():
+            raise FileNotFoundError(f"clip folder not found: {folder}")
+        if not machine:
+            raise ValueError("--clips needs --machine: the machine type whose bank scores them")
+        for f in sorted(p for p in folder.iterdir() if p.is_file()):
+            if f.suffix.lower() in AUDIO_SUFFIXES:
+                requests.append(Request(machine, folder.name, path=str(f)))
+            else:
+                skipped.append({"path": str(f), "reason": f"not an audio file ({f.suffix or 'no suffix'})"})
+    return requests, skipped
+
+
+def write_stream_results(out_dir: str | Path, results: Sequence[Result], skipped: Sequence[dict] = ()) -> Path:
+    """``streams.csv`` (one row per scored clip, stream order) and ``rejects.csv`` (clips without a score).
+
+    Streams of DCASE test folders also get the official CSV pair, so ``asd-ray evaluate`` reads them.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with (out / "streams.csv").open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["stream_id", "machine", "clip", "raw_score", "score", "decision"])
+        for r in results:
+            if not r.error:
+                w.writerow([r.stream_id, r.machine, r.path or "", repr(r.raw_score), repr(r.score), r.decision])
+    with (out / "rejects.csv").open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["path", "reason"])
+        w.writerows([(s["path"], s["reason"]) for s in skipped])
+        w.writerows([(r.path or f"{r.machine}/{r.stream_id}", r.error) for r in results if r.error])
+    by_stream: dict[str, list[Result]] = {}
+    for r in results:
+        if not r.error and r.path and re.fullmatch(rf"{re.escape(r.machine)}_section_\d\d", r.stream_id):
+            by_stream.setdefault(r.stream_id, []).append(r)
+    for stream, rows in by_stream.items():
+        machine, section = rows[0].machine, stream.rsplit("_", 1)[1]
+        write_results(out, machine, [Path(r.path).name for r in rows], np.array([r.score for r in rows]),
+                      np.array([r.decision for r in rows]), section)
+    return out
+
+
+def _router(bank_root: str | Path, config: RunConfig, machines=None, with_embedders: bool = False) -> Router:
+    ensure_ray(num_cpus=config.ray.num_cpus or None)
+    banks = start_banks(bank_root, machines=machines, replicas=config.fleet.replicas,
+                        namespace=config.fleet.namespace, faiss_threads=config.bank.faiss_threads)
+    embedders = None
+    if with_embedders:
+        use_gpu = {"auto": None, "yes": True, "no": False}[config.ray.use_gpu]
+        if use_gpu is None:
+            import ray
+
+            use_gpu = config.embed.device != "cpu" and ray.cluster_resources().get("GPU", 0) > 0
+        embedders = start_embedders(config.embed, config.preprocess, num_actors=config.ray.embed_actors,
+                                    actor_cpus=config.ray.actor_cpus, use_gpu=use_gpu)
+    return Router(banks, post=config.post, fleet=config.fleet, embedders=embedders)
+
+
+def score_streams(bank_root: str | Path, config: RunConfig, out_dir: str | Path, *,
+                  roots: Sequence[str | Path] = (), clips: str | Path | None = None,
+                  machine: str | None = None) -> list[Result]:
+    """Score clips as streams through the bank actors saved under ``bank_root`` (``asd-ray run`` writes
+    ``<out>/banks``); every clip ends up in ``streams.csv`` or in ``rejects.csv`` with its reason."""
+    requests, skipped = stream_requests(roots, clips, machine)
+    if not requests:
+        raise ValueError(f"no clips to score ({len(skipped)} skipped)")
+    router = _router(bank_root, config, with_embedders=True)
+    results = asyncio.run(router.score(requests))
+    write_stream_results(out_dir, results, skipped)
+    return results
+
+
+def simulate(bank_root: str | Path, config: RunConfig, out_dir: str | Path | None = None, *, streams: int = 1000,
+             rate_hz: float = 5.0, seconds: float = 10.0, seed: int = 0) -> FleetStats:
+    """A simulated fleet over the saved banks: queries are bank members plus noise (embeddings pre-computed)."""
+    from asd_ray.distributed.fleet import simulate_fleet
+
+    rng = np.random.default_rng(seed)
+    router = _router(bank_root, config)
+    pools = {}
+    for machine in router.banks:
+        members = load_bank(Path(bank_root) / machine).members()
+        pools[machine] = (members + 0.05 * members.std() * rng.standard_normal(members.shape)).astype(np.float32)
+    stats, results = asyncio.run(simulate_fleet(router, pools, streams=streams, rate_hz=rate_hz,
+                                                seconds=seconds, seed=seed))
+    if out_dir is not None:
+        write_stream_results(out_dir, results)
+        (Path(out_dir) / "fleet_stats.json").write_text(json.dumps(dataclasses.asdict(stats), indent=2))
+    return stats

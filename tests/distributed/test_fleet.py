@@ -1,0 +1,144 @@
+"""Bank actors and the router: exact scores, add(), a killed actor mid-stream, unknown machines, clip streams."""
+
+import asyncio
+import csv
+import uuid
+
+import numpy as np
+import pytest
+
+from asd_ray.bank.memory_bank import MemoryBank, load_bank
+from asd_ray.config import FleetConfig, PostConfig, RunConfig, load_config
+from asd_ray.detect import reference_run
+from asd_ray.distributed.fleet import Request, Router, actor_name, score_requests, start_banks
+from asd_ray.distributed.streams import score_streams
+from asd_ray.scoring.postprocess import StreamPostprocessor, calibrate
+from tiny import TINY
+
+DIM = 48
+
+
+@pytest.fixture
+def fleet(ray_local, tmp_path):
+    """Two saved random banks and their actors in a namespace of this test only (killed after)."""
+    rng = np.random.default_rng(0)
+    banks = {}
+    for i, machine in enumerate(("fan", "valve")):
+        bank = MemoryBank(k=3).fit(rng.standard_normal((300, DIM)).astype(np.float32) + i,
+                                   [f"m{j}" for j in range(300)])
+        bank.save(tmp_path / "banks" / machine)
+        banks[machine] = bank
+    namespace = f"test-{uuid.uuid4().hex[:8]}"
+    actors = start_banks(tmp_path / "banks", namespace=namespace)
+    yield banks, actors, namespace, tmp_path / "banks"
+    for handles in actors.values():
+        for a in handles:
+            ray_local.kill(a, no_restart=True)
+
+
+def _queries(n, seed=1, shift=0.0):
+    return (np.random.default_rng(seed).standard_normal((n, DIM)) * 1.2 + shift).astype(np.float32)
+
+
+def test_actor_scores_equal_memory_bank_and_router_keeps_order(fleet, ray_local):
+    banks, actors, namespace, _ = fleet
+    q = _queries(200)
+    for machine, bank in banks.items():
+        got = ray_local.get(actors[machine][0].score.remote(q))
+        assert np.array_equal(got, bank.score(q))  # the same FAISS call: bit-identical
+    named = ray_local.get_actor(actor_name("fan"), namespace=namespace)
+    assert ray_local.get(named.stats.remote())["size"] == 300
+
+    post = PostConfig(median_window=3)
+    router = Router(actors, post=post, fleet=FleetConfig(max_batch=32))
+    machines = ["fan" if i % 3 else "valve" for i in range(200)]
+    results = score_requests(router, [Request(m, f"s-{m}", embedding=q[i]) for i, m in enumerate(machines)])
+    assert [r.machine for r in results] == machines and not any(r.error for r in results)
+    for machine, bank in banks.items():
+        idx = [i for i, m in enumerate(machines) if m == machine]
+        raw = np.array([results[i].raw_score for i in idx])
+        np.testing.assert_allclose(raw, bank.score(q[idx]), rtol=1e-6)  # FAISS may batch differently
+        stream = StreamPostprocessor(calibrate(bank.loo_scores(), post.threshold_quantile), median_window=3)
+        expected = [stream.push(s) for s in raw]
+        assert [(results[i].score, results[i].decision) for i in idx] == expected
+
+
+def test_add_changes_scores_and_persists(fleet, ray_local):
+    banks, actors, _, bank_root = fleet
+    router = Router(actors)
+    new = _queries(5, seed=3, shift=4.0)  # far from both banks
+    before = score_requests(router, [Request("fan", "s", embedding=e) for e in new])
+    stats = router.add("fan", new, [f"new{i}" for i in range(5)])
+    assert stats["size"] == 305
+    after = score_requests(router, [Request("fan", "s2", embedding=e) for e in new])
+    reference = banks["fan"].add(new, [f"new{i}" for i in range(5)])
+    np.testing.assert_allclose([r.raw_score for r in after], reference.score(new), rtol=1e-6)
+    assert all(a.raw_score < b.raw_score for a, b in zip(after, before))
+    assert router.add("fan", new, [f"new{i}" for i in range(5)])["size"] == 305  # a retried add is not doubled
+    assert load_bank(bank_root / "fan").size == 305  # persisted: a restart reloads it
+
+
+def test_killed_bank_actor_loses_no_request(fleet, ray_local):
+    banks, actors, _, _ = fleet
+    q = _queries(2000, seed=5)
+    pid_before = ray_local.get(actors["fan"][0].stats.remote())["pid"]
+    router = Router(actors, fleet=FleetConfig(max_batch=64, max_in_flight=2))
+
+    async def stream():
+        futures = [router.submit(Request("fan", "line-1", embedding=e)) for e in q[:1000]]
+        await asyncio.sleep(0.01)  # batches of the first half are in flight now
+        ray_local.kill(actors["fan"][0], no_restart=False)
+        futures += [router.submit(Request("fan", "line-1", embedding=e)) for e in q[1000:]]
+        return await asyncio.gather(*futures)
+
+    results = asyncio.run(stream())
+    assert len(results) == 2000 and not [r.error for r in results if r.error]
+    np.testing.assert_allclose([r.raw_score for r in results], banks["fan"].score(q), rtol=1e-6)
+    stats = ray_local.get(actors["fan"][0].stats.remote())
+    assert stats["pid"] != pid_before and stats["size"] == 300
+    assert np.array_equal(ray_local.get(actors["fan"][0].score.remote(q[:100])), banks["fan"].score(q[:100]))
+
+
+def test_unknown_machine_and_bad_embedding_do_not_disturb_others(fleet):
+    banks, actors, _, _ = fleet
+    router = Router(actors)
+    q = _queries(6)
+    requests = [Request("fan", "a", embedding=q[0]), Request("nope", "b", embedding=q[1]),
+                Request("fan", "a", embedding=q[2][:10]), Request("valve", "c", embedding=q[3]),
+                Request("fan", "a", embedding=np.full(DIM, np.nan, np.float32)), Request("fan", "a", embedding=q[5])]
+    results = score_requests(router, requests)
+    assert "no bank for machine 'nope'" in results[1].error and "fan" in results[1].error
+    assert "size 10" in results[2].error and "finite: False" in results[4].error
+    ok = [0, 3, 5]
+    assert all(not results[i].error and results[i].score is not None for i in ok)
+    np.testing.assert_allclose([results[0].raw_score, results[5].raw_score], banks["fan"].score(q[[0, 5]]), rtol=1e-6)
+
+
+def test_missing_bank_is_a_clear_error(fleet):
+    _, _, _, bank_root = fleet
+    with pytest.raises(FileNotFoundError, match="no saved bank for \\['pump'\\]"):
+        start_banks(bank_root, machines=["pump"])
+
+
+def test_clip_streams_equal_the_batch_run(ray_local, corpus_with_bad_clips, tmp_path):
+    config = load_config(RunConfig, None, [f"fleet.namespace=t-{uuid.uuid4().hex[:8]}", "fleet.max_batch=8"])
+    ref = reference_run([corpus_with_bad_clips], config, tmp_path / "ref")
+    results = score_streams(tmp_path / "ref" / "banks", config, tmp_path / "fleet", roots=[corpus_with_bad_clips])
+    scored = {}
+    for r in results:
+        if not r.error:
+            scored.setdefault(r.machine, {})[r.path.rsplit("/", 1)[1]] = r.raw_score
+    for machine, res in ref.results.items():
+        np.testing.assert_allclose([scored[machine][f] for f in res.filenames], res.raw_scores, rtol=1e-6)
+    with open(tmp_path / "fleet" / "rejects.csv") as fh:
+        rejects = {row["path"].rsplit("/", 1)[1]: row["reason"] for row in csv.DictReader(fh)}
+    assert "section_00_source_test_normal_0900_spd_99_mic_1.wav" in rejects  # the empty test clip
+    assert "section_00_target_test_anomaly_0901_spd_99_mic_2.wav" in rejects  # the truncated one
+    with open(tmp_path / "fleet" / "streams.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    n_test = 4 * TINY["test_per_cell"] * 3
+    assert len(rows) + len(rejects) == n_test + 2
+    assert (tmp_path / "fleet" / "anomaly_score_valve_section_00_test.csv").is_file()
+    ray = ray_local
+    for machine in ref.results:
+        ray.kill(ray.get_actor(actor_name(machine), namespace=config.fleet.namespace), no_restart=True)
