@@ -71,6 +71,33 @@ def _add_serve_fleet(sub):
     _add_config_args(p)
 
 
+def _add_finetune(sub):
+    p = sub.add_parser("finetune", help="self-supervised masked-prediction fine-tuning of a HuBERT backbone (Ray Train)")
+    p.add_argument("--data", nargs="+", type=Path, required=True, help="corpus roots (normal train clips of all machines)")
+    p.add_argument("--init", help="checkpoint directory or hub id to start from (= --set finetune.init=)")
+    p.add_argument("--workers", type=int, help="DDP workers (= --set finetune.workers=)")
+    p.add_argument("--gpu", action="store_true", help="one GPU per worker (= --set finetune.use_gpu=yes)")
+    p.add_argument("--machines", nargs="*", help="only these machine types")
+    _add_config_args(p)
+
+
+def _add_sweep(sub):
+    p = sub.add_parser("sweep", help="Ray Tune sweep; objective: the official h-mean on dev data")
+    p.add_argument("--data", nargs="+", type=Path, required=True, help="dev roots (test labels needed)")
+    p.add_argument("--space", type=Path, required=True, help="sweep space (see configs/sweep_*.yaml)")
+    p.add_argument("--out", type=Path, default=Path("runs/sweep"))
+    p.add_argument("--machines", nargs="*")
+    _add_config_args(p)
+
+
+def _add_embed(sub):
+    p = sub.add_parser("embed", help="embed a corpus with the Ray Data pipeline into the Parquet cache")
+    p.add_argument("--data", nargs="+", type=Path, required=True)
+    p.add_argument("--backbone", help="'logmel' or a HuBERT checkpoint directory / hub id (= --set embed.backbone=)")
+    p.add_argument("--machines", nargs="*")
+    _add_config_args(p)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="asd-ray", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -79,6 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run(sub)
     _add_evaluate(sub)
     _add_serve_fleet(sub)
+    _add_finetune(sub)
+    _add_sweep(sub)
+    _add_embed(sub)
     return parser
 
 
@@ -162,7 +192,46 @@ def cmd_serve_fleet(args) -> int:
     return 0
 
 
-COMMANDS = {"synth": cmd_synth, "run": cmd_run, "evaluate": cmd_evaluate, "serve-fleet": cmd_serve_fleet}
+def cmd_finetune(args) -> int:
+    from asd_ray.distributed.finetune import finetune
+
+    flags = ([f"finetune.init={args.init}"] if args.init else []) + \
+        ([f"finetune.workers={args.workers}"] if args.workers else []) + (["finetune.use_gpu=yes"] if args.gpu else [])
+    config = run_config(args.config, [*args.overrides, *flags])
+    result = finetune(args.data, config, args.machines)
+    last = result.steps[-1] if result.steps else {}
+    print(f"fine-tuned on {result.clips} clips ({len(result.rejects)} rejected, listed in {result.run_dir}/finetune.json); "
+          f"last step {last.get('step')}: loss {last.get('loss')}, collapse monitor {last.get('collapse_std')}")
+    print(f"backbone checkpoint: {result.checkpoint}  (asd-ray run --backbone {result.checkpoint})")
+    return 0
+
+
+def cmd_sweep(args) -> int:
+    from asd_ray.distributed.sweep import load_space, sweep
+
+    result = sweep(args.data, load_space(args.space), run_config(args.config, args.overrides), args.out, args.machines)
+    print((args.out / "sweep.md").read_text())
+    print(f"{len(result.embedded)} embedding set(s) computed, {len(result.cached)} read from the cache; "
+          f"best config: {result.best_config_path} (asd-ray run --config {result.best_config_path})")
+    return 0
+
+
+def cmd_embed(args) -> int:
+    from asd_ray.detect import plan_records
+    from asd_ray.distributed.run import embed_table
+    from asd_ray.distributed.session import ensure_ray
+
+    config = run_config(args.config, args.overrides, args.backbone)
+    ensure_ray(num_cpus=config.ray.num_cpus or None)
+    used, unused = plan_records(discover(args.data, args.machines, normals_only_roots=config.normals_only_roots))
+    table = embed_table(used, config)
+    print(f"{len(table.records)} clips embedded, {len(table.rejects)} rejected, {len(unused)} not used; "
+          f"Parquet at {table.path}{' (from the cache)' if table.from_cache else ''}")
+    return 0
+
+
+COMMANDS = {"synth": cmd_synth, "run": cmd_run, "evaluate": cmd_evaluate, "serve-fleet": cmd_serve_fleet,
+            "finetune": cmd_finetune, "sweep": cmd_sweep, "embed": cmd_embed}
 
 
 def main(argv: list[str] | None = None) -> int:

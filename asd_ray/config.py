@@ -93,6 +93,40 @@ class FleetConfig:
 
 
 @dataclass(frozen=True)
+class FinetuneConfig:
+    """Masked-prediction fine-tuning of a HuBERT backbone on Ray Train (SPEC §5)."""
+
+    init: str = "facebook/hubert-base-ls960"  # checkpoint directory or hub id the student starts from
+    teacher: Literal["ema", "frozen"] = "ema"
+    ema_decay: float = 0.999
+    mask_prob: float = 0.3  # share of the backbone's frames masked in the student's input
+    mask_length: int = 10  # frames per masked span (HuBERT's default)
+    lr: float = 1e-5
+    weight_decay: float = 0.01
+    warmup_steps: int = 500
+    epochs: int = 5
+    batch_size: int = 8  # clips per worker and step
+    crop_seconds: float = 5.0  # training clips are random windows of this length (shorter clips repeated)
+    noise_prob: float = 0.5
+    snr_low: float = -5.0
+    snr_high: float = 15.0
+    stretch_prob: float = 0.5
+    stretch_low: float = 0.8
+    stretch_high: float = 1.2
+    workers: int = 2  # DDP workers (one GPU each with use_gpu)
+    use_gpu: Literal["auto", "yes", "no"] = "auto"
+    worker_cpus: float = 1.0  # CPUs per worker; fractional on small machines so Ray Data tasks still run
+    checkpoint_every: int = 0  # steps between extra checkpoints (0: only at the end of each epoch)
+    keep_checkpoints: int = 2
+    max_failures: int = 2  # worker failures survived by resuming from the last checkpoint
+    monitor_every: int = 1  # steps between collapse-monitor evaluations on the held-out batch
+    heldout_clips: int = 8  # clips kept out of training for the collapse monitor
+    storage_path: str = "~/asd-ray/finetune"  # Ray Train storage (shared storage on a cluster)
+    name: str = ""  # run name; empty: finetune-<time>. The same name resumes that run.
+    seed: int = 0
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """The whole detection run."""
 
@@ -102,7 +136,12 @@ class RunConfig:
     post: PostConfig = field(default_factory=PostConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     fleet: FleetConfig = field(default_factory=FleetConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     normals_only_roots: tuple[str, ...] = ()  # roots whose unparsed names are trusted as normal train clips
+
+
+_TRUE_WORDS = ("yes", "true", "on")
+_FALSE_WORDS = ("no", "false", "off")
 
 
 def _type_name(tp: Any) -> str:
@@ -114,6 +153,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     origin = typing.get_origin(tp)
     if origin is Literal:
         allowed = typing.get_args(tp)
+        if isinstance(value, bool):  # YAML reads yes/no/on/off as booleans: take the choice spelled that way
+            spelled = [a for a in allowed if isinstance(a, str) and a in (_TRUE_WORDS if value else _FALSE_WORDS)]
+            value = spelled[0] if spelled else value
         if value not in allowed:
             raise ConfigError(f"{key}: {value!r} is not one of {list(allowed)}")
         return value

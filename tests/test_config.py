@@ -33,3 +33,12 @@ def test_bad_overrides_are_errors(override, message):
 def test_missing_file_is_an_error(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         load_config(RunConfig, tmp_path / "none.yaml")
+
+
+def test_yes_no_choices_survive_yaml_booleans(tmp_path):
+    config = load_config(RunConfig, None, ["ray.use_gpu=no", "finetune.use_gpu=yes"])
+    assert config.ray.use_gpu == "no" and config.finetune.use_gpu == "yes"
+    (tmp_path / "c.yaml").write_text("ray:\n  use_gpu: yes\n")
+    assert load_config(RunConfig, tmp_path / "c.yaml").ray.use_gpu == "yes"
+    with pytest.raises(ConfigError, match="not one of"):
+        load_config(RunConfig, None, ["bank.metric=true"])

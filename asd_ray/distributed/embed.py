@@ -23,6 +23,7 @@ import numpy as np
 from asd_ray.config import EmbedConfig, PreprocessConfig
 from asd_ray.data.audio import try_preprocess
 from asd_ray.data.layout import RECORD_FIELDS, ClipRecord
+from asd_ray.distributed.session import gpu_wanted
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +144,7 @@ def embed_corpus(records: Sequence[ClipRecord], *, embed: EmbedConfig, preproces
         log.info("embeddings cached at %s: not embedding again", out)
         return EmbeddingTable(*read_table(out), path=out, from_cache=True)
     if use_gpu is None:
-        use_gpu = embed.device != "cpu" and ray.cluster_resources().get("GPU", 0) > 0
+        use_gpu = gpu_wanted("auto", embed.device)
     embed_kwargs = dataclasses.asdict(embed)
     if not use_gpu and embed_kwargs["device"] == "auto":
         embed_kwargs["device"] = "cpu"

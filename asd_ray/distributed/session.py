@@ -24,3 +24,15 @@ def ensure_ray(num_cpus: int | None = None) -> bool:
     ray.init(include_dashboard=False, num_cpus=num_cpus)
     log.info("started a local Ray with %s CPUs", num_cpus)
     return True
+
+
+def gpu_wanted(setting: str = "auto", device: str = "auto") -> bool:
+    """``use_gpu`` settings (auto / yes / no) -> whether to ask Ray for GPUs: auto means the cluster has one
+    and the device is not pinned to the CPU."""
+    import ray
+
+    if setting not in ("auto", "yes", "no"):
+        raise ValueError(f"use_gpu {setting!r}: use auto, yes or no")
+    if setting == "auto":
+        return device != "cpu" and ray.cluster_resources().get("GPU", 0) >= 1
+    return setting == "yes"

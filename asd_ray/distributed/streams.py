@@ -17,7 +17,7 @@ from asd_ray.bank.memory_bank import load_bank
 from asd_ray.config import RunConfig
 from asd_ray.data.layout import discover
 from asd_ray.distributed.fleet import FleetStats, Request, Result, Router, start_banks, start_embedders
-from asd_ray.distributed.session import ensure_ray
+from asd_ray.distributed.session import ensure_ray, gpu_wanted
 from asd_ray.scoring.files import write_results
 
 AUDIO_SUFFIXES = (".wav", ".flac")
@@ -87,13 +87,9 @@ def _router(bank_root: str | Path, config: RunConfig, machines=None, with_embedd
                         namespace=config.fleet.namespace, faiss_threads=config.bank.faiss_threads)
     embedders = None
     if with_embedders:
-        use_gpu = {"auto": None, "yes": True, "no": False}[config.ray.use_gpu]
-        if use_gpu is None:
-            import ray
-
-            use_gpu = config.embed.device != "cpu" and ray.cluster_resources().get("GPU", 0) > 0
         embedders = start_embedders(config.embed, config.preprocess, num_actors=config.ray.embed_actors,
-                                    actor_cpus=config.ray.actor_cpus, use_gpu=use_gpu)
+                                    actor_cpus=config.ray.actor_cpus,
+                                    use_gpu=gpu_wanted(config.ray.use_gpu, config.embed.device))
     return Router(banks, post=config.post, fleet=config.fleet, embedders=embedders)
 
 

@@ -1,0 +1,253 @@
+"""Ray Train DDP masked-prediction fine-tuning (SPEC §5): Ray Data feeds augmented crops of the normal
+train clips of a corpus to ``train_loop_per_worker``, run by ``TorchTrainer`` on N workers.
+
+Checkpoints (every epoch and every ``checkpoint_every`` steps) hold the student in ``save_pretrained``
+format, so a checkpoint directory is a backbone for ``asd-ray run --backbone PATH``, plus the teacher,
+optimizer and scheduler state in ``training_state.pt``; after a worker dies, Ray Train restarts the
+group from the last checkpoint (``FailureConfig(max_failures)``). Rank 0 appends every step's loss,
+learning rate and collapse monitor to ``steps.jsonl`` in the run folder; the same metrics go to
+``ray.train.report``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from asd_ray.config import FinetuneConfig, PreprocessConfig, RunConfig
+from asd_ray.data.audio import try_preprocess
+from asd_ray.data.layout import ClipRecord, discover
+from asd_ray.distributed.embed import preprocess_batch
+from asd_ray.distributed.session import ensure_ray, gpu_wanted
+from asd_ray.models.finetune import augment, crop_or_tile
+
+log = logging.getLogger(__name__)
+
+AUGMENT_KEYS = ("noise_prob", "snr_low", "snr_high", "stretch_prob", "stretch_low", "stretch_high")
+
+
+@functools.lru_cache(maxsize=64)
+def _noise_clip(path: str, preprocess: tuple) -> np.ndarray | None:
+    clip, _ = try_preprocess(path, **dict(preprocess))
+    return None if clip is None else clip.waveform
+
+
+def augment_batch(batch: dict[str, np.ndarray], *, noise_paths: Sequence[str], preprocess: dict,
+                  samples: int, **augmentation: float) -> dict[str, np.ndarray]:
+    """Ray Data map after ``preprocess_batch``: -> {"waveform": B x samples float32}, augmented crops.
+
+    Noise comes from the corpus's noise-only clips when it has some, else from another clip of the batch.
+    Rows whose pre-processing failed are dropped here (the check before training listed them).
+    """
+    rng = np.random.default_rng()
+    keep = [i for i, e in enumerate(batch["error"]) if not e]
+    waves = [batch["waveform"][i] for i in keep]
+    out = []
+    for j, w in enumerate(waves):
+        if noise_paths:
+            noise = _noise_clip(str(noise_paths[rng.integers(len(noise_paths))]), tuple(sorted(preprocess.items())))
+        else:
+            noise = waves[(j + 1) % len(waves)] if len(waves) > 1 else None
+        out.append(crop_or_tile(augment(w, rng, noise, **augmentation), samples, rng))
+    return {"waveform": np.stack(out) if out else np.zeros((0, samples), np.float32)}
+
+
+def check_clips(records: Sequence[ClipRecord], preprocess: PreprocessConfig) -> tuple[list[ClipRecord], list[dict]]:
+    """One Ray Data pass that pre-processes every clip: (usable records, rejects with their reason)."""
+    import ray
+
+    rows = [{"path": r.path} for r in records]
+    got = (ray.data.from_items(rows).map_batches(preprocess_batch, fn_kwargs=dataclasses.asdict(preprocess),
+                                                 batch_size=16, num_cpus=0.5)
+           .select_columns(["path", "error"]).take_all())
+    reasons = {row["path"]: row["error"] for row in got}
+    ok = [r for r in records if not reasons[r.path]]
+    rejects = [{"path": r.path, "machine": r.machine, "reason": reasons[r.path]} for r in records if reasons[r.path]]
+    return ok, rejects
+
+
+def training_dataset(records: Sequence[ClipRecord], noise_paths: Sequence[str], preprocess: PreprocessConfig,
+                     finetune: FinetuneConfig):
+    """Ray Data dataset of augmented training crops: {"waveform": crop_seconds x sample_rate float32}."""
+    import ray
+
+    pre = dataclasses.asdict(preprocess)
+    aug = {k: getattr(finetune, k) for k in AUGMENT_KEYS}
+    samples = int(round(finetune.crop_seconds * preprocess.sample_rate))
+    return (ray.data.from_items([{"path": r.path} for r in records])
+            .random_shuffle(seed=finetune.seed)
+            .map_batches(preprocess_batch, fn_kwargs=pre, batch_size=finetune.batch_size, num_cpus=0.5)
+            .map_batches(augment_batch, fn_kwargs={"noise_paths": list(noise_paths), "preprocess": pre,
+                                                   "samples": samples, **aug},
+                         batch_size=finetune.batch_size, num_cpus=0.5))
+
+
+def _save_checkpoint(mp, state: dict, init_dir: Path | None) -> str:
+    """Student as save_pretrained (safetensors) + training_state.pt, in a fresh local folder."""
+    import torch
+
+    d = Path(tempfile.mkdtemp(prefix="asd-ray-ckpt-"))
+    mp.module.save_pretrained(d)
+    if init_dir is not None and (init_dir / "preprocessor_config.json").is_file():
+        shutil.copy(init_dir / "preprocessor_config.json", d)  # keeps do_normalize for the embedding stage
+    torch.save({**state, "teacher": mp.teacher.state_dict()}, d / "training_state.pt")
+    return str(d)
+
+
+def train_loop_per_worker(cfg: dict) -> None:
+    """The DDP training loop (each worker): ``cfg`` holds ``finetune`` (FinetuneConfig fields),
+    ``total_steps``, ``heldout`` (H x samples float32) and ``log_path``."""
+    import ray.train
+    import ray.train.torch
+    import torch
+    from transformers import AutoModel
+
+    from asd_ray.models.finetune import MaskedPrediction, prepare_student, warmup_cosine
+
+    ft = FinetuneConfig(**cfg["finetune"])
+    rank = ray.train.get_context().get_world_rank()
+    device = ray.train.torch.get_device()
+    checkpoint = ray.train.get_checkpoint()
+    state: dict = {}
+    init_dir = Path(ft.init) if Path(ft.init).is_dir() else None
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            student = AutoModel.from_pretrained(d)
+            state = torch.load(Path(d) / "training_state.pt", map_location="cpu", weights_only=False)
+    else:
+        student = AutoModel.from_pretrained(ft.init)
+    student = ray.train.torch.prepare_model(prepare_student(student).train())
+    mp = MaskedPrediction(student, teacher=ft.teacher, ema_decay=ft.ema_decay, mask_prob=ft.mask_prob,
+                          mask_length=ft.mask_length, seed=ft.seed + 1000 * rank + state.get("step", 0))
+    opt = torch.optim.AdamW(student.parameters(), lr=ft.lr, weight_decay=ft.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, ft.warmup_steps, cfg["total_steps"]))
+    if state:
+        mp.teacher.load_state_dict(state["teacher"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+    step, start_epoch, done_in_epoch = state.get("step", 0), state.get("epoch", 0), state.get("batches_in_epoch", 0)
+    heldout = torch.from_numpy(np.asarray(cfg["heldout"], dtype=np.float32)).to(device)
+    dtype = torch.bfloat16 if device.type == "cuda" else None
+    shard = ray.train.get_dataset_shard("train")
+    collapse = float("nan")
+
+    def report(metrics: dict, epoch: int, batches: int, with_checkpoint: bool, log_step: bool = True) -> None:
+        if rank == 0 and log_step:
+            with open(cfg["log_path"], "a") as fh:
+                fh.write(json.dumps(metrics) + "\n")
+        if not with_checkpoint:
+            ray.train.report(metrics)
+            return
+        path = None
+        if rank == 0:
+            path = _save_checkpoint(mp, {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": step,
+                                         "epoch": epoch, "batches_in_epoch": batches}, init_dir)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(path) if path else None)
+        if path:
+            shutil.rmtree(path, ignore_errors=True)
+
+    metrics: dict = {"step": step}
+    for epoch in range(start_epoch, ft.epochs):
+        batches = 0
+        for batch in shard.iter_torch_batches(batch_size=ft.batch_size, drop_last=True, dtypes=torch.float32,
+                                              device=device):
+            batches += 1
+            if epoch == start_epoch and batches <= done_in_epoch:
+                continue  # trained on before the failure this run resumed from
+            t0 = time.perf_counter()
+            loss = mp.loss(batch["waveform"], dtype)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            mp.update_teacher()
+            step += 1
+            if ft.monitor_every and step % ft.monitor_every == 0:
+                collapse = mp.collapse_monitor(heldout)
+            metrics = {"step": step, "epoch": epoch, "loss": float(loss.detach()), "lr": sched.get_last_lr()[0],
+                       "collapse_std": collapse, "clips": int(batch["waveform"].shape[0]),
+                       "step_s": time.perf_counter() - t0, "time": time.time()}
+            report(metrics, epoch, batches, bool(ft.checkpoint_every) and step % ft.checkpoint_every == 0)
+        report({**metrics, "epoch_end": epoch}, epoch + 1, 0, True, log_step=False)
+
+
+@dataclass
+class FinetuneResult:
+    """Where the fine-tuned backbone is, and what the run saw."""
+
+    checkpoint: Path  # a save_pretrained directory: --backbone PATH
+    run_dir: Path
+    metrics: dict
+    steps: list[dict]
+    rejects: list[dict]
+    clips: int
+
+
+def read_steps(path: str | Path) -> list[dict]:
+    p = Path(path)
+    return [json.loads(line) for line in p.read_text().splitlines() if line.strip()] if p.is_file() else []
+
+
+def finetune(roots: Sequence[str | Path], config: RunConfig, machines: Iterable[str] | None = None) -> FinetuneResult:
+    """Fine-tune ``config.finetune.init`` on the normal train clips of ``roots`` with Ray Train.
+
+    Joins or starts Ray. The run lives under ``storage_path/name``; the same name resumes it.
+    """
+    import ray
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    ensure_ray(num_cpus=config.ray.num_cpus or None)
+    ft, pre = config.finetune, config.preprocess
+    records = discover(roots, machines, normals_only_roots=config.normals_only_roots)
+    train = [r for r in records if r.is_normal_train]
+    noise = [r.path for r in records if r.kind == "noise"]
+    if len(train) < ft.heldout_clips + ft.workers * ft.batch_size:
+        raise ValueError(f"{len(train)} normal train clips: too few for {ft.workers} workers x batch "
+                         f"{ft.batch_size} plus {ft.heldout_clips} held out")
+    ok, rejects = check_clips(train, pre)
+    rng = np.random.default_rng(ft.seed)
+    order = rng.permutation(len(ok))
+    held, fit = [ok[i] for i in order[:ft.heldout_clips]], [ok[i] for i in order[ft.heldout_clips:]]
+    samples = int(round(ft.crop_seconds * pre.sample_rate))
+    heldout = np.stack([crop_or_tile(try_preprocess(r.path, **dataclasses.asdict(pre))[0].waveform, samples, rng)
+                        for r in held])
+    steps_per_epoch = len(fit) // ft.workers // ft.batch_size
+    if steps_per_epoch < 1:
+        raise ValueError(f"{len(fit)} usable training clips: not one batch of {ft.batch_size} per worker")
+    use_gpu = gpu_wanted(ft.use_gpu)
+    name = ft.name or time.strftime("finetune-%Y%m%d-%H%M%S")
+    storage = Path(ft.storage_path).expanduser().resolve()
+    run_dir = storage / name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    log_path = run_dir / "steps.jsonl"
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"finetune": dataclasses.asdict(ft), "total_steps": steps_per_epoch * ft.epochs,
+                           "heldout": heldout, "log_path": str(log_path)},
+        scaling_config=ray.train.ScalingConfig(num_workers=ft.workers, use_gpu=use_gpu,
+                                               resources_per_worker={"CPU": ft.worker_cpus,
+                                                                     **({"GPU": 1} if use_gpu else {})}),
+        run_config=ray.train.RunConfig(name=name, storage_path=str(storage),
+                                       checkpoint_config=ray.train.CheckpointConfig(num_to_keep=ft.keep_checkpoints),
+                                       failure_config=ray.train.FailureConfig(max_failures=ft.max_failures)),
+        datasets={"train": training_dataset(fit, noise, pre, ft)})
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"fine-tuning {name} ended without a checkpoint: {result.error}")
+    summary = {"checkpoint": result.checkpoint.path, "clips": len(fit), "heldout": len(held), "noise_clips": len(noise),
+               "rejected": rejects, "steps_per_epoch": steps_per_epoch, "metrics": result.metrics,
+               "config": dataclasses.asdict(ft)}
+    (run_dir / "finetune.json").write_text(json.dumps(summary, indent=2, default=str))
+    return FinetuneResult(checkpoint=Path(result.checkpoint.path), run_dir=run_dir, metrics=result.metrics or {},
+                          steps=read_steps(log_path), rejects=rejects, clips=len(fit))

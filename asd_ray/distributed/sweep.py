@@ -1,0 +1,220 @@
+"""Ray Tune sweeps over the detector's choices, with the official h-mean on dev data as the objective.
+
+A space file (``configs/sweep_*.yaml``) holds ``base`` (config overrides for every trial), ``grid``
+(dotted keys -> lists: every combination) and ``sample`` (dotted keys -> ``{choice: [...]}``,
+``{uniform: [lo, hi]}``, ``{loguniform: [lo, hi]}``, ``{randint: [lo, hi]}``), ``num_samples``.
+
+Embedding choices (``embed.*``, ``preprocess.*``) must be in ``grid``: the driver embeds once per
+distinct choice with the Ray Data pipeline before any trial starts, and every trial reads the Parquet
+cache (no trial embeds). A trial is the main job's ``run_detection`` with the trial's config, so the
+best trial's metrics are those ``asd-ray run --config best_config.yaml`` gives. A space with
+``finetune.*`` keys fine-tunes in each trial through the same ``finetune()`` (its ``TorchTrainer``),
+then scores with the resulting checkpoint as backbone.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import itertools
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import yaml
+
+from asd_ray.config import ConfigError, RunConfig, from_dict, save_config, to_dict
+from asd_ray.data.layout import discover
+from asd_ray.detect import plan_records, run_detection
+from asd_ray.distributed.run import embed_table, ray_embedder
+from asd_ray.distributed.session import ensure_ray
+
+EMBEDDING_SECTIONS = ("embed.", "preprocess.")
+SAMPLERS = ("choice", "uniform", "loguniform", "randint")
+OBJECTIVE = "official_score"
+
+
+@dataclass(frozen=True)
+class SweepSpace:
+    """A parsed space file."""
+
+    base: dict[str, Any]
+    grid: dict[str, list]
+    sample: dict[str, dict]
+    num_samples: int = 1
+    trial_cpus: float = 0.5
+
+    @property
+    def finetunes(self) -> bool:
+        return any(k.startswith("finetune.") for k in [*self.grid, *self.sample])
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def apply_overrides(config: RunConfig, flat: dict[str, Any]) -> RunConfig:
+    """``config`` with dotted ``key: value`` pairs set (checked like any config)."""
+    tree = to_dict(config)
+    for key, value in flat.items():
+        *parents, leaf = key.split(".")
+        node = tree
+        for p in parents:
+            if not isinstance(node.get(p), dict):
+                raise ConfigError(f"sweep key {key!r}: {p!r} is not a config section")
+            node = node[p]
+        if leaf not in node:
+            raise ConfigError(f"sweep key {key!r}: unknown key {leaf!r}")
+        node[leaf] = value
+    return from_dict(RunConfig, tree)
+
+
+def load_space(path: str | Path) -> SweepSpace:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"sweep space not found: {p}")
+    raw = yaml.safe_load(p.read_text()) or {}
+    unknown = sorted(set(raw) - {"base", "grid", "sample", "num_samples", "trial_cpus"})
+    if unknown:
+        raise ConfigError(f"{p}: unknown key(s) {unknown}; use base, grid, sample, num_samples, trial_cpus")
+    grid = _flatten(raw.get("grid") or {})
+    sample = raw.get("sample") or {}
+    for key, values in grid.items():
+        if not isinstance(values, list) or not values:
+            raise ConfigError(f"{p}: grid {key}: expected a non-empty list, got {values!r}")
+    for key, spec in sample.items():
+        if not (isinstance(spec, dict) and len(spec) == 1 and next(iter(spec)) in SAMPLERS):
+            raise ConfigError(f"{p}: sample {key}: expected one of {SAMPLERS} with its arguments, got {spec!r}")
+        if key.startswith(EMBEDDING_SECTIONS):
+            raise ConfigError(f"{p}: sample {key}: embedding choices go under grid (each is embedded once, up front)")
+    space = SweepSpace(base=_flatten(raw.get("base") or {}), grid=grid, sample=dict(sample),
+                       num_samples=int(raw.get("num_samples", 1)), trial_cpus=float(raw.get("trial_cpus", 0.5)))
+    apply_overrides(RunConfig(), {**space.base, **{k: v[0] for k, v in grid.items()}})  # bad keys fail here
+    return space
+
+
+def embedding_variants(space: SweepSpace, config: RunConfig) -> list[RunConfig]:
+    """One config per distinct embedding choice of the grid (what the driver embeds up front)."""
+    keys = [k for k in space.grid if k.startswith(EMBEDDING_SECTIONS)]
+    return [apply_overrides(config, dict(zip(keys, combo))) for combo in itertools.product(*(space.grid[k] for k in keys))]
+
+
+def _param_space(space: SweepSpace) -> dict:
+    from ray import tune
+
+    params: dict[str, Any] = {k: tune.grid_search(v) for k, v in space.grid.items()}
+    for key, spec in space.sample.items():
+        (kind, args), = spec.items()
+        params[key] = tune.choice(args) if kind == "choice" else getattr(tune, kind)(*args)
+    return params
+
+
+def _metrics_row(metrics: dict | None) -> dict:
+    if not metrics:
+        return {OBJECTIVE: float("nan")}
+    machines = metrics["machines"].values()
+    mean = lambda key: sum(m[key] for m in machines) / len(machines)  # noqa: E731
+    return {OBJECTIVE: metrics[OBJECTIVE], "auc_source": mean("auc_source"), "auc_target": mean("auc_target"),
+            "pauc": mean("pauc"), "metrics_json": json.dumps(metrics)}
+
+
+def trial(params: dict, *, roots: Sequence[str], base: dict, machines: list[str] | None) -> dict:
+    """One trial: the main job's detection with the trial's config (fine-tuning first if the space asks)."""
+    from asd_ray.distributed.finetune import finetune
+
+    config = apply_overrides(from_dict(RunConfig, base), params)
+    extra = {}
+    if any(k.startswith("finetune.") for k in params):
+        from ray import tune
+
+        name = f"{config.finetune.name or 'sweep'}-{tune.get_context().get_trial_id()}"
+        config = apply_overrides(config, {"finetune.name": name})
+        result = finetune(roots, config, machines)
+        config = apply_overrides(config, {"embed.backbone": str(result.checkpoint)})
+        extra = {"checkpoint": str(result.checkpoint), "final_loss": result.steps[-1]["loss"] if result.steps else None}
+    report = run_detection(roots, config, ray_embedder(config), None, machines)
+    return {**_metrics_row(report.metrics), **extra, "config_json": json.dumps(to_dict(config))}
+
+
+@dataclass
+class SweepResult:
+    table: list[dict]  # one row per trial, best first
+    best_config: RunConfig
+    best_config_path: Path
+    embedded: list[str]  # Parquet folders the driver wrote (embedding choices that were not cached yet)
+    cached: list[str]  # Parquet folders that were already there
+
+
+def sweep(roots: Sequence[str | Path], space: SweepSpace, config: RunConfig, out_dir: str | Path,
+          machines: Iterable[str] | None = None, name: str | None = None) -> SweepResult:
+    """Run every trial of ``space`` on Ray Tune; write ``sweep.csv``, ``sweep.md`` (sorted by the official
+    score) and ``best_config.yaml`` (a complete config for ``asd-ray run --config``) to ``out_dir``."""
+    from ray import tune
+
+    ensure_ray(num_cpus=config.ray.num_cpus or None)
+    roots = [str(Path(r).resolve()) for r in roots]
+    machines = list(machines) if machines else None
+    base = apply_overrides(config, space.base)
+    embedded, cached = [], []
+    if not space.finetunes:
+        used, _ = plan_records(discover(roots, machines, normals_only_roots=base.normals_only_roots))
+        for variant in embedding_variants(space, base):
+            table = embed_table(used, variant)
+            (cached if table.from_cache else embedded).append(str(table.path))
+    out = Path(out_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+
+    base_tree = to_dict(base)
+
+    def objective(params: dict) -> None:
+        tune.report(trial(params, roots=roots, base=base_tree, machines=machines))
+
+    tuner = tune.Tuner(
+        tune.with_resources(objective, {"cpu": space.trial_cpus}),
+        param_space=_param_space(space),
+        tune_config=tune.TuneConfig(metric=OBJECTIVE, mode="max", num_samples=space.num_samples),
+        run_config=tune.RunConfig(name=name or time.strftime("sweep-%Y%m%d-%H%M%S"), storage_path=str(out / "tune"),
+                                  verbose=0))
+    grid = tuner.fit()
+    rows = []
+    for r in grid:
+        if r.error is not None or not r.metrics:
+            rows.append({OBJECTIVE: float("nan"), "error": str(r.error), **{f"param:{k}": v for k, v in r.config.items()}})
+            continue
+        rows.append({**{f"param:{k}": v for k, v in r.config.items()},
+                     **{k: v for k, v in r.metrics.items() if k in (OBJECTIVE, "auc_source", "auc_target", "pauc",
+                                                                    "checkpoint", "final_loss", "config_json")}})
+    ok = [r for r in rows if r[OBJECTIVE] == r[OBJECTIVE]]
+    if not ok:
+        raise RuntimeError(f"every trial failed: {[r.get('error') for r in rows]}")
+    rows.sort(key=lambda r: -r[OBJECTIVE] if r[OBJECTIVE] == r[OBJECTIVE] else float("inf"))
+    best = from_dict(RunConfig, json.loads(rows[0]["config_json"]))
+    best_path = out / "best_config.yaml"
+    save_config(best, best_path)
+    write_sweep_table(out, rows)
+    return SweepResult(table=rows, best_config=best, best_config_path=best_path, embedded=embedded, cached=cached)
+
+
+def write_sweep_table(out: Path, rows: list[dict]) -> None:
+    """``sweep.csv`` (every column) and ``sweep.md`` (parameters and metrics, best first)."""
+    columns = sorted({k for r in rows for k in r if k != "config_json"}, key=lambda k: (not k.startswith("param:"), k))
+    with (out / "sweep.csv").open("w", newline="") as fh:
+        w = csv.DictWriter(fh, columns, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    shown = [c for c in columns if c.startswith("param:")] + [
+        c for c in (OBJECTIVE, "auc_source", "auc_target", "pauc", "final_loss", "error") if c in columns]
+    fmt = lambda v: f"{v:.4f}" if isinstance(v, float) else str(v)  # noqa: E731
+    lines = ["# Sweep (best first; objective: official h-mean on dev data)", "",
+             "| " + " | ".join(c.removeprefix("param:") for c in shown) + " |", "|" + "---|" * len(shown)]
+    lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in shown) + " |" for r in rows]
+    lines += ["", "best config: `best_config.yaml` (`asd-ray run --config best_config.yaml`)"]
+    (out / "sweep.md").write_text("\n".join(lines) + "\n")

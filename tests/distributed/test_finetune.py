@@ -1,0 +1,68 @@
+"""Ray Train DDP fine-tuning on 2 CPU workers: the loss falls, no collapse, a worker killed mid-run is
+survived by resuming from the last checkpoint, and the final checkpoint is a backbone."""
+
+import os
+import signal
+import threading
+import time
+import uuid
+
+import numpy as np
+
+from asd_ray.config import RunConfig, load_config
+from asd_ray.distributed.finetune import finetune
+from asd_ray.models.backbones import load_backbone
+
+
+def _train_worker_pids():
+    pids = []
+    for entry in os.scandir("/proc"):
+        try:
+            if entry.name.isdigit() and b"RayTrainWorker" in open(f"/proc/{entry.name}/cmdline", "rb").read():
+                pids.append(int(entry.name))
+        except OSError:
+            pass
+    return pids
+
+
+def _kill_a_worker_after_first_checkpoint(run_dir, killed: list, stop: threading.Event):
+    while not stop.is_set():
+        if list(run_dir.glob("checkpoint_*")):
+            for pid in _train_worker_pids()[:1]:
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+                return
+        time.sleep(0.02)
+
+
+def test_finetune_learns_survives_a_killed_worker_and_gives_a_backbone(ray_local, tiny_corpus, tiny_hubert, tmp_path):
+    name = f"ft-{uuid.uuid4().hex[:8]}"
+    config = load_config(RunConfig, None, [
+        f"finetune.init={tiny_hubert}", "finetune.workers=2", "finetune.worker_cpus=0.5", "finetune.epochs=4",
+        "finetune.batch_size=4", "finetune.crop_seconds=1.0", "finetune.lr=1e-3", "finetune.warmup_steps=2",
+        "finetune.checkpoint_every=3", "finetune.heldout_clips=4", f"finetune.storage_path={tmp_path / 'store'}",
+        f"finetune.name={name}"])
+    killed, stop = [], threading.Event()
+    killer = threading.Thread(target=_kill_a_worker_after_first_checkpoint,
+                              args=(tmp_path / "store" / name, killed, stop), daemon=True)
+    killer.start()
+    try:
+        result = finetune([tiny_corpus], config)
+    finally:
+        stop.set()
+    assert killed, "no training worker was killed: the fault was not injected"
+    steps = [s["step"] for s in result.steps]
+    total = 4 * ((result.clips // 2) // 4)
+    assert steps[-1] == total and sorted(set(steps)) == list(range(1, total + 1))
+    assert len(steps) > total  # steps after the last checkpoint ran twice: the run resumed, not restarted
+    assert any(b <= a for a, b in zip(steps, steps[1:]))
+    losses = [s["loss"] for s in result.steps]
+    assert np.mean(losses[-3:]) < 0.85 * np.mean(losses[:3])
+    assert min(s["collapse_std"] for s in result.steps) > 1e-3
+    lrs = [s["lr"] for s in result.steps]
+    assert max(lrs) == 1e-3 and lrs[-1] == 0.0  # warm-up to the configured lr, cosine down to 0 at the last step
+    assert (result.checkpoint / "model.safetensors").is_file() and (result.checkpoint / "training_state.pt").is_file()
+    backbone = load_backbone(str(result.checkpoint), device="cpu")
+    emb = backbone.embed([np.random.default_rng(0).standard_normal(16000).astype(np.float32)])
+    assert emb.shape == (1, 32) and np.isfinite(emb).all()
+    assert (result.run_dir / "finetune.json").is_file()

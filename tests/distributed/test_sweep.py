@@ -1,0 +1,40 @@
+"""Ray Tune sweep on a local Ray: 4 trials over k and distance embed once, and the best trial's metrics
+equal those of the main job run with the best config."""
+
+import uuid
+from pathlib import Path
+
+import pytest
+
+from asd_ray.config import ConfigError, RunConfig, load_config
+from asd_ray.distributed.run import ray_run
+from asd_ray.distributed.sweep import load_space, sweep
+
+
+def test_sweep_embeds_once_and_its_best_config_reproduces(ray_local, tiny_corpus, tmp_path):
+    space_file = tmp_path / "space.yaml"
+    space_file.write_text("grid:\n  bank.k: [1, 3]\n  bank.metric: [euclidean, cosine]\n")
+    config = load_config(RunConfig, None, [f"ray.cache_dir={tmp_path / 'cache'}"])
+    result = sweep([tiny_corpus], load_space(space_file), config, tmp_path / "sweep", name=f"s-{uuid.uuid4().hex[:6]}")
+    assert len(result.table) == 4 and len(result.embedded) == 1 and not result.cached
+    assert len([d for d in (tmp_path / "cache").iterdir() if d.is_dir()]) == 1  # no trial embedded again
+    scores = [r["official_score"] for r in result.table]
+    assert scores == sorted(scores, reverse=True) and len({(r["param:bank.k"], r["param:bank.metric"])
+                                                           for r in result.table}) == 4
+    best = load_config(RunConfig, result.best_config_path)
+    assert (best.bank.k, best.bank.metric) == (result.table[0]["param:bank.k"], result.table[0]["param:bank.metric"])
+    report = ray_run([tiny_corpus], best, tmp_path / "run")
+    assert report.metrics["official_score"] == result.table[0]["official_score"]
+    assert "| bank.k | bank.metric | official_score" in (tmp_path / "sweep" / "sweep.md").read_text()
+
+
+def test_space_errors_are_clear(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("grid:\n  bank.kk: [1]\n")
+    with pytest.raises(ConfigError, match="bank.kk"):
+        load_space(bad)
+    bad.write_text("sample:\n  embed.layer: {choice: [last, average]}\n")
+    with pytest.raises(ConfigError, match="embedding choices go under grid"):
+        load_space(bad)
+    for name in ("sweep_knn.yaml", "sweep_hubert_layers.yaml", "sweep_finetune.yaml"):
+        load_space(Path(__file__).resolve().parents[2] / "configs" / name)
