@@ -47,6 +47,23 @@ def _add_run(sub):
     p.add_argument("--machines", nargs="*", help="only these machine types")
     p.add_argument("--local", action="store_true",
                    help="the single-process reference run (no Ray); results equal the Ray run's")
+    p.add_argument("--detector", choices=("knn", "ae-mse", "ae-maha"),
+                   help="k-NN memory banks (default) or the DCASE AE baseline (= --set detector=)")
+    _add_config_args(p)
+
+
+# Detector names for `asd-ray compare`: each is config overrides on top of the run's config.
+DETECTORS = {"knn": ["detector=knn"], "knn-domain-aware": ["detector=knn", "bank.strategy=domain_aware"],
+             "ae-mse": ["detector=ae-mse"], "ae-maha": ["detector=ae-maha"]}
+
+
+def _add_compare(sub):
+    p = sub.add_parser("compare", help="run several detectors on the same data; one table and ROC plots")
+    p.add_argument("--data", nargs="*", type=Path, help="DCASE roots; none: the synthetic demo corpus")
+    p.add_argument("--detectors", nargs="+", choices=sorted(DETECTORS), default=list(DETECTORS))
+    p.add_argument("--out", type=Path, default=Path("runs/compare"))
+    p.add_argument("--machines", nargs="*")
+    p.add_argument("--local", action="store_true", help="single-process runs (no Ray)")
     _add_config_args(p)
 
 
@@ -109,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_finetune(sub)
     _add_sweep(sub)
     _add_embed(sub)
+    _add_compare(sub)
     return parser
 
 
@@ -141,7 +159,8 @@ def demo_corpus(out: Path) -> Path:
 
 
 def cmd_run(args) -> int:
-    config = run_config(args.config, args.overrides, args.backbone)
+    config = run_config(args.config, [*args.overrides, *([f"detector={args.detector}"] if args.detector else [])],
+                        args.backbone)
     roots = args.data or [demo_corpus(args.out)]
     if args.local:
         from asd_ray.detect import reference_run as run
@@ -153,6 +172,25 @@ def cmd_run(args) -> int:
     if report.metrics:
         print(format_metrics(report.metrics))
     print(f"official CSVs, metrics.json and report.md in {args.out}")
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from asd_ray.report import write_comparison
+
+    if args.local:
+        from asd_ray.detect import reference_run as run
+    else:
+        from asd_ray.distributed.run import ray_run as run
+    roots = args.data or [demo_corpus(args.out)]
+    reports = {}
+    for name in args.detectors:
+        config = run_config(args.config, [*args.overrides, *DETECTORS[name]])
+        reports[name] = run(roots, config, args.out / name, args.machines)
+        score = reports[name].metrics["official_score"] if reports[name].metrics else None
+        print(f"{name}: official score {score}")
+    path = write_comparison(reports, args.out)
+    print(path.read_text().split("\n\n![")[0])
     return 0
 
 
@@ -231,7 +269,8 @@ def cmd_embed(args) -> int:
 
 
 COMMANDS = {"synth": cmd_synth, "run": cmd_run, "evaluate": cmd_evaluate, "serve-fleet": cmd_serve_fleet,
-            "finetune": cmd_finetune, "sweep": cmd_sweep, "embed": cmd_embed}
+            "finetune": cmd_finetune, "sweep": cmd_sweep, "embed": cmd_embed,
+            "compare": cmd_compare}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -81,6 +81,25 @@ class RayConfig:
 
 
 @dataclass(frozen=True)
+class AEConfig:
+    """The official DCASE autoencoder baseline (SPEC §7); defaults are the baseline's."""
+
+    n_mels: int = 128
+    n_fft: int = 1024
+    hop_length: int = 512
+    power: float = 2.0
+    frames: int = 5  # consecutive log-mel frames stacked into one input vector (5 x 128 = 640-d)
+    hidden: int = 128
+    bottleneck: int = 8
+    layers: int = 4  # hidden layers on each side of the bottleneck
+    epochs: int = 100
+    batch_size: int = 256
+    lr: float = 1e-3
+    seed: int = 0
+    task_cpus: float = 1.0  # CPUs per machine's training task on Ray (a GPU each when ray.use_gpu allows)
+
+
+@dataclass(frozen=True)
 class FleetConfig:
     """Bank actors and the router that scores many machine streams (SPEC §8)."""
 
@@ -137,6 +156,8 @@ class RunConfig:
     ray: RayConfig = field(default_factory=RayConfig)
     fleet: FleetConfig = field(default_factory=FleetConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    ae: AEConfig = field(default_factory=AEConfig)
+    detector: Literal["knn", "ae-mse", "ae-maha"] = "knn"  # k-NN memory banks, or the AE baseline's two scores
     normals_only_roots: tuple[str, ...] = ()  # roots whose unparsed names are trusted as normal train clips
 
 

@@ -8,6 +8,7 @@ Every input clip ends up scored, used in a bank, or listed in ``rejects`` with i
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import time
 from collections import Counter
@@ -18,7 +19,7 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 
 from asd_ray.bank.memory_bank import build_bank
-from asd_ray.config import BankConfig, PostConfig, PreprocessConfig, RunConfig, save_config
+from asd_ray.config import AEConfig, BankConfig, PostConfig, PreprocessConfig, RunConfig, save_config
 from asd_ray.data.audio import try_preprocess
 from asd_ray.data.layout import ClipRecord, discover
 from asd_ray.models.backbones import Backbone, load_backbone
@@ -39,7 +40,8 @@ class MachineResult:
     scores: np.ndarray
     decisions: np.ndarray
     threshold: float
-    bank_size: int
+    bank_size: int  # members of the k-NN bank, or train clips of the AE
+    train_losses: list[float] = field(default_factory=list)  # the AE's loss per epoch
 
 
 @dataclass
@@ -79,7 +81,8 @@ def embed_records(records: Sequence[ClipRecord], backbone: Backbone, preprocess:
     """Pre-process and embed clips in this process.
 
     Returns (n x dim float32 embeddings, the n records embedded, rejects [{path, machine, reason}],
-    per-clip pre-processing flags). Works through ``chunk_batches`` batches at a time, in length order
+    per-clip pre-processing flags). A backbone with ``dim`` None (``AEFeatures``) gives a list of
+    per-clip matrices instead of the n x dim array. Works through ``chunk_batches`` batches at a time, in length order
     inside a chunk so that equal lengths share a batch; memory holds one chunk of waveforms, not the corpus.
     """
     kwargs = dataclasses.asdict(preprocess)
@@ -95,30 +98,37 @@ def embed_records(records: Sequence[ClipRecord], backbone: Backbone, preprocess:
             waves.append(clip.waveform)
             kept.append(r)
             flags.append(clip.flags)
-        emb = np.zeros((len(waves), backbone.dim), dtype=np.float32)
+        out: list = [None] * len(waves)
         order = sorted(range(len(waves)), key=lambda i: len(waves[i]))
         for b in range(0, len(order), batch_size):
             idx = order[b:b + batch_size]
-            emb[idx] = backbone.embed([waves[i] for i in idx])
+            for i, e in zip(idx, backbone.embed([waves[i] for i in idx])):
+                out[i] = e
             if progress:
                 progress(len(idx))
-        embs.append(emb)
-    return (np.concatenate(embs) if embs else np.zeros((0, backbone.dim), np.float32)), kept, rejects, flags
+        embs.extend(out)
+    if backbone.dim is None:  # per-clip feature matrices (the AE baseline's log-mel frames)
+        return embs, kept, rejects, flags
+    return (np.stack(embs).astype(np.float32) if embs else np.zeros((0, backbone.dim), np.float32)), kept, rejects, flags
 
 
-def detect(embeddings: np.ndarray, records: Sequence[ClipRecord], *, bank: BankConfig, post: PostConfig,
-           unscored: list[dict] | None = None, bank_dir: str | Path | None = None) -> dict[str, MachineResult]:
-    """Per machine: a bank of its normal train clips, scores of its test clips, post-processing, decisions.
+@dataclass
+class MachineSplit:
+    """One machine's rows: normal train clips (bank / model) and test clips in file-name (stream) order."""
 
-    ``records[i]`` describes ``embeddings[i]``; test clips are scored in file-name order (the stream order).
-    A machine without a usable bank (fewer than 2 normal train clips) is skipped: its test clips are
-    appended to ``unscored`` with the reason, and the other machines go on. With ``bank_dir``, each
-    machine's bank is saved to ``bank_dir/<machine>`` (what the bank actors of ``serve-fleet`` load).
-    """
+    machine: str
+    section: str
+    train: list[int]
+    test: list[int]
+
+
+def machine_splits(records: Sequence[ClipRecord], unscored: list[dict] | None = None) -> list[MachineSplit]:
+    """Rows per machine. A machine with test clips but fewer than 2 normal train clips cannot be modelled:
+    its test clips go to ``unscored`` with the reason (or, without ``unscored``, it is an error)."""
     by_machine: dict[str, list[int]] = {}
     for i, r in enumerate(records):
         by_machine.setdefault(r.machine, []).append(i)
-    results = {}
+    splits = []
     for machine, idx in sorted(by_machine.items()):
         train = [i for i in idx if records[i].is_normal_train]
         test = sorted((i for i in idx if records[i].split == "test"), key=lambda i: records[i].filename)
@@ -130,17 +140,62 @@ def detect(embeddings: np.ndarray, records: Sequence[ClipRecord], *, bank: BankC
                 raise MetricError(reason)
             unscored.extend({"path": records[i].path, "machine": machine, "reason": reason} for i in test)
             continue
-        mbank = build_bank(embeddings[train], [records[i].filename for i in train],
-                           [records[i].domain for i in train], **dataclasses.asdict(bank))
+        splits.append(MachineSplit(machine, records[test[0]].section, train, test))
+    return splits
+
+
+def machine_result(split: MachineSplit, records: Sequence[ClipRecord], raw: np.ndarray, train_scores: np.ndarray,
+                   post: PostConfig, model_size: int, train_losses: list[float] | None = None) -> MachineResult:
+    """Post-processing and decisions of one machine's raw test scores (threshold from its train scores)."""
+    scores, decisions, threshold = postprocess(raw, train_scores, **dataclasses.asdict(post))
+    return MachineResult(machine=split.machine, section=split.section,
+                         filenames=[records[i].filename for i in split.test], raw_scores=raw, scores=scores,
+                         decisions=decisions, threshold=threshold, bank_size=model_size,
+                         train_losses=list(train_losses or []))
+
+
+def detect(embeddings: np.ndarray, records: Sequence[ClipRecord], *, bank: BankConfig, post: PostConfig,
+           unscored: list[dict] | None = None, bank_dir: str | Path | None = None) -> dict[str, MachineResult]:
+    """Per machine: a bank of its normal train clips, scores of its test clips, post-processing, decisions.
+
+    ``records[i]`` describes ``embeddings[i]``; see ``machine_splits`` for machines that cannot be scored.
+    With ``bank_dir``, each machine's bank is saved to ``bank_dir/<machine>`` (what the bank actors of
+    ``serve-fleet`` load). The threshold comes from the bank's leave-one-out train scores.
+    """
+    results = {}
+    for s in machine_splits(records, unscored):
+        mbank = build_bank(embeddings[s.train], [records[i].filename for i in s.train],
+                           [records[i].domain for i in s.train], **dataclasses.asdict(bank))
         if bank_dir is not None:
-            mbank.save(Path(bank_dir) / machine)
-        raw = mbank.score(embeddings[test])
-        scores, decisions, threshold = postprocess(raw, mbank.loo_scores(), **dataclasses.asdict(post))
-        results[machine] = MachineResult(machine=machine, section=records[test[0]].section,
-                                         filenames=[records[i].filename for i in test], raw_scores=raw,
-                                         scores=scores, decisions=decisions, threshold=threshold,
-                                         bank_size=mbank.size)
+            mbank.save(Path(bank_dir) / s.machine)
+        results[s.machine] = machine_result(s, records, mbank.score(embeddings[s.test]), mbank.loo_scores(), post,
+                                            mbank.size)
     return results
+
+
+MachineMap = Callable[[Callable, list[tuple]], list]  # map(fn, [args, ...]) -> [fn(*args), ...]
+
+
+def local_map(fn: Callable, jobs: list[tuple]) -> list:
+    return [fn(*args) for args in jobs]
+
+
+def detect_ae(features: Sequence[np.ndarray], records: Sequence[ClipRecord], *, ae: AEConfig, score: str,
+              post: PostConfig, unscored: list[dict] | None = None, machine_map: MachineMap = local_map,
+              device: str = "cpu") -> dict[str, MachineResult]:
+    """The AE baseline per machine: ``features[i]`` is clip i's (frames x n_mels) log-mel matrix; one AE per
+    machine on its normal train clips (trained through ``machine_map``: here, or one Ray task per machine);
+    ``score`` is ``mse`` or ``maha``; the threshold is the gamma rule on the train clips' scores."""
+    from asd_ray.models.autoencoder import ae_machine
+
+    splits = machine_splits(records, unscored)
+    kwargs = {"context": ae.frames, "hidden": ae.hidden, "bottleneck": ae.bottleneck, "layers": ae.layers,
+              "epochs": ae.epochs, "batch_size": ae.batch_size, "lr": ae.lr, "seed": ae.seed, "device": device}
+    jobs = [([features[i] for i in s.train], [records[i].domain for i in s.train], [features[i] for i in s.test])
+            for s in splits]
+    outs = machine_map(functools.partial(ae_machine, **kwargs), jobs)
+    return {s.machine: machine_result(s, records, o.test[score], o.train[score], post, len(s.train), o.losses)
+            for s, o in zip(splits, outs)}
 
 
 def known_truth(results: dict[str, MachineResult], roots: Iterable[str | Path]) -> dict:
@@ -182,6 +237,8 @@ def write_outputs(report: RunReport, out_dir: str | Path, config: RunConfig) -> 
                        "rejected": len(report.rejects), "unused": len(report.unused),
                        "unscored": len(report.unscored)},
             "thresholds": {m: r.threshold for m, r in report.results.items()},
+            **({"train_losses": {m: r.train_losses for m, r in report.results.items()}}
+               if any(r.train_losses for r in report.results.values()) else {}),
             "flags": report.flags, "timings_s": report.timings}
     (out / "metrics.json").write_text(json.dumps(body, indent=2))
     save_config(config, out / "config.yaml")
@@ -200,11 +257,14 @@ Embedder = Callable[[Sequence[ClipRecord]], tuple[np.ndarray, list[ClipRecord], 
 
 
 def run_detection(roots: Sequence[str | Path], config: RunConfig, embedder: Embedder,
-                  out_dir: str | Path | None = None, machines: Iterable[str] | None = None) -> RunReport:
+                  out_dir: str | Path | None = None, machines: Iterable[str] | None = None,
+                  machine_map: MachineMap = local_map, device: str = "cpu") -> RunReport:
     """Discover a corpus, embed it with ``embedder``, detect, evaluate; write outputs when ``out_dir`` is set.
 
     ``embedder(records)`` returns what ``embed_records`` returns; the reference run embeds in this
-    process, the Ray pipeline on a cluster, and everything else is this one function.
+    process, the Ray pipeline on a cluster, and everything else is this one function. With an AE
+    ``config.detector``, the embedder gives log-mel matrices and ``machine_map`` trains the per-machine AEs
+    (on ``device``).
     """
     t0 = time.perf_counter()
     records = discover(roots, machines, normals_only_roots=config.normals_only_roots)
@@ -213,8 +273,12 @@ def run_detection(roots: Sequence[str | Path], config: RunConfig, embedder: Embe
     emb, kept, rejects, flags = embedder(used)
     t2 = time.perf_counter()
     unscored: list[dict] = []
-    results = detect(emb, kept, bank=config.bank, post=config.post, unscored=unscored,
-                     bank_dir=None if out_dir is None else Path(out_dir) / "banks")
+    if config.detector == "knn":
+        results = detect(emb, kept, bank=config.bank, post=config.post, unscored=unscored,
+                         bank_dir=None if out_dir is None else Path(out_dir) / "banks")
+    else:
+        results = detect_ae(emb, kept, ae=config.ae, score=config.detector.removeprefix("ae-"), post=config.post,
+                            unscored=unscored, machine_map=machine_map, device=device)
     truth = known_truth(results, roots)
     metrics = evaluate_results(results, truth)
     t3 = time.perf_counter()
@@ -228,10 +292,21 @@ def run_detection(roots: Sequence[str | Path], config: RunConfig, embedder: Embe
     return report
 
 
+def ae_feature_kwargs(config: RunConfig) -> dict:
+    ae = config.ae
+    return {"sample_rate": config.preprocess.sample_rate, "n_mels": ae.n_mels, "n_fft": ae.n_fft,
+            "hop_length": ae.hop_length, "power": ae.power}
+
+
 def reference_run(roots: Sequence[str | Path], config: RunConfig, out_dir: str | Path | None = None,
                   machines: Iterable[str] | None = None) -> RunReport:
     """Single-process run over a corpus: the oracle for the Ray pipeline."""
-    backbone = load_backbone(**dataclasses.asdict(config.embed))
+    if config.detector == "knn":
+        backbone = load_backbone(**dataclasses.asdict(config.embed))
+    else:
+        from asd_ray.models.autoencoder import AEFeatures
+
+        backbone = AEFeatures(**ae_feature_kwargs(config))
 
     def embedder(records):
         return embed_records(records, backbone, config.preprocess, config.embed.batch_size)

@@ -89,3 +89,53 @@ def write_report(report: "RunReport", out: Path, config) -> Path:
     path = out / "report.md"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def write_comparison(reports: dict[str, "RunReport"], out: Path) -> Path:
+    """``compare.md`` / ``compare.json``: per machine and detector AUC_s, AUC_t, pAUC, h-mean and the official
+    score; ``roc_<machine>.png`` with one ROC per detector (all test clips of the machine)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import roc_curve
+
+    out.mkdir(parents=True, exist_ok=True)
+    names = list(reports)
+    scored = {n: r.metrics for n, r in reports.items() if r.metrics}
+    if not scored:
+        raise ValueError("no detector run has ground truth to compare on")
+    machines = sorted({m for met in scored.values() for m in met["machines"]})
+    lines = ["# Detector comparison", "", "Official score (h-mean over every machine's AUC_s, AUC_t, pAUC):", "",
+             "| detector | official score | mean AUC | mean pAUC |", "|---|---|---|---|"]
+    lines += [f"| {n} | {m['official_score']:.4f} | {m['mean_auc']:.4f} | {m['mean_pauc']:.4f} |"
+              for n, m in scored.items()]
+    lines += ["", "Per machine (AUC_s / AUC_t / pAUC / h-mean):", "",
+              "| machine | " + " | ".join(scored) + " |", "|---|" + "---|" * len(scored)]
+    for machine in machines:
+        cells = []
+        for n, m in scored.items():
+            v = m["machines"].get(machine)
+            cells.append("—" if v is None else
+                         f"{v['auc_source']:.3f} / {v['auc_target']:.3f} / {v['pauc']:.3f} / **{v['hmean']:.3f}**")
+        lines.append(f"| {machine} | " + " | ".join(cells) + " |")
+    lines += [""]
+    for machine in machines:
+        fig, ax = plt.subplots(figsize=(5, 4.5))
+        for n in names:
+            r, truth = reports[n].results.get(machine), reports[n].truth.get(machine, {})
+            known = [(truth[f][0], s) for f, s in zip(r.filenames, r.scores) if f in truth] if r else []
+            if len({k[0] for k in known}) == 2:
+                fpr, tpr, _ = roc_curve([k[0] for k in known], [k[1] for k in known])
+                ax.plot(fpr, tpr, label=f"{n} (h-mean {scored[n]['machines'][machine]['hmean']:.3f})")
+        ax.plot([0, 1], [0, 1], "k:", lw=0.8)
+        ax.set(xlabel="false positive rate", ylabel="true positive rate", title=f"{machine}: ROC, all test clips")
+        ax.legend(loc="lower right", fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / f"roc_{machine}.png", dpi=90)
+        plt.close(fig)
+        lines.append(f"![{machine}](roc_{machine}.png)")
+    (out / "compare.json").write_text(json.dumps(scored, indent=2))
+    path = out / "compare.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path

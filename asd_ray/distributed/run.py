@@ -1,13 +1,21 @@
-"""The main job on Ray: the reference run's flow with the Ray Data embedding pipeline as its embedder."""
+"""The main job on Ray: the reference run's flow with the Ray Data embedding pipeline as its embedder.
+
+With the AE baseline as detector, Ray Data computes the log-mel matrices and each machine's AE trains
+in its own Ray task (a GPU each when there is one).
+"""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
 
 from asd_ray.config import RunConfig
-from asd_ray.detect import Embedder, RunReport, run_detection
-from asd_ray.distributed.embed import EmbeddingTable, embed_corpus
+from asd_ray.data.layout import ClipRecord
+from asd_ray.detect import Embedder, MachineMap, RunReport, ae_feature_kwargs, run_detection
+from asd_ray.distributed.embed import EmbeddingTable, embed_corpus, preprocess_batch
 from asd_ray.distributed.session import ensure_ray, gpu_wanted
 
 
@@ -27,6 +35,65 @@ def ray_embedder(config: RunConfig) -> Embedder:
     return embedder
 
 
+def ae_features_batch(batch: dict[str, np.ndarray], **features: object) -> dict[str, np.ndarray]:
+    """Ray Data map after ``preprocess_batch``: waveforms -> flattened log-mel matrices and their frame counts."""
+    from asd_ray.models.autoencoder import AEFeatures
+
+    extractor = AEFeatures(**features)
+    mats = [extractor.embed([w])[0] if not e else np.zeros((0, 0), np.float32)
+            for w, e in zip(batch["waveform"], batch["error"])]
+    out = {k: v for k, v in batch.items() if k != "waveform"}
+    out["frames"] = np.array([m.shape[0] for m in mats], dtype=np.int64)
+    out["logmel"] = _objects([m.ravel() for m in mats])
+    return out
+
+
+def _objects(items: list) -> np.ndarray:
+    arr = np.empty(len(items), dtype=object)
+    arr[:] = items
+    return arr
+
+
+def ray_ae_embedder(config: RunConfig) -> Embedder:
+    """Ray Data pre-processing + log-mel matrices of every clip (held in memory, no cache: a run's AEs need them all)."""
+    import ray
+
+    kwargs = ae_feature_kwargs(config)
+
+    def embedder(records: Sequence[ClipRecord]):
+        by_path = {r.path: r for r in records}
+        rows = ray.data.from_items([{"path": r.path} for r in records]).map_batches(
+            preprocess_batch, fn_kwargs=dataclasses.asdict(config.preprocess), batch_size=16, num_cpus=0.5
+        ).map_batches(ae_features_batch, fn_kwargs=kwargs, batch_size=16, num_cpus=0.5).take_all()
+        feats, kept, rejects, flags = [], [], [], []
+        for row in sorted(rows, key=lambda r: r["path"]):
+            rec = by_path[row["path"]]
+            if row["error"]:
+                rejects.append({"path": rec.path, "machine": rec.machine, "reason": row["error"]})
+                continue
+            feats.append(np.asarray(row["logmel"], dtype=np.float32).reshape(int(row["frames"]), config.ae.n_mels))
+            kept.append(rec)
+            flags.append([f for f in row["flags"].split(";") if f])
+        return feats, kept, rejects, flags
+
+    return embedder
+
+
+def _apply(fn: Callable, *args):
+    return fn(*args)
+
+
+def ray_task_map(num_cpus: float, num_gpus: float = 0) -> MachineMap:
+    """``map`` over Ray tasks: one task per job, all in flight at once (``fn`` may be a partial)."""
+    import ray
+
+    def machine_map(fn: Callable, jobs: list[tuple]) -> list:
+        task = ray.remote(_apply).options(num_cpus=num_cpus, num_gpus=num_gpus)
+        return ray.get([task.remote(fn, *args) for args in jobs])
+
+    return machine_map
+
+
 def ray_run(roots: Sequence[str | Path], config: RunConfig, out_dir: str | Path | None = None,
             machines: Iterable[str] | None = None) -> RunReport:
     """Embed the corpus with Ray Data (cached Parquet), then build banks, score, decide, evaluate, write.
@@ -34,4 +101,8 @@ def ray_run(roots: Sequence[str | Path], config: RunConfig, out_dir: str | Path 
     Joins the Ray at ``RAY_ADDRESS`` or the running session, else starts a local one.
     """
     ensure_ray(num_cpus=config.ray.num_cpus or None)
-    return run_detection(roots, config, ray_embedder(config), out_dir, machines)
+    if config.detector == "knn":
+        return run_detection(roots, config, ray_embedder(config), out_dir, machines)
+    gpu = gpu_wanted(config.ray.use_gpu)
+    return run_detection(roots, config, ray_ae_embedder(config), out_dir, machines,
+                         machine_map=ray_task_map(config.ae.task_cpus, 1 if gpu else 0), device="cuda" if gpu else "cpu")

@@ -53,3 +53,21 @@ def test_second_embedding_of_the_same_corpus_reads_the_cache(ray_local, tiny_cor
     other = load_config(RunConfig, None, ["preprocess.target_lufs=-20"])
     third = embed_corpus(records, embed=other.embed, preprocess=other.preprocess, cache_dir=tmp_path / "c")
     assert not third.from_cache and third.path != first.path
+
+
+def test_ae_baseline_on_ray_trains_one_task_per_machine(ray_local, tiny_corpus, tmp_path):
+    import torch
+
+    config = _config(tmp_path, "detector=ae-maha", "ae.epochs=3", "ae.batch_size=128", "ae.task_cpus=0.5")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in a Ray task with one CPU or less: float sums depend on the thread count
+    try:
+        ref = reference_run([tiny_corpus], config, tmp_path / "ref")
+    finally:
+        torch.set_num_threads(threads)
+    got = ray_run([tiny_corpus], config, tmp_path / "ray")
+    assert set(got.results) == set(ref.results) == {"ToyCar", "valve", "ToyPet"}
+    for m, r in ref.results.items():
+        assert got.results[m].filenames == r.filenames
+        assert (tmp_path / "ray" / f"anomaly_score_{m}_section_00_test.csv").is_file()
+        np.testing.assert_allclose(got.results[m].raw_scores, r.raw_scores, rtol=1e-9)

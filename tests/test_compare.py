@@ -1,0 +1,39 @@
+"""The AE baseline through the same run (CSVs, metrics, report) and `asd-ray compare` over several detectors."""
+
+import json
+
+import numpy as np
+
+from asd_ray.cli import main
+from asd_ray.config import RunConfig, load_config
+from asd_ray.detect import reference_run
+from tiny import TINY
+
+FAST_AE = ["ae.epochs=3", "ae.batch_size=128"]
+
+
+def test_ae_detectors_write_scores_for_every_machine(tiny_corpus, tmp_path):
+    for detector in ("ae-mse", "ae-maha"):
+        config = load_config(RunConfig, None, [f"detector={detector}", *FAST_AE])
+        report = reference_run([tiny_corpus], config, tmp_path / detector)
+        assert set(report.results) == {"ToyCar", "valve", "ToyPet"}
+        for m, r in report.results.items():
+            assert len(r.filenames) == 4 * TINY["test_per_cell"] and np.isfinite(r.raw_scores).all()
+            assert set(r.decisions.tolist()) <= {0, 1} and len(r.train_losses) == 3
+            rows = (tmp_path / detector / f"anomaly_score_{m}_section_00_test.csv").read_text().splitlines()
+            assert len(rows) == len(r.filenames)
+        assert 0 < report.metrics["official_score"] <= 1
+    mse = json.loads((tmp_path / "ae-mse" / "metrics.json").read_text())
+    maha = json.loads((tmp_path / "ae-maha" / "metrics.json").read_text())
+    assert mse["machines"]["ToyCar"] != maha["machines"]["ToyCar"]  # the two scores differ
+
+
+def test_compare_writes_one_table(tiny_corpus, tmp_path):
+    out = tmp_path / "cmp"
+    assert main(["compare", "--local", "--data", str(tiny_corpus), "--out", str(out), "--detectors", "knn",
+                 "ae-maha", *[a for o in FAST_AE for a in ("--set", o)]]) == 0
+    table = (out / "compare.md").read_text()
+    assert "| knn |" in table and "| ae-maha |" in table and "| ToyCar |" in table
+    assert (out / "roc_ToyCar.png").is_file() and (out / "knn" / "metrics.json").is_file()
+    scores = json.loads((out / "compare.json").read_text())
+    assert set(scores) == {"knn", "ae-maha"}
