@@ -135,6 +135,7 @@ class FinetuneConfig:
     workers: int = 2  # DDP workers (one GPU each with use_gpu)
     use_gpu: Literal["auto", "yes", "no"] = "auto"
     worker_cpus: float = 1.0  # CPUs per worker; fractional on small machines so Ray Data tasks still run
+    precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 autocast on GPUs that have it (not a T4), else fp32
     checkpoint_every: int = 0  # steps between extra checkpoints (0: only at the end of each epoch)
     keep_checkpoints: int = 2
     max_failures: int = 2  # worker failures survived by resuming from the last checkpoint

@@ -42,3 +42,10 @@ def test_yes_no_choices_survive_yaml_booleans(tmp_path):
     assert load_config(RunConfig, tmp_path / "c.yaml").ray.use_gpu == "yes"
     with pytest.raises(ConfigError, match="not one of"):
         load_config(RunConfig, None, ["bank.metric=true"])
+
+
+def test_laptop_config_loads_as_is():
+    from pathlib import Path
+
+    c = load_config(RunConfig, Path(__file__).resolve().parents[1] / "configs" / "laptop.yaml")
+    assert c.embed.precision == "fp16" and c.finetune.workers == 1 and c.finetune.precision == "fp32"

@@ -137,7 +137,8 @@ def train_loop_per_worker(cfg: dict) -> None:
         sched.load_state_dict(state["scheduler"])
     step, start_epoch, done_in_epoch = state.get("step", 0), state.get("epoch", 0), state.get("batches_in_epoch", 0)
     heldout = torch.from_numpy(np.asarray(cfg["heldout"], dtype=np.float32)).to(device)
-    dtype = torch.bfloat16 if device.type == "cuda" else None
+    bf16 = device.type == "cuda" and (ft.precision == "bf16" or (ft.precision == "auto" and torch.cuda.is_bf16_supported()))
+    dtype = torch.bfloat16 if bf16 else None
     shard = ray.train.get_dataset_shard("train")
     collapse = float("nan")
 

@@ -38,3 +38,18 @@ def test_space_errors_are_clear(tmp_path):
         load_space(bad)
     for name in ("sweep_knn.yaml", "sweep_hubert_layers.yaml", "sweep_finetune.yaml"):
         load_space(Path(__file__).resolve().parents[2] / "configs" / name)
+
+
+def test_finetune_sweep_wraps_the_same_trainer(ray_local, tiny_corpus, tiny_hubert, tmp_path):
+    space_file = tmp_path / "ft.yaml"
+    space_file.write_text("trial_cpus: 0.25\ngrid:\n  finetune.mask_prob: [0.3]\n")
+    config = load_config(RunConfig, None, [
+        f"ray.cache_dir={tmp_path / 'cache'}", f"finetune.init={tiny_hubert}", "finetune.workers=1",
+        "finetune.worker_cpus=0.5", "finetune.epochs=1", "finetune.batch_size=4", "finetune.crop_seconds=1.0",
+        "finetune.heldout_clips=4", "finetune.warmup_steps=2", f"finetune.storage_path={tmp_path / 'ft'}"])
+    result = sweep([tiny_corpus], load_space(space_file), config, tmp_path / "sweep", name=f"f-{uuid.uuid4().hex[:6]}")
+    (row,) = result.table
+    assert 0 < row["official_score"] <= 1 and row["final_loss"] > 0
+    checkpoint = Path(row["checkpoint"])
+    assert (checkpoint / "model.safetensors").is_file()
+    assert result.best_config.embed.backbone == str(checkpoint)  # the trial scored with its own fine-tuned backbone
