@@ -179,6 +179,7 @@ class _Lane:
         self.max_batch, self.max_wait, self.max_in_flight = max_batch, max_wait, max_in_flight
         self.waiting: list = []
         self.in_flight = [0] * len(actors)
+        self.calls = [0] * len(actors)  # batches sent to each actor so far
         self.timer: asyncio.TimerHandle | None = None
 
     def put(self, item: Any) -> None:
@@ -198,6 +199,7 @@ class _Lane:
                 return  # every actor busy: the next completion sends what waits
             batch, self.waiting = self.waiting[:self.max_batch], self.waiting[self.max_batch:]
             self.in_flight[slot] += 1
+            self.calls[slot] += 1
             asyncio.get_running_loop().create_task(self._send(slot, batch))
 
     async def _send(self, slot: int, batch: list) -> None:

@@ -142,3 +142,25 @@ def test_clip_streams_equal_the_batch_run(ray_local, corpus_with_bad_clips, tmp_
     ray = ray_local
     for machine in ref.results:
         ray.kill(ray.get_actor(actor_name(machine), namespace=config.fleet.namespace), no_restart=True)
+
+
+def test_replicas_share_the_load_and_every_add(ray_local, tmp_path):
+    rng = np.random.default_rng(2)
+    bank = MemoryBank(k=3).fit(rng.standard_normal((200, DIM)).astype(np.float32), [f"m{j}" for j in range(200)])
+    bank.save(tmp_path / "banks" / "pump")
+    namespace = f"test-{uuid.uuid4().hex[:8]}"
+    actors = start_banks(tmp_path / "banks", replicas=2, namespace=namespace)
+    try:
+        assert len(actors["pump"]) == 2
+        assert ray_local.get_actor(actor_name("pump", 1), namespace=namespace) is not None
+        router = Router(actors, fleet=FleetConfig(max_batch=16, max_in_flight=1))
+        q = _queries(300, seed=9)
+        results = score_requests(router, [Request("pump", f"s{i % 7}", embedding=e) for i, e in enumerate(q)])
+        np.testing.assert_allclose([r.raw_score for r in results], bank.score(q), rtol=1e-6)
+        lane = router.lanes["pump"]
+        assert lane.in_flight == [0, 0] and min(lane.calls) > 0  # both replicas took batches
+        router.add("pump", q[:3], ["a", "b", "c"])
+        assert [s["size"] for s in ray_local.get([a.stats.remote() for a in actors["pump"]])] == [203, 203]
+    finally:
+        for a in actors["pump"]:
+            ray_local.kill(a, no_restart=True)
