@@ -1,4 +1,4 @@
-"""The ``asd-ray`` command: synth, run, evaluate."""
+"""The ``asd-ray`` command: synth, run, evaluate, compare, embed, finetune, sweep, serve-fleet."""
 
 from __future__ import annotations
 
