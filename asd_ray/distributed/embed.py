@@ -153,7 +153,7 @@ def embed_corpus(records: Sequence[ClipRecord], *, embed: EmbedConfig, preproces
     if not rows:
         raise ValueError("embed_corpus: no clips to embed")
     ds = ray.data.from_items(rows).map_batches(preprocess_batch, fn_kwargs=dataclasses.asdict(preprocess),
-                                               batch_size=embed.batch_size, num_cpus=1)
+                                               batch_size=embed.batch_size, num_cpus=0.5)
     ds = ds.map_batches(EmbedBatch, fn_constructor_kwargs=embed_kwargs, batch_size=embed.batch_size,
                         compute=ray.data.ActorPoolStrategy(size=num_actors),
                         **({"num_gpus": 1} if use_gpu else {"num_cpus": actor_cpus}))
