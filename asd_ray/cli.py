@@ -158,15 +158,20 @@ def demo_corpus(out: Path) -> Path:
     return root
 
 
+def runner(local: bool):
+    """The single-process reference run, or the same run on Ray (equal results)."""
+    if local:
+        from asd_ray.detect import reference_run
+        return reference_run
+    from asd_ray.distributed.run import ray_run
+    return ray_run
+
+
 def cmd_run(args) -> int:
     config = run_config(args.config, [*args.overrides, *([f"detector={args.detector}"] if args.detector else [])],
                         args.backbone)
     roots = args.data or [demo_corpus(args.out)]
-    if args.local:
-        from asd_ray.detect import reference_run as run
-    else:
-        from asd_ray.distributed.run import ray_run as run
-    report = run(roots, config, args.out, args.machines)
+    report = runner(args.local)(roots, config, args.out, args.machines)
     print(f"clips: {report.clips_in} in, {report.clips_embedded} embedded, {len(report.rejects)} rejected, "
           f"{len(report.unused)} unused (see {args.out}/rejects.csv, unused.csv)")
     if report.metrics:
@@ -178,10 +183,7 @@ def cmd_run(args) -> int:
 def cmd_compare(args) -> int:
     from asd_ray.report import write_comparison
 
-    if args.local:
-        from asd_ray.detect import reference_run as run
-    else:
-        from asd_ray.distributed.run import ray_run as run
+    run = runner(args.local)
     roots = args.data or [demo_corpus(args.out)]
     reports = {}
     for name in args.detectors:

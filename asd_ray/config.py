@@ -255,14 +255,14 @@ def to_dict(config: Any) -> dict[str, Any]:
     return plain(dataclasses.asdict(config))
 
 
-def _set_path(tree: dict[str, Any], dotted: str, value: str) -> None:
+def _set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
     *parents, leaf = dotted.split(".")
     node = tree
     for p in parents:
         node = node.setdefault(p, {})
         if not isinstance(node, dict):
             raise ConfigError(f"{dotted}: {p} is not a section")
-    node[leaf] = yaml.safe_load(value) if value != "" else ""
+    node[leaf] = value
 
 
 def load_config(cls: type, path: str | Path | None = None, overrides: typing.Iterable[str] = ()) -> Any:
@@ -280,9 +280,18 @@ def load_config(cls: type, path: str | Path | None = None, overrides: typing.Ite
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not key=value")
         key, value = item.split("=", 1)
-        _set_path(tree, key.strip(), value.strip())
+        value = value.strip()
+        _set_path(tree, key.strip(), yaml.safe_load(value) if value != "" else "")
     # YAML parses "3" as int and "true" as bool; strings for str fields are coerced back.
     return from_dict(cls, tree)
+
+
+def with_overrides(config: Any, values: dict[str, Any]) -> Any:
+    """``config`` with dotted ``key: value`` pairs set (values already parsed); checked like any config."""
+    tree = to_dict(config)
+    for key, value in values.items():
+        _set_path(tree, key, value)
+    return from_dict(type(config), tree)
 
 
 def save_config(config: Any, path: str | Path) -> None:

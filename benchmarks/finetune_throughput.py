@@ -27,6 +27,7 @@ from asd_ray.config import RunConfig, load_config
 from asd_ray.data.audio import try_preprocess
 from asd_ray.data.layout import discover
 from asd_ray.data.synth import generate_corpus
+from asd_ray.distributed.finetune import augmentation
 from asd_ray.models.finetune import MaskedPrediction, augment, crop_or_tile, prepare_student
 
 
@@ -87,8 +88,7 @@ def main() -> None:
 
     rng = np.random.default_rng(0)
     samples = int(args.crop_seconds * config.preprocess.sample_rate)
-    aug = {k: getattr(config.finetune, k) for k in ("noise_prob", "snr_low", "snr_high", "stretch_prob",
-                                                    "stretch_low", "stretch_high")}
+    aug = augmentation(config.finetune)
     waves = [try_preprocess(r.path, **dataclasses.asdict(config.preprocess))[0].waveform for r in records[:clips]]
     crops = [crop_or_tile(augment(w, rng, waves[(i + 1) % len(waves)], **aug), samples, rng) for i, w in enumerate(waves)]
     batches = [np.stack(crops[i:i + args.batch_size]) for i in range(0, clips, args.batch_size)]

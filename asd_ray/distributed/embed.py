@@ -38,13 +38,14 @@ def preprocess_batch(batch: dict[str, np.ndarray], **preprocess: object) -> dict
         flags.append(";".join(clip.flags) if clip else "")
         errors.append(reason)
     out = dict(batch)
-    out["waveform"] = _object_array(waves)
+    out["waveform"] = object_array(waves)
     out["flags"] = np.array(flags, dtype=object)
     out["error"] = np.array(errors, dtype=object)
     return out
 
 
-def _object_array(items: list) -> np.ndarray:
+def object_array(items: list) -> np.ndarray:
+    """A 1-D object array of ``items`` (per-row arrays of different lengths in a Ray Data batch)."""
     arr = np.empty(len(items), dtype=object)
     arr[:] = items
     return arr
@@ -69,6 +70,15 @@ class EmbedBatch:
         out = {k: v for k, v in batch.items() if k != "waveform"}
         out["embedding"] = emb
         return out
+
+
+def actor_embed_kwargs(embed: EmbedConfig, use_gpu: bool) -> dict:
+    """``EmbedConfig`` as keyword arguments for an embedding actor: "auto" becomes "cpu" on an actor without
+    a GPU (Ray hides the node's GPUs from it, but torch could still see them)."""
+    kwargs = dataclasses.asdict(embed)
+    if not use_gpu and kwargs["device"] == "auto":
+        kwargs["device"] = "cpu"
+    return kwargs
 
 
 def _file_identity(path: str) -> tuple[str, int, int]:
@@ -145,9 +155,7 @@ def embed_corpus(records: Sequence[ClipRecord], *, embed: EmbedConfig, preproces
         return EmbeddingTable(*read_table(out), path=out, from_cache=True)
     if use_gpu is None:
         use_gpu = gpu_wanted("auto", embed.device)
-    embed_kwargs = dataclasses.asdict(embed)
-    if not use_gpu and embed_kwargs["device"] == "auto":
-        embed_kwargs["device"] = "cpu"
+    embed_kwargs = actor_embed_kwargs(embed, use_gpu)
     # Equal lengths together: HuBERT-Base's GroupNorm encoder runs one forward pass per distinct length.
     rows = sorted((r.to_row() for r in records), key=lambda r: (_file_identity(r["path"])[1], r["path"]))
     if not rows:

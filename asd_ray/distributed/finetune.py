@@ -36,6 +36,11 @@ log = logging.getLogger(__name__)
 AUGMENT_KEYS = ("noise_prob", "snr_low", "snr_high", "stretch_prob", "stretch_low", "stretch_high")
 
 
+def augmentation(finetune: FinetuneConfig) -> dict[str, float]:
+    """The config's augmentation settings as ``models.finetune.augment`` keywords."""
+    return {k: getattr(finetune, k) for k in AUGMENT_KEYS}
+
+
 @functools.lru_cache(maxsize=64)
 def _noise_clip(path: str, preprocess: tuple) -> np.ndarray | None:
     clip, _ = try_preprocess(path, **dict(preprocess))
@@ -82,7 +87,7 @@ def training_dataset(records: Sequence[ClipRecord], noise_paths: Sequence[str], 
     import ray
 
     pre = dataclasses.asdict(preprocess)
-    aug = {k: getattr(finetune, k) for k in AUGMENT_KEYS}
+    aug = augmentation(finetune)
     samples = int(round(finetune.crop_seconds * preprocess.sample_rate))
     return (ray.data.from_items([{"path": r.path} for r in records])
             .random_shuffle(seed=finetune.seed)

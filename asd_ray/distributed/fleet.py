@@ -137,9 +137,9 @@ def start_embedders(embed: EmbedConfig, preprocess: PreprocessConfig, *, num_act
                     actor_cpus: float = 0.5, use_gpu: bool = False) -> list:
     import ray
 
-    kwargs = dataclasses.asdict(embed)
-    if not use_gpu and kwargs["device"] == "auto":
-        kwargs["device"] = "cpu"
+    from asd_ray.distributed.embed import actor_embed_kwargs
+
+    kwargs = actor_embed_kwargs(embed, use_gpu)
     opts = {"num_gpus": 1} if use_gpu else {"num_cpus": actor_cpus}
     return [ray.remote(ClipEmbedder).options(max_restarts=-1, max_task_retries=-1, **opts)
             .remote(kwargs, dataclasses.asdict(preprocess)) for _ in range(num_actors)]

@@ -15,7 +15,7 @@ import numpy as np
 from asd_ray.config import RunConfig
 from asd_ray.data.layout import ClipRecord
 from asd_ray.detect import Embedder, MachineMap, RunReport, ae_feature_kwargs, run_detection
-from asd_ray.distributed.embed import EmbeddingTable, embed_corpus, preprocess_batch
+from asd_ray.distributed.embed import EmbeddingTable, embed_corpus, object_array, preprocess_batch
 from asd_ray.distributed.session import ensure_ray, gpu_wanted
 
 
@@ -44,14 +44,8 @@ def ae_features_batch(batch: dict[str, np.ndarray], **features: object) -> dict[
             for w, e in zip(batch["waveform"], batch["error"])]
     out = {k: v for k, v in batch.items() if k != "waveform"}
     out["frames"] = np.array([m.shape[0] for m in mats], dtype=np.int64)
-    out["logmel"] = _objects([m.ravel() for m in mats])
+    out["logmel"] = object_array([m.ravel() for m in mats])
     return out
-
-
-def _objects(items: list) -> np.ndarray:
-    arr = np.empty(len(items), dtype=object)
-    arr[:] = items
-    return arr
 
 
 def ray_ae_embedder(config: RunConfig) -> Embedder:

@@ -25,7 +25,7 @@ from typing import Any, Iterable, Sequence
 
 import yaml
 
-from asd_ray.config import ConfigError, RunConfig, from_dict, save_config, to_dict
+from asd_ray.config import ConfigError, RunConfig, from_dict, save_config, to_dict, with_overrides
 from asd_ray.data.layout import discover
 from asd_ray.detect import plan_records, run_detection
 from asd_ray.distributed.run import embed_table, ray_embedder
@@ -61,22 +61,6 @@ def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def apply_overrides(config: RunConfig, flat: dict[str, Any]) -> RunConfig:
-    """``config`` with dotted ``key: value`` pairs set (checked like any config)."""
-    tree = to_dict(config)
-    for key, value in flat.items():
-        *parents, leaf = key.split(".")
-        node = tree
-        for p in parents:
-            if not isinstance(node.get(p), dict):
-                raise ConfigError(f"sweep key {key!r}: {p!r} is not a config section")
-            node = node[p]
-        if leaf not in node:
-            raise ConfigError(f"sweep key {key!r}: unknown key {leaf!r}")
-        node[leaf] = value
-    return from_dict(RunConfig, tree)
-
-
 def load_space(path: str | Path) -> SweepSpace:
     p = Path(path)
     if not p.is_file():
@@ -97,14 +81,14 @@ def load_space(path: str | Path) -> SweepSpace:
             raise ConfigError(f"{p}: sample {key}: embedding choices go under grid (each is embedded once, up front)")
     space = SweepSpace(base=_flatten(raw.get("base") or {}), grid=grid, sample=dict(sample),
                        num_samples=int(raw.get("num_samples", 1)), trial_cpus=float(raw.get("trial_cpus", 0.5)))
-    apply_overrides(RunConfig(), {**space.base, **{k: v[0] for k, v in grid.items()}})  # bad keys fail here
+    with_overrides(RunConfig(), {**space.base, **{k: v[0] for k, v in grid.items()}})  # bad keys fail here
     return space
 
 
 def embedding_variants(space: SweepSpace, config: RunConfig) -> list[RunConfig]:
     """One config per distinct embedding choice of the grid (what the driver embeds up front)."""
     keys = [k for k in space.grid if k.startswith(EMBEDDING_SECTIONS)]
-    return [apply_overrides(config, dict(zip(keys, combo))) for combo in itertools.product(*(space.grid[k] for k in keys))]
+    return [with_overrides(config, dict(zip(keys, combo))) for combo in itertools.product(*(space.grid[k] for k in keys))]
 
 
 def _param_space(space: SweepSpace) -> dict:
@@ -130,15 +114,15 @@ def trial(params: dict, *, roots: Sequence[str], base: dict, machines: list[str]
     """One trial: the main job's detection with the trial's config (fine-tuning first if the space asks)."""
     from asd_ray.distributed.finetune import finetune
 
-    config = apply_overrides(from_dict(RunConfig, base), params)
+    config = with_overrides(from_dict(RunConfig, base), params)
     extra = {}
     if any(k.startswith("finetune.") for k in params):
         from ray import tune
 
         name = f"{config.finetune.name or 'sweep'}-{tune.get_context().get_trial_id()}"
-        config = apply_overrides(config, {"finetune.name": name})
+        config = with_overrides(config, {"finetune.name": name})
         result = finetune(roots, config, machines)
-        config = apply_overrides(config, {"embed.backbone": str(result.checkpoint)})
+        config = with_overrides(config, {"embed.backbone": str(result.checkpoint)})
         extra = {"checkpoint": str(result.checkpoint), "final_loss": result.steps[-1]["loss"] if result.steps else None}
     report = run_detection(roots, config, ray_embedder(config), None, machines)
     return {**_metrics_row(report.metrics), **extra, "config_json": json.dumps(to_dict(config))}
@@ -162,7 +146,7 @@ def sweep(roots: Sequence[str | Path], space: SweepSpace, config: RunConfig, out
     ensure_ray(num_cpus=config.ray.num_cpus or None)
     roots = [str(Path(r).resolve()) for r in roots]
     machines = list(machines) if machines else None
-    base = apply_overrides(config, space.base)
+    base = with_overrides(config, space.base)
     embedded, cached = [], []
     if not space.finetunes:
         used, _ = plan_records(discover(roots, machines, normals_only_roots=base.normals_only_roots))
