@@ -19,7 +19,7 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 
 from asd_ray.bank.memory_bank import build_bank
-from asd_ray.config import AEConfig, BankConfig, PostConfig, PreprocessConfig, RunConfig, save_config
+from asd_ray.config import AEConfig, BankConfig, ConfigError, PostConfig, PreprocessConfig, RunConfig, save_config
 from asd_ray.data.audio import try_preprocess
 from asd_ray.data.layout import ClipRecord, discover
 from asd_ray.models.backbones import Backbone, load_backbone
@@ -293,7 +293,14 @@ def run_detection(roots: Sequence[str | Path], config: RunConfig, embedder: Embe
 
 
 def ae_feature_kwargs(config: RunConfig) -> dict:
+    """``AEFeatures`` keywords; a ``min_seconds`` too short for one stacked vector is a config error up front
+    (otherwise the shortest clips would stop the AE's training instead of being rejected by pre-processing)."""
     ae = config.ae
+    shortest = int(config.preprocess.min_seconds * config.preprocess.sample_rate)
+    if 1 + shortest // ae.hop_length < ae.frames:
+        need = (ae.frames - 1) * ae.hop_length / config.preprocess.sample_rate
+        raise ConfigError(f"preprocess.min_seconds={config.preprocess.min_seconds}: the AE stacks {ae.frames} frames "
+                          f"of hop {ae.hop_length}, so clips must be at least {need:.3f} s; raise min_seconds")
     return {"sample_rate": config.preprocess.sample_rate, "n_mels": ae.n_mels, "n_fft": ae.n_fft,
             "hop_length": ae.hop_length, "power": ae.power}
 

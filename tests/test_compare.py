@@ -37,3 +37,13 @@ def test_compare_writes_one_table(tiny_corpus, tmp_path):
     assert (out / "roc_ToyCar.png").is_file() and (out / "knn" / "metrics.json").is_file()
     scores = json.loads((out / "compare.json").read_text())
     assert set(scores) == {"knn", "ae-maha"}
+
+
+def test_ae_refuses_a_minimum_length_shorter_than_one_vector(tiny_corpus, tmp_path):
+    import pytest
+
+    from asd_ray.config import ConfigError
+
+    config = load_config(RunConfig, None, ["detector=ae-mse", "preprocess.min_seconds=0.05"])
+    with pytest.raises(ConfigError, match="at least 0.128 s"):
+        reference_run([tiny_corpus], config, tmp_path / "x")
