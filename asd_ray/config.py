@@ -76,6 +76,7 @@ class RayConfig:
     num_cpus: int = 0  # CPUs of a Ray this command starts itself; 0 = all of this machine's
     embed_actors: int = 1  # embedding actors (one GPU each on GPU nodes)
     actor_cpus: float = 0.5  # CPUs per embedding actor without GPU: fractional, so read tasks never starve
+    preprocess_cpus: float = 0.0  # CPUs per pre-processing task; 0 = 1 beside GPU actors, 0.5 otherwise
     use_gpu: Literal["auto", "yes", "no"] = "auto"
     cache_dir: str = "~/.cache/asd-ray/embeddings"  # Parquet embeddings, keyed by content
 
@@ -139,7 +140,9 @@ class FinetuneConfig:
     checkpoint_every: int = 0  # steps between extra checkpoints (0: only at the end of each epoch)
     keep_checkpoints: int = 2
     max_failures: int = 2  # worker failures survived by resuming from the last checkpoint
-    monitor_every: int = 1  # steps between collapse-monitor evaluations on the held-out batch
+    monitor_every: int = 25  # steps between collapse-monitor evaluations (one forward of the held-out batch)
+    report_every: int = 0  # steps between ray.train.report calls besides checkpoints (0: at checkpoints only)
+    prefetch_batches: int = 2  # batches the Ray Data feed prepares ahead of each worker's step
     heldout_clips: int = 8  # clips kept out of training for the collapse monitor
     storage_path: str = "~/asd-ray/finetune"  # Ray Train storage (shared storage on a cluster)
     name: str = ""  # run name; empty: finetune-<time>. The same name resumes that run.

@@ -155,6 +155,15 @@ def preprocess_clip(path: str | Path, *, sample_rate: int = 16_000, target_lufs:
                 loudness=loudness, flags=flags)
 
 
+def pad_waveforms(waveforms) -> tuple[np.ndarray, np.ndarray]:
+    """List of 1-D float arrays -> (B x T_max float32, zero-padded; B lengths int64)."""
+    lengths = np.array([len(w) for w in waveforms], dtype=np.int64)
+    batch = np.zeros((len(waveforms), int(lengths.max()) if len(waveforms) else 0), dtype=np.float32)
+    for i, w in enumerate(waveforms):
+        batch[i, : len(w)] = w
+    return batch, lengths
+
+
 def try_preprocess(path: str | Path, **preprocess) -> tuple[Clip | None, str]:
     """``preprocess_clip`` for pipelines that go on past bad clips: (clip, "") or (None, the ClipError reason)."""
     try:

@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -21,16 +22,31 @@ from typing import Sequence
 import numpy as np
 
 from asd_ray.config import EmbedConfig, PreprocessConfig
-from asd_ray.data.audio import try_preprocess
+from asd_ray.data.audio import pad_waveforms, try_preprocess
 from asd_ray.data.layout import RECORD_FIELDS, ClipRecord
 from asd_ray.distributed.session import gpu_wanted
 
 log = logging.getLogger(__name__)
 
 
+def limit_threads() -> None:
+    """One torch/BLAS thread in this worker process: a Ray task holds a share of one CPU, and a thread pool
+    per library per process would oversubscribe the cores that the other tasks are using. Cheap enough to
+    call per batch, which also catches libraries loaded since the last call."""
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(1)
+    torch = sys.modules.get("torch")  # not imported for this: a worker that never resamples never needs it
+    if torch is not None and torch.get_num_threads() != 1:
+        torch.set_num_threads(1)
+
+
 def preprocess_batch(batch: dict[str, np.ndarray], **preprocess: object) -> dict[str, np.ndarray]:
-    """Ray Data map: record columns -> the same columns plus ``waveform`` (object array of float32),
-    ``flags`` and ``error`` (the ClipError reason, empty when the clip is usable)."""
+    """Ray Data map: record columns -> the same columns plus ``samples`` (B x T float32, each clip
+    zero-padded to the batch's longest: a fixed-shape tensor column, not pickled objects), ``length``
+    (B valid sample counts, 0 for a rejected clip), ``flags`` and ``error`` (the ClipError reason, empty
+    when the clip is usable)."""
+    limit_threads()
     waves, flags, errors = [], [], []
     for path in batch["path"]:
         clip, reason = try_preprocess(str(path), **preprocess)
@@ -38,10 +54,25 @@ def preprocess_batch(batch: dict[str, np.ndarray], **preprocess: object) -> dict
         flags.append(";".join(clip.flags) if clip else "")
         errors.append(reason)
     out = dict(batch)
-    out["waveform"] = object_array(waves)
+    out["samples"], out["length"] = pad_waveforms(waves)
     out["flags"] = np.array(flags, dtype=object)
     out["error"] = np.array(errors, dtype=object)
     return out
+
+
+def padded_samples(batch: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """A batch after ``preprocess_batch`` -> (B x T float32 zero-padded samples, B lengths). Ray Data hands
+    over one 2-D array, or an object array of rows when blocks padded to different widths were joined."""
+    samples, lengths = batch["samples"], np.asarray(batch["length"], dtype=np.int64)
+    if samples.dtype == object or samples.ndim != 2:
+        return pad_waveforms([np.asarray(row, dtype=np.float32)[:n] for row, n in zip(samples, lengths)])
+    return samples, lengths
+
+
+def batch_waveforms(batch: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """A batch after ``preprocess_batch`` -> each row's waveform (a view without the padding)."""
+    samples, lengths = padded_samples(batch)
+    return [row[:n] for row, n in zip(samples, lengths)]
 
 
 def object_array(items: list) -> np.ndarray:
@@ -51,8 +82,22 @@ def object_array(items: list) -> np.ndarray:
     return arr
 
 
+def task_memory(batch_size: int, preprocess: PreprocessConfig) -> int:
+    """Bytes one pre-processing task may hold at its peak: decoded, normalised and padded float32 copies of
+    ``batch_size`` clips of ``max_seconds`` (20 s when uncapped; DCASE clips are 6-18 s).
+
+    Ray schedules with it (no node takes more tasks than its memory holds) and, being a remote argument the
+    embedding actors lack, it keeps Ray Data from fusing the pre-processing into the actor stage (it fuses
+    stages whose remote arguments match: on a CPU node every clip would be decoded inside the one actor)."""
+    seconds = preprocess.max_seconds or 20.0
+    return int(3 * 4 * batch_size * seconds * preprocess.sample_rate)
+
+
 class EmbedBatch:
-    """Ray Data callable class: loads the backbone once, maps a batch of waveforms to embeddings."""
+    """Ray Data callable class: loads the backbone once, maps a batch of padded waveforms to embeddings.
+
+    Thread-safe: with two calls at once per actor, one batch's host work (block to array, copy to pinned
+    memory) overlaps the other's forward pass on the GPU."""
 
     def __init__(self, **embed: object):
         import torch
@@ -63,11 +108,14 @@ class EmbedBatch:
         self.backbone = load_backbone(**embed)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        ok = np.array([e == "" for e in batch["error"]], dtype=bool)
+        samples, lengths = padded_samples(batch)
+        ok = np.array([e == "" for e in batch["error"]], dtype=bool) & (lengths > 0)
         emb = np.zeros((len(ok), self.backbone.dim), dtype=np.float32)
-        if ok.any():
-            emb[ok] = self.backbone.embed([w for w, good in zip(batch["waveform"], ok) if good])
-        out = {k: v for k, v in batch.items() if k != "waveform"}
+        if ok.all():
+            emb[:] = self.backbone.embed_padded(samples, lengths)
+        elif ok.any():
+            emb[ok] = self.backbone.embed_padded(samples[ok], lengths[ok])
+        out = {k: v for k, v in batch.items() if k not in ("samples", "length")}
         out["embedding"] = emb
         return out
 
@@ -136,13 +184,40 @@ def read_table(path: str | Path) -> tuple[np.ndarray, list[ClipRecord], list[dic
     return (np.stack(emb) if emb else np.zeros((0, dim), np.float32)), records, rejects, flags
 
 
+def preprocessed(rows: list[dict], preprocess: PreprocessConfig, *, batch_size: int, num_cpus: float):
+    """Ray Data dataset of ``rows`` (dicts with at least ``path``) after ``preprocess_batch``, in CPU tasks of
+    ``num_cpus`` each that are never fused into a following actor stage."""
+    import ray
+
+    return ray.data.from_items(rows).map_batches(preprocess_batch, fn_kwargs=dataclasses.asdict(preprocess),
+                                                 batch_size=batch_size, num_cpus=num_cpus,
+                                                 memory=task_memory(batch_size, preprocess))
+
+
+def embedding_dataset(rows: list[dict], *, embed: EmbedConfig, preprocess: PreprocessConfig, num_actors: int,
+                      actor_cpus: float, use_gpu: bool, preprocess_cpus: float = 0.0):
+    """The lazy Ray Data plan of ``embed_corpus``: pre-processing tasks, then the embedding actor pool;
+    rows come out with ``embedding`` (and ``flags``, ``error``) instead of samples."""
+    import ray
+
+    ds = preprocessed(rows, preprocess, batch_size=embed.batch_size,
+                      num_cpus=preprocess_cpus or (1.0 if use_gpu else 0.5))
+    # Two calls at once per actor: the next batch's host work overlaps this one's forward pass.
+    pool = ray.data.ActorPoolStrategy(size=num_actors, max_concurrent_calls_per_actor=2,
+                                      enable_true_multi_threading=True)
+    return ds.map_batches(EmbedBatch, fn_constructor_kwargs=actor_embed_kwargs(embed, use_gpu),
+                          batch_size=embed.batch_size, compute=pool, zero_copy_batch=True,
+                          **({"num_gpus": 1} if use_gpu else {"num_cpus": actor_cpus}))
+
+
 def embed_corpus(records: Sequence[ClipRecord], *, embed: EmbedConfig, preprocess: PreprocessConfig,
                  cache_dir: str | Path, num_actors: int = 1, actor_cpus: float = 0.5,
-                 use_gpu: bool | None = None) -> EmbeddingTable:
+                 use_gpu: bool | None = None, preprocess_cpus: float = 0.0) -> EmbeddingTable:
     """Pre-process and embed ``records`` with Ray Data on the connected Ray cluster.
 
-    CPU tasks decode and pre-process; ``num_actors`` embedding actors (``num_gpus=1`` each when
-    ``use_gpu``, else ``actor_cpus`` CPUs so that read tasks keep running) embed; the result lands as
+    CPU tasks of ``preprocess_cpus`` each (0: one CPU beside GPU actors, half a CPU otherwise) decode and
+    pre-process; ``num_actors`` embedding actors (``num_gpus=1`` each when ``use_gpu``, else ``actor_cpus``
+    CPUs so that read tasks keep running) embed whole padded batches; the result lands as
     Parquet under ``cache_dir/<content key>`` and is reused by the next call with the same key.
     """
     import ray
@@ -155,16 +230,12 @@ def embed_corpus(records: Sequence[ClipRecord], *, embed: EmbedConfig, preproces
         return EmbeddingTable(*read_table(out), path=out, from_cache=True)
     if use_gpu is None:
         use_gpu = gpu_wanted("auto", embed.device)
-    embed_kwargs = actor_embed_kwargs(embed, use_gpu)
-    # Equal lengths together: HuBERT-Base's GroupNorm encoder runs one forward pass per distinct length.
+    # Similar lengths together (file size stands in for length): a padded batch wastes little on padding.
     rows = sorted((r.to_row() for r in records), key=lambda r: (_file_identity(r["path"])[1], r["path"]))
     if not rows:
         raise ValueError("embed_corpus: no clips to embed")
-    ds = ray.data.from_items(rows).map_batches(preprocess_batch, fn_kwargs=dataclasses.asdict(preprocess),
-                                               batch_size=embed.batch_size, num_cpus=0.5)
-    ds = ds.map_batches(EmbedBatch, fn_constructor_kwargs=embed_kwargs, batch_size=embed.batch_size,
-                        compute=ray.data.ActorPoolStrategy(size=num_actors),
-                        **({"num_gpus": 1} if use_gpu else {"num_cpus": actor_cpus}))
+    ds = embedding_dataset(rows, embed=embed, preprocess=preprocess, num_actors=num_actors, actor_cpus=actor_cpus,
+                           use_gpu=use_gpu, preprocess_cpus=preprocess_cpus)
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)  # a run that died half-way
     ds.write_parquet(str(tmp))

@@ -15,6 +15,7 @@ import dataclasses
 import functools
 import json
 import logging
+import math
 import shutil
 import tempfile
 import time
@@ -27,7 +28,7 @@ import numpy as np
 from asd_ray.config import FinetuneConfig, PreprocessConfig, RunConfig
 from asd_ray.data.audio import try_preprocess
 from asd_ray.data.layout import ClipRecord, discover
-from asd_ray.distributed.embed import preprocess_batch
+from asd_ray.distributed.embed import batch_waveforms, limit_threads, preprocess_batch, preprocessed
 from asd_ray.distributed.session import ensure_ray, gpu_wanted
 from asd_ray.models.finetune import augment, crop_or_tile
 
@@ -54,26 +55,26 @@ def augment_batch(batch: dict[str, np.ndarray], *, noise_paths: Sequence[str], p
     Noise comes from the corpus's noise-only clips when it has some, else from another clip of the batch.
     Rows whose pre-processing failed are dropped here (the check before training listed them).
     """
+    limit_threads()
     rng = np.random.default_rng()
-    keep = [i for i, e in enumerate(batch["error"]) if not e]
-    waves = [batch["waveform"][i] for i in keep]
+    everything = batch_waveforms(batch)
+    waves = [w for w, e in zip(everything, batch["error"]) if not e]
+    # Augment a window just long enough for the slowest stretch, not the whole clip: the same crops, less work.
+    window = int(math.ceil(samples * max(1.0, augmentation.get("stretch_high", 1.0)))) + 1
     out = []
     for j, w in enumerate(waves):
         if noise_paths:
             noise = _noise_clip(str(noise_paths[rng.integers(len(noise_paths))]), tuple(sorted(preprocess.items())))
         else:
             noise = waves[(j + 1) % len(waves)] if len(waves) > 1 else None
+        w = crop_or_tile(w, window, rng) if len(w) > window else w
         out.append(crop_or_tile(augment(w, rng, noise, **augmentation), samples, rng))
     return {"waveform": np.stack(out) if out else np.zeros((0, samples), np.float32)}
 
 
 def check_clips(records: Sequence[ClipRecord], preprocess: PreprocessConfig) -> tuple[list[ClipRecord], list[dict]]:
     """One Ray Data pass that pre-processes every clip: (usable records, rejects with their reason)."""
-    import ray
-
-    rows = [{"path": r.path} for r in records]
-    got = (ray.data.from_items(rows).map_batches(preprocess_batch, fn_kwargs=dataclasses.asdict(preprocess),
-                                                 batch_size=16, num_cpus=0.5)
+    got = (preprocessed([{"path": r.path} for r in records], preprocess, batch_size=16, num_cpus=0.5)
            .select_columns(["path", "error"]).take_all())
     reasons = {row["path"]: row["error"] for row in got}
     ok = [r for r in records if not reasons[r.path]]
@@ -146,11 +147,11 @@ def train_loop_per_worker(cfg: dict) -> None:
     dtype = torch.bfloat16 if bf16 else None
     shard = ray.train.get_dataset_shard("train")
     collapse = float("nan")
+    steps_log = StepLog(cfg["log_path"] if rank == 0 else None)
 
-    def report(metrics: dict, epoch: int, batches: int, with_checkpoint: bool, log_step: bool = True) -> None:
-        if rank == 0 and log_step:
-            with open(cfg["log_path"], "a") as fh:
-                fh.write(json.dumps(metrics) + "\n")
+    def report(metrics: dict, epoch: int, batches: int, with_checkpoint: bool) -> None:
+        # Every worker reports at the same steps (a checkpoint report is a barrier); a report waits for the
+        # controller's next poll, so it happens at checkpoints and every ``report_every`` steps, not every step.
         if not with_checkpoint:
             ray.train.report(metrics)
             return
@@ -163,10 +164,12 @@ def train_loop_per_worker(cfg: dict) -> None:
             shutil.rmtree(path, ignore_errors=True)
 
     metrics: dict = {"step": step}
+    pin = device.type == "cuda"
     for epoch in range(start_epoch, ft.epochs):
         batches = 0
+        ready = time.perf_counter()
         for batch in shard.iter_torch_batches(batch_size=ft.batch_size, drop_last=True, dtypes=torch.float32,
-                                              device=device):
+                                              device=device, prefetch_batches=ft.prefetch_batches, pin_memory=pin):
             batches += 1
             if epoch == start_epoch and batches <= done_in_epoch:
                 continue  # trained on before the failure this run resumed from
@@ -178,13 +181,48 @@ def train_loop_per_worker(cfg: dict) -> None:
             sched.step()
             mp.update_teacher()
             step += 1
-            if ft.monitor_every and step % ft.monitor_every == 0:
-                collapse = mp.collapse_monitor(heldout)
-            metrics = {"step": step, "epoch": epoch, "loss": float(loss.detach()), "lr": sched.get_last_lr()[0],
-                       "collapse_std": collapse, "clips": int(batch["waveform"].shape[0]),
-                       "step_s": time.perf_counter() - t0, "time": time.time()}
-            report(metrics, epoch, batches, bool(ft.checkpoint_every) and step % ft.checkpoint_every == 0)
-        report({**metrics, "epoch_end": epoch}, epoch + 1, 0, True, log_step=False)
+            if ft.monitor_every and (step % ft.monitor_every == 0 or math.isnan(collapse)):
+                collapse = mp.collapse_monitor(heldout)  # at a (re)start, then every monitor_every steps
+            steps_log.add({"step": step, "epoch": epoch, "loss": loss.detach(), "lr": sched.get_last_lr()[0],
+                           "collapse_std": collapse, "clips": int(batch["waveform"].shape[0]),
+                           "step_s": time.perf_counter() - t0, "wait_s": t0 - ready, "time": time.time()})
+            checkpoint_due = bool(ft.checkpoint_every) and step % ft.checkpoint_every == 0
+            if checkpoint_due or (ft.report_every and step % ft.report_every == 0):
+                metrics = steps_log.flush() or metrics
+                report(metrics, epoch, batches, checkpoint_due)
+            ready = time.perf_counter()
+        metrics = steps_log.flush() or metrics
+        report({**metrics, "epoch_end": epoch}, epoch + 1, 0, True)
+
+
+class StepLog:
+    """Rank 0's per-step metrics, appended to ``steps.jsonl`` in groups: a step's loss stays a tensor until
+    the group is written (one device sync per group, not per step). ``path`` None keeps nothing."""
+
+    def __init__(self, path: str | None, *, every_s: float = 2.0, most: int = 64):
+        self.path, self.every_s, self.most = path, every_s, most
+        self.pending: list[dict] = []
+        self.last = time.perf_counter()
+
+    def add(self, record: dict) -> None:
+        if self.path is None:
+            return
+        self.pending.append(record)
+        if len(self.pending) >= self.most or time.perf_counter() - self.last >= self.every_s:
+            self.flush()
+
+    def flush(self) -> dict:
+        """Write what is pending; returns the latest step's metrics as plain numbers ({} when none)."""
+        if not self.pending:
+            return {}
+        import torch
+
+        losses = torch.stack([r["loss"].float() for r in self.pending]).tolist()
+        records = [{**r, "loss": v} for r, v in zip(self.pending, losses)]
+        with open(self.path, "a") as fh:
+            fh.writelines(json.dumps(r) + "\n" for r in records)
+        self.pending, self.last = [], time.perf_counter()
+        return records[-1]
 
 
 @dataclass

@@ -15,7 +15,7 @@ import numpy as np
 from asd_ray.config import RunConfig
 from asd_ray.data.layout import ClipRecord
 from asd_ray.detect import Embedder, MachineMap, RunReport, ae_feature_kwargs, run_detection
-from asd_ray.distributed.embed import EmbeddingTable, embed_corpus, object_array, preprocess_batch
+from asd_ray.distributed.embed import EmbeddingTable, batch_waveforms, embed_corpus, object_array, preprocessed
 from asd_ray.distributed.session import ensure_ray, gpu_wanted
 
 
@@ -24,7 +24,8 @@ def embed_table(records, config: RunConfig) -> EmbeddingTable:
     (read back from the Parquet cache when it holds them already)."""
     return embed_corpus(records, embed=config.embed, preprocess=config.preprocess, cache_dir=config.ray.cache_dir,
                         num_actors=config.ray.embed_actors, actor_cpus=config.ray.actor_cpus,
-                        use_gpu=gpu_wanted(config.ray.use_gpu, config.embed.device))
+                        use_gpu=gpu_wanted(config.ray.use_gpu, config.embed.device),
+                        preprocess_cpus=config.ray.preprocess_cpus)
 
 
 def ray_embedder(config: RunConfig) -> Embedder:
@@ -41,8 +42,8 @@ def ae_features_batch(batch: dict[str, np.ndarray], **features: object) -> dict[
 
     extractor = AEFeatures(**features)
     mats = [extractor.embed([w])[0] if not e else np.zeros((0, 0), np.float32)
-            for w, e in zip(batch["waveform"], batch["error"])]
-    out = {k: v for k, v in batch.items() if k != "waveform"}
+            for w, e in zip(batch_waveforms(batch), batch["error"])]
+    out = {k: v for k, v in batch.items() if k not in ("samples", "length")}
     out["frames"] = np.array([m.shape[0] for m in mats], dtype=np.int64)
     out["logmel"] = object_array([m.ravel() for m in mats])
     return out
@@ -56,9 +57,8 @@ def ray_ae_embedder(config: RunConfig) -> Embedder:
 
     def embedder(records: Sequence[ClipRecord]):
         by_path = {r.path: r for r in records}
-        rows = ray.data.from_items([{"path": r.path} for r in records]).map_batches(
-            preprocess_batch, fn_kwargs=dataclasses.asdict(config.preprocess), batch_size=16, num_cpus=0.5
-        ).map_batches(ae_features_batch, fn_kwargs=kwargs, batch_size=16, num_cpus=0.5).take_all()
+        rows = preprocessed([{"path": r.path} for r in records], config.preprocess, batch_size=16, num_cpus=0.5
+                            ).map_batches(ae_features_batch, fn_kwargs=kwargs, batch_size=16, num_cpus=0.5).take_all()
         feats, kept, rejects, flags = [], [], [], []
         for row in sorted(rows, key=lambda r: r["path"]):
             rec = by_path[row["path"]]

@@ -7,19 +7,23 @@ Two backbones share one interface (``Backbone``):
 - ``LogMelBackbone``: weight-free 128-band log-mel statistics, the offline default and sanity baseline.
 
 A clip's embedding never depends on which other clips share its batch: HuBERT-Base's feature
-encoder uses GroupNorm over time, through which padding would leak, so a batch is run in groups
-of equal length (a Ray pipeline buckets by length so that these groups are large); checkpoints
-whose encoder uses LayerNorm take padded batches with an attention mask.
+encoder uses GroupNorm over time, through which padding would leak, so its first layer is replaced
+by a padding-exact one (``PaddingExactGroupNorm``: the statistics of each clip over its own valid
+frames only). A batch of mixed lengths then runs in one forward pass, zero-padded, with an attention
+mask, as checkpoints whose encoder uses LayerNorm always could.
 """
 
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
+
+from asd_ray.data.audio import pad_waveforms
 
 SAMPLE_RATE = 16_000
 
@@ -30,10 +34,7 @@ class BackboneError(RuntimeError):
 
 def pad_batch(waveforms: Sequence[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
     """List of 1-D float arrays -> (B x T_max float32 tensor, zero-padded; B lengths int64)."""
-    lengths = np.array([len(w) for w in waveforms], dtype=np.int64)
-    batch = np.zeros((len(waveforms), int(lengths.max()) if len(waveforms) else 0), dtype=np.float32)
-    for i, w in enumerate(waveforms):  # numpy copies: Ray hands over read-only arrays
-        batch[i, : len(w)] = w
+    batch, lengths = pad_waveforms(waveforms)
     return torch.from_numpy(batch), torch.from_numpy(lengths)
 
 
@@ -83,21 +84,27 @@ class Backbone:
     def pool(self, frames: torch.Tensor, frame_lengths: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    @torch.no_grad()
     def embed(self, waveforms: Sequence[np.ndarray]) -> np.ndarray:
         """List of mono 16 kHz float arrays -> (B x dim) float32 embeddings, one per clip."""
         if not len(waveforms):
             return np.zeros((0, self.dim), dtype=np.float32)
-        out = np.zeros((len(waveforms), self.dim), dtype=np.float32)
-        for idx in self._groups([len(w) for w in waveforms]):
-            batch, lengths = pad_batch([waveforms[i] for i in idx])
-            frames, frame_lengths = self.forward(batch, lengths)
-            out[idx] = self.pool(frames, frame_lengths).cpu().numpy()
-        return out
+        return self.embed_padded(*pad_waveforms(waveforms))
 
-    def _groups(self, lengths: list[int]) -> list[list[int]]:
-        """Indices run together in one forward pass (all at once unless padding would leak)."""
-        return [list(range(len(lengths)))]
+    @torch.no_grad()
+    def embed_padded(self, batch: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+        """(B x T float32 zero-padded 16 kHz samples, B valid sample counts) -> (B x dim) float32 embeddings.
+
+        One forward pass for the whole batch whatever its lengths; the result equals ``embed`` clip by clip."""
+        if not len(batch):
+            return np.zeros((0, self.dim), dtype=np.float32)
+        lengths = np.asarray(lengths, dtype=np.int64)
+        batch = np.asarray(batch, dtype=np.float32)[:, : int(lengths.max())]
+        frames, frame_lengths = self.forward(self._host_tensor(batch), torch.from_numpy(lengths))
+        return self.pool(frames, frame_lengths).float().cpu().numpy()
+
+    def _host_tensor(self, batch: np.ndarray) -> torch.Tensor:
+        """The batch as a tensor on the host (a backbone on a GPU copies it to pinned memory)."""
+        return torch.from_numpy(np.ascontiguousarray(batch))
 
 
 class LogMelBackbone(Backbone):
@@ -150,20 +157,25 @@ class HubertBackbone(Backbone):
         self.layer = layer
         self.pooling = pooling
         self.group_norm = getattr(config, "feat_extract_norm", "group") == "group"
+        if self.group_norm:
+            self.exact_norm = PaddingExactGroupNorm.install(self.model, checkpoint)
+        self._pinned = threading.local()  # one reusable pinned buffer per calling thread
         self.normalise_input = _reads_do_normalize(path) if looks_local else False
         self.dim = config.hidden_size * (2 if pooling == "mean_std" else 1)
 
-    def _groups(self, lengths):
-        if not self.group_norm:
-            return super()._groups(lengths)
-        groups: dict[int, list[int]] = {}
-        for i, n in enumerate(lengths):
-            groups.setdefault(n, []).append(i)
-        return list(groups.values())
+    def _host_tensor(self, batch):
+        if self.device.type != "cuda":
+            return super()._host_tensor(batch)
+        # A pinned source makes the copy to the GPU asynchronous; pinning is costly, so the buffer is reused.
+        buf = getattr(self._pinned, "buffer", None)
+        if buf is None or buf.numel() < batch.size:
+            buf = self._pinned.buffer = torch.empty(int(batch.size * 1.25), dtype=torch.float32).pin_memory()
+        view = buf[: batch.size].view(batch.shape)
+        view.numpy()[...] = batch
+        return view
 
     def forward(self, waveforms, lengths):
-        if self.device.type == "cuda" and not waveforms.is_cuda:
-            waveforms = waveforms.pin_memory()  # a pinned source makes the non_blocking copy asynchronous
+        valid_samples = lengths.tolist()
         waveforms = waveforms.to(self.device, non_blocking=True)
         lengths = lengths.to(self.device)
         valid = torch.arange(waveforms.shape[1], device=self.device)[None, :] < lengths[:, None]
@@ -172,17 +184,79 @@ class HubertBackbone(Backbone):
             mean = (waveforms * valid).sum(1, keepdim=True) / n
             std = ((((waveforms - mean) * valid) ** 2).sum(1, keepdim=True) / n).sqrt()
             waveforms = (waveforms - mean) / (std + 1e-7) * valid
-        padded = bool((lengths != waveforms.shape[1]).any())
-        mask = valid.long() if padded and not self.group_norm else None
+        padded = any(n != waveforms.shape[1] for n in valid_samples)
+        mask = valid.long() if padded else None
         want_all = self.layer != "last"
         with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None):
-            out = self.model(waveforms, attention_mask=mask, output_hidden_states=want_all)
+            if self.group_norm:
+                with self.exact_norm.valid_samples(valid_samples):
+                    out = self.model(waveforms, attention_mask=mask, output_hidden_states=want_all)
+            else:
+                out = self.model(waveforms, attention_mask=mask, output_hidden_states=want_all)
         frames = select_layer(out, self.layer)
         frame_lengths = self.model._get_feat_extract_output_lengths(lengths).clamp(max=frames.shape[1])
         return frames, frame_lengths
 
     def pool(self, frames, frame_lengths):
         return pool_frames(frames, frame_lengths, l2_normalise=True, pooling=self.pooling)
+
+
+class PaddingExactGroupNorm(torch.nn.Module):
+    """The first layer of a GroupNorm feature encoder (conv -> GroupNorm over time -> activation) with
+    each clip's GroupNorm statistics taken over its valid frames only, so zero padding cannot leak in.
+
+    The encoder's later convolutions have no normalisation, so their valid frames depend on valid frames
+    only; the transformer masks padded frames (``attention_mask``). Valid sample counts are set per call
+    with ``valid_samples`` (thread-local: an actor may run two batches at once); without them the layer is
+    the original one.
+    """
+
+    def __init__(self, layer: torch.nn.Module):
+        super().__init__()
+        self.conv, self.norm, self.activation = layer.conv, layer.layer_norm, layer.activation
+        self._local = threading.local()
+
+    @classmethod
+    def install(cls, model: torch.nn.Module, checkpoint: str) -> "PaddingExactGroupNorm":
+        """Replace ``model``'s first feature-encoder layer in place; returns the new layer."""
+        layers = getattr(getattr(model, "feature_extractor", None), "conv_layers", None)
+        first = layers[0] if layers is not None else None
+        if first is None or not isinstance(getattr(first, "layer_norm", None), torch.nn.GroupNorm):
+            raise BackboneError(f"{checkpoint!r}: feat_extract_norm is 'group' but the first encoder layer has no "
+                                "GroupNorm; cannot make its padding exact")
+        layers[0] = cls(first)
+        return layers[0]
+
+    def valid_samples(self, counts: list[int]):
+        """Context manager: the batch's valid sample counts for the forward passes inside it."""
+        layer = self
+
+        class _Scope:
+            def __enter__(self):
+                layer._local.counts = counts
+
+            def __exit__(self, *exc):
+                layer._local.counts = None
+
+        return _Scope()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv(x)
+        counts = getattr(self._local, "counts", None)
+        if counts is None:
+            return self.activation(self.norm(h))
+        k, s = self.conv.kernel_size[0], self.conv.stride[0]
+        groups, (batch, channels, _) = self.norm.num_groups, h.shape
+        out = torch.empty(h.shape, dtype=torch.float32, device=h.device)
+        weight, bias = self.norm.weight.float(), self.norm.bias.float()
+        for i, n in enumerate(counts):  # per clip: the statistics never see another clip or the padding
+            frames = max(1, (int(n) - k) // s + 1)
+            row = h[i].float()
+            var, mean = torch.var_mean(row[:, :frames].reshape(groups, -1), dim=1, correction=0)
+            scale = weight * torch.rsqrt(var + self.norm.eps).repeat_interleave(channels // groups)
+            shift = bias - mean.repeat_interleave(channels // groups) * scale
+            out[i] = torch.addcmul(shift[:, None], row, scale[:, None])
+        return self.activation(out)
 
 
 def select_layer(outputs, layer: str) -> torch.Tensor:

@@ -135,8 +135,9 @@ class MaskedPrediction:
         """EMA: teacher <- d * teacher + (1 - d) * student; a frozen teacher stays as it started."""
         if self.teacher_kind != "ema":
             return
-        for t, s in zip(self.teacher.parameters(), self.module.parameters()):
-            t.mul_(self.ema_decay).add_(s.detach(), alpha=1.0 - self.ema_decay)
+        # t + (1 - d) (s - t) = d t + (1 - d) s, as one multi-tensor kernel rather than two per parameter
+        torch._foreach_lerp_(list(self.teacher.parameters()), [s.detach() for s in self.module.parameters()],
+                             1.0 - self.ema_decay)
 
     @torch.no_grad()
     def collapse_monitor(self, waveforms: torch.Tensor) -> float:

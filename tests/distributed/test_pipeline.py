@@ -71,3 +71,54 @@ def test_ae_baseline_on_ray_trains_one_task_per_machine(ray_local, tiny_corpus, 
         assert got.results[m].filenames == r.filenames
         assert (tmp_path / "ray" / f"anomaly_score_{m}_section_00_test.csv").is_file()
         np.testing.assert_allclose(got.results[m].raw_scores, r.raw_scores, rtol=1e-9)
+
+
+def test_preprocessing_runs_in_tasks_of_its_own_not_fused_into_the_embedding_actor(ray_local, tiny_corpus):
+    from asd_ray.distributed.embed import embedding_dataset
+
+    records, _ = plan_records(discover([tiny_corpus], ["valve"]))
+    config = load_config(RunConfig, None, [])
+    ds = embedding_dataset([r.to_row() for r in records[:8]], embed=config.embed, preprocess=config.preprocess,
+                           num_actors=1, actor_cpus=0.5, use_gpu=False)
+    rows = ds.take_all()
+    stats = ds.stats()
+    assert len(rows) == 8 and all(len(r["embedding"]) == 256 for r in rows)
+    assert "MapBatches(preprocess_batch)->" not in stats  # a fused stage would be named after both maps
+    assert "MapBatches(preprocess_batch)" in stats and "MapBatches(EmbedBatch)" in stats
+
+
+def test_hubert_pipeline_embeds_mixed_length_batches_as_clip_by_clip(ray_local, tiny_hubert, tmp_path):
+    """Trimmed clips of many lengths share padded batches (tensor columns, one forward pass per batch) and
+    still get the embedding each has alone; a bad clip in the batch is a reject, not a zero row."""
+    import soundfile as sf
+
+    from asd_ray.data.audio import preprocess_clip
+    from asd_ray.models.backbones import load_backbone
+
+    test = tmp_path / "data" / "dev_data" / "raw" / "fan" / "test"
+    test.mkdir(parents=True)
+    rng = np.random.default_rng(5)
+    for i, seconds in enumerate((1.0, 2.3, 1.7, 3.1, 1.2, 2.0)):
+        sf.write(test / f"section_00_source_test_normal_{i:04d}_a_1.wav",
+                 0.1 * rng.standard_normal(int(seconds * 16_000)), 16_000, subtype="FLOAT")
+    (test / "section_00_source_test_anomaly_0009_a_1.wav").write_bytes(b"RIFF-not-audio")
+    records, _ = plan_records(discover([tmp_path / "data"]))
+    config = load_config(RunConfig, None, [f"embed.backbone={tiny_hubert}", "embed.batch_size=4", "embed.device=cpu"])
+    table = embed_corpus(records, embed=config.embed, preprocess=config.preprocess, cache_dir=tmp_path / "c")
+    assert [r["path"].rsplit("/", 1)[1] for r in table.rejects] == ["section_00_source_test_anomaly_0009_a_1.wav"]
+    backbone = load_backbone(str(tiny_hubert), device="cpu")
+    assert len(table.records) == 6
+    for rec, got in zip(table.records, table.embeddings):
+        alone = backbone.embed([preprocess_clip(rec.path).waveform])[0]
+        np.testing.assert_allclose(got, alone, atol=1e-5, rtol=0)
+
+
+def test_padded_samples_reads_rows_of_blocks_padded_to_different_widths():
+    from asd_ray.distributed.embed import batch_waveforms, object_array, padded_samples
+
+    rows = object_array([np.arange(5, dtype=np.float32), np.ones(3, dtype=np.float32)])  # widths 5 and 3
+    batch = {"samples": rows, "length": np.array([4, 2])}
+    samples, lengths = padded_samples(batch)
+    assert samples.shape == (2, 4) and lengths.tolist() == [4, 2]
+    assert samples[0].tolist() == [0, 1, 2, 3] and samples[1].tolist() == [1, 1, 0, 0]
+    assert [w.tolist() for w in batch_waveforms(batch)] == [[0, 1, 2, 3], [1, 1]]

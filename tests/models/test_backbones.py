@@ -20,8 +20,33 @@ def test_hubert_embedding_does_not_depend_on_the_batch(tiny_hubert):
     alone = backbone.embed([short])
     batched = backbone.embed([long_, short, odd, long_])
     assert alone.shape == (1, 32)
-    assert np.array_equal(alone[0], batched[1])
+    np.testing.assert_allclose(alone[0], batched[1], atol=1e-5, rtol=0)
     assert np.linalg.norm(alone[0]) <= 1.0 + 1e-6  # mean of unit vectors
+
+
+def test_mixed_lengths_run_in_one_forward_pass_and_equal_the_unpadded_model(tiny_hubert):
+    """The padding-exact GroupNorm: one padded forward pass gives each clip's embedding as the untouched
+    checkpoint gives it for that clip alone (the per-length groups of the old path)."""
+    from transformers import AutoModel
+
+    backbone = load_backbone(str(tiny_hubert))
+    clips = _clips() + [np.random.default_rng(3).standard_normal(31_999).astype(np.float32)]
+    calls = []
+    hook = backbone.model.register_forward_hook(lambda *a: calls.append(1))
+    batched = backbone.embed(clips)
+    hook.remove()
+    assert len(calls) == 1
+    plain = AutoModel.from_pretrained(str(tiny_hubert)).eval()
+    with torch.no_grad():
+        for clip, got in zip(clips, batched):
+            frames = plain(torch.from_numpy(clip)[None]).last_hidden_state[0]
+            want = torch.nn.functional.normalize(frames, dim=-1).mean(0).numpy()
+            np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+    # a GroupNorm that saw the padding would be off by far more than that
+    leaky = load_backbone(str(tiny_hubert))
+    leaky.model.feature_extractor.conv_layers[0] = plain.feature_extractor.conv_layers[0]
+    leaky.group_norm = False
+    assert np.abs(leaky.embed(clips)[0] - batched[0]).max() > 1e-3
 
 
 def test_layernorm_checkpoints_use_an_attention_mask(tiny_hubert, tmp_path):
