@@ -214,7 +214,7 @@ class PaddingExactGroupNorm(torch.nn.Module):
     def __init__(self, layer: torch.nn.Module):
         super().__init__()
         self.conv, self.norm, self.activation = layer.conv, layer.layer_norm, layer.activation
-        self._local = threading.local()
+        self._local = threading.local()  # valid sample counts of the batch in flight, per calling thread
 
     @classmethod
     def install(cls, model: torch.nn.Module, checkpoint: str) -> "PaddingExactGroupNorm":
@@ -243,20 +243,24 @@ class PaddingExactGroupNorm(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv(x)
         counts = getattr(self._local, "counts", None)
-        if counts is None:
-            return self.activation(self.norm(h))
         k, s = self.conv.kernel_size[0], self.conv.stride[0]
-        groups, (batch, channels, _) = self.norm.num_groups, h.shape
-        out = torch.empty(h.shape, dtype=torch.float32, device=h.device)
-        weight, bias = self.norm.weight.float(), self.norm.bias.float()
-        for i, n in enumerate(counts):  # per clip: the statistics never see another clip or the padding
-            frames = max(1, (int(n) - k) // s + 1)
-            row = h[i].float()
-            var, mean = torch.var_mean(row[:, :frames].reshape(groups, -1), dim=1, correction=0)
-            scale = weight * torch.rsqrt(var + self.norm.eps).repeat_interleave(channels // groups)
-            shift = bias - mean.repeat_interleave(channels // groups) * scale
-            out[i] = torch.addcmul(shift[:, None], row, scale[:, None])
-        return self.activation(out)
+        if counts is None or all(max(1, (int(n) - k) // s + 1) >= h.shape[-1] for n in counts):
+            return self.activation(self.norm(h))  # no padding in this batch: the original layer, exactly
+        batch, channels, frames = h.shape
+        groups = self.norm.num_groups
+        valid = torch.tensor([max(1, (int(n) - k) // s + 1) for n in counts], device=h.device)
+        # Frames past a clip's valid count (zero padding, or a window straddling its end) are zeroed, so sums
+        # over all frames are sums over the valid ones; statistics accumulate in fp32 (as GroupNorm under
+        # autocast) without an fp32 copy of the whole batch.
+        h = h.masked_fill((torch.arange(frames, device=h.device)[None, :] >= valid[:, None])[:, None, :], 0)
+        per_group = h.view(batch, groups, -1)
+        count = (valid * (channels // groups)).to(torch.float32)[:, None]
+        mean = per_group.sum(-1, dtype=torch.float32) / count
+        mean_sq = torch.linalg.vector_norm(per_group, dim=-1, dtype=torch.float32).square() / count
+        inv_std = torch.rsqrt((mean_sq - mean.square()).clamp_min(0) + self.norm.eps)
+        scale = self.norm.weight.float() * inv_std.repeat_interleave(channels // groups, dim=1)
+        shift = self.norm.bias.float() - mean.repeat_interleave(channels // groups, dim=1) * scale
+        return self.activation(torch.addcmul(shift[..., None], h, scale[..., None]))
 
 
 def select_layer(outputs, layer: str) -> torch.Tensor:

@@ -1,0 +1,96 @@
+"""CPU proxies of the embedding pipeline's overheads (issue: the Ray layer at the speed of the hardware).
+
+(a) The main job's embedding stage (``timings_s.embed`` in metrics.json; log-mel backbone, fresh caches)
+    through Ray (``asd-ray run``) against the single-process reference (``asd-ray run --local``). Ray has
+    every core here, the reference one, so the goal is a ratio local/ray of at least 1.3 on 2 cores.
+(b) Pre-processing alone through Ray Data (the pipeline's own ``preprocessed`` stage, materialised) against
+    cores x the rate of one core in this process. Goal: at least 0.8.
+
+    python benchmarks/embed_stage_proxy.py --clips 1600 --json benchmarks/results_embed_proxy_cpu2.json
+
+The corpus (7 dev machines, 10 s clips, no eval machines) is generated first unless ``--data`` names one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def corpus(clips: int, where: Path) -> Path:
+    from asd_ray.data.synth import generate_corpus
+
+    per_machine = max(12, clips // 7)  # 10 target + source train, 4 x test_per_cell test clips
+    test_per_cell = max(1, per_machine // 6 // 4)
+    return generate_corpus(where, eval_machines=(), train_source=per_machine - 10 - 4 * test_per_cell,
+                           train_target=10, test_per_cell=test_per_cell, supplemental=1, seconds=10.0,
+                           workers=os.cpu_count() or 1)
+
+
+def run_embed_seconds(data: Path, out: Path, *extra: str) -> dict:
+    """``asd-ray run`` in a fresh process and cache; its metrics.json timings and clip count."""
+    cmd = [sys.executable, "-m", "asd_ray.cli", "run", "--data", str(data), "--out", str(out),
+           "--set", f"ray.cache_dir={out / 'cache'}", *extra]
+    t = time.perf_counter()
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                   env={**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"})
+    wall = time.perf_counter() - t
+    metrics = json.loads((out / "metrics.json").read_text())
+    return {"embed_s": metrics["timings_s"]["embed"], "wall_s": wall, "clips": metrics["counts"]["embedded"],
+            "official_score": metrics.get("official_score")}
+
+
+def preprocess_scaling(data: Path, clips: int, batch_size: int) -> dict:
+    import ray
+
+    from asd_ray.config import PreprocessConfig
+    from asd_ray.data.audio import preprocess_clip
+    from asd_ray.data.layout import discover
+    from asd_ray.distributed.embed import limit_threads, preprocessed
+
+    paths = [r.path for r in discover([data]) if r.split in ("train", "test")][:clips]
+    limit_threads()
+    sample = paths[: min(200, len(paths))]
+    t = time.perf_counter()
+    for p in sample:
+        preprocess_clip(p)
+    one_core = len(sample) / (time.perf_counter() - t)
+    cores = os.cpu_count() or 1
+    ray.init(num_cpus=cores, include_dashboard=False, log_to_driver=False)
+    preprocessed([{"path": p} for p in paths[:cores * 4]], PreprocessConfig(), batch_size=4, num_cpus=0.5).materialize()
+    t = time.perf_counter()
+    preprocessed([{"path": p} for p in paths], PreprocessConfig(), batch_size=batch_size, num_cpus=0.5).materialize()
+    rate = len(paths) / (time.perf_counter() - t)
+    ray.shutdown()
+    return {"clips": len(paths), "cores": cores, "one_core_clips_per_s": one_core, "ray_data_clips_per_s": rate,
+            "ratio_to_cores_x_one_core": rate / (cores * one_core), "batch_size": batch_size}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--clips", type=int, default=1600)
+    ap.add_argument("--data", type=Path, help="an existing DCASE-layout root (else one is generated)")
+    ap.add_argument("--batch-size", type=int, default=16, help="(b): clips per pre-processing task")
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="asd-proxy-"))
+    data = args.data or corpus(args.clips, work / "data")
+    result = {"machine": f"cpu ({os.cpu_count()} cores)", "data": str(data)}
+    local = run_embed_seconds(data, work / "local", "--local")
+    ray_run = run_embed_seconds(data, work / "ray")
+    result["a_main_job_embed_stage"] = {"local": local, "ray": ray_run, "ratio_local_over_ray": local["embed_s"] / ray_run["embed_s"],
+                                        "goal": ">= 1.3"}
+    result["b_preprocess_scaling"] = {**preprocess_scaling(data, args.clips, args.batch_size), "goal": ">= 0.8"}
+    print(json.dumps(result, indent=2))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
