@@ -10,11 +10,12 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import logging
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -22,11 +23,15 @@ from asd_ray.bank.memory_bank import build_bank
 from asd_ray.config import AEConfig, BankConfig, ConfigError, PostConfig, PreprocessConfig, RunConfig, save_config
 from asd_ray.data.audio import try_preprocess
 from asd_ray.data.layout import ClipRecord, discover
-from asd_ray.models.backbones import Backbone, load_backbone
 from asd_ray.report import write_report
 from asd_ray.scoring.files import evaluate_scores, ground_truth, write_results, write_rows
 from asd_ray.scoring.metrics import MetricError
 from asd_ray.scoring.postprocess import postprocess
+
+log = logging.getLogger(__name__)
+
+if TYPE_CHECKING:  # torch is imported where a backbone is loaded: a Ray driver starts Ray without it
+    from asd_ray.models.backbones import Backbone
 
 
 @dataclass
@@ -75,7 +80,7 @@ def plan_records(records: Iterable[ClipRecord]) -> tuple[list[ClipRecord], list[
     return used, unused
 
 
-def embed_records(records: Sequence[ClipRecord], backbone: Backbone, preprocess: PreprocessConfig,
+def embed_records(records: Sequence[ClipRecord], backbone: "Backbone", preprocess: PreprocessConfig,
                   batch_size: int = 16, progress: Callable[[int], None] | None = None, chunk_batches: int = 16
                   ) -> tuple[np.ndarray, list[ClipRecord], list[dict], list[list[str]]]:
     """Pre-process and embed clips in this process.
@@ -289,6 +294,7 @@ def run_detection(roots: Sequence[str | Path], config: RunConfig, embedder: Embe
     check_counts(report)
     if out_dir is not None:
         write_outputs(report, out_dir, config)
+        log.info("outputs and report written in %.1f s", time.perf_counter() - t3)
     return report
 
 
@@ -309,6 +315,8 @@ def reference_run(roots: Sequence[str | Path], config: RunConfig, out_dir: str |
                   machines: Iterable[str] | None = None) -> RunReport:
     """Single-process run over a corpus: the oracle for the Ray pipeline."""
     if config.detector == "knn":
+        from asd_ray.models.backbones import load_backbone
+
         backbone = load_backbone(**dataclasses.asdict(config.embed))
     else:
         from asd_ray.models.autoencoder import AEFeatures

@@ -99,11 +99,13 @@ class Backbone:
             return np.zeros((0, self.dim), dtype=np.float32)
         lengths = np.asarray(lengths, dtype=np.int64)
         batch = np.asarray(batch, dtype=np.float32)[:, : int(lengths.max())]
-        frames, frame_lengths = self.forward(self._host_tensor(batch), torch.from_numpy(lengths))
+        frames, frame_lengths = self.forward(self._host_tensor(batch), torch.tensor(lengths))
         return self.pool(frames, frame_lengths).float().cpu().numpy()
 
     def _host_tensor(self, batch: np.ndarray) -> torch.Tensor:
         """The batch as a tensor on the host (a backbone on a GPU copies it to pinned memory)."""
+        if not batch.flags.writeable:  # a Ray block read without a copy: torch wants memory it may write
+            batch = batch.copy()
         return torch.from_numpy(np.ascontiguousarray(batch))
 
 
