@@ -12,6 +12,9 @@ import torch; from transformers import HubertConfig, HubertModel
 torch.manual_seed(0); HubertModel(HubertConfig(layerdrop=0.0)).save_pretrained('/tmp/hubert-base-random')" 2>/dev/null
 if [[ $parts == *" probe "* ]]; then  # an embedding actor's start, step by step, in a fresh process
     python3 benchmarks/startup_probe.py /tmp/hubert-base-random 2>/dev/null | tee "$out/probe.json"
+    # the imports that dominate a fresh process's start (cumulative microseconds, largest first)
+    python3 -X importtime -c "import torch; from transformers.models.hubert import modeling_hubert" 2>&1 \
+        | sort -t'|' -k2 -n -r | head -25 > "$out/importtime.txt"
 fi
 if [[ $parts == *" p1 "* ]]; then
 # P1: the Ray Data embedding pipeline vs the raw forward, random HuBERT-Base, 10 s clips, bf16
