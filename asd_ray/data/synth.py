@@ -116,7 +116,7 @@ def _harmonics(rng, t, f0, amps, detune=None):
     phase = 2 * np.pi * np.cumsum(f0 * drift) / rate
     out = np.zeros_like(t)
     for h, a in enumerate(amps, start=1):
-        if h * f0 > 7000:
+        if h * np.max(f0) > 7000:
             break
         mult = h * (1.0 + (detune[h - 1] if detune is not None else 0.0))
         out += a * np.sin(mult * phase + rng.uniform(0, 2 * np.pi))
