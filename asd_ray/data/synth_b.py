@@ -69,7 +69,7 @@ class PlantProfile:
     tone_amps: tuple[float, ...]  # harmonic amplitudes of the family's tonal part
     structure_hz: float  # the housing's resonance, Hz
     structure_q: float
-    carrier_hz: float  # motor: PWM carrier; others: the rattle's ring
+    carrier_hz: float  # motor: PWM carrier, Hz; others: the ring of a rattle and of a conveyor's seam click
     source_speeds: tuple[float, ...]
     target_speed: float
     anomaly_kinds: tuple[str, ...]
@@ -174,11 +174,10 @@ def _plant_sound(p: PlantProfile, rng, n, rate, speed, anomaly: str | None, seve
     if p.family in ("reciprocating", "conveyor"):
         if p.family == "reciprocating":
             kernels = [_ring(rate, res, decay) for res in p.event_resonances]
-            amps = np.array(p.event_amps)
         else:  # two seams: a sharp click and a duller one
             kernels = [_ring(rate, (p.carrier_hz * 1.3, p.event_resonances[0][0]), 0.3 * decay),
                        _ring(rate, p.event_resonances[1], decay)]
-            amps = np.array(p.event_amps)
+        amps = np.array(p.event_amps)
         late, drop, wander = None, None, 0.006
         if anomaly == "missing":  # a misfire / a lost seam: the main event is missing in some cycles
             drop = np.zeros(len(amps))
