@@ -12,6 +12,9 @@ loudness and RMS carry no information about the label.
 
 Everything is deterministic per seed: each clip draws from its own generator seeded by
 (seed, machine, split, domain, label, index).
+
+These sound models are corpus style "A", the default; ``generate_corpus(..., style="B")`` writes the
+same layout from the independently designed sound models of :mod:`asd_ray.data.synth_b`.
 """
 
 from __future__ import annotations
