@@ -31,6 +31,9 @@ def _add_synth(sub):
     p.add_argument("--seconds", type=float, default=10.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--style", default="A",
+                   help="sound models and anomaly kinds: A (rotating / impulsive / broadband) or B (reciprocating, "
+                        "conveyor, pump, motor, gear; designed independently of A)")
 
 
 def _add_config_args(p):
@@ -141,7 +144,7 @@ def cmd_synth(args) -> int:
     root = generate_corpus(args.out, dev_machines=args.machines, eval_machines=args.eval_machines,
                            train_source=args.train_source, train_target=args.train_target,
                            test_per_cell=args.test_per_cell, supplemental=args.supplemental,
-                           seconds=args.seconds, seed=args.seed, workers=args.workers)
+                           seconds=args.seconds, seed=args.seed, workers=args.workers, style=args.style)
     s = summarise(discover([root]))
     print(f"wrote {s['clips']} clips under {root}")
     return 0

@@ -12,6 +12,9 @@ loudness and RMS carry no information about the label.
 
 Everything is deterministic per seed: each clip draws from its own generator seeded by
 (seed, machine, split, domain, label, index).
+
+These sound models are corpus style "A", the default; ``generate_corpus(..., style="B")`` writes the
+same layout from the independently designed sound models of :mod:`asd_ray.data.synth_b`.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import zlib
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import soundfile as sf
@@ -116,7 +119,7 @@ def _harmonics(rng, t, f0, amps, detune=None):
     phase = 2 * np.pi * np.cumsum(f0 * drift) / rate
     out = np.zeros_like(t)
     for h, a in enumerate(amps, start=1):
-        if h * f0 > 7000:
+        if h * np.max(f0) > 7000:
             break
         mult = h * (1.0 + (detune[h - 1] if detune is not None else 0.0))
         out += a * np.sin(mult * phase + rng.uniform(0, 2 * np.pi))
@@ -131,10 +134,14 @@ def _impulses(rng, n, rate, strike_rate, resonances, decay, jitter=0.08, amp_jit
     while pos < n:
         train[int(pos)] = 1.0 + amp_jitter * rng.standard_normal()
         pos += period * (1.0 + jitter * rng.standard_normal())
+    return oaconvolve(train, _ring(rate, resonances, decay))[:n]
+
+
+def _ring(rate: int, resonances, decay: float) -> np.ndarray:
+    """What one strike sounds like: decaying sines at ``resonances`` Hz (the i-th decays 1 + i/2 times slower)."""
     tk = np.arange(int(rate * min(0.25, 6 * decay))) / rate
-    kernel = sum(np.exp(-tk / (decay * (1 + 0.5 * i))) * np.sin(2 * np.pi * f * tk + i)
-                 for i, f in enumerate(resonances))
-    return oaconvolve(train, kernel)[:n]
+    return sum(np.exp(-tk / (decay * (1 + 0.5 * i))) * np.sin(2 * np.pi * f * tk + i)
+               for i, f in enumerate(resonances))
 
 
 def _rms(x: np.ndarray) -> float:
@@ -198,13 +205,24 @@ _DOMAIN = {
 }
 
 
+def _filter(x: np.ndarray, rate: int, gain_db) -> np.ndarray:
+    """``x`` through a zero-phase filter whose gain in dB is ``gain_db(f)`` (f: array of Hz)."""
+    spec = np.fft.rfft(x)
+    f = np.fft.rfftfreq(len(x), 1.0 / rate)
+    spec *= 10 ** (gain_db(f) / 20)
+    return np.fft.irfft(spec, len(x))
+
+
 def _microphone(x: np.ndarray, rate: int, tilt_db_per_octave: float) -> np.ndarray:
     if tilt_db_per_octave == 0.0:
         return x
-    spec = np.fft.rfft(x)
-    f = np.fft.rfftfreq(len(x), 1.0 / rate)
-    spec *= 10 ** (tilt_db_per_octave * np.log2(np.maximum(f, 50.0) / 1000.0) / 20)
-    return np.fft.irfft(spec, len(x))
+    return _filter(x, rate, lambda f: tilt_db_per_octave * np.log2(np.maximum(f, 50.0) / 1000.0))
+
+
+def _random_gain(mix: np.ndarray, rng: np.random.Generator, lo_dbfs: float = -34, hi_dbfs: float = -20) -> np.ndarray:
+    """A random microphone gain (the absolute level says nothing about the clip); float32, peak below 1."""
+    gain_dbfs = rng.uniform(lo_dbfs, hi_dbfs)
+    return np.clip(mix * (10 ** (gain_dbfs / 20) / _rms(mix)), -0.99, 0.99).astype(np.float32)
 
 
 def synth_clip(profile: MachineProfile, *, domain: str, variant: int, anomaly: str | None, severity: float,
@@ -218,10 +236,7 @@ def synth_clip(profile: MachineProfile, *, domain: str, variant: int, anomaly: s
     snr = d["snr"] + rng.normal(0, 2.5)
     mix = sound / _rms(sound) + 10 ** (-snr / 20) * background
     mix = _microphone(mix, rate, d["tilt"] + rng.normal(0, 1.0))  # every microphone differs a little
-    # Random microphone gain: the absolute level says nothing about the clip.
-    gain_dbfs = rng.uniform(-34, -20)
-    mix = mix * (10 ** (gain_dbfs / 20) / _rms(mix))
-    return np.clip(mix, -0.99, 0.99).astype(np.float32)
+    return _random_gain(mix, rng)
 
 
 def noise_clip(rng: np.random.Generator, *, domain: str, seconds: float, rate: int = 16_000) -> np.ndarray:
@@ -229,6 +244,34 @@ def noise_clip(rng: np.random.Generator, *, domain: str, seconds: float, rate: i
     n = int(seconds * rate)
     x = _microphone(_coloured_noise(rng, n, rate, _DOMAIN[domain]["noise_exp"]), rate, _DOMAIN[domain]["tilt"])
     return (x * 10 ** (rng.uniform(-40, -30) / 20) / _rms(x)).astype(np.float32)
+
+
+@dataclass(frozen=True)
+class CorpusStyle:
+    """How one corpus style draws a machine's profile and sounds its clips.
+
+    ``draw(machine, seed)`` returns a profile with ``source_speeds`` (one per source operating point),
+    ``attributes(domain, variant)`` and ``anomaly_kinds``; ``clip`` and ``noise`` take the arguments of
+    :func:`synth_clip` and :func:`noise_clip`.
+    """
+
+    draw: Callable[[str, int], Any]
+    clip: Callable[..., np.ndarray]
+    noise: Callable[..., np.ndarray]
+
+
+STYLES = ("A", "B")  # A: this module's sound models; B: asd_ray.data.synth_b's, designed independently
+
+
+def corpus_style(name: str) -> CorpusStyle:
+    """The corpus style called ``name`` (one of :data:`STYLES`)."""
+    if name == "A":
+        return CorpusStyle(MachineProfile.draw, synth_clip, noise_clip)
+    if name == "B":
+        from asd_ray.data import synth_b  # it builds on this module's helpers
+
+        return synth_b.STYLE
+    raise ValueError(f"unknown corpus style {name!r}; choose one of {', '.join(STYLES)}")
 
 
 @dataclass(frozen=True)
@@ -242,15 +285,17 @@ class _Job:
     noise_only: bool
     key: tuple
     seconds: float
+    style: str = "A"
 
 
 def _write(job: _Job, seed: int, rate: int) -> None:
     rng = _seed(seed, *job.key)
-    profile = MachineProfile.draw(job.machine, seed)
+    style = corpus_style(job.style)
+    profile = style.draw(job.machine, seed)
     if job.noise_only:
-        x = noise_clip(rng, domain=job.domain, seconds=job.seconds, rate=rate)
+        x = style.noise(rng, domain=job.domain, seconds=job.seconds, rate=rate)
     else:
-        x = synth_clip(profile, domain=job.domain, variant=job.variant, anomaly=job.anomaly,
+        x = style.clip(profile, domain=job.domain, variant=job.variant, anomaly=job.anomaly,
                        severity=job.severity, rng=rng, seconds=job.seconds, rate=rate)
     sf.write(job.path, x, rate, subtype="PCM_16")
 
@@ -263,9 +308,10 @@ def _write_many(args):
 
 
 def _plan_machine(root: Path, dataset: str, machine: str, *, seed: int, train_source: int, train_target: int,
-                  test_per_cell: int, supplemental: int, seconds: float) -> tuple[list[_Job], list[list[str]], list]:
+                  test_per_cell: int, supplemental: int, seconds: float,
+                  style: str = "A") -> tuple[list[_Job], list[list[str]], list]:
     """Jobs for one machine, its attributes_00.csv rows and (eval) its ground-truth rows."""
-    profile = MachineProfile.draw(machine, seed)
+    profile = corpus_style(style).draw(machine, seed)
     mdir = root / f"{dataset}_data" / "raw" / machine
     rng = _seed(seed, "plan", dataset, machine)
     jobs, attr_rows, truth = [], [], []
@@ -277,7 +323,7 @@ def _plan_machine(root: Path, dataset: str, machine: str, *, seed: int, train_so
         fname = test_name or f"{name}_{index:04d}_{attrs}.wav"
         path = mdir / split / fname
         jobs.append(_Job(str(path), machine, domain, variant, anomaly, severity, noise_only,
-                         (dataset, machine, split, domain, label, index), seconds))
+                         (dataset, machine, split, domain, label, index), seconds, style))
         values = [] if attrs == "noAttribute" else attrs.split("_")
         attr_rows.append([f"{machine}/{split}/{fname}", *values])
         return fname
@@ -308,20 +354,22 @@ def _plan_machine(root: Path, dataset: str, machine: str, *, seed: int, train_so
 def generate_corpus(out: str | Path, *, dev_machines: Iterable[str] = DEV_MACHINES,
                     eval_machines: Iterable[str] = EVAL_MACHINES, train_source: int = 990, train_target: int = 10,
                     test_per_cell: int = 50, supplemental: int = 5, seconds: float = 10.0, rate: int = 16_000,
-                    seed: int = 0, workers: int = 1) -> Path:
+                    seed: int = 0, workers: int = 1, style: str = "A") -> Path:
     """Write a DCASE 2025-format corpus under ``out`` and return ``out``.
 
     Sizes default to DCASE's (990 + 10 train normals, 50 test clips per domain x label, 10 s);
     eval test clips are named ``section_00_0000.wav`` in shuffled order, with the official
-    evaluator's ground-truth tables under ``eval_data/ground_truth_{data,domain}/``.
+    evaluator's ground-truth tables under ``eval_data/ground_truth_{data,domain}/``. ``style`` picks
+    the sound models and anomaly kinds (:data:`STYLES`); the layout is the same for every style.
     """
     root = Path(out)
+    corpus_style(style)  # an unknown style fails before anything is written
     all_jobs: list[_Job] = []
     for dataset, machines in (("dev", dev_machines), ("eval", eval_machines)):
         for machine in machines:
             jobs, attr_rows, truth = _plan_machine(root, dataset, machine, seed=seed, train_source=train_source,
                                                    train_target=train_target, test_per_cell=test_per_cell,
-                                                   supplemental=supplemental, seconds=seconds)
+                                                   supplemental=supplemental, seconds=seconds, style=style)
             mdir = root / f"{dataset}_data" / "raw" / machine
             for split in ("train", "test", "supplemental"):
                 (mdir / split).mkdir(parents=True, exist_ok=True)
