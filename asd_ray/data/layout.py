@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import os
 import re
 from collections import Counter
 from dataclasses import dataclass
@@ -68,7 +69,7 @@ class ClipRecord:
     @property
     def is_normal_train(self) -> bool:
         """A clip known to be a normal training clip: the only kind that feeds banks and fine-tuning."""
-        return self.split == "train" and self.label == "normal"
+        return self.split == "train" and self.label == "normal" and not self.parse_error
 
     def to_row(self) -> dict:
         return dataclasses.asdict(self)
@@ -110,7 +111,20 @@ def parse_clip_name(path: Path, machine: str, split: str, dataset: str) -> ClipR
 
 
 def _wavs(directory: Path) -> list[Path]:
-    return sorted(p for p in directory.iterdir() if p.is_file() and p.suffix.lower() == ".wav")
+    """Every entry named ``*.wav``, files or not: one that is no file (a directory named like a clip, a
+    dangling link) still becomes a record, whose ``not_a_file`` reason lists it instead of dropping it."""
+    return sorted(p for p in directory.iterdir() if p.suffix.lower() == ".wav")
+
+
+def not_a_file(path: Path) -> str:
+    """Why an entry named like a clip cannot be one ("" for a regular file, or a link to one)."""
+    if path.is_file():
+        return ""
+    if path.is_symlink() and not path.exists():
+        return f"broken symbolic link (points to {os.readlink(path)})"
+    if path.is_dir():
+        return "a directory named like a clip, not a sound file"
+    return "not a regular file"
 
 
 def _machine_dirs(root: Path) -> list[tuple[str, Path]]:
@@ -135,7 +149,7 @@ def _mimii_records(root: Path) -> list[ClipRecord]:
                 for i, p in enumerate(_wavs(id_dir / label_dir) if (id_dir / label_dir).is_dir() else []):
                     records.append(ClipRecord(path=str(p), machine=machine_dir.name, section=section,
                                               domain="source", split="train" if label == "normal" else "test",
-                                              label=label, index=i, dataset="other"))
+                                              label=label, index=i, dataset="other", parse_error=not_a_file(p)))
     return records
 
 
@@ -147,7 +161,9 @@ def _machine_records(dataset: str, machine_dir: Path, normals_only: bool) -> lis
             continue
         for p in _wavs(d):
             rec = parse_clip_name(p, machine_dir.name, split, dataset)
-            if rec.parse_error and normals_only and split == "train":
+            if reason := not_a_file(p):
+                rec = dataclasses.replace(rec, parse_error=reason)
+            elif rec.parse_error and normals_only and split == "train":
                 rec = dataclasses.replace(rec, label="normal", domain="source", section="00",
                                           parse_error="")
             records.append(rec)

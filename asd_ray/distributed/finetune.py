@@ -289,8 +289,9 @@ def finetune(roots: Sequence[str | Path], config: RunConfig, machines: Iterable[
     result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError(f"fine-tuning {name} ended without a checkpoint: {result.error}")
+    unused = [{"path": r.path, "machine": r.machine, "reason": r.parse_error} for r in records if r.parse_error]
     summary = {"checkpoint": result.checkpoint.path, "clips": len(fit), "heldout": len(held), "noise_clips": len(noise),
-               "rejected": rejects, "steps_per_epoch": steps_per_epoch, "metrics": result.metrics,
+               "rejected": rejects, "unused": unused, "steps_per_epoch": steps_per_epoch, "metrics": result.metrics,
                "config": dataclasses.asdict(ft)}
     (run_dir / "finetune.json").write_text(json.dumps(summary, indent=2, default=str))
     return FinetuneResult(checkpoint=Path(result.checkpoint.path), run_dir=run_dir, metrics=result.metrics or {},

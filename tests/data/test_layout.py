@@ -76,3 +76,25 @@ def test_dcase2020_and_mimii_namings(tmp_path):
     mimii = {r.label: r for r in discover([tmp_path / "mimii"])}
     assert mimii["normal"].is_normal_train and mimii["normal"].section == "04"
     assert mimii["anomaly"].split == "test"
+
+
+def test_entries_named_like_clips_that_are_no_files_are_listed_with_a_reason(tiny_corpus, tmp_path):
+    """A dangling link and a directory named like a clip become records with a reason (unused.csv),
+    never vanish: every entry named *.wav is accounted for."""
+    import shutil
+
+    from asd_ray.detect import plan_records
+
+    root = tmp_path / "data"
+    shutil.copytree(tiny_corpus, root)
+    test = root / "dev_data" / "raw" / "ToyCar" / "test"
+    on_disk = len(list(test.iterdir()))
+    (test / "section_00_source_test_normal_0902_spd_99_mic_1.wav").mkdir()
+    (test / "section_00_source_test_normal_0903_spd_99_mic_1.wav").symlink_to(tmp_path / "gone.wav")
+    records = [r for r in discover([root], ["ToyCar"]) if r.split == "test"]
+    assert len(records) == on_disk + 2
+    _, unused = plan_records(records)
+    reasons = {u["path"].rsplit("/", 1)[1]: u["reason"] for u in unused}
+    assert "directory" in reasons["section_00_source_test_normal_0902_spd_99_mic_1.wav"]
+    assert "broken symbolic link" in reasons["section_00_source_test_normal_0903_spd_99_mic_1.wav"]
+    assert not any(r.is_normal_train for r in records if r.parse_error)

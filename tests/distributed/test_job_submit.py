@@ -59,7 +59,7 @@ def test_ray_job_submit_runs_the_main_job(ray_head, tiny_corpus, tmp_path):
     out = tmp_path / "job-out"
     cmd = [RAY, "job", "submit", "--address", address, "--working-dir", str(REPO),
            "--runtime-env-json", json.dumps({"env_vars": {"RAY_AUTH_MODE": "disabled"}}), "--",
-           "python", "jobs/run.py", "--data", str(tiny_corpus), "--out", str(out),
+           sys.executable, "jobs/run.py", "--data", str(tiny_corpus), "--out", str(out),
            "--set", f"ray.cache_dir={tmp_path / 'cache'}"]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
