@@ -47,8 +47,8 @@ def _add_run(sub):
     p.add_argument("--machines", nargs="*", help="only these machine types")
     p.add_argument("--local", action="store_true",
                    help="the single-process reference run (no Ray); results equal the Ray run's")
-    p.add_argument("--detector", choices=("knn", "ae-mse", "ae-maha"),
-                   help="k-NN memory banks (default) or the DCASE AE baseline (= --set detector=)")
+    p.add_argument("--detector", choices=("knn", "local", "ae-mse", "ae-maha", "fusion"),
+                   help="clip k-NN bank, local-feature bank, the DCASE AE baseline or a fusion (= --set detector=)")
     _add_config_args(p)
 
 

@@ -30,11 +30,11 @@ def test_reference_run_writes_official_files(tiny_corpus, tmp_path):
 
 def test_bad_clips_are_rejected_with_reasons_and_counts_reconcile(corpus_with_bad_clips, tmp_path):
     report = reference_run([corpus_with_bad_clips], RunConfig(), tmp_path)
-    reasons = {r["path"].rsplit("/", 1)[1]: r["reason"] for r in report.rejects}
+    reasons = {r.path.rsplit("/", 1)[1]: r.reason for r in report.rejects}
     assert "cannot decode" in reasons["section_00_source_train_normal_0900_spd_99_mic_1.wav"]
     assert "cannot decode" in reasons["section_00_source_test_normal_0900_spd_99_mic_1.wav"]
     assert "cannot decode" in reasons["section_00_target_test_anomaly_0901_spd_99_mic_2.wav"]
-    unused = {u["path"].rsplit("/", 1)[1]: u["reason"] for u in report.unused}
+    unused = {u.path.rsplit("/", 1)[1]: u.reason for u in report.unused}
     assert "matches no DCASE naming form" in unused["clip recorded tuesday.wav"]
     assert report.clips_in == report.clips_embedded + len(report.rejects) + len(report.unused)
     assert len(report.results["ToyCar"].filenames) == 4 * TINY["test_per_cell"]  # the good clips are scored
@@ -69,6 +69,6 @@ def test_machine_without_a_bank_is_listed_and_the_others_go_on(tiny_corpus, tmp_
     report = reference_run([root], RunConfig(), tmp_path / "out")
     assert "valve" not in report.results and {"ToyCar", "ToyPet"} <= set(report.results)
     assert len(report.unscored) == 4 * TINY["test_per_cell"]
-    assert "machine valve: 1 usable normal train clip(s)" in report.unscored[0]["reason"]
+    assert "machine valve: 1 usable normal train clip(s)" in report.unscored[0].reason
     assert "section_00_" in (tmp_path / "out/unscored.csv").read_text()
     assert report.clips_in == report.clips_embedded + len(report.rejects) + len(report.unused)

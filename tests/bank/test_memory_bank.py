@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from asd_ray.bank.memory_bank import BankError, DomainAwareBank, MemoryBank, build_bank, load_bank
+from asd_ray.bank.memory_bank import BankError, DomainAwareBank, MemoryBank, build_bank
+from asd_ray.detectors import load_detector as load_bank
 
 TOY = np.array([[0, 0], [3, 0], [0, 4], [10, 10]], dtype=np.float32)
 

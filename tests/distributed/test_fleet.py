@@ -7,7 +7,8 @@ import uuid
 import numpy as np
 import pytest
 
-from asd_ray.bank.memory_bank import MemoryBank, load_bank
+from asd_ray.bank.memory_bank import MemoryBank
+from asd_ray.detectors import load_detector
 from asd_ray.config import FleetConfig, PostConfig, RunConfig, load_config
 from asd_ray.detect import reference_run
 from asd_ray.distributed.fleet import Request, Router, actor_name, score_requests, start_banks
@@ -75,7 +76,7 @@ def test_add_changes_scores_and_persists(fleet, ray_local):
     np.testing.assert_allclose([r.raw_score for r in after], reference.score(new), rtol=1e-6)
     assert all(a.raw_score < b.raw_score for a, b in zip(after, before))
     assert router.add("fan", new, [f"new{i}" for i in range(5)])["size"] == 305  # a retried add is not doubled
-    assert load_bank(bank_root / "fan").size == 305  # persisted: a restart reloads it
+    assert load_detector(bank_root / "fan").size == 305  # persisted: a restart reloads it
 
 
 def test_killed_bank_actor_loses_no_request(fleet, ray_local):
