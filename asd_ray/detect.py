@@ -292,9 +292,30 @@ def frame_feature_kwargs(config: RunConfig) -> dict:
     return {"sample_rate": sr, **dataclasses.asdict(fr)}
 
 
+def features_key(config: RunConfig) -> tuple:
+    """What a run's features depend on: equal keys, equal features (for sharing them between detectors)."""
+    kind = detector_features(config)
+    return kind, config.preprocess, config.embed if kind == "clip" else config.frames
+
+
+def shared(embedder: Embedder, cache: dict | None, key: tuple) -> Embedder:
+    """``embedder`` that answers from ``cache`` (by ``key`` and the records asked for) once it has run."""
+    if cache is None:
+        return embedder
+
+    def cached(records):
+        k = (key, tuple(r.path for r in records))
+        if k not in cache:
+            cache[k] = embedder(records)
+        return cache[k]
+
+    return cached
+
+
 def reference_run(roots: Sequence[str | Path], config: RunConfig, out_dir: str | Path | None = None,
-                  machines: Iterable[str] | None = None) -> RunReport:
-    """Single-process run over a corpus: the oracle for the Ray pipeline."""
+                  machines: Iterable[str] | None = None, feature_cache: dict | None = None) -> RunReport:
+    """Single-process run over a corpus: the oracle for the Ray pipeline. With ``feature_cache`` (a dict
+    kept by the caller), runs of several detectors over the same clips embed them once."""
     if detector_features(config) == "clip":
         backbone = load_backbone(**dataclasses.asdict(config.embed))
     else:
@@ -303,4 +324,4 @@ def reference_run(roots: Sequence[str | Path], config: RunConfig, out_dir: str |
     def embedder(records):
         return embed_records(records, backbone, config.preprocess, config.embed.batch_size)
 
-    return run_detection(roots, config, embedder, out_dir, machines)
+    return run_detection(roots, config, shared(embedder, feature_cache, features_key(config)), out_dir, machines)

@@ -8,8 +8,8 @@ saved ``bank.json``; ``features`` says what a detector eats: ``clip`` (one embed
 backbone, an n x dim array) or ``frames`` (one T x n_mels log-mel matrix per clip, a list).
 
 The detectors (``detector`` in the config):
-- ``knn``: the clip k-NN bank (``bank/memory_bank.py``): the backbone's embeddings (``bank.pooling`` =
-  ``backbone``) or pooled log-mel frames (``bank/pooling.py``);
+- ``knn``: the clip k-NN bank over the backbone's embeddings (``bank/memory_bank.py``, SPEC §4);
+- ``pooled``: the clip k-NN bank over a clip's log-mel frames pooled over time (``bank/pooling.py``);
 - ``local``: the local-feature bank over windows of log-mel frames (``bank/local_bank.py``);
 - ``ae-mse`` / ``ae-maha``: the DCASE AE baseline (``models/autoencoder.py``);
 - ``fusion``: several of these on the same features, each z-normalised by its own leave-one-out train
@@ -157,13 +157,13 @@ def detector_features(config: RunConfig) -> str:
 def make_detector(config: RunConfig, name: str | None = None, *, device: str = "cpu") -> Detector:
     """An unfitted detector of kind ``name`` (default ``config.detector``), keywords from the config's sections."""
     name = name or config.detector
-    bank = dataclasses.asdict(config.bank)
-    pooling, gem_p = bank.pop("pooling"), bank.pop("gem_p")
     if name == "knn":
-        if pooling == "backbone":
-            strategy = bank.pop("strategy")
-            return STRATEGIES[strategy](**bank)
-        return PooledBank(pooling=pooling, gem_p=gem_p, **bank)
+        bank = dataclasses.asdict(config.bank)
+        return STRATEGIES[bank.pop("strategy")](**bank)
+    if name == "pooled":
+        b = config.bank
+        return PooledBank(**dataclasses.asdict(config.pooled), metric=b.metric, seed=b.seed,
+                          faiss_threads=b.faiss_threads)
     if name == "local":
         return LocalFeatureBank(**dataclasses.asdict(config.local))
     if name in ("ae-mse", "ae-maha"):

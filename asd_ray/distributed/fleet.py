@@ -323,9 +323,11 @@ class Router:
         e = e if frames else e.reshape(-1)
         ok = (e.ndim == 2 and e.shape[1] == dim and len(e) > 0) if frames else e.shape[0] == dim
         if not ok or not np.isfinite(e).all():
-            want = f"finite (frames x {dim}) matrices" if frames else f"finite vectors of size {dim}"
-            self._finish(pending, None, f"features of shape {e.shape} (finite: {bool(np.isfinite(e).all())}); "
-                                        f"the {machine} bank takes {want}")
+            finite = bool(np.isfinite(e).all())
+            self._finish(pending, None, f"features of shape {e.shape} (finite: {finite}); the {machine} bank takes "
+                                        f"finite (frames x {dim}) matrices" if frames else
+                                        f"embedding of size {e.shape[0]} (finite: {finite}); the {machine} bank "
+                                        f"takes finite vectors of size {dim}")
             return
         self._lane(machine).put((pending, e))
 

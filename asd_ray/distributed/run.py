@@ -15,7 +15,7 @@ import numpy as np
 
 from asd_ray.config import RunConfig
 from asd_ray.data.layout import ClipRecord
-from asd_ray.detect import Embedder, MachineMap, frame_feature_kwargs, run_detection
+from asd_ray.detect import Embedder, MachineMap, features_key, frame_feature_kwargs, run_detection, shared
 from asd_ray.detectors import detector_features
 from asd_ray.distributed.embed import EmbeddingTable, embed_corpus, object_array, preprocess_batch
 from asd_ray.distributed.session import ensure_ray, gpu_wanted
@@ -98,16 +98,18 @@ def embedder_for(config: RunConfig) -> Embedder:
 
 
 def ray_run(roots: Sequence[str | Path], config: RunConfig, out_dir: str | Path | None = None,
-            machines: Iterable[str] | None = None) -> RunReport:
+            machines: Iterable[str] | None = None, feature_cache: dict | None = None) -> RunReport:
     """Embed the corpus with Ray Data (clip embeddings: cached Parquet), then fit, score, decide, evaluate, write.
 
     Joins the Ray at ``RAY_ADDRESS`` or the running session, else starts a local one. Clip-embedding
-    detectors are fitted in the driver (light); frame detectors in one Ray task per machine.
+    detectors are fitted in the driver (light); frame detectors in one Ray task per machine. With
+    ``feature_cache`` (a dict kept by the caller), runs of several detectors share their features.
     """
     ensure_ray(num_cpus=config.ray.num_cpus or None)
+    embedder = shared(embedder_for(config), feature_cache, features_key(config))
     if detector_features(config) == "clip":
-        return run_detection(roots, config, ray_embedder(config), out_dir, machines)
+        return run_detection(roots, config, embedder, out_dir, machines)
     gpu = gpu_wanted(config.ray.use_gpu) and (config.detector.startswith("ae-") or config.detector == "fusion")
-    return run_detection(roots, config, ray_frames_embedder(config), out_dir, machines,
+    return run_detection(roots, config, embedder, out_dir, machines,
                          machine_map=ray_task_map(config.ray.detector_cpus, 1 if gpu else 0),
                          device="cuda" if gpu else "cpu")
