@@ -44,8 +44,8 @@ def test_bad_clips_are_rejected_with_reasons_and_counts_reconcile(corpus_with_ba
 
 
 def test_domain_aware_option_runs_against_seed(tiny_corpus):
-    seed = reference_run([tiny_corpus], RunConfig())
-    aware = reference_run([tiny_corpus], load_config(RunConfig, None, ["bank.strategy=domain_aware"]))
+    seed = reference_run([tiny_corpus], load_config(RunConfig, None, ["detector=knn"]))
+    aware = reference_run([tiny_corpus], load_config(RunConfig, None, ["detector=knn", "bank.strategy=domain_aware"]))
     assert seed.metrics["official_score"] != aware.metrics["official_score"]
     for m in seed.results:
         assert seed.results[m].filenames == aware.results[m].filenames
@@ -54,7 +54,7 @@ def test_domain_aware_option_runs_against_seed(tiny_corpus):
 
 def test_hubert_backbone_through_the_run(tiny_corpus, tiny_hubert, tmp_path, capsys):
     assert main(["run", "--data", str(tiny_corpus), "--backbone", str(tiny_hubert), "--out", str(tmp_path),
-                 "--machines", "valve", "--set", "bank.metric=cosine", "--set", "post.median_window=3"]) == 0
+                 "--machines", "valve", "--detector", "knn", "--set", "bank.metric=cosine", "--set", "post.median_window=3"]) == 0
     assert "official score" in capsys.readouterr().out
     assert (tmp_path / "anomaly_score_valve_section_00_test.csv").is_file()
     assert main(["run", "--data", str(tiny_corpus), "--out", str(tmp_path), "--set", "bank.k=zero"]) == 2

@@ -78,7 +78,7 @@ def test_trivial_detectors_land_near_chance_and_logmel_knn_clearly_above(fairnes
     random = np.random.default_rng(0).random(len(test))
     emb, kept, rejects, _ = embed_records(records, load_backbone("logmel"), PreprocessConfig())
     assert not rejects
-    knn = detect(emb, kept, detector=lambda: make_detector(RunConfig()), post=PostConfig())
+    knn = detect(emb, kept, detector=lambda: make_detector(RunConfig(), "knn"), post=PostConfig())
     knn_scores = {f: s for r in knn.values() for f, s in zip(r.filenames, r.raw_scores)}
     per = {"rms": _per_machine(test, rms), "-rms": _per_machine(test, -np.array(rms)),
            "random": _per_machine(test, random),

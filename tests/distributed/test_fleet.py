@@ -122,7 +122,8 @@ def test_missing_bank_is_a_clear_error(fleet):
 
 
 def test_clip_streams_equal_the_batch_run(ray_local, corpus_with_bad_clips, tmp_path):
-    config = load_config(RunConfig, None, [f"fleet.namespace=t-{uuid.uuid4().hex[:8]}", "fleet.max_batch=8"])
+    config = load_config(RunConfig, None, [f"fleet.namespace=t-{uuid.uuid4().hex[:8]}", "fleet.max_batch=8",
+                                           "detector=knn"])
     ref = reference_run([corpus_with_bad_clips], config, tmp_path / "ref")
     results = score_streams(tmp_path / "ref" / "banks", config, tmp_path / "fleet", roots=[corpus_with_bad_clips])
     scored = {}

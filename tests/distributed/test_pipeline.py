@@ -15,8 +15,9 @@ def _config(tmp_path, *extra):
     return load_config(RunConfig, None, [f"ray.cache_dir={tmp_path / 'cache'}", *extra])
 
 
-def test_ray_run_equals_reference_run(ray_local, tiny_corpus, tmp_path):
-    config = _config(tmp_path)
+@pytest.mark.parametrize("detector", ["knn", "fusion"])
+def test_ray_run_equals_reference_run(ray_local, tiny_corpus, tmp_path, detector):
+    config = _config(tmp_path, f"detector={detector}")
     ref = reference_run([tiny_corpus], config, tmp_path / "ref")
     got = ray_run([tiny_corpus], config, tmp_path / "ray")
     assert set(got.results) == set(ref.results) == {"ToyCar", "valve", "ToyPet"}
