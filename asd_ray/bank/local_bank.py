@@ -120,19 +120,18 @@ class LocalFeatureBank:
         self.n_mels = int(np.asarray(clips[0]).shape[1])
         self.mean, self.std = np.zeros(0, np.float32), np.ones(0, np.float32)
         self.projection = np.zeros((0, 0), np.float32)
-        per_clip = [self.windows(c, p["stride"]) for c in clips]
-        if p["standardise"]:  # float64 sums, clip by clip: no second copy of every window
-            n = sum(len(w) for w in per_clip)
-            s1 = sum(w.sum(axis=0, dtype=np.float64) for w in per_clip)
-            s2 = sum(np.einsum("ij,ij->j", w, w, dtype=np.float64) for w in per_clip)
+        # Statistics clip by clip, windows made again for each pass: memory holds the projected windows of
+        # the machine (pca_dim wide), never all of its raw context*n_mels-wide windows at once.
+        if p["standardise"]:
+            n, s1, s2 = 0, 0, 0
+            for c in clips:
+                w = self.windows(c, p["stride"])
+                n, s1, s2 = n + len(w), s1 + w.sum(axis=0, dtype=np.float64), s2 + np.einsum("ij,ij->j", w, w, dtype=np.float64)
             self.mean = (s1 / n).astype(np.float32)
             self.std = (np.sqrt(np.maximum(s2 / n - (s1 / n) ** 2, 0.0)) + 1e-6).astype(np.float32)
-            for w in per_clip:
-                w -= self.mean
-                w /= self.std
-        if 0 < p["pca_dim"] < per_clip[0].shape[1]:
-            self.projection = self._pca(per_clip, np.random.default_rng(p["seed"]))
-            per_clip = [np.ascontiguousarray(w @ self.projection) for w in per_clip]
+        if 0 < p["pca_dim"] < p["context"] * self.n_mels:
+            self.projection = self._pca(clips, np.random.default_rng(p["seed"]))
+        per_clip = [self.windows(c, p["stride"]) for c in clips]
         groups = {"all": np.arange(len(clips))}
         if p["domain_norm"]:
             groups = {d: np.flatnonzero(domains == d) for d in ("source", "target") if (domains == d).sum() >= 2}
@@ -169,16 +168,19 @@ class LocalFeatureBank:
                                           for g in self.banks) for i in cal])
         return self
 
-    def _pca(self, per_clip: list[np.ndarray], rng: np.random.Generator) -> np.ndarray:
-        """(window dim x pca_dim) float32 principal axes of (a draw of at most ``candidates``) train windows,
-        largest variance first; divided by each axis' standard deviation with ``whiten``."""
+    def _pca(self, clips: Sequence[np.ndarray], rng: np.random.Generator) -> np.ndarray:
+        """(window dim x pca_dim) float32 principal axes of (a draw of at most ``candidates``) standardised train
+        windows, largest variance first; divided by each axis' standard deviation with ``whiten``."""
         p = self.params
-        owner = np.concatenate([np.full(len(w), i) for i, w in enumerate(per_clip)])
-        pos = np.concatenate([np.arange(len(w)) for w in per_clip])
+        counts = [(len(c) - p["context"]) // p["stride"] + 1 for c in clips]
+        owner = np.concatenate([np.full(n, i) for i, n in enumerate(counts)])
+        pos = np.concatenate([np.arange(n) for n in counts])
         if p["candidates"] and len(owner) > p["candidates"]:
             keep = random_subset(owner, p["candidates"], seed=int(rng.integers(2**31)))
             owner, pos = owner[keep], pos[keep]
-        x = np.stack([per_clip[o][t] for o, t in zip(owner, pos)]).astype(np.float64)
+        # owner is ascending (random_subset sorts): rows come clip by clip in the drawn order
+        x = np.concatenate([self.windows(clips[i], p["stride"])[pos[owner == i]] for i in np.unique(owner)]
+                           ).astype(np.float64)
         x -= x.mean(axis=0)
         values, vectors = np.linalg.eigh(x.T @ x / len(x))
         order = np.argsort(values)[::-1][: p["pca_dim"]]
