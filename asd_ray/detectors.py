@@ -88,6 +88,7 @@ class FusionDetector:
         self.members = list(members)
         self.combine = combine
         self.features = kinds.pop()
+        self._references: list[np.ndarray] | None = None  # each member's leave-one-out scores, computed once
 
     @property
     def size(self) -> int:
@@ -100,10 +101,19 @@ class FusionDetector:
     def fit(self, features, ids=None, *, domains=None) -> "FusionDetector":
         for m in self.members:
             m.fit(features, ids, domains=domains)
+        self._references = None
         return self
 
+    def references(self) -> list[np.ndarray]:
+        """Each member's leave-one-out train scores (its z-normalisation reference), computed once: a clip
+        bank's leave-one-out pass costs far more than scoring one clip."""
+        if self._references is None:
+            self._references = [m.loo_scores() for m in self.members]
+        return self._references
+
     def score(self, features) -> np.ndarray:
-        return combine(np.stack([znormalise(m.score(features), m.loo_scores()) for m in self.members]), self.combine)
+        return combine(np.stack([znormalise(m.score(features), ref)
+                                 for m, ref in zip(self.members, self.references())]), self.combine)
 
     def loo_ids(self) -> list[str]:
         common = set.intersection(*(set(m.loo_ids()) for m in self.members))
@@ -112,8 +122,8 @@ class FusionDetector:
     def loo_scores(self) -> np.ndarray:
         ids = self.loo_ids()
         z = []
-        for m in self.members:
-            own = dict(zip(m.loo_ids(), znormalise(m.loo_scores(), m.loo_scores())))
+        for m, ref in zip(self.members, self.references()):
+            own = dict(zip(m.loo_ids(), znormalise(ref, ref)))
             z.append([own[i] for i in ids])
         return combine(np.array(z), self.combine)
 
