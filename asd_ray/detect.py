@@ -281,6 +281,9 @@ def frame_feature_kwargs(config: RunConfig) -> dict:
     the detector's frames is a config error up front (otherwise the shortest clips would stop training or
     scoring instead of being rejected by pre-processing)."""
     fr, sr = config.frames, config.preprocess.sample_rate
+    if config.embed.backbone != "logmel":  # a checkpoint the run would silently not use
+        raise ConfigError(f"embed.backbone={config.embed.backbone}: only the knn detector embeds with a backbone; "
+                          f"detector={config.detector} eats log-mel frames. Add --detector knn (--set detector=knn)")
     names = config.fusion.members if config.detector == "fusion" else (config.detector,)
     context = max(config.local.context if n == "local" else config.ae.frames if n.startswith("ae-") else 1
                   for n in names)

@@ -72,3 +72,9 @@ def test_machine_without_a_bank_is_listed_and_the_others_go_on(tiny_corpus, tmp_
     assert "machine valve: 1 usable normal train clip(s)" in report.unscored[0].reason
     assert "section_00_" in (tmp_path / "out/unscored.csv").read_text()
     assert report.clips_in == report.clips_embedded + len(report.rejects) + len(report.unused)
+
+
+def test_a_backbone_checkpoint_with_a_frame_detector_is_a_clear_error(tiny_corpus, tiny_hubert, tmp_path, capsys):
+    assert main(["run", "--data", str(tiny_corpus), "--backbone", str(tiny_hubert), "--out", str(tmp_path),
+                 "--detector", "fusion"]) == 2
+    assert "only the knn detector embeds with a backbone" in capsys.readouterr().err
