@@ -50,14 +50,27 @@ def _add_run(sub):
     p.add_argument("--machines", nargs="*", help="only these machine types")
     p.add_argument("--local", action="store_true",
                    help="the single-process reference run (no Ray); results equal the Ray run's")
-    p.add_argument("--detector", choices=("knn", "ae-mse", "ae-maha"),
-                   help="k-NN memory banks (default) or the DCASE AE baseline (= --set detector=)")
+    p.add_argument("--detector", choices=("knn", "pooled", "local", "ae-mse", "ae-maha", "fusion"),
+                   help="clip k-NN bank (backbone or pooled log-mel), local-feature bank, the DCASE AE baseline "
+                        "or a fusion (= --set detector=)")
     _add_config_args(p)
 
 
 # Detector names for `asd-ray compare`: each is config overrides on top of the run's config.
-DETECTORS = {"knn": ["detector=knn"], "knn-domain-aware": ["detector=knn", "bank.strategy=domain_aware"],
-             "ae-mse": ["detector=ae-mse"], "ae-maha": ["detector=ae-maha"]}
+DETECTORS = {
+    "knn": ["detector=knn"],  # the seed's bank: backbone embeddings, one bank, k = 3
+    "knn-domain-aware": ["detector=knn", "bank.strategy=domain_aware"],
+    "knn-density": ["detector=knn", "bank.strategy=domain_aware", "bank.density=true", "bank.k=1"],
+    "pooled": ["detector=pooled"],  # mean and std of log-mel frames, domain banks, density k-NN, K = 1
+    "pooled-gem": ["detector=pooled", "pooled.pooling=gem"],
+    "pooled-reldev": ["detector=pooled", "pooled.pooling=reldev"],
+    "pooled-smote": ["detector=pooled", "pooled.oversample_target=100"],
+    "local": ["detector=local"],
+    "fusion": ["detector=fusion"],  # local + pooled, z-normalised by their train scores, max
+    "fusion-mean": ["detector=fusion", "fusion.combine=mean"],
+    "ae-mse": ["detector=ae-mse"],
+    "ae-maha": ["detector=ae-maha"],
+}
 
 
 def _add_compare(sub):
@@ -188,10 +201,10 @@ def cmd_compare(args) -> int:
 
     run = runner(args.local)
     roots = args.data or [demo_corpus(args.out)]
-    reports = {}
+    reports, features = {}, {}  # detectors that eat the same features embed the corpus once
     for name in args.detectors:
         config = run_config(args.config, [*args.overrides, *DETECTORS[name]])
-        reports[name] = run(roots, config, args.out / name, args.machines)
+        reports[name] = run(roots, config, args.out / name, args.machines, feature_cache=features)
         score = reports[name].metrics["official_score"] if reports[name].metrics else None
         print(f"{name}: official score {score}")
     path = write_comparison(reports, args.out)

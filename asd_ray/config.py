@@ -52,12 +52,71 @@ class EmbedConfig:
 
 @dataclass(frozen=True)
 class BankConfig:
-    """Memory bank and k-NN score (SPEC §4)."""
+    """Clip memory bank and k-NN score (SPEC §4)."""
 
     k: int = 3
     metric: Literal["euclidean", "cosine"] = "euclidean"
-    strategy: Literal["seed", "domain_aware"] = "seed"
+    strategy: Literal["seed", "domain_aware"] = "seed"  # one bank, or source/target banks each scaled (min)
+    density: bool = False  # local-density normalised k-NN: each member's distance divided by its own k-NN radius
+    oversample_target: int = 0  # SMOTE: target normals interpolated up to this many members (0 = off)
     faiss_threads: int = 1
+    seed: int = 0  # of the oversampling
+
+
+@dataclass(frozen=True)
+class PooledConfig:
+    """Clip k-NN bank over a clip's log-mel frames pooled over time (``detector=pooled``; bank/pooling.py).
+
+    Defaults are the measured best on the synthetic corpus and the choices of the training-free k-NN
+    literature on DCASE 2025: domain-wise banks, local-density-normalised distances, K = 1.
+    """
+
+    pooling: Literal["mean", "mean_std", "gem", "reldev"] = "mean_std"
+    gem_p: float = 3.0  # exponent of generalised-mean pooling
+    k: int = 1
+    strategy: Literal["seed", "domain_aware"] = "domain_aware"
+    density: bool = True
+    oversample_target: int = 0  # SMOTE: target normals interpolated up to this many members (0 = off)
+
+
+@dataclass(frozen=True)
+class FramesConfig:
+    """Log-mel frame features of the frame-level detectors (the AE baseline, the local-feature bank; SPEC §7)."""
+
+    n_mels: int = 128
+    n_fft: int = 1024
+    hop_length: int = 512
+    power: float = 2.0
+
+
+@dataclass(frozen=True)
+class LocalConfig:
+    """Local-feature bank: windows of stacked log-mel frames of a machine's normals, coreset-subsampled (PatchCore)."""
+
+    context: int = 5  # consecutive frames stacked into one window vector (5 x 128 = 640-d)
+    stride: int = 1  # hop between windows of a clip, in frames
+    standardise: bool = True  # z-score each window dimension by the train windows' mean and std
+    bank_size: int = 4096  # the most windows a machine's bank keeps (per domain bank)
+    coreset: Literal["kcenter", "kmeans", "random"] = "kcenter"
+    candidates: int = 32768  # train windows drawn at random before the coreset (bounds its cost; 0 = all)
+    projection_dim: int = 128  # k-centre distances in a random projection of this size (0 = full dimension)
+    k: int = 1  # nearest bank windows per test window
+    clip_score: Literal["max", "topq", "mean"] = "topq"  # clip score from its windows' k-NN distances
+    top_q: float = 0.1  # share of a clip's windows, highest distances, averaged by ``topq``
+    domain_norm: bool = True  # source and target windows in separate banks, distances over each bank's scale, min
+    pca_dim: int = 128  # windows projected on their first principal axes (0 = off): less noise, cheaper search
+    whiten: bool = True  # PCA axes scaled to unit variance (Mahalanobis distance in the subspace)
+    calibration_clips: int = 200  # train clips given leave-one-out scores (threshold, fusion); 0 = all
+    seed: int = 0
+    faiss_threads: int = 1
+
+
+@dataclass(frozen=True)
+class FusionConfig:
+    """Label-free fusion: each member's scores z-normalised by its train (leave-one-out) scores, then combined."""
+
+    members: tuple[str, ...] = ("local", "pooled")  # ``detector`` values (not fusion) that eat the same features
+    combine: Literal["min", "mean", "max"] = "max"  # max: anomalous when any member finds the clip unusual
 
 
 @dataclass(frozen=True)
@@ -79,16 +138,13 @@ class RayConfig:
     preprocess_cpus: float = 0.0  # CPUs per pre-processing task; 0 = 1 beside GPU actors, 0.5 otherwise
     use_gpu: Literal["auto", "yes", "no"] = "auto"
     cache_dir: str = "~/.cache/asd-ray/embeddings"  # Parquet embeddings, keyed by content
+    detector_cpus: float = 1.0  # CPUs per machine's task fitting a frame detector (an AE: a GPU each if use_gpu allows)
 
 
 @dataclass(frozen=True)
 class AEConfig:
-    """The official DCASE autoencoder baseline (SPEC §7); defaults are the baseline's."""
+    """The official DCASE autoencoder baseline (SPEC §7); defaults are the baseline's (its log-mel: ``FramesConfig``)."""
 
-    n_mels: int = 128
-    n_fft: int = 1024
-    hop_length: int = 512
-    power: float = 2.0
     frames: int = 5  # consecutive log-mel frames stacked into one input vector (5 x 128 = 640-d)
     hidden: int = 128
     bottleneck: int = 8
@@ -97,7 +153,6 @@ class AEConfig:
     batch_size: int = 256
     lr: float = 1e-3
     seed: int = 0
-    task_cpus: float = 1.0  # CPUs per machine's training task on Ray (a GPU each when ray.use_gpu allows)
 
 
 @dataclass(frozen=True)
@@ -160,8 +215,16 @@ class RunConfig:
     ray: RayConfig = field(default_factory=RayConfig)
     fleet: FleetConfig = field(default_factory=FleetConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    frames: FramesConfig = field(default_factory=FramesConfig)
+    pooled: PooledConfig = field(default_factory=PooledConfig)
+    local: LocalConfig = field(default_factory=LocalConfig)
+    fusion: FusionConfig = field(default_factory=FusionConfig)
     ae: AEConfig = field(default_factory=AEConfig)
-    detector: Literal["knn", "ae-mse", "ae-maha"] = "knn"  # k-NN memory banks, or the AE baseline's two scores
+    # knn: clip k-NN bank over the backbone's embeddings (SPEC §4); pooled: clip k-NN bank over pooled log-mel
+    # frames; local: local-feature bank over log-mel windows; ae-mse / ae-maha: the AE baseline's two scores;
+    # fusion: the ``fusion.members`` z-normalised and combined
+    # The default is the measured best on both synthetic corpus styles (README, "Detectors").
+    detector: Literal["knn", "pooled", "local", "ae-mse", "ae-maha", "fusion"] = "fusion"
     normals_only_roots: tuple[str, ...] = ()  # roots whose unparsed names are trusted as normal train clips
 
 

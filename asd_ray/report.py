@@ -5,12 +5,9 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING
-
 import numpy as np
 
-if TYPE_CHECKING:
-    from asd_ray.detect import RunReport
+from asd_ray.results import RunReport
 
 
 def _plots(machine: str, filenames, scores, truth: dict, out: Path) -> list[str]:
@@ -51,18 +48,18 @@ def _plots(machine: str, filenames, scores, truth: dict, out: Path) -> list[str]
     return [name]
 
 
-def write_report(report: "RunReport", out: Path, config) -> Path:
+def write_report(report: RunReport, out: Path, config) -> Path:
     """Write ``report.md`` (and one PNG per machine with known labels) into ``out``."""
     lines = ["# asd-ray report", ""]
     m = report.metrics
     if m:
         lines += [f"**Official score** (h-mean of every machine's AUC_s, AUC_t, pAUC): **{m['official_score']:.4f}**", "",
-                  "| machine | AUC_source | AUC_target | pAUC | h-mean | threshold | bank |",
-                  "|---|---|---|---|---|---|---|"]
+                  "| machine | AUC_source | AUC_target | pAUC | h-mean | threshold | detector | bank |",
+                  "|---|---|---|---|---|---|---|---|"]
         for name, v in m["machines"].items():
             r = report.results[name]
             lines.append(f"| {name} | {v['auc_source']:.4f} | {v['auc_target']:.4f} | {v['pauc']:.4f} | "
-                         f"{v['hmean']:.4f} | {r.threshold:.3f} | {r.bank_size} |")
+                         f"{v['hmean']:.4f} | {r.threshold:.3f} | {r.detector} | {r.bank_size} |")
         lines += ["", f"Mean AUC {m['mean_auc']:.4f}, mean pAUC {m['mean_pauc']:.4f}."]
         if m.get("excluded_test_clips"):
             lines.append(f"{len(m['excluded_test_clips'])} rejected test clip(s) left out of the metrics.")
@@ -75,10 +72,10 @@ def write_report(report: "RunReport", out: Path, config) -> Path:
               f"{json.dumps(report.flags) if report.flags else 'none'}.", ""]
     if report.unscored:
         lines += [f"{len(report.unscored)} embedded test clip(s) not scored (`unscored.csv`): "
-                  + "; ".join(sorted({u['reason'] for u in report.unscored})), ""]
+                  + "; ".join(sorted({u.reason for u in report.unscored})), ""]
     if report.rejects:
         lines += ["| rejected clip | reason |", "|---|---|"]
-        lines += [f"| {Path(r['path']).name} | {r['reason']} |" for r in report.rejects[:50]]
+        lines += [f"| {Path(r.path).name} | {r.reason} |" for r in report.rejects[:50]]
         lines.append("")
     lines += ["## Timings (s)", "", " · ".join(f"{k} {v:.1f}" for k, v in report.timings.items()), "",
               "## Config", "", "```json", json.dumps(dataclasses.asdict(config), indent=1), "```", "",
@@ -91,7 +88,7 @@ def write_report(report: "RunReport", out: Path, config) -> Path:
     return path
 
 
-def write_comparison(reports: dict[str, "RunReport"], out: Path) -> Path:
+def write_comparison(reports: dict[str, RunReport], out: Path) -> Path:
     """``compare.md`` / ``compare.json``: per machine and detector AUC_s, AUC_t, pAUC, h-mean and the official
     score; ``roc_<machine>.png`` with one ROC per detector (all test clips of the machine)."""
     import matplotlib

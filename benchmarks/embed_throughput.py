@@ -20,8 +20,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
 
 def _corpus(n: int, seconds: float, where: Path) -> Path:
     from asd_ray.data.synth import generate_corpus

@@ -126,7 +126,9 @@ def main() -> None:
            "plain_clips_per_s": round(plain, 3), "ray_train_clips_per_s": round(ray_rate, 3),
            "ratio": round(ray_rate / plain, 3), "ray_steps": len(steps),
            "ray_median_step_s": round(float(np.median(step_s)), 4), "ray_median_gap_s": round(float(np.median(gaps)), 4),
-           "ray_median_wait_for_batch_s": round(float(np.median([s["wait_s"] for s in steps[2:]])), 4)}
+           "ray_median_wait_for_batch_s": round(float(np.median([s["wait_s"] for s in steps[2:]])), 4),
+           "ray_mean_step_s": round(float(step_s.mean()), 4), "ray_mean_gap_s": round(float(gaps.mean()), 4),
+           "ray_mean_wait_for_batch_s": round(float(np.mean([s["wait_s"] for s in steps[2:]])), 4)}
     print(json.dumps(out, indent=2))
     if args.json:
         args.json.write_text(json.dumps(out, indent=2))

@@ -47,3 +47,20 @@ def test_ae_refuses_a_minimum_length_shorter_than_one_vector(tiny_corpus, tmp_pa
     config = load_config(RunConfig, None, ["detector=ae-mse", "preprocess.min_seconds=0.05"])
     with pytest.raises(ConfigError, match="at least 0.128 s"):
         reference_run([tiny_corpus], config, tmp_path / "x")
+
+
+def test_compare_knows_every_detector_and_runs_the_new_ones(tiny_corpus, tmp_path, capsys):
+    from asd_ray.cli import DETECTORS, build_parser
+
+    compare = build_parser().parse_args(["compare"])
+    assert compare.detectors == list(DETECTORS)  # by default every detector, AE baseline included
+    out = tmp_path / "cmp"
+    assert main(["compare", "--local", "--data", str(tiny_corpus), "--out", str(out), "--detectors", "pooled",
+                 "local", "fusion"]) == 0
+    printed = capsys.readouterr().out
+    for name in ("pooled", "local", "fusion"):
+        assert f"| {name} |" in printed
+        assert (out / name / "banks" / "ToyCar" / "bank.json").is_file()
+    kinds = {name: json.loads((out / name / "metrics.json").read_text())["detector"]["ToyCar"]
+             for name in ("pooled", "local", "fusion")}
+    assert kinds == {"pooled": "PooledBank", "local": "LocalFeatureBank", "fusion": "FusionDetector"}

@@ -30,11 +30,11 @@ def test_reference_run_writes_official_files(tiny_corpus, tmp_path):
 
 def test_bad_clips_are_rejected_with_reasons_and_counts_reconcile(corpus_with_bad_clips, tmp_path):
     report = reference_run([corpus_with_bad_clips], RunConfig(), tmp_path)
-    reasons = {r["path"].rsplit("/", 1)[1]: r["reason"] for r in report.rejects}
+    reasons = {r.path.rsplit("/", 1)[1]: r.reason for r in report.rejects}
     assert "cannot decode" in reasons["section_00_source_train_normal_0900_spd_99_mic_1.wav"]
     assert "cannot decode" in reasons["section_00_source_test_normal_0900_spd_99_mic_1.wav"]
     assert "cannot decode" in reasons["section_00_target_test_anomaly_0901_spd_99_mic_2.wav"]
-    unused = {u["path"].rsplit("/", 1)[1]: u["reason"] for u in report.unused}
+    unused = {u.path.rsplit("/", 1)[1]: u.reason for u in report.unused}
     assert "matches no DCASE naming form" in unused["clip recorded tuesday.wav"]
     assert report.clips_in == report.clips_embedded + len(report.rejects) + len(report.unused)
     assert len(report.results["ToyCar"].filenames) == 4 * TINY["test_per_cell"]  # the good clips are scored
@@ -44,8 +44,8 @@ def test_bad_clips_are_rejected_with_reasons_and_counts_reconcile(corpus_with_ba
 
 
 def test_domain_aware_option_runs_against_seed(tiny_corpus):
-    seed = reference_run([tiny_corpus], RunConfig())
-    aware = reference_run([tiny_corpus], load_config(RunConfig, None, ["bank.strategy=domain_aware"]))
+    seed = reference_run([tiny_corpus], load_config(RunConfig, None, ["detector=knn"]))
+    aware = reference_run([tiny_corpus], load_config(RunConfig, None, ["detector=knn", "bank.strategy=domain_aware"]))
     assert seed.metrics["official_score"] != aware.metrics["official_score"]
     for m in seed.results:
         assert seed.results[m].filenames == aware.results[m].filenames
@@ -54,7 +54,7 @@ def test_domain_aware_option_runs_against_seed(tiny_corpus):
 
 def test_hubert_backbone_through_the_run(tiny_corpus, tiny_hubert, tmp_path, capsys):
     assert main(["run", "--data", str(tiny_corpus), "--backbone", str(tiny_hubert), "--out", str(tmp_path),
-                 "--machines", "valve", "--set", "bank.metric=cosine", "--set", "post.median_window=3"]) == 0
+                 "--machines", "valve", "--detector", "knn", "--set", "bank.metric=cosine", "--set", "post.median_window=3"]) == 0
     assert "official score" in capsys.readouterr().out
     assert (tmp_path / "anomaly_score_valve_section_00_test.csv").is_file()
     assert main(["run", "--data", str(tiny_corpus), "--out", str(tmp_path), "--set", "bank.k=zero"]) == 2
@@ -69,6 +69,12 @@ def test_machine_without_a_bank_is_listed_and_the_others_go_on(tiny_corpus, tmp_
     report = reference_run([root], RunConfig(), tmp_path / "out")
     assert "valve" not in report.results and {"ToyCar", "ToyPet"} <= set(report.results)
     assert len(report.unscored) == 4 * TINY["test_per_cell"]
-    assert "machine valve: 1 usable normal train clip(s)" in report.unscored[0]["reason"]
+    assert "machine valve: 1 usable normal train clip(s)" in report.unscored[0].reason
     assert "section_00_" in (tmp_path / "out/unscored.csv").read_text()
     assert report.clips_in == report.clips_embedded + len(report.rejects) + len(report.unused)
+
+
+def test_a_backbone_checkpoint_with_a_frame_detector_is_a_clear_error(tiny_corpus, tiny_hubert, tmp_path, capsys):
+    assert main(["run", "--data", str(tiny_corpus), "--backbone", str(tiny_hubert), "--out", str(tmp_path),
+                 "--detector", "fusion"]) == 2
+    assert "only the knn detector embeds with a backbone" in capsys.readouterr().err

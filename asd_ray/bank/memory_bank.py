@@ -2,7 +2,9 @@
 
 ``MemoryBank``: one machine's normal embeddings; a query's score is the mean of its k smallest
 true distances to the bank (euclidean: FAISS's squared L2 distances, square-rooted; cosine:
-1 - cosine similarity). ``DomainAwareBank``: separate source and target banks, each distance
+1 - cosine similarity). With ``density``, each distance to a member is first divided by that member's
+own radius (its mean distance to its k nearest other members): local-density-normalised k-NN, so a
+query in a sparse region of the normals is not scored anomalous for being far from a lonely member. ``DomainAwareBank``: separate source and target banks, each distance
 divided by that bank's typical leave-one-out nearest-neighbour distance; the score is the
 smaller of the two.
 Both are ``fit()`` then ``score()``; both persist as FAISS index files plus JSON metadata.
@@ -40,16 +42,24 @@ def _as_matrix(x: np.ndarray, dim: int | None, what: str) -> np.ndarray:
 class MemoryBank:
     """One machine's bank of normal embeddings with a k-NN distance score."""
 
-    def __init__(self, *, k: int = 3, metric: str = "euclidean", faiss_threads: int = 1):
+    kind = "MemoryBank"
+    features = "clip"
+
+    def __init__(self, *, k: int = 3, metric: str = "euclidean", density: bool = False, oversample_target: int = 0,
+                 seed: int = 0, faiss_threads: int = 1):
         if metric not in METRICS:
             raise BankError(f"metric {metric!r}: use one of {METRICS}")
         if k < 1:
             raise BankError(f"k must be at least 1, got {k}")
         self.k = k
         self.metric = metric
+        self.density = density
+        self.oversample_target = oversample_target
+        self.seed = seed
         self.faiss_threads = faiss_threads
         self.index: faiss.Index | None = None
         self.ids: list[str] = []
+        self._radii: np.ndarray | None = None
 
     @property
     def size(self) -> int:
@@ -65,11 +75,15 @@ class MemoryBank:
             faiss.normalize_L2(x)
         return x
 
-    def fit(self, embeddings: np.ndarray, ids: Sequence[str] | None = None) -> "MemoryBank":
-        """Replace the bank's content with ``embeddings`` (n x dim float); ``ids`` name the members."""
+    def fit(self, embeddings: np.ndarray, ids: Sequence[str] | None = None, *,
+            domains: Sequence[str] | None = None) -> "MemoryBank":
+        """Replace the bank's content with ``embeddings`` (n x dim float); ``ids`` name the members; with
+        ``domains`` and ``oversample_target``, the target members are SMOTE-oversampled to that many."""
         x = _as_matrix(embeddings, None, "fit")
         if len(x) == 0:
             raise BankError("fit: no embeddings")
+        if domains is not None:
+            x, ids, _ = oversampled(x, ids, domains, self.oversample_target, self.seed)
         self.index = faiss.IndexFlatIP(x.shape[1]) if self.metric == "cosine" else faiss.IndexFlatL2(x.shape[1])
         self.ids = []
         return self.add(x, ids)
@@ -84,6 +98,7 @@ class MemoryBank:
             raise BankError(f"add: {len(x)} embeddings but {len(ids)} ids")
         self.index.add(self._prepare(x))
         self.ids.extend(ids)
+        self._radii = None  # density radii change with the members
         return self
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -101,9 +116,23 @@ class MemoryBank:
         return dist, idx
 
     def score(self, queries: np.ndarray, k: int | None = None) -> np.ndarray:
-        """Anomaly scores (m,) float64: mean of the k smallest distances of each query to the bank."""
-        dist, _ = self.search(queries, k or self.k)
-        return dist.astype(np.float64).mean(axis=1)
+        """Anomaly scores (m,) float64: mean of the k smallest distances of each query to the bank
+        (with ``density``: of the k smallest distance / member radius ratios, over every member)."""
+        k = k or self.k
+        if not self.density:
+            dist, _ = self.search(queries, k)
+            return dist.astype(np.float64).mean(axis=1)
+        dist, idx = self.search(queries, self.size)
+        return np.sort(dist / self.radii()[idx], axis=1)[:, :k].astype(np.float64).mean(axis=1)
+
+    def radii(self) -> np.ndarray:
+        """(size,) each member's mean distance to its k nearest other members (zero radii: the smallest positive)."""
+        if self._radii is None:
+            dist, _ = self._loo_hits(min(self.k, self.size - 1))
+            r = dist.astype(np.float64).mean(axis=1)
+            positive = r[r > 0]
+            self._radii = np.where(r > 0, r, positive.min() if positive.size else 1.0)
+        return self._radii
 
     def members(self) -> np.ndarray:
         """The stored vectors (size x dim float32; unit length for cosine banks)."""
@@ -111,9 +140,8 @@ class MemoryBank:
             raise BankError("the bank is empty: fit() it with normal embeddings first")
         return self.index.reconstruct_n(0, self.size)
 
-    def loo_scores(self, k: int | None = None) -> np.ndarray:
-        """Each member's score against the other members (leave-one-out), for thresholds and calibration."""
-        k = k or self.k
+    def _loo_hits(self, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(size x k distances, size x k indices) of each member's k nearest other members."""
         if self.size < 2:
             raise BankError(f"leave-one-out needs at least 2 members, the bank has {self.size}")
         members = self.members()  # cosine members are stored normalised already
@@ -121,22 +149,37 @@ class MemoryBank:
         own = idx == np.arange(self.size)[:, None]
         # A member that is not among its own hits (exact duplicates) drops its first hit instead.
         drop = np.where(own.any(axis=1, keepdims=True), own, np.arange(dist.shape[1])[None, :] == 0)
-        kept = dist[~drop].reshape(self.size, dist.shape[1] - 1)
-        return kept.astype(np.float64).mean(axis=1)
+        shape = (self.size, dist.shape[1] - 1)
+        return dist[~drop].reshape(shape), idx[~drop].reshape(shape)
+
+    def loo_scores(self, k: int | None = None) -> np.ndarray:
+        """Each member's score against the other members (leave-one-out), for thresholds and calibration."""
+        k = k or self.k
+        if not self.density:
+            dist, _ = self._loo_hits(k)
+            return dist.astype(np.float64).mean(axis=1)
+        dist, idx = self._loo_hits(self.size - 1)
+        return np.sort(dist / self.radii()[idx], axis=1)[:, :k].astype(np.float64).mean(axis=1)
+
+    def loo_ids(self) -> list[str]:
+        """The members ``loo_scores`` are given for, in its order."""
+        return list(self.ids)
 
     def save(self, directory: str | Path) -> Path:
         """Write ``index.faiss`` and ``bank.json`` (no pickle) into ``directory``."""
         if self.index is None:
             raise BankError("save: the bank is empty")
-        d = _write_meta(directory, "MemoryBank", k=self.k, metric=self.metric, dim=self.dim, ids=self.ids)
+        d = _write_meta(directory, "MemoryBank", k=self.k, metric=self.metric, density=self.density,
+                        oversample_target=self.oversample_target, seed=self.seed, dim=self.dim, ids=self.ids)
         faiss.write_index(self.index, str(d / "index.faiss"))
         return d
 
     @classmethod
-    def load(cls, directory: str | Path, *, faiss_threads: int = 1) -> "MemoryBank":
+    def load(cls, directory: str | Path, *, faiss_threads: int = 1, **_ignored) -> "MemoryBank":
         d = Path(directory)
         meta = _read_meta(d, "MemoryBank")
-        bank = cls(k=meta["k"], metric=meta["metric"], faiss_threads=faiss_threads)
+        bank = cls(k=meta["k"], metric=meta["metric"], density=meta.get("density", False),
+                   oversample_target=meta.get("oversample_target", 0), seed=meta.get("seed", 0), faiss_threads=faiss_threads)
         try:
             bank.index = faiss.read_index(str(d / "index.faiss"))
         except RuntimeError as err:
@@ -167,9 +210,16 @@ def _read_meta(d: Path, kind: str) -> dict:
 class DomainAwareBank:
     """Source and target banks; distances scaled by each bank's typical leave-one-out NN distance; min of the two."""
 
-    def __init__(self, *, k: int = 3, metric: str = "euclidean", faiss_threads: int = 1):
+    kind = "DomainAwareBank"
+    features = "clip"
+
+    def __init__(self, *, k: int = 3, metric: str = "euclidean", density: bool = False, oversample_target: int = 0,
+                 seed: int = 0, faiss_threads: int = 1):
         self.k = k
         self.metric = metric
+        self.density = density
+        self.oversample_target = oversample_target
+        self.seed = seed
         self.faiss_threads = faiss_threads
         self.banks: dict[str, MemoryBank] = {}
         self.scales: dict[str, float] = {}
@@ -184,8 +234,11 @@ class DomainAwareBank:
 
     def fit(self, embeddings: np.ndarray, ids: Sequence[str] | None = None, *, domains: Sequence[str]
             ) -> "DomainAwareBank":
-        """``domains`` gives each member's domain ("source" / "target")."""
+        """``domains`` gives each member's domain ("source" / "target"); with ``oversample_target`` the
+        target members are first SMOTE-oversampled to that many."""
         x = _as_matrix(embeddings, None, "fit")
+        if len(domains) == len(x):
+            x, ids, domains = oversampled(x, ids, domains, self.oversample_target, self.seed)
         domains = np.asarray(domains)
         ids = np.asarray([str(i) for i in ids] if ids is not None else [str(i) for i in range(len(x))])
         if len(domains) != len(x) or len(ids) != len(x):
@@ -194,7 +247,8 @@ class DomainAwareBank:
         for domain in ("source", "target"):
             sel = domains == domain
             if sel.sum() >= 2:
-                bank = MemoryBank(k=self.k, metric=self.metric, faiss_threads=self.faiss_threads)
+                bank = MemoryBank(k=self.k, metric=self.metric, density=self.density, seed=self.seed,
+                                  faiss_threads=self.faiss_threads)
                 bank.fit(x[sel], ids[sel].tolist())
                 self.banks[domain] = bank
                 self.scales[domain] = self._scale(bank)
@@ -239,39 +293,68 @@ class DomainAwareBank:
             out.append(np.min(np.stack([own, *others]), axis=0))
         return np.concatenate(out)
 
+    def loo_ids(self) -> list[str]:
+        """The members ``loo_scores`` are given for, in its order (domain by domain)."""
+        return [i for b in self.banks.values() for i in b.ids]
+
     def save(self, directory: str | Path) -> Path:
-        d = _write_meta(directory, "DomainAwareBank", k=self.k, metric=self.metric, scales=self.scales)
+        d = _write_meta(directory, "DomainAwareBank", k=self.k, metric=self.metric, density=self.density,
+                        oversample_target=self.oversample_target, seed=self.seed, scales=self.scales)
         for domain, bank in self.banks.items():
             bank.save(d / domain)
         return d
 
     @classmethod
-    def load(cls, directory: str | Path, *, faiss_threads: int = 1) -> "DomainAwareBank":
+    def load(cls, directory: str | Path, *, faiss_threads: int = 1, **_ignored) -> "DomainAwareBank":
         d = Path(directory)
         meta = _read_meta(d, "DomainAwareBank")
-        bank = cls(k=meta["k"], metric=meta["metric"], faiss_threads=faiss_threads)
+        bank = cls(k=meta["k"], metric=meta["metric"], density=meta.get("density", False),
+                   oversample_target=meta.get("oversample_target", 0), seed=meta.get("seed", 0), faiss_threads=faiss_threads)
         bank.scales = {k: float(v) for k, v in meta["scales"].items()}
         bank.banks = {dom: MemoryBank.load(d / dom, faiss_threads=faiss_threads) for dom in bank.scales}
         return bank
 
 
+def smote(x: np.ndarray, total: int, *, neighbours: int = 5, seed: int = 0) -> np.ndarray:
+    """SMOTE oversampling: ``x`` (n x dim) plus ``total - n`` new rows, each a + u (b - a) for a random row a,
+    one of its ``neighbours`` nearest other rows b and u ~ U[0, 1); ``x`` itself when n >= total or n < 2."""
+    x = np.asarray(x, dtype=np.float32)
+    n = len(x)
+    if n >= total or n < 2:
+        return x
+    rng = np.random.default_rng(seed)
+    d2 = ((x[:, None, :] - x[None, :, :]) ** 2).sum(-1)
+    np.fill_diagonal(d2, np.inf)
+    near = np.argsort(d2, axis=1)[:, :min(neighbours, n - 1)]
+    a = rng.integers(n, size=total - n)
+    b = near[a, rng.integers(near.shape[1], size=total - n)]
+    u = rng.random((total - n, 1)).astype(np.float32)
+    return np.concatenate([x, x[a] + u * (x[b] - x[a])])
+
+
+def oversampled(x: np.ndarray, ids: Sequence[str] | None, domains: Sequence[str], total: int, seed: int = 0
+                ) -> tuple[np.ndarray, list[str], list[str]]:
+    """(x, ids, domains) with the target rows SMOTE-oversampled to ``total`` (new ids ``smote-<i>``)."""
+    ids = [str(i) for i in ids] if ids is not None else [str(i) for i in range(len(x))]
+    domains = [str(d) for d in domains]
+    target = np.asarray(domains) == "target"
+    if total > target.sum() >= 2:
+        extra = smote(x[target], total, seed=seed)[target.sum():]
+        x = np.concatenate([x, extra])
+        ids += [f"smote-{i}" for i in range(len(extra))]
+        domains += ["target"] * len(extra)
+    return x, ids, domains
+
+
+STRATEGIES = {"seed": MemoryBank, "domain_aware": DomainAwareBank}
+
+
 def build_bank(embeddings: np.ndarray, ids: Sequence[str], domains: Sequence[str], *, strategy: str = "seed",
-               k: int = 3, metric: str = "euclidean", faiss_threads: int = 1) -> MemoryBank | DomainAwareBank:
-    """The bank a strategy asks for: ``seed`` (one bank of all normals) or ``domain_aware``."""
-    if strategy == "seed":
-        return MemoryBank(k=k, metric=metric, faiss_threads=faiss_threads).fit(embeddings, ids)
-    if strategy == "domain_aware":
-        return DomainAwareBank(k=k, metric=metric, faiss_threads=faiss_threads).fit(embeddings, ids, domains=domains)
-    raise BankError(f"unknown bank strategy {strategy!r}: use 'seed' or 'domain_aware'")
-
-
-def load_bank(directory: str | Path, *, faiss_threads: int = 1) -> MemoryBank | DomainAwareBank:
-    """Load whichever bank kind was saved in ``directory``."""
-    p = Path(directory) / "bank.json"
-    if not p.is_file():
-        raise BankError(f"no saved bank in {directory} (bank.json missing)")
-    kind = json.loads(p.read_text()).get("kind")
-    cls = {"MemoryBank": MemoryBank, "DomainAwareBank": DomainAwareBank}.get(kind)
-    if cls is None:
-        raise BankError(f"{p}: unknown bank kind {kind!r}")
-    return cls.load(directory, faiss_threads=faiss_threads)
+               k: int = 3, metric: str = "euclidean", density: bool = False, oversample_target: int = 0,
+               faiss_threads: int = 1, seed: int = 0) -> "MemoryBank | DomainAwareBank":
+    """The fitted bank a strategy asks for: ``seed`` (one bank of all normals) or ``domain_aware``; keywords
+    are ``BankConfig``'s."""
+    if strategy not in STRATEGIES:
+        raise BankError(f"unknown bank strategy {strategy!r}: use 'seed' or 'domain_aware'")
+    return STRATEGIES[strategy](k=k, metric=metric, density=density, oversample_target=oversample_target, seed=seed,
+                                faiss_threads=faiss_threads).fit(embeddings, ids, domains=domains)

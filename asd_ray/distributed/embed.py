@@ -221,8 +221,6 @@ def embed_corpus(records: Sequence[ClipRecord], *, embed: EmbedConfig, preproces
     CPUs so that read tasks keep running) embed whole padded batches; the result lands as
     Parquet under ``cache_dir/<content key>`` and is reused by the next call with the same key.
     """
-    import ray
-
     key = cache_key(records, embed, preprocess)
     out = Path(cache_dir).expanduser().resolve() / key
     done = out / "_COMPLETE"

@@ -1,15 +1,16 @@
 """Bank actors and the fleet router: k-NN scoring for many machine streams (SPEC §4, §8).
 
 One named actor per machine type (``bank:<machine>`` in one namespace; replicas ``bank:<machine>#i``)
-wraps a saved ``MemoryBank`` and nothing more. Ray restarts a dead one (``max_restarts``), which
+wraps whatever detector was saved there (``load_detector``: a clip k-NN bank, a local-feature bank, an
+AE ...) and nothing more. Ray restarts a dead one (``max_restarts``), which
 reloads its bank from storage, and retries the calls that were in flight (``max_task_retries``), so
 no request is lost. ``add()`` persists before it returns, so a restarted actor serves what it had.
 
-The ``Router`` lives in the caller's event loop. Requests ``(machine, stream_id, embedding or clip)``
+The ``Router`` lives in the caller's event loop. Requests ``(machine, stream_id, features or clip)``
 queue per machine; a batch leaves when a bank actor has a free slot (after ``max_wait_ms`` at most)
 or when ``max_batch`` requests wait, so that under load one actor call carries many requests
 (one call per request cannot go beyond about 2k requests/s here). Clips are embedded first through
-a pool of embedding actors. Raw scores come back per stream in request order and go through that
+a pool of embedding actors (clip embeddings, or log-mel frame matrices for detectors that eat frames). Raw scores come back per stream in request order and go through that
 stream's ``StreamPostprocessor`` (causal median, the bank's calibration range and threshold).
 """
 
@@ -20,7 +21,6 @@ import dataclasses
 import gc
 import os
 import shutil
-import time
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,8 +28,9 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
-from asd_ray.bank.memory_bank import DomainAwareBank, load_bank
-from asd_ray.config import EmbedConfig, FleetConfig, PostConfig, PreprocessConfig
+from asd_ray.bank.memory_bank import BankError, DomainAwareBank, MemoryBank
+from asd_ray.config import EmbedConfig, FleetConfig, FramesConfig, PostConfig, PreprocessConfig
+from asd_ray.detectors import load_detector
 from asd_ray.scoring.postprocess import Calibration, StreamPostprocessor, calibrate
 
 
@@ -38,25 +39,28 @@ def actor_name(machine: str, replica: int = 0) -> str:
 
 
 class BankActor:
-    """One machine's saved bank as a Ray actor; ``__init__`` (also after a restart) loads it from ``bank_dir``."""
+    """One machine's saved detector as a Ray actor; ``__init__`` (also after a restart) loads it from ``bank_dir``."""
 
     def __init__(self, machine: str, bank_dir: str, faiss_threads: int = 1, persist: bool = True):
         self.machine = machine
         self.bank_dir = Path(bank_dir)
         self.persist = persist  # one replica writes the shared bank_dir; the others only apply the same add
-        self.bank = load_bank(self.bank_dir, faiss_threads=faiss_threads)
+        self.bank = load_detector(self.bank_dir, faiss_threads=faiss_threads)
         self.pid = os.getpid()
 
-    def score(self, embeddings: np.ndarray) -> np.ndarray:
-        """(m x dim) float32 -> (m,) raw k-NN scores, exactly ``MemoryBank.score``."""
-        return self.bank.score(embeddings)
+    def score(self, features: np.ndarray | list[np.ndarray]) -> np.ndarray:
+        """(m x dim) float32 clip embeddings, or m (T x n_mels) log-mel matrices -> (m,) raw scores, exactly
+        the saved detector's ``score``."""
+        return self.bank.score(features)
 
     def loo_scores(self) -> np.ndarray:
         return self.bank.loo_scores()
 
     def add(self, embeddings: np.ndarray, ids: Sequence[str], domain: str = "target") -> dict:
         """Append normals (first-shot calibration) and persist; ids already in the bank are skipped,
-        so a call retried after a restart does not add twice."""
+        so a call retried after a restart does not add twice. Only clip k-NN banks take added normals."""
+        if not isinstance(self.bank, (MemoryBank, DomainAwareBank)):
+            raise BankError(f"a {self.bank.kind} takes no added normals: refit it with asd-ray run")
         members = self.bank.banks.get(domain) if isinstance(self.bank, DomainAwareBank) else self.bank
         have = set(members.ids) if members is not None else set()
         keep = [i for i, name in enumerate(ids) if str(name) not in have]
@@ -80,9 +84,9 @@ class BankActor:
         shutil.rmtree(old, ignore_errors=True)
 
     def stats(self) -> dict:
-        return {"machine": self.machine, "kind": type(self.bank).__name__, "size": self.bank.size,
-                "dim": self.bank.dim, "k": self.bank.k, "metric": self.bank.metric, "pid": self.pid,
-                "bank_dir": str(self.bank_dir)}
+        return {"machine": self.machine, "kind": self.bank.kind, "features": self.bank.features,
+                "size": self.bank.size, "dim": self.bank.dim, "k": getattr(self.bank, "k", None),
+                "metric": getattr(self.bank, "metric", None), "pid": self.pid, "bank_dir": str(self.bank_dir)}
 
 
 def start_banks(bank_root: str | Path, *, machines: Iterable[str] | None = None, replicas: int = 1,
@@ -131,6 +135,33 @@ class ClipEmbedder:
 
         out = self.embedder(preprocess_batch({"path": np.array(paths, dtype=object)}, **self.preprocess))
         return out["embedding"], [str(e) for e in out["error"]]
+
+
+class FrameEmbedder:
+    """An embedding actor for detectors that eat frames: clip paths -> pre-processed log-mel matrices."""
+
+    def __init__(self, frames: dict, preprocess: dict):
+        from asd_ray.models.frames import LogMelFrames
+
+        self.extractor = LogMelFrames(sample_rate=preprocess["sample_rate"], **frames)
+        self.preprocess = preprocess
+
+    def embed(self, paths: Sequence[str]) -> tuple[list[np.ndarray], list[str]]:
+        """-> (n (T x n_mels) float32 matrices, n reasons: "" where the clip was usable)."""
+        from asd_ray.distributed.embed import batch_waveforms, preprocess_batch
+
+        out = preprocess_batch({"path": np.array(paths, dtype=object)}, **self.preprocess)
+        mats = [self.extractor.embed([w])[0] if not e else np.zeros((0, 0), np.float32)
+                for w, e in zip(batch_waveforms(out), out["error"])]
+        return mats, [str(e) for e in out["error"]]
+
+
+def start_frame_embedders(frames: FramesConfig, preprocess: PreprocessConfig, *, num_actors: int = 1,
+                          actor_cpus: float = 0.5) -> list:
+    import ray
+
+    return [ray.remote(FrameEmbedder).options(max_restarts=-1, max_task_retries=-1, num_cpus=actor_cpus)
+            .remote(dataclasses.asdict(frames), dataclasses.asdict(preprocess)) for _ in range(num_actors)]
 
 
 def start_embedders(embed: EmbedConfig, preprocess: PreprocessConfig, *, num_actors: int = 1,
@@ -234,6 +265,7 @@ class Router:
         self.banks, self.post, self.fleet, self.embedders = banks, post, fleet, embedders
         stats = ray.get([actors[0].stats.remote() for actors in banks.values()])
         self.dims = {m: s["dim"] for m, s in zip(banks, stats)}
+        self.frames = {m: s["features"] == "frames" for m, s in zip(banks, stats)}  # queries are T x dim matrices
         self.calibrations: dict[str, Calibration] = {}
         for machine in banks:
             self.refresh_calibration(machine)
@@ -284,19 +316,26 @@ class Router:
         return list(await asyncio.gather(*[self.submit(r) for r in requests]))
 
     def _to_bank(self, pending: _Pending, embedding: np.ndarray) -> None:
-        e = np.asarray(embedding, dtype=np.float32).reshape(-1)
-        dim = self.dims[pending.request.machine]
-        if e.shape[0] != dim or not np.isfinite(e).all():
-            self._finish(pending, None, f"embedding of size {e.shape[0]} (finite: {bool(np.isfinite(e).all())}); "
-                                        f"the {pending.request.machine} bank takes finite vectors of size {dim}")
+        machine = pending.request.machine
+        e = np.asarray(embedding, dtype=np.float32)
+        dim, frames = self.dims[machine], self.frames[machine]
+        e = e if frames else e.reshape(-1)
+        ok = (e.ndim == 2 and e.shape[1] == dim and len(e) > 0) if frames else e.shape[0] == dim
+        if not ok or not np.isfinite(e).all():
+            finite = bool(np.isfinite(e).all())
+            self._finish(pending, None, f"features of shape {e.shape} (finite: {finite}); the {machine} bank takes "
+                                        f"finite (frames x {dim}) matrices" if frames else
+                                        f"embedding of size {e.shape[0]} (finite: {finite}); the {machine} bank "
+                                        f"takes finite vectors of size {dim}")
             return
-        self._lane(pending.request.machine).put((pending, e))
+        self._lane(machine).put((pending, e))
 
     def _lane(self, machine: str) -> _Lane:
         if machine not in self.lanes:
             f = self.fleet
+            pack = list if self.frames[machine] else np.stack  # matrices of clips differ in length
             self.lanes[machine] = _Lane(self.banks[machine], lambda actor, items: actor.score.remote(
-                np.stack([e for _, e in items])), self._scored, max_batch=f.max_batch,
+                pack([e for _, e in items])), self._scored, max_batch=f.max_batch,
                 max_wait=f.max_wait_ms / 1000, max_in_flight=f.max_in_flight)
         return self.lanes[machine]
 

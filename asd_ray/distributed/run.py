@@ -1,12 +1,12 @@
 """The main job on Ray: the reference run's flow with the Ray Data embedding pipeline as its embedder.
 
-With the AE baseline as detector, Ray Data computes the log-mel matrices and each machine's AE trains
-in its own Ray task (a GPU each when there is one).
+With a detector that eats log-mel frames (the local-feature bank, pooled k-NN, the AE baseline), Ray Data
+computes the log-mel matrices and each machine's detector is fitted in its own Ray task (an AE on a GPU
+each when there is one).
 """
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
@@ -14,9 +14,12 @@ import numpy as np
 
 from asd_ray.config import RunConfig
 from asd_ray.data.layout import ClipRecord
-from asd_ray.detect import Embedder, MachineMap, RunReport, ae_feature_kwargs, run_detection
-from asd_ray.distributed.embed import EmbeddingTable, batch_waveforms, embed_corpus, object_array, preprocessed
+from asd_ray.detect import Embedder, MachineMap, features_key, frame_feature_kwargs, run_detection, shared
+from asd_ray.detectors import detector_features
+from asd_ray.distributed.embed import (EmbeddingTable, batch_waveforms, embed_corpus, object_array, preprocessed,
+                                       task_memory)
 from asd_ray.distributed.session import ensure_ray, gpu_wanted
+from asd_ray.results import Reject, RunReport
 
 
 def embed_table(records, config: RunConfig) -> EmbeddingTable:
@@ -31,16 +34,16 @@ def embed_table(records, config: RunConfig) -> EmbeddingTable:
 def ray_embedder(config: RunConfig) -> Embedder:
     def embedder(records):
         table = embed_table(records, config)
-        return table.embeddings, table.records, table.rejects, table.flags
+        return table.embeddings, table.records, [Reject.of(r) for r in table.rejects], table.flags
 
     return embedder
 
 
-def ae_features_batch(batch: dict[str, np.ndarray], **features: object) -> dict[str, np.ndarray]:
+def frames_batch(batch: dict[str, np.ndarray], **features: object) -> dict[str, np.ndarray]:
     """Ray Data map after ``preprocess_batch``: waveforms -> flattened log-mel matrices and their frame counts."""
-    from asd_ray.models.autoencoder import AEFeatures
+    from asd_ray.models.frames import LogMelFrames
 
-    extractor = AEFeatures(**features)
+    extractor = LogMelFrames(**features)
     mats = [extractor.embed([w])[0] if not e else np.zeros((0, 0), np.float32)
             for w, e in zip(batch_waveforms(batch), batch["error"])]
     out = {k: v for k, v in batch.items() if k not in ("samples", "length")}
@@ -49,23 +52,24 @@ def ae_features_batch(batch: dict[str, np.ndarray], **features: object) -> dict[
     return out
 
 
-def ray_ae_embedder(config: RunConfig) -> Embedder:
-    """Ray Data pre-processing + log-mel matrices of every clip (held in memory, no cache: a run's AEs need them all)."""
-    import ray
-
-    kwargs = ae_feature_kwargs(config)
+def ray_frames_embedder(config: RunConfig) -> Embedder:
+    """Ray Data pre-processing + log-mel matrices of every clip (held in memory, no cache: a run's detectors
+    need them all)."""
+    kwargs = frame_feature_kwargs(config)
 
     def embedder(records: Sequence[ClipRecord]):
         by_path = {r.path: r for r in records}
+        # the same memory as the pre-processing stage: both are tasks, fused into one (no waveforms move between them)
         rows = preprocessed([{"path": r.path} for r in records], config.preprocess, batch_size=16, num_cpus=0.5
-                            ).map_batches(ae_features_batch, fn_kwargs=kwargs, batch_size=16, num_cpus=0.5).take_all()
+                            ).map_batches(frames_batch, fn_kwargs=kwargs, batch_size=16, num_cpus=0.5,
+                                          memory=task_memory(16, config.preprocess)).take_all()
         feats, kept, rejects, flags = [], [], [], []
         for row in sorted(rows, key=lambda r: r["path"]):
             rec = by_path[row["path"]]
             if row["error"]:
-                rejects.append({"path": rec.path, "machine": rec.machine, "reason": row["error"]})
+                rejects.append(Reject(rec.path, rec.machine, row["error"]))
                 continue
-            feats.append(np.asarray(row["logmel"], dtype=np.float32).reshape(int(row["frames"]), config.ae.n_mels))
+            feats.append(np.asarray(row["logmel"], dtype=np.float32).reshape(int(row["frames"]), config.frames.n_mels))
             kept.append(rec)
             flags.append([f for f in row["flags"].split(";") if f])
         return feats, kept, rejects, flags
@@ -88,15 +92,24 @@ def ray_task_map(num_cpus: float, num_gpus: float = 0) -> MachineMap:
     return machine_map
 
 
-def ray_run(roots: Sequence[str | Path], config: RunConfig, out_dir: str | Path | None = None,
-            machines: Iterable[str] | None = None) -> RunReport:
-    """Embed the corpus with Ray Data (cached Parquet), then build banks, score, decide, evaluate, write.
+def embedder_for(config: RunConfig) -> Embedder:
+    """The Ray embedder of the features ``config.detector`` eats."""
+    return ray_embedder(config) if detector_features(config) == "clip" else ray_frames_embedder(config)
 
-    Joins the Ray at ``RAY_ADDRESS`` or the running session, else starts a local one.
+
+def ray_run(roots: Sequence[str | Path], config: RunConfig, out_dir: str | Path | None = None,
+            machines: Iterable[str] | None = None, feature_cache: dict | None = None) -> RunReport:
+    """Embed the corpus with Ray Data (clip embeddings: cached Parquet), then fit, score, decide, evaluate, write.
+
+    Joins the Ray at ``RAY_ADDRESS`` or the running session, else starts a local one. Clip-embedding
+    detectors are fitted in the driver (light); frame detectors in one Ray task per machine. With
+    ``feature_cache`` (a dict kept by the caller), runs of several detectors share their features.
     """
     ensure_ray(num_cpus=config.ray.num_cpus or None)
-    if config.detector == "knn":
-        return run_detection(roots, config, ray_embedder(config), out_dir, machines)
-    gpu = gpu_wanted(config.ray.use_gpu)
-    return run_detection(roots, config, ray_ae_embedder(config), out_dir, machines,
-                         machine_map=ray_task_map(config.ae.task_cpus, 1 if gpu else 0), device="cuda" if gpu else "cpu")
+    embedder = shared(embedder_for(config), feature_cache, features_key(config))
+    if detector_features(config) == "clip":
+        return run_detection(roots, config, embedder, out_dir, machines)
+    gpu = gpu_wanted(config.ray.use_gpu) and (config.detector.startswith("ae-") or config.detector == "fusion")
+    return run_detection(roots, config, embedder, out_dir, machines,
+                         machine_map=ray_task_map(config.ray.detector_cpus, 1 if gpu else 0),
+                         device="cuda" if gpu else "cpu")

@@ -13,10 +13,13 @@ from typing import Sequence
 
 import numpy as np
 
-from asd_ray.bank.memory_bank import load_bank
+from asd_ray.bank.memory_bank import BankError
 from asd_ray.config import RunConfig
 from asd_ray.data.layout import discover
-from asd_ray.distributed.fleet import FleetStats, Request, Result, Router, start_banks, start_embedders
+from asd_ray.detectors import load_detector
+from asd_ray.distributed.fleet import (FleetStats, Request, Result, Router, start_banks, start_embedders,
+                                       start_frame_embedders)
+from asd_ray.results import Reject
 from asd_ray.distributed.session import ensure_ray, gpu_wanted
 from asd_ray.scoring.files import write_results
 
@@ -24,7 +27,7 @@ AUDIO_SUFFIXES = (".wav", ".flac")
 
 
 def stream_requests(roots: Sequence[str | Path] = (), clips: str | Path | None = None,
-                    machine: str | None = None) -> tuple[list[Request], list[dict]]:
+                    machine: str | None = None) -> tuple[list[Request], list[Reject]]:
     """Requests in stream order, and clips that cannot be requests (with the reason).
 
     ``roots``: DCASE roots; each machine's test clips form one stream (``<machine>_section_<ss>``) in
@@ -35,7 +38,7 @@ def stream_requests(roots: Sequence[str | Path] = (), clips: str | Path | None =
     if roots:
         for r in sorted((r for r in discover(roots) if r.split == "test"), key=lambda r: (r.machine, r.filename)):
             if r.parse_error:
-                skipped.append({"path": r.path, "reason": r.parse_error})
+                skipped.append(Reject(r.path, r.machine, r.parse_error))
             else:
                 requests.append(Request(r.machine, f"{r.machine}_section_{r.section}", path=r.path))
     if clips is not None:
@@ -48,11 +51,11 @@ def stream_requests(roots: Sequence[str | Path] = (), clips: str | Path | None =
             if f.suffix.lower() in AUDIO_SUFFIXES:
                 requests.append(Request(machine, folder.name, path=str(f)))
             else:
-                skipped.append({"path": str(f), "reason": f"not an audio file ({f.suffix or 'no suffix'})"})
+                skipped.append(Reject(str(f), machine, f"not an audio file ({f.suffix or 'no suffix'})"))
     return requests, skipped
 
 
-def write_stream_results(out_dir: str | Path, results: Sequence[Result], skipped: Sequence[dict] = ()) -> Path:
+def write_stream_results(out_dir: str | Path, results: Sequence[Result], skipped: Sequence[Reject] = ()) -> Path:
     """``streams.csv`` (one row per scored clip, stream order) and ``rejects.csv`` (clips without a score).
 
     Streams of DCASE test folders also get the official CSV pair, so ``asd-ray evaluate`` reads them.
@@ -68,7 +71,7 @@ def write_stream_results(out_dir: str | Path, results: Sequence[Result], skipped
     with (out / "rejects.csv").open("w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["path", "reason"])
-        w.writerows([(s["path"], s["reason"]) for s in skipped])
+        w.writerows([(s.path, s.reason) for s in skipped])
         w.writerows([(r.path or f"{r.machine}/{r.stream_id}", r.error) for r in results if r.error])
     by_stream: dict[str, list[Result]] = {}
     for r in results:
@@ -81,12 +84,25 @@ def write_stream_results(out_dir: str | Path, results: Sequence[Result], skipped
     return out
 
 
+def ray_get_stats(actor) -> dict:
+    import ray
+
+    return ray.get(actor.stats.remote())
+
+
 def _router(bank_root: str | Path, config: RunConfig, machines=None, with_embedders: bool = False) -> Router:
     ensure_ray(num_cpus=config.ray.num_cpus or None)
     banks = start_banks(bank_root, machines=machines, replicas=config.fleet.replicas,
                         namespace=config.fleet.namespace, faiss_threads=config.bank.faiss_threads)
     embedders = None
-    if with_embedders:
+    kinds = {m: ray_get_stats(actors[0]) for m, actors in banks.items()}
+    frames = {s["features"] == "frames" for s in kinds.values()}
+    if with_embedders and len(frames) > 1:
+        raise BankError(f"{bank_root}: banks of clip and frame detectors mixed ({kinds}); serve one kind at a time")
+    if with_embedders and frames == {True}:
+        embedders = start_frame_embedders(config.frames, config.preprocess, num_actors=config.ray.embed_actors,
+                                          actor_cpus=config.ray.actor_cpus)
+    elif with_embedders:
         embedders = start_embedders(config.embed, config.preprocess, num_actors=config.ray.embed_actors,
                                     actor_cpus=config.ray.actor_cpus,
                                     use_gpu=gpu_wanted(config.ray.use_gpu, config.embed.device))
@@ -116,7 +132,10 @@ def simulate(bank_root: str | Path, config: RunConfig, out_dir: str | Path | Non
     router = _router(bank_root, config)
     pools = {}
     for machine in router.banks:
-        members = load_bank(Path(bank_root) / machine).members()
+        bank = load_detector(Path(bank_root) / machine)
+        if not hasattr(bank, "members") or bank.features != "clip":
+            raise BankError(f"simulate draws queries from clip-bank members; {machine} holds a {bank.kind}")
+        members = bank.members()
         pools[machine] = (members + 0.05 * members.std() * rng.standard_normal(members.shape)).astype(np.float32)
     stats, results = asyncio.run(simulate_fleet(router, pools, streams=streams, rate_hz=rate_hz,
                                                 seconds=seconds, seed=seed))

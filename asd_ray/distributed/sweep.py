@@ -15,7 +15,6 @@ then scores with the resulting checkpoint as backbone.
 from __future__ import annotations
 
 import csv
-import dataclasses
 import itertools
 import json
 import time
@@ -28,7 +27,7 @@ import yaml
 from asd_ray.config import ConfigError, RunConfig, from_dict, save_config, to_dict, with_overrides
 from asd_ray.data.layout import discover
 from asd_ray.detect import plan_records, run_detection
-from asd_ray.distributed.run import embed_table, ray_embedder
+from asd_ray.distributed.run import embed_table, embedder_for
 from asd_ray.distributed.session import ensure_ray
 
 EMBEDDING_SECTIONS = ("embed.", "preprocess.")
@@ -124,7 +123,7 @@ def trial(params: dict, *, roots: Sequence[str], base: dict, machines: list[str]
         result = finetune(roots, config, machines)
         config = with_overrides(config, {"embed.backbone": str(result.checkpoint)})
         extra = {"checkpoint": str(result.checkpoint), "final_loss": result.steps[-1]["loss"] if result.steps else None}
-    report = run_detection(roots, config, ray_embedder(config), None, machines)
+    report = run_detection(roots, config, embedder_for(config), None, machines)
     return {**_metrics_row(report.metrics), **extra, "config_json": json.dumps(to_dict(config))}
 
 

@@ -1,7 +1,7 @@
-"""The official DCASE autoencoder baseline (SPEC §7): features, the dense AE, MSE and Mahalanobis scores. No ray.
+"""The official DCASE autoencoder baseline (SPEC §7): the dense AE, MSE and Mahalanobis scores. No ray.
 
-Features: 128 log-mel bands (n_fft 1024, hop 512, power 2, 10 log10), 5 consecutive frames stacked
-into 640-d vectors. One AE per machine on its normal train clips (source and target). Scores of a clip:
+Features (``models/frames.py``): 128 log-mel bands (n_fft 1024, hop 512, power 2, 10 log10), 5 consecutive
+frames stacked into 640-d vectors. One AE per machine on its normal train clips (source and target). Scores of a clip:
 ``mse``, the mean squared reconstruction error over its vectors; ``maha``, the baseline's Mahalanobis
 score: for each domain d, the mean over the clip's vectors of e^T inv(C_d) e with e = x - AE(x) and C_d
 the covariance of the (centred) reconstruction errors of that domain's train vectors; the smaller of
@@ -10,53 +10,17 @@ the source and target values.
 
 from __future__ import annotations
 
-import functools
-from dataclasses import dataclass
+import json
+from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
+from asd_ray.models.frames import stack_frames
+
 DOMAINS = ("source", "target")
-
-
-@functools.lru_cache(maxsize=8)
-def _mel(sample_rate: int, n_fft: int, hop_length: int, n_mels: int, power: float):
-    import torchaudio
-
-    return torchaudio.transforms.MelSpectrogram(sample_rate=sample_rate, n_fft=n_fft, hop_length=hop_length,
-                                                n_mels=n_mels, power=power)
-
-
-def log_mel(waveform: np.ndarray, *, sample_rate: int = 16_000, n_mels: int = 128, n_fft: int = 1024,
-            hop_length: int = 512, power: float = 2.0) -> np.ndarray:
-    """(samples,) -> (frames x n_mels) float32, 10 log10 of the mel power (20/power log10 as the baseline)."""
-    mel = _mel(sample_rate, n_fft, hop_length, n_mels, power)(
-        torch.from_numpy(np.ascontiguousarray(waveform, dtype=np.float32)))
-    return (20.0 / power * torch.log10(mel + np.finfo(np.float32).eps)).T.contiguous().numpy()
-
-
-def stack_frames(frames: np.ndarray, context: int = 5) -> np.ndarray:
-    """(T x n_mels) -> ((T - context + 1) x context*n_mels): each row is ``context`` consecutive frames."""
-    t, _ = frames.shape
-    if t < context:
-        raise ValueError(f"{t} frames: fewer than the {context} a vector stacks")
-    return np.lib.stride_tricks.sliding_window_view(frames, context, axis=0).transpose(0, 2, 1).reshape(t - context + 1, -1)
-
-
-class AEFeatures:
-    """The baseline's features as a backbone-like object: ``embed(waveforms)`` -> per-clip log-mel
-    matrices (frames x n_mels); ``dim`` is None because clips differ in length."""
-
-    dim = None
-
-    def __init__(self, *, sample_rate: int = 16_000, n_mels: int = 128, n_fft: int = 1024, hop_length: int = 512,
-                 power: float = 2.0):
-        self.kwargs = {"sample_rate": sample_rate, "n_mels": n_mels, "n_fft": n_fft, "hop_length": hop_length,
-                       "power": power}
-
-    def embed(self, waveforms: list[np.ndarray]) -> list[np.ndarray]:
-        return [log_mel(w, **self.kwargs) for w in waveforms]
 
 
 class DenseAE(nn.Module):
@@ -160,32 +124,109 @@ def mahalanobis_score(errors: np.ndarray, precisions: dict[str, np.ndarray]) -> 
     return float(min(((errors @ p) * errors).sum(axis=1).mean() for p in precisions.values()))  # BLAS, not einsum
 
 
-@dataclass
-class AEMachineScores:
-    """One machine's AE outcome: raw scores of its test clips and of its train clips, per score kind."""
-
-    test: dict[str, np.ndarray]  # {"mse": (m,), "maha": (m,)}
-    train: dict[str, np.ndarray]  # {"mse": (n,), "maha": (n,)}: for the gamma threshold
-    losses: list[float]
+SCORES = ("mse", "maha")
 
 
-def ae_machine(train_clips: list[np.ndarray], train_domains: list[str], test_clips: list[np.ndarray], *,
-               context: int = 5, hidden: int = 128, bottleneck: int = 8, layers: int = 4, epochs: int = 100,
-               batch_size: int = 256, lr: float = 1e-3, seed: int = 0, device: str = "cpu") -> AEMachineScores:
-    """Train one machine's AE on its train clips' log-mel frames (each T x n_mels) and score every clip both ways."""
-    vectors = [stack_frames(c, context) for c in train_clips]
-    model, losses = train_autoencoder(np.concatenate(vectors), hidden=hidden, bottleneck=bottleneck,
-                                      layers=layers, epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
-                                      device=device)
-    del vectors  # errors are recomputed clip by clip below: memory holds one clip's, not the machine's
-    acc = ErrorCovariance(train_clips[0].shape[1] * context)
-    for c, d in zip(train_clips, train_domains):
-        acc.add(reconstruction_errors(model, stack_frames(c, context)), d if d in DOMAINS else "source")
-    precisions = acc.precisions()
+class AEDetector:
+    """The AE baseline as a detector: ``fit`` trains one machine's AE on its normal train clips' log-mel
+    matrices (each T x n_mels) and estimates the per-domain error covariances; ``score`` gives ``mse`` or
+    ``maha`` scores (``score_kind``). Its calibration scores (``loo_scores``) are the train clips' own scores:
+    an AE cannot leave a clip out without retraining, as the DCASE baseline does too."""
 
-    def scores(clips: list[np.ndarray]) -> dict[str, np.ndarray]:
-        errs = (reconstruction_errors(model, stack_frames(c, context)) for c in clips)
-        pairs = [(float((e ** 2).mean()), mahalanobis_score(e, precisions)) for e in errs]
-        return {"mse": np.array([p[0] for p in pairs]), "maha": np.array([p[1] for p in pairs])}
+    kind = "AEDetector"
+    features = "frames"
 
-    return AEMachineScores(test=scores(test_clips), train=scores(train_clips), losses=losses)
+    def __init__(self, *, score_kind: str = "maha", context: int = 5, hidden: int = 128, bottleneck: int = 8,
+                 layers: int = 4, epochs: int = 100, batch_size: int = 256, lr: float = 1e-3, seed: int = 0,
+                 device: str = "cpu"):
+        if score_kind not in SCORES:
+            raise ValueError(f"AE score {score_kind!r}: use one of {SCORES}")
+        self.params = {"context": context, "hidden": hidden, "bottleneck": bottleneck, "layers": layers,
+                       "epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed}
+        self.score_kind = score_kind
+        self.device = device
+        self.model: DenseAE | None = None
+        self.precisions: dict[str, np.ndarray] = {}
+        self.train_scores = np.zeros(0)
+        self.losses: list[float] = []
+        self.ids: list[str] = []
+
+    @property
+    def size(self) -> int:
+        return len(self.train_scores)
+
+    @property
+    def dim(self) -> int | None:
+        """What a query row must have: n_mels (a query is one clip's T x n_mels matrix)."""
+        return None if self.model is None else self.model.encoder[0].in_features // self.params["context"]
+
+    def fit(self, clips: Sequence[np.ndarray], ids: Sequence[str] | None = None, *,
+            domains: Sequence[str] | None = None) -> "AEDetector":
+        """Train on the clips' stacked frames; error covariances per domain ("source"/"target"; others count as source)."""
+        p = self.params
+        if len(clips) < 2:
+            raise ValueError(f"the AE needs at least 2 train clips, got {len(clips)}")
+        domains = list(domains) if domains is not None else ["source"] * len(clips)
+        self.model, self.losses = train_autoencoder(
+            np.concatenate([stack_frames(c, p["context"]) for c in clips]), hidden=p["hidden"],
+            bottleneck=p["bottleneck"], layers=p["layers"], epochs=p["epochs"], batch_size=p["batch_size"],
+            lr=p["lr"], seed=p["seed"], device=self.device)
+        # errors clip by clip: memory holds one clip's, not the machine's
+        acc = ErrorCovariance(clips[0].shape[1] * p["context"])
+        for c, d in zip(clips, domains):
+            acc.add(reconstruction_errors(self.model, stack_frames(c, p["context"])), d if d in DOMAINS else "source")
+        self.precisions = acc.precisions()
+        self.train_scores = self.score(clips)
+        self.ids = [str(i) for i in ids] if ids is not None else [str(i) for i in range(len(clips))]
+        return self
+
+    def score_both(self, clips: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
+        """{"mse": (m,), "maha": (m,)} raw scores of clips (each T x n_mels)."""
+        if self.model is None:
+            raise ValueError("the AE is not trained: fit() it with normal clips before scoring")
+        errs = (reconstruction_errors(self.model, stack_frames(c, self.params["context"])) for c in clips)
+        pairs = [(float((e ** 2).mean()), mahalanobis_score(e, self.precisions)) for e in errs]
+        return {"mse": np.array([q[0] for q in pairs]), "maha": np.array([q[1] for q in pairs])}
+
+    def score(self, clips: Sequence[np.ndarray]) -> np.ndarray:
+        """(m,) float64 raw scores of this detector's kind (higher: more anomalous)."""
+        return self.score_both(clips)[self.score_kind]
+
+    def loo_scores(self) -> np.ndarray:
+        if self.model is None:
+            raise ValueError("the AE is not trained: fit() it first")
+        return self.train_scores
+
+    def loo_ids(self) -> list[str]:
+        return list(self.ids)
+
+    def save(self, directory: str | Path) -> Path:
+        if self.model is None:
+            raise ValueError("save: the AE is not trained")
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        torch.save({k: v.cpu() for k, v in self.model.state_dict().items()}, d / "model.pt")
+        np.savez(d / "calibration.npz", train_scores=self.train_scores,
+                 **{f"precision_{k}": v for k, v in self.precisions.items()})
+        input_dim = self.model.encoder[0].in_features
+        (d / "bank.json").write_text(json.dumps({"kind": self.kind, "score_kind": self.score_kind, **self.params,
+                                                 "input_dim": input_dim, "losses": self.losses,
+                                                 "ids": self.ids}))
+        return d
+
+    @classmethod
+    def load(cls, directory: str | Path, *, device: str = "cpu", **_ignored) -> "AEDetector":
+        d = Path(directory)
+        meta = json.loads((d / "bank.json").read_text())
+        det = cls(score_kind=meta["score_kind"], device=device, **{k: meta[k] for k in (
+            "context", "hidden", "bottleneck", "layers", "epochs", "batch_size", "lr", "seed")})
+        p = det.params
+        det.model = DenseAE(meta["input_dim"], p["hidden"], p["bottleneck"], p["layers"])
+        det.model.load_state_dict(torch.load(d / "model.pt", map_location="cpu"))
+        det.model.to(device).eval()
+        cal = np.load(d / "calibration.npz")
+        det.train_scores = cal["train_scores"]
+        det.precisions = {k: cal[f"precision_{k}"] for k in DOMAINS}
+        det.losses = list(meta["losses"])
+        det.ids = list(meta["ids"])
+        return det

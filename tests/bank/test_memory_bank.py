@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from asd_ray.bank.memory_bank import BankError, DomainAwareBank, MemoryBank, build_bank, load_bank
+from asd_ray.bank.memory_bank import BankError, DomainAwareBank, MemoryBank, build_bank
+from asd_ray.detectors import load_detector
 
 TOY = np.array([[0, 0], [3, 0], [0, 4], [10, 10]], dtype=np.float32)
 
@@ -47,7 +48,7 @@ def test_save_load_round_trip_gives_identical_scores(tmp_path):
     x, q = rng.standard_normal((50, 16)), rng.standard_normal((7, 16))
     for metric in ("euclidean", "cosine"):
         bank = MemoryBank(k=3, metric=metric).fit(x, ids=[f"c{i}" for i in range(50)])
-        loaded = load_bank(bank.save(tmp_path / metric))
+        loaded = load_detector(bank.save(tmp_path / metric))
         assert isinstance(loaded, MemoryBank) and loaded.ids == bank.ids and loaded.metric == metric
         assert np.array_equal(loaded.score(q), bank.score(q))
     assert not list(tmp_path.rglob("*.pkl"))
@@ -63,7 +64,7 @@ def test_errors_are_clear(tmp_path):
     with pytest.raises(BankError, match="metric"):
         MemoryBank(metric="manhattan")
     with pytest.raises(BankError, match="bank.json missing"):
-        load_bank(tmp_path)
+        load_detector(tmp_path)
 
 
 def test_domain_aware_scales_each_domain_and_takes_the_minimum(tmp_path):
@@ -86,5 +87,5 @@ def test_domain_aware_scales_each_domain_and_takes_the_minimum(tmp_path):
     ratio_aware = aware.score(anomaly)[0] / aware.score(normal)[0]
     assert ratio_aware >= ratio_seed
     assert len(aware.loo_scores()) == 210
-    loaded = load_bank(aware.save(tmp_path / "aware"))
+    loaded = load_detector(aware.save(tmp_path / "aware"))
     assert np.array_equal(loaded.score(q), aware.score(q))

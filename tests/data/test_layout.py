@@ -94,7 +94,7 @@ def test_entries_named_like_clips_that_are_no_files_are_listed_with_a_reason(tin
     records = [r for r in discover([root], ["ToyCar"]) if r.split == "test"]
     assert len(records) == on_disk + 2
     _, unused = plan_records(records)
-    reasons = {u["path"].rsplit("/", 1)[1]: u["reason"] for u in unused}
+    reasons = {u.path.rsplit("/", 1)[1]: u.reason for u in unused}
     assert "directory" in reasons["section_00_source_test_normal_0902_spd_99_mic_1.wav"]
     assert "broken symbolic link" in reasons["section_00_source_test_normal_0903_spd_99_mic_1.wav"]
     assert not any(r.is_normal_train for r in records if r.parse_error)

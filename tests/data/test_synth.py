@@ -6,11 +6,12 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from asd_ray.config import BankConfig, PostConfig, PreprocessConfig
+from asd_ray.config import PostConfig, PreprocessConfig, RunConfig
 from asd_ray.data.audio import preprocess_clip
 from asd_ray.data.layout import discover, ground_truth_paths, read_attributes_csv, summarise
 from asd_ray.data.synth import generate_corpus
 from asd_ray.detect import detect, embed_records, plan_records
+from asd_ray.detectors import make_detector
 from asd_ray.models.backbones import load_backbone
 from asd_ray.scoring.metrics import machine_metrics
 from tiny import TINY
@@ -78,7 +79,7 @@ def _trivial_and_knn(corpus):
     random = np.random.default_rng(0).random(len(test))
     emb, kept, rejects, _ = embed_records(records, load_backbone("logmel"), PreprocessConfig())
     assert not rejects
-    knn = detect(emb, kept, bank=BankConfig(), post=PostConfig())
+    knn = detect(emb, kept, detector=lambda: make_detector(RunConfig(), "knn"), post=PostConfig())
     knn_scores = {f: s for r in knn.values() for f, s in zip(r.filenames, r.raw_scores)}
     per = {"rms": _per_machine(test, rms), "-rms": _per_machine(test, -np.array(rms)),
            "random": _per_machine(test, random),

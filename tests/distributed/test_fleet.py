@@ -7,7 +7,8 @@ import uuid
 import numpy as np
 import pytest
 
-from asd_ray.bank.memory_bank import MemoryBank, load_bank
+from asd_ray.bank.memory_bank import MemoryBank
+from asd_ray.detectors import load_detector
 from asd_ray.config import FleetConfig, PostConfig, RunConfig, load_config
 from asd_ray.detect import reference_run
 from asd_ray.distributed.fleet import Request, Router, actor_name, score_requests, start_banks
@@ -75,7 +76,7 @@ def test_add_changes_scores_and_persists(fleet, ray_local):
     np.testing.assert_allclose([r.raw_score for r in after], reference.score(new), rtol=1e-6)
     assert all(a.raw_score < b.raw_score for a, b in zip(after, before))
     assert router.add("fan", new, [f"new{i}" for i in range(5)])["size"] == 305  # a retried add is not doubled
-    assert load_bank(bank_root / "fan").size == 305  # persisted: a restart reloads it
+    assert load_detector(bank_root / "fan").size == 305  # persisted: a restart reloads it
 
 
 def test_killed_bank_actor_loses_no_request(fleet, ray_local):
@@ -121,7 +122,8 @@ def test_missing_bank_is_a_clear_error(fleet):
 
 
 def test_clip_streams_equal_the_batch_run(ray_local, corpus_with_bad_clips, tmp_path):
-    config = load_config(RunConfig, None, [f"fleet.namespace=t-{uuid.uuid4().hex[:8]}", "fleet.max_batch=8"])
+    config = load_config(RunConfig, None, [f"fleet.namespace=t-{uuid.uuid4().hex[:8]}", "fleet.max_batch=8",
+                                           "detector=knn"])
     ref = reference_run([corpus_with_bad_clips], config, tmp_path / "ref")
     results = score_streams(tmp_path / "ref" / "banks", config, tmp_path / "fleet", roots=[corpus_with_bad_clips])
     scored = {}
@@ -164,3 +166,30 @@ def test_replicas_share_the_load_and_every_add(ray_local, tmp_path):
     finally:
         for a in actors["pump"]:
             ray_local.kill(a, no_restart=True)
+
+
+def test_local_feature_bank_actors_score_like_the_library(ray_local, tiny_corpus, tmp_path):
+    """A saved local-feature bank served by the fleet: clip streams (log-mel frames embedded on the way) and
+    requests carrying frame matrices score exactly as the library's bank and the batch run."""
+    config = load_config(RunConfig, None, [f"fleet.namespace=t-{uuid.uuid4().hex[:8]}", "detector=local",
+                                           "local.bank_size=300"])
+    ref = reference_run([tiny_corpus], config, tmp_path / "ref")
+    results = score_streams(tmp_path / "ref" / "banks", config, tmp_path / "fleet", roots=[tiny_corpus])
+    assert not [r.error for r in results if r.error]
+    scored = {(r.machine, r.path.rsplit("/", 1)[1]): r.raw_score for r in results}
+    for machine, res in ref.results.items():
+        assert res.detector == "LocalFeatureBank"
+        np.testing.assert_allclose([scored[machine, f] for f in res.filenames], res.raw_scores, rtol=1e-6)
+    actors = {m: [ray_local.get_actor(actor_name(m), namespace=config.fleet.namespace)] for m in ref.results}
+    bank = load_detector(tmp_path / "ref" / "banks" / "valve")
+    mats = [np.random.default_rng(i).standard_normal((30, 128)).astype(np.float32) - 60 for i in range(3)]
+    assert np.array_equal(ray_local.get(actors["valve"][0].score.remote(mats)), bank.score(mats))
+    router = Router(actors, fleet=FleetConfig(max_batch=2))
+    got = score_requests(router, [Request("valve", "v", embedding=m) for m in mats]
+                         + [Request("valve", "v", embedding=mats[0][:, :64])])
+    np.testing.assert_allclose([r.raw_score for r in got[:3]], bank.score(mats), rtol=1e-6)
+    assert "(frames x 128) matrices" in got[3].error
+    with pytest.raises(Exception, match="takes no added normals"):
+        router.add("valve", mats[0], ["x"])
+    for machine in ref.results:
+        ray_local.kill(ray_local.get_actor(actor_name(machine), namespace=config.fleet.namespace), no_restart=True)

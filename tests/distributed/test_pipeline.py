@@ -15,8 +15,9 @@ def _config(tmp_path, *extra):
     return load_config(RunConfig, None, [f"ray.cache_dir={tmp_path / 'cache'}", *extra])
 
 
-def test_ray_run_equals_reference_run(ray_local, tiny_corpus, tmp_path):
-    config = _config(tmp_path)
+@pytest.mark.parametrize("detector", ["knn", "fusion"])
+def test_ray_run_equals_reference_run(ray_local, tiny_corpus, tmp_path, detector):
+    config = _config(tmp_path, f"detector={detector}")
     ref = reference_run([tiny_corpus], config, tmp_path / "ref")
     got = ray_run([tiny_corpus], config, tmp_path / "ray")
     assert set(got.results) == set(ref.results) == {"ToyCar", "valve", "ToyPet"}
@@ -34,7 +35,7 @@ def test_ray_run_equals_reference_run(ray_local, tiny_corpus, tmp_path):
 def test_bad_clips_are_in_the_rejects_table_and_counts_reconcile(ray_local, tmp_path, request):
     root = request.getfixturevalue("corpus_with_bad_clips")
     report = ray_run([root], _config(tmp_path), tmp_path / "out")
-    names = {r["path"].rsplit("/", 1)[1]: r["reason"] for r in report.rejects}
+    names = {r.path.rsplit("/", 1)[1]: r.reason for r in report.rejects}
     assert set(names) == {"section_00_source_train_normal_0900_spd_99_mic_1.wav",
                           "section_00_source_test_normal_0900_spd_99_mic_1.wav",
                           "section_00_target_test_anomaly_0901_spd_99_mic_2.wav"}
@@ -58,7 +59,7 @@ def test_second_embedding_of_the_same_corpus_reads_the_cache(ray_local, tiny_cor
 def test_ae_baseline_on_ray_trains_one_task_per_machine(ray_local, tiny_corpus, tmp_path):
     import torch
 
-    config = _config(tmp_path, "detector=ae-maha", "ae.epochs=3", "ae.batch_size=128", "ae.task_cpus=0.5")
+    config = _config(tmp_path, "detector=ae-maha", "ae.epochs=3", "ae.batch_size=128", "ray.detector_cpus=0.5")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in a Ray task with one CPU or less: float sums depend on the thread count
     try:

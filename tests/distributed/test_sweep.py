@@ -14,7 +14,7 @@ from asd_ray.distributed.sweep import load_space, sweep
 def test_sweep_embeds_once_and_its_best_config_reproduces(ray_local, tiny_corpus, tmp_path):
     space_file = tmp_path / "space.yaml"
     space_file.write_text("grid:\n  bank.k: [1, 3]\n  bank.metric: [euclidean, cosine]\n")
-    config = load_config(RunConfig, None, [f"ray.cache_dir={tmp_path / 'cache'}"])
+    config = load_config(RunConfig, None, [f"ray.cache_dir={tmp_path / 'cache'}", "detector=knn"])
     result = sweep([tiny_corpus], load_space(space_file), config, tmp_path / "sweep", name=f"s-{uuid.uuid4().hex[:6]}")
     assert len(result.table) == 4 and len(result.embedded) == 1 and not result.cached
     assert len([d for d in (tmp_path / "cache").iterdir() if d.is_dir()]) == 1  # no trial embedded again
@@ -44,7 +44,7 @@ def test_finetune_sweep_wraps_the_same_trainer(ray_local, tiny_corpus, tiny_hube
     space_file = tmp_path / "ft.yaml"
     space_file.write_text("trial_cpus: 0.25\ngrid:\n  finetune.mask_prob: [0.3]\n")
     config = load_config(RunConfig, None, [
-        f"ray.cache_dir={tmp_path / 'cache'}", f"finetune.init={tiny_hubert}", "finetune.workers=1",
+        f"ray.cache_dir={tmp_path / 'cache'}", "detector=knn", f"finetune.init={tiny_hubert}", "finetune.workers=1",
         "finetune.worker_cpus=0.5", "finetune.epochs=1", "finetune.batch_size=4", "finetune.crop_seconds=1.0",
         "finetune.heldout_clips=4", "finetune.warmup_steps=2", f"finetune.storage_path={tmp_path / 'ft'}"])
     result = sweep([tiny_corpus], load_space(space_file), config, tmp_path / "sweep", name=f"f-{uuid.uuid4().hex[:6]}")

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import scipy.spatial.distance
 
-from asd_ray.models.autoencoder import (AEFeatures, ae_machine, error_precisions, mahalanobis_score, stack_frames,
-                                        train_autoencoder)
+from asd_ray.models.autoencoder import AEDetector, error_precisions, mahalanobis_score, train_autoencoder
+from asd_ray.models.frames import LogMelFrames, stack_frames
 
 
 def test_stack_frames_concatenates_consecutive_frames():
@@ -19,7 +19,7 @@ def test_stack_frames_concatenates_consecutive_frames():
 
 def test_baseline_features_have_the_baseline_shape():
     x = np.random.default_rng(0).standard_normal(16000 * 2).astype(np.float32)
-    (m,) = AEFeatures().embed([x])
+    (m,) = LogMelFrames().embed([x])
     assert m.shape == (1 + 32000 // 512, 128) and stack_frames(m).shape[1] == 640
 
 
@@ -46,9 +46,23 @@ def test_autoencoder_loss_decreases_and_anomalies_score_higher():
     assert losses[-1] < 0.5 * losses[0]
     clips = [normal[i:i + 30].reshape(-1, 8) for i in range(0, 300, 30)]  # 30 x 40 -> (150 x 8) "log-mel frames"
     odd = [c + rng.standard_normal(c.shape).astype(np.float32) * 2 for c in clips[:3]]
-    out = ae_machine(clips, ["source"] * 8 + ["target"] * 2, clips[:3] + odd, context=5, hidden=32, bottleneck=4,
-                     layers=2, epochs=15, batch_size=64)
+    ae = AEDetector(score_kind="maha", context=5, hidden=32, bottleneck=4, layers=2, epochs=15, batch_size=64)
+    ae.fit(clips, [f"c{i}" for i in range(10)], domains=["source"] * 8 + ["target"] * 2)
+    both = ae.score_both(clips[:3] + odd)
     for kind in ("mse", "maha"):
-        assert out.test[kind][3:].min() > out.test[kind][:3].max()
-        assert out.train[kind].shape == (10,)
-    assert out.losses[-1] < out.losses[0]
+        assert both[kind][3:].min() > both[kind][:3].max()
+    assert ae.loo_scores().shape == (10,) and ae.loo_ids() == [f"c{i}" for i in range(10)]
+    assert ae.losses[-1] < ae.losses[0]
+
+
+def test_ae_detector_save_load_scores_the_same(tmp_path):
+    rng = np.random.default_rng(1)
+    clips = [rng.standard_normal((20, 8)).astype(np.float32) for _ in range(6)]
+    ae = AEDetector(score_kind="mse", context=3, hidden=16, bottleneck=2, layers=1, epochs=2, batch_size=16)
+    ae.fit(clips, domains=["source"] * 4 + ["target"] * 2)
+    from asd_ray.detectors import load_detector
+
+    loaded = load_detector(ae.save(tmp_path / "ae"))
+    assert isinstance(loaded, AEDetector) and loaded.score_kind == "mse" and loaded.dim == 8
+    np.testing.assert_allclose(loaded.score(clips[:2]), ae.score(clips[:2]), rtol=1e-6)
+    np.testing.assert_array_equal(loaded.loo_scores(), ae.loo_scores())

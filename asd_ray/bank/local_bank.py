@@ -1,0 +1,255 @@
+"""Local-feature bank: windows of stacked log-mel frames of a machine's normals in FAISS banks. No ray here.
+
+A clip's short events (impulses, clicks, modulation) are what its mean and std per band wash out, so this
+bank keeps the normals' local features, as anomalib's PatchCore keeps image patches:
+- every train clip (T x n_mels log-mel matrix) gives windows of ``context`` stacked frames; each window
+  dimension is z-scored by the train windows' mean and std (``standardise``), then projected on the
+  train windows' first ``pca_dim`` principal axes (``whiten``: each axis scaled to unit variance, which
+  makes the Euclidean distance a Mahalanobis distance in that subspace), which also cuts the search cost;
+- the windows, one bank per domain (``domain_norm``) or one for all, are subsampled to at most
+  ``bank_size`` members by a greedy k-centre coreset (or FAISS k-means, or at random), drawn from at most
+  ``candidates`` windows;
+- a test window's distance is the mean Euclidean distance to its ``k`` nearest members; a clip's score
+  is the max, the mean of the top ``top_q`` share, or the mean of its window distances; with domain
+  banks each bank's clip score is divided by that bank's scale (the median leave-one-out score of its
+  own clips) and the clip's score is the smaller of the two.
+Leave-one-out scores of train clips leave out every member that came from the clip itself.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from asd_ray.bank.coreset import kcenter_coreset, kmeans_centroids, random_subset
+from asd_ray.bank.memory_bank import BankError, MemoryBank, _read_meta, _write_meta
+from asd_ray.models.frames import stack_frames
+
+CORESETS = ("kcenter", "kmeans", "random")
+CLIP_SCORES = ("max", "topq", "mean")
+
+
+def clip_score(window_distances: np.ndarray, how: str = "topq", top_q: float = 0.1) -> float:
+    """One clip's score from its windows' distances: ``max``; ``topq`` (mean of the ceil-free
+    ``max(1, round(top_q * W))`` largest); ``mean``."""
+    d = np.asarray(window_distances, dtype=np.float64)
+    if d.size == 0:
+        raise BankError("a clip without windows has no score")
+    if how == "max":
+        return float(d.max())
+    if how == "mean":
+        return float(d.mean())
+    if how == "topq":
+        n = max(1, int(round(top_q * d.size)))
+        return float(np.partition(d, d.size - n)[d.size - n:].mean())
+    raise BankError(f"clip score {how!r}: use one of {CLIP_SCORES}")
+
+
+class LocalFeatureBank:
+    """One machine's local-feature bank (see the module docstring); ``fit`` on clips' log-mel matrices
+    (each T x n_mels), then ``score`` clips. Keywords are ``LocalConfig``'s."""
+
+    kind = "LocalFeatureBank"
+    features = "frames"
+
+    def __init__(self, *, context: int = 5, stride: int = 1, standardise: bool = True, bank_size: int = 4096,
+                 coreset: str = "kcenter", candidates: int = 32768, projection_dim: int = 128, k: int = 1,
+                 clip_score: str = "topq", top_q: float = 0.1, domain_norm: bool = True, pca_dim: int = 64,
+                 whiten: bool = False,
+                 calibration_clips: int = 200, seed: int = 0, faiss_threads: int = 1):
+        if coreset not in CORESETS:
+            raise BankError(f"coreset {coreset!r}: use one of {CORESETS}")
+        if clip_score not in CLIP_SCORES:
+            raise BankError(f"clip score {clip_score!r}: use one of {CLIP_SCORES}")
+        if bank_size < 1 or k < 1 or context < 1 or stride < 1 or not 0 < top_q <= 1:
+            raise BankError("bank_size, k, context and stride must be at least 1 and top_q in (0, 1]")
+        self.params = {"context": context, "stride": stride, "standardise": standardise, "bank_size": bank_size,
+                       "coreset": coreset, "candidates": candidates, "projection_dim": projection_dim, "k": k,
+                       "clip_score": clip_score, "top_q": top_q, "domain_norm": domain_norm, "pca_dim": pca_dim,
+                       "whiten": whiten,
+                       "calibration_clips": calibration_clips, "seed": seed}
+        self.faiss_threads = faiss_threads
+        self.banks: dict[str, MemoryBank] = {}
+        self.owners: dict[str, np.ndarray] = {}  # per bank: the train clip (index) each member came from; -1: none
+        self.scales: dict[str, float] = {}
+        self.mean = np.zeros(0, np.float32)
+        self.std = np.ones(0, np.float32)
+        self.projection = np.zeros((0, 0), np.float32)  # (window dim x pca_dim); empty: none
+        self.n_mels = 0
+        self.train_scores = np.zeros(0)
+        self.calibration_ids: list[str] = []
+
+    @property
+    def size(self) -> int:
+        return sum(b.size for b in self.banks.values())
+
+    @property
+    def dim(self) -> int | None:
+        """What a query row must have: n_mels (a query is one clip's T x n_mels log-mel matrix)."""
+        return self.n_mels or None
+
+    @property
+    def memory_bytes(self) -> int:
+        """Bytes of the stored members (float32), what a bank actor holds."""
+        return sum(b.size * b.dim * 4 for b in self.banks.values())
+
+    def windows(self, clip: np.ndarray, stride: int | None = None) -> np.ndarray:
+        """(T x n_mels) -> (W x context*n_mels) float32 windows, standardised as fitted."""
+        c = np.asarray(clip, dtype=np.float32)
+        if c.ndim != 2 or (self.n_mels and c.shape[1] != self.n_mels):
+            raise BankError(f"a clip is a (frames x {self.n_mels or 'n_mels'}) matrix, got shape {c.shape}")
+        w = stack_frames(c, self.params["context"], stride or 1)
+        if self.mean.size:
+            w = (w - self.mean) / self.std
+        if self.projection.size:
+            w = w @ self.projection
+        return np.ascontiguousarray(w, dtype=np.float32)
+
+    def fit(self, clips: Sequence[np.ndarray], ids: Sequence[str] | None = None, *,
+            domains: Sequence[str] | None = None) -> "LocalFeatureBank":
+        """Build the bank(s) from normal train clips (each T x n_mels); ``domains`` "source"/"target" per clip."""
+        p = self.params
+        if len(clips) < 2:
+            raise BankError(f"fit: a local-feature bank needs at least 2 train clips, got {len(clips)}")
+        domains = np.asarray(list(domains) if domains is not None else ["source"] * len(clips))
+        if len(domains) != len(clips):
+            raise BankError(f"fit: {len(clips)} clips but {len(domains)} domains")
+        self.n_mels = int(np.asarray(clips[0]).shape[1])
+        self.mean, self.std = np.zeros(0, np.float32), np.ones(0, np.float32)
+        self.projection = np.zeros((0, 0), np.float32)
+        # Statistics clip by clip, windows made again for each pass: memory holds the projected windows of
+        # the machine (pca_dim wide), never all of its raw context*n_mels-wide windows at once.
+        if p["standardise"]:
+            n, s1, s2 = 0, 0, 0
+            for c in clips:
+                w = self.windows(c, p["stride"])
+                n, s1, s2 = n + len(w), s1 + w.sum(axis=0, dtype=np.float64), s2 + np.einsum("ij,ij->j", w, w, dtype=np.float64)
+            self.mean = (s1 / n).astype(np.float32)
+            self.std = (np.sqrt(np.maximum(s2 / n - (s1 / n) ** 2, 0.0)) + 1e-6).astype(np.float32)
+        if 0 < p["pca_dim"] < p["context"] * self.n_mels:
+            self.projection = self._pca(clips, np.random.default_rng(p["seed"]))
+        per_clip = [self.windows(c, p["stride"]) for c in clips]
+        groups = {"all": np.arange(len(clips))}
+        if p["domain_norm"]:
+            groups = {d: np.flatnonzero(domains == d) for d in ("source", "target") if (domains == d).sum() >= 2}
+            if not groups:
+                raise BankError("fit: domain_norm needs at least 2 train clips in the source or the target domain")
+        rng = np.random.default_rng(p["seed"])
+        self.banks, self.owners, self.scales = {}, {}, {}
+        for g, idx in groups.items():
+            owner = np.concatenate([np.full(len(per_clip[i]), i) for i in idx])
+            pos = np.concatenate([np.arange(len(per_clip[i])) for i in idx])
+            if p["candidates"] and len(owner) > p["candidates"]:
+                keep = random_subset(owner, p["candidates"], seed=int(rng.integers(2**31)))
+                owner, pos = owner[keep], pos[keep]
+            w = np.stack([per_clip[o][t] for o, t in zip(owner, pos)])
+            if p["coreset"] == "kmeans" and len(w) > p["bank_size"]:
+                members, owner = kmeans_centroids(w, p["bank_size"], seed=p["seed"]), np.full(p["bank_size"], -1)
+            else:
+                pick = (kcenter_coreset(w, p["bank_size"], projection_dim=p["projection_dim"], seed=p["seed"])
+                        if p["coreset"] == "kcenter" else random_subset(w, p["bank_size"], seed=p["seed"]))
+                members, owner = w[pick], owner[pick]
+            self.banks[g] = MemoryBank(k=p["k"], faiss_threads=self.faiss_threads).fit(members)
+            self.owners[g] = owner.astype(np.int64)
+        # calibration clips: every clip of a small domain, an even draw of the rest, at most calibration_clips
+        cal = np.arange(len(clips))
+        if p["calibration_clips"] and len(cal) > p["calibration_clips"]:
+            cal = np.sort(rng.choice(len(clips), p["calibration_clips"], replace=False))
+        for g, idx in groups.items():
+            own = np.intersect1d(idx, cal) if len(np.intersect1d(idx, cal)) >= 2 else idx
+            s = np.array([self._bank_score(g, per_clip[i], leave_out=int(i)) for i in own])
+            self.scales[g] = float(np.median(s)) if np.median(s) > 0 else 1.0
+        ids = [str(i) for i in ids] if ids is not None else [str(i) for i in range(len(clips))]
+        self.calibration_ids = [ids[i] for i in cal]
+        self.train_scores = np.array([min(self._bank_score(g, per_clip[i], leave_out=int(i)) / self.scales[g]
+                                          for g in self.banks) for i in cal])
+        return self
+
+    def _pca(self, clips: Sequence[np.ndarray], rng: np.random.Generator) -> np.ndarray:
+        """(window dim x pca_dim) float32 principal axes of (a draw of at most ``candidates``) standardised train
+        windows, largest variance first; divided by each axis' standard deviation with ``whiten``."""
+        p = self.params
+        counts = [(len(c) - p["context"]) // p["stride"] + 1 for c in clips]
+        owner = np.concatenate([np.full(n, i) for i, n in enumerate(counts)])
+        pos = np.concatenate([np.arange(n) for n in counts])
+        if p["candidates"] and len(owner) > p["candidates"]:
+            keep = random_subset(owner, p["candidates"], seed=int(rng.integers(2**31)))
+            owner, pos = owner[keep], pos[keep]
+        # owner is ascending (random_subset sorts): rows come clip by clip in the drawn order
+        x = np.concatenate([self.windows(clips[i], p["stride"])[pos[owner == i]] for i in np.unique(owner)]
+                           ).astype(np.float64)
+        x -= x.mean(axis=0)
+        values, vectors = np.linalg.eigh(x.T @ x / len(x))
+        order = np.argsort(values)[::-1][: p["pca_dim"]]
+        axes = vectors[:, order]
+        if p["whiten"]:
+            axes = axes / np.sqrt(np.maximum(values[order], 1e-12))
+        return axes.astype(np.float32)
+
+    def _bank_score(self, group: str, windows: np.ndarray, leave_out: int | None = None) -> float:
+        bank, k = self.banks[group], self.params["k"]
+        if leave_out is None:
+            dist, _ = bank.search(windows, k)
+        else:
+            owned = int((self.owners[group] == leave_out).sum())
+            if bank.size - owned < k:
+                raise BankError(f"leave-one-out: the {group} bank has fewer than {k} members of other clips")
+            dist, idx = bank.search(windows, k + owned)
+            keep = self.owners[group][idx] != leave_out
+            # the first k hits of other clips, per window (there are at least k: owned were searched extra)
+            order = np.argsort(~keep, axis=1, kind="stable")[:, :k]
+            dist = np.take_along_axis(dist, order, axis=1)
+        return clip_score(dist.mean(axis=1), self.params["clip_score"], self.params["top_q"])
+
+    def score(self, clips: Sequence[np.ndarray]) -> np.ndarray:
+        """(m,) float64 raw scores of clips (each T x n_mels; at least ``context`` frames)."""
+        if not self.banks:
+            raise BankError("the bank is empty: fit() it with normal clips before scoring")
+        out = np.empty(len(clips))
+        for i, c in enumerate(clips):
+            w = self.windows(c)
+            out[i] = min(self._bank_score(g, w) / self.scales[g] for g in self.banks)
+        return out
+
+    def loo_scores(self) -> np.ndarray:
+        """Leave-one-out scores of the calibration train clips (computed by ``fit``)."""
+        if not self.banks:
+            raise BankError("the bank is empty: fit() it first")
+        return self.train_scores
+
+    def loo_ids(self) -> list[str]:
+        """The train clips ``loo_scores`` are given for, in its order."""
+        return list(self.calibration_ids)
+
+    def save(self, directory: str | Path) -> Path:
+        """``bank.json`` (parameters), ``calibration.npz`` (standardisation, owners, scales, train scores)
+        and one FAISS bank per domain group; no pickle."""
+        if not self.banks:
+            raise BankError("save: the bank is empty")
+        d = _write_meta(directory, self.kind, **self.params, n_mels=self.n_mels, scales=self.scales,
+                        calibration_ids=self.calibration_ids)
+        for g, bank in self.banks.items():
+            bank.save(d / g)
+        np.savez(d / "calibration.npz", mean=self.mean, std=self.std, projection=self.projection,
+                 train_scores=self.train_scores,
+                 **{f"owners_{g}": o for g, o in self.owners.items()})
+        return d
+
+    @classmethod
+    def load(cls, directory: str | Path, *, faiss_threads: int = 1, **_ignored) -> "LocalFeatureBank":
+        d = Path(directory)
+        meta = _read_meta(d, cls.kind)
+        bank = cls(faiss_threads=faiss_threads, **{k: meta[k] for k in (
+            "context", "stride", "standardise", "bank_size", "coreset", "candidates", "projection_dim", "k",
+            "clip_score", "top_q", "domain_norm", "pca_dim", "whiten", "calibration_clips", "seed")})
+        bank.n_mels = int(meta["n_mels"])
+        bank.scales = {g: float(s) for g, s in meta["scales"].items()}
+        bank.banks = {g: MemoryBank.load(d / g, faiss_threads=faiss_threads) for g in bank.scales}
+        cal = np.load(d / "calibration.npz")
+        bank.mean, bank.std, bank.train_scores = cal["mean"], cal["std"], cal["train_scores"]
+        bank.projection = cal["projection"]
+        bank.owners = {g: cal[f"owners_{g}"] for g in bank.scales}
+        bank.calibration_ids = list(meta["calibration_ids"])
+        return bank

@@ -1,0 +1,110 @@
+"""Temporal pooling of a clip's log-mel frames into one clip vector for the clip k-NN bank. No ray here.
+
+Frames are 10 log10 mel powers (dB, ``models/frames.py``); P = 10^(x/10) is the linear power.
+- ``mean``: mean over time of x (n_mels);
+- ``mean_std``: mean and standard deviation over time of x (2 n_mels);
+- ``gem``: generalised mean of the power, in dB: 10/p log10(mean_t P^p) (n_mels); p = 1 is the mean
+  power, large p tends to the maximum, so short loud events are not averaged away;
+- ``reldev``: the mean of x and the relative deviation of the power, std_t(P) / mean_t(P) (2 n_mels),
+  which is scale-free: a band's fluctuation (modulation, impulses) whatever its level.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy.special import logsumexp
+
+POOLINGS = ("mean", "mean_std", "gem", "reldev")
+
+
+def pool_clip(frames: np.ndarray, how: str = "mean_std", p: float = 3.0) -> np.ndarray:
+    """(T x n_mels) dB frames -> one float32 clip vector (n_mels or 2 n_mels, see the module docstring)."""
+    x = np.asarray(frames, dtype=np.float64)
+    if x.ndim != 2 or len(x) == 0:
+        raise ValueError(f"pooling takes a (frames x bands) matrix with at least one frame, got shape {x.shape}")
+    if how == "mean":
+        out = x.mean(axis=0)
+    elif how == "mean_std":
+        out = np.concatenate([x.mean(axis=0), x.std(axis=0)])
+    elif how == "gem":
+        if p <= 0:
+            raise ValueError(f"generalised-mean exponent must be positive, got {p}")
+        # 10/p log10 mean_t 10^(p x / 10), through logsumexp in natural logs so that loud frames do not overflow
+        a = p * x * np.log(10.0) / 10.0
+        out = (logsumexp(a, axis=0) - np.log(len(x))) * 10.0 / (p * np.log(10.0))
+    elif how == "reldev":
+        power = 10.0 ** ((x - x.max(axis=0)) / 10.0)  # per band up to a factor: the ratio std/mean ignores it
+        out = np.concatenate([x.mean(axis=0), power.std(axis=0) / power.mean(axis=0)])
+    else:
+        raise ValueError(f"pooling {how!r}: use one of {POOLINGS}")
+    return out.astype(np.float32)
+
+
+def pool_clips(clips, how: str = "mean_std", p: float = 3.0) -> np.ndarray:
+    """List of (T_i x n_mels) matrices -> (n x dim) float32 clip vectors."""
+    return np.stack([pool_clip(c, how, p) for c in clips]) if len(clips) else np.zeros((0, 0), np.float32)
+
+
+class PooledBank:
+    """A clip k-NN bank over pooled log-mel frames: ``fit``/``score`` take clips' (T x n_mels) matrices, pool
+    each (``pooling``, ``gem_p``) and hand the clip vectors to a ``MemoryBank`` / ``DomainAwareBank``
+    (``strategy`` and the other keywords as ``BankConfig``)."""
+
+    kind = "PooledBank"
+    features = "frames"
+
+    def __init__(self, *, pooling: str = "mean_std", gem_p: float = 3.0, strategy: str = "seed", **bank_kwargs):
+        from asd_ray.bank.memory_bank import STRATEGIES, BankError
+
+        if pooling not in POOLINGS:
+            raise BankError(f"pooling {pooling!r}: use one of {POOLINGS}")
+        if strategy not in STRATEGIES:
+            raise BankError(f"unknown bank strategy {strategy!r}: use one of {sorted(STRATEGIES)}")
+        self.pooling, self.gem_p, self.strategy = pooling, gem_p, strategy
+        self.bank = STRATEGIES[strategy](**bank_kwargs)
+
+    @property
+    def size(self) -> int:
+        return self.bank.size
+
+    @property
+    def dim(self) -> int | None:
+        """What a query row must have: n_mels (a query is one clip's T x n_mels matrix)."""
+        d = self.bank.dim
+        return None if d is None else (d if self.pooling in ("mean", "gem") else d // 2)
+
+    def pool(self, clips) -> np.ndarray:
+        return pool_clips(clips, self.pooling, self.gem_p)
+
+    def fit(self, clips, ids=None, *, domains=None) -> "PooledBank":
+        ids = list(ids) if ids is not None else [str(i) for i in range(len(clips))]
+        self.bank.fit(self.pool(clips), ids, domains=list(domains) if domains is not None else ["source"] * len(clips))
+        return self
+
+    def score(self, clips) -> np.ndarray:
+        return self.bank.score(self.pool(clips))
+
+    def loo_scores(self) -> np.ndarray:
+        return self.bank.loo_scores()
+
+    def loo_ids(self) -> list[str]:
+        return self.bank.loo_ids()
+
+    def save(self, directory):
+        from asd_ray.bank.memory_bank import _write_meta
+
+        d = _write_meta(directory, self.kind, pooling=self.pooling, gem_p=self.gem_p, strategy=self.strategy)
+        self.bank.save(d / "bank")
+        return d
+
+    @classmethod
+    def load(cls, directory, *, faiss_threads: int = 1, **_ignored) -> "PooledBank":
+        from pathlib import Path
+
+        from asd_ray.bank.memory_bank import STRATEGIES, _read_meta
+
+        d = Path(directory)
+        meta = _read_meta(d, cls.kind)
+        out = cls(pooling=meta["pooling"], gem_p=meta["gem_p"], strategy=meta["strategy"])
+        out.bank = STRATEGIES[meta["strategy"]].load(d / "bank", faiss_threads=faiss_threads)
+        return out

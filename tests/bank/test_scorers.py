@@ -1,0 +1,112 @@
+"""Scorers and normalisers against hand-computed values: density-normalised k-NN, SMOTE, pooling, fusion."""
+
+import numpy as np
+import pytest
+
+from asd_ray.bank.memory_bank import DomainAwareBank, MemoryBank, smote
+from asd_ray.bank.pooling import PooledBank, pool_clip
+from asd_ray.detectors import FusionDetector, combine, load_detector, znormalise
+
+
+def _line(*xs):
+    return np.array([[x, 0.0] for x in xs], np.float32)
+
+
+def test_density_normalised_knn_by_hand():
+    bank = MemoryBank(k=1, density=True).fit(_line(0, 1, 10))
+    # radii (1-NN distance of each member to the others): 1, 1, 9
+    np.testing.assert_allclose(bank.radii(), [1, 1, 9])
+    # query 5: distances 5, 4, 5 -> ratios 5, 4, 0.556: the lonely member at 10 is the nearest in its own units
+    assert bank.score(_line(5)) == pytest.approx([5 / 9])
+    assert MemoryBank(k=1).fit(_line(0, 1, 10)).score(_line(5)) == pytest.approx([4.0])
+    # leave-one-out: 0 -> min(1/1, 10/9); 1 -> min(1/1, 9/9); 10 -> min(10/1, 9/1)
+    np.testing.assert_allclose(bank.loo_scores(), [1.0, 1.0, 9.0])
+
+
+def test_density_k2_averages_the_two_smallest_ratios():
+    bank = MemoryBank(k=2, density=True).fit(_line(0, 1, 3))
+    # radii with k=2: 0 -> (1+3)/2 = 2; 1 -> (1+2)/2 = 1.5; 3 -> (2+3)/2 = 2.5
+    np.testing.assert_allclose(bank.radii(), [2, 1.5, 2.5])
+    # query 2: distances 2, 1, 1 -> ratios 1, 0.667, 0.4 -> mean of the two smallest
+    assert bank.score(_line(2)) == pytest.approx([(0.4 + 1 / 1.5) / 2])
+
+
+def test_domain_aware_scales_by_hand():
+    x = _line(0, 2, 10, 11)
+    bank = DomainAwareBank(k=1).fit(x, domains=["source", "source", "target", "target"])
+    assert bank.scales == {"source": 2.0, "target": 1.0}  # median leave-one-out 1-NN distance per domain
+    assert bank.score(_line(13)) == pytest.approx([min(11 / 2, 2 / 1)])
+
+
+def test_smote_keeps_the_originals_and_interpolates_between_neighbours():
+    t = np.array([[0, 0], [2, 0], [2, 2]], np.float32)
+    out = smote(t, 20, neighbours=1, seed=0)
+    assert out.shape == (20, 2) and np.array_equal(out[:3], t)
+    # with 1 neighbour: 0 <-> (2,0) and (2,2) <-> (2,0): every new point lies on one of those two segments
+    new = out[3:]
+    on_bottom = (np.abs(new[:, 1]) < 1e-6) & (new[:, 0] >= 0) & (new[:, 0] <= 2)
+    on_right = (np.abs(new[:, 0] - 2) < 1e-6) & (new[:, 1] >= 0) & (new[:, 1] <= 2)
+    assert (on_bottom | on_right).all()
+    assert smote(t, 2).shape == (3, 2)  # never fewer than given
+
+
+def test_oversampled_bank_grows_its_target_members():
+    x = np.concatenate([_line(0, 1, 2, 3), _line(10, 12)])
+    domains = ["source"] * 4 + ["target"] * 2
+    bank = DomainAwareBank(k=1, oversample_target=6).fit(x, [f"c{i}" for i in range(6)], domains=domains)
+    assert bank.banks["target"].size == 6 and bank.banks["source"].size == 4
+    assert sum(i.startswith("smote-") for i in bank.loo_ids()) == 4
+
+
+def test_pooling_by_hand():
+    frames = np.array([[0.0, 20.0], [10.0, 20.0]])  # two frames, two bands (dB)
+    np.testing.assert_allclose(pool_clip(frames, "mean"), [5, 20])
+    np.testing.assert_allclose(pool_clip(frames, "mean_std"), [5, 20, 5, 0])
+    # p = 1: the mean power in dB, 10 log10((1 + 10) / 2); a constant band stays itself
+    np.testing.assert_allclose(pool_clip(frames, "gem", p=1.0), [10 * np.log10(5.5), 20], rtol=1e-6)
+    # large p tends to the maximum
+    assert pool_clip(frames, "gem", p=200.0)[0] == pytest.approx(10.0, abs=0.02)
+    # relative deviation of the power: std(1, 10) / mean(1, 10) = 4.5 / 5.5; a constant band: 0
+    np.testing.assert_allclose(pool_clip(frames, "reldev"), [5, 20, 4.5 / 5.5, 0], rtol=1e-6)
+
+
+def test_pooled_bank_save_load(tmp_path):
+    rng = np.random.default_rng(0)
+    clips = [rng.standard_normal((20, 5)).astype(np.float32) for _ in range(8)]
+    bank = PooledBank(pooling="gem", gem_p=2.0, strategy="domain_aware", k=2).fit(
+        clips, domains=["source"] * 6 + ["target"] * 2)
+    loaded = load_detector(bank.save(tmp_path / "pooled"))
+    assert loaded.dim == 5 and loaded.pooling == "gem"
+    np.testing.assert_array_equal(loaded.score(clips[:3]), bank.score(clips[:3]))
+
+
+def test_znormalise_and_combine_by_hand():
+    np.testing.assert_allclose(znormalise([3.0, 5.0], [1.0, 3.0]), [1.0, 3.0])  # mean 2, std 1
+    np.testing.assert_allclose(znormalise([3.0], [2.0, 2.0]), [1.0])  # zero spread counts as 1
+    z = np.array([[1.0, -1.0], [3.0, 0.0]])
+    assert combine(z, "min").tolist() == [1.0, -1.0]
+    assert combine(z, "mean").tolist() == [2.0, -0.5]
+    assert combine(z, "max").tolist() == [3.0, 0.0]
+
+
+def test_fusion_of_two_banks_by_hand(tmp_path):
+    x = _line(0, 1, 3)
+    a, b = MemoryBank(k=1), MemoryBank(k=1, density=True)
+    fusion = FusionDetector([a, b], combine="mean").fit(x, ["p", "q", "r"])
+    # a's loo: 1, 1, 2. b's radii 1, 1, 2 and loo: 0 -> min(1/1, 3/2); 1 -> min(1/1, 2/2); 3 -> min(3/1, 2/1)
+    np.testing.assert_allclose(b.loo_scores(), [1, 1, 2])
+    q = _line(5)
+    za = (2.0 - 4 / 3) / np.std([1, 1, 2])  # a: nearest member 3, distance 2
+    zb = (1.0 - 4 / 3) / np.std([1, 1, 2])  # b: ratios 5/1, 4/1, 2/2 -> 1
+    assert fusion.score(q) == pytest.approx([(za + zb) / 2])
+    assert fusion.loo_ids() == ["p", "q", "r"] and fusion.loo_scores().shape == (3,)
+    loaded = load_detector(fusion.save(tmp_path / "fusion"))
+    np.testing.assert_array_equal(loaded.score(q), fusion.score(q))
+
+
+def test_fusion_refuses_members_of_different_features():
+    from asd_ray.bank.local_bank import LocalFeatureBank
+    from asd_ray.config import ConfigError
+
+    with pytest.raises(ConfigError, match="same features"):
+        FusionDetector([MemoryBank(), LocalFeatureBank()])
