@@ -198,6 +198,7 @@ class FinetuneConfig:
     monitor_every: int = 25  # steps between collapse-monitor evaluations (one forward of the held-out batch)
     report_every: int = 0  # steps between ray.train.report calls besides checkpoints (0: at checkpoints only)
     prefetch_batches: int = 2  # batches the Ray Data feed prepares ahead of each worker's step
+    feed_cpus: float = 1.0  # CPUs per feed task (pre-processing + augmentation); a whole core, not a share of one
     heldout_clips: int = 8  # clips kept out of training for the collapse monitor
     storage_path: str = "~/asd-ray/finetune"  # Ray Train storage (shared storage on a cluster)
     name: str = ""  # run name; empty: finetune-<time>. The same name resumes that run.
