@@ -83,15 +83,16 @@ def object_array(items: list) -> np.ndarray:
 
 
 def task_memory(batch_size: int, preprocess: PreprocessConfig) -> int:
-    """Bytes one pre-processing task may hold at its peak: its worker process (256 MiB: Python, numpy, scipy,
-    torch) plus decoded, normalised and padded float32 copies of ``batch_size`` clips of ``max_seconds``
-    (20 s when uncapped; DCASE clips are 6-18 s).
+    """Bytes one pre-processing task may hold at its peak: its worker process (512 MiB: Python, numpy, scipy,
+    torch, and the log-mel matrices of a frame stage fused with it; Ray Data measured up to 443 MiB) plus
+    decoded, normalised and padded float32 copies of ``batch_size`` clips of ``max_seconds`` (20 s when
+    uncapped; DCASE clips are 6-18 s).
 
     Ray schedules with it (no node takes more tasks than its memory holds) and, being a remote argument the
     embedding actors lack, it keeps Ray Data from fusing the pre-processing into the actor stage (it fuses
     stages whose remote arguments match: on a CPU node every clip would be decoded inside the one actor)."""
     seconds = preprocess.max_seconds or 20.0
-    return 256 * 2**20 + int(3 * 4 * batch_size * seconds * preprocess.sample_rate)
+    return 512 * 2**20 + int(3 * 4 * batch_size * seconds * preprocess.sample_rate)
 
 
 class EmbedBatch:
