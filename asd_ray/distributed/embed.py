@@ -9,6 +9,7 @@ sweeps over k, distance or post-processing rely on.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -199,17 +200,34 @@ def preprocessed(rows: list[dict], preprocess: PreprocessConfig, *, batch_size: 
 def embedding_dataset(rows: list[dict], *, embed: EmbedConfig, preprocess: PreprocessConfig, num_actors: int,
                       actor_cpus: float, use_gpu: bool, preprocess_cpus: float = 0.0):
     """The lazy Ray Data plan of ``embed_corpus``: pre-processing tasks, then the embedding actor pool;
-    rows come out with ``embedding`` (and ``flags``, ``error``) instead of samples."""
+    rows come out with ``embedding`` (and ``flags``, ``error``) instead of samples.
+
+    The weight-free ``logmel`` backbone has nothing to load and runs on the CPU: it embeds inside the
+    pre-processing tasks (fused with them), so no waveform crosses the object store and no actor is needed."""
     import ray
 
-    ds = preprocessed(rows, preprocess, batch_size=embed.batch_size,
-                      num_cpus=preprocess_cpus or (1.0 if use_gpu else 0.5))
+    cpus = preprocess_cpus or (1.0 if use_gpu else 0.5)
+    ds = preprocessed(rows, preprocess, batch_size=embed.batch_size, num_cpus=cpus)
+    if embed.backbone == "logmel":
+        return ds.map_batches(embed_in_task, fn_kwargs=actor_embed_kwargs(embed, False), batch_size=embed.batch_size,
+                              num_cpus=cpus, memory=task_memory(embed.batch_size, preprocess))
     # Two calls at once per actor: the next batch's host work overlaps this one's forward pass.
     pool = ray.data.ActorPoolStrategy(size=num_actors, max_concurrent_calls_per_actor=2,
                                       enable_true_multi_threading=True)
     return ds.map_batches(EmbedBatch, fn_constructor_kwargs=actor_embed_kwargs(embed, use_gpu),
                           batch_size=embed.batch_size, compute=pool, zero_copy_batch=True,
                           **({"num_gpus": 1} if use_gpu else {"num_cpus": actor_cpus}))
+
+
+@functools.lru_cache(maxsize=4)
+def _task_embedder(embed: tuple) -> EmbedBatch:
+    return EmbedBatch(**dict(embed))
+
+
+def embed_in_task(batch: dict[str, np.ndarray], **embed: object) -> dict[str, np.ndarray]:
+    """Ray Data task map after ``preprocess_batch`` for a weight-free backbone: what ``EmbedBatch`` does, with
+    the backbone built once per worker process."""
+    return _task_embedder(tuple(sorted(embed.items())))(batch)
 
 
 def embed_corpus(records: Sequence[ClipRecord], *, embed: EmbedConfig, preprocess: PreprocessConfig,

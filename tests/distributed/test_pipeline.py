@@ -74,7 +74,22 @@ def test_ae_baseline_on_ray_trains_one_task_per_machine(ray_local, tiny_corpus, 
         np.testing.assert_allclose(got.results[m].raw_scores, r.raw_scores, rtol=1e-9)
 
 
-def test_preprocessing_runs_in_tasks_of_its_own_not_fused_into_the_embedding_actor(ray_local, tiny_corpus):
+def test_preprocessing_runs_in_tasks_of_its_own_not_fused_into_the_embedding_actor(ray_local, tiny_corpus,
+                                                                                   tiny_hubert):
+    from asd_ray.distributed.embed import embedding_dataset
+
+    records, _ = plan_records(discover([tiny_corpus], ["valve"]))
+    config = load_config(RunConfig, None, [f"embed.backbone={tiny_hubert}", "embed.device=cpu"])
+    ds = embedding_dataset([r.to_row() for r in records[:8]], embed=config.embed, preprocess=config.preprocess,
+                           num_actors=1, actor_cpus=0.5, use_gpu=False)
+    rows = ds.take_all()
+    stats = ds.stats()
+    assert len(rows) == 8 and all(len(r["embedding"]) == 32 for r in rows)
+    assert "MapBatches(preprocess_batch)->" not in stats  # a fused stage would be named after both maps
+    assert "MapBatches(preprocess_batch)" in stats and "MapBatches(EmbedBatch)" in stats
+
+
+def test_weight_free_logmel_embeds_inside_the_preprocessing_tasks(ray_local, tiny_corpus):
     from asd_ray.distributed.embed import embedding_dataset
 
     records, _ = plan_records(discover([tiny_corpus], ["valve"]))
@@ -82,10 +97,8 @@ def test_preprocessing_runs_in_tasks_of_its_own_not_fused_into_the_embedding_act
     ds = embedding_dataset([r.to_row() for r in records[:8]], embed=config.embed, preprocess=config.preprocess,
                            num_actors=1, actor_cpus=0.5, use_gpu=False)
     rows = ds.take_all()
-    stats = ds.stats()
     assert len(rows) == 8 and all(len(r["embedding"]) == 256 for r in rows)
-    assert "MapBatches(preprocess_batch)->" not in stats  # a fused stage would be named after both maps
-    assert "MapBatches(preprocess_batch)" in stats and "MapBatches(EmbedBatch)" in stats
+    assert "MapBatches(preprocess_batch)->MapBatches(embed_in_task)" in ds.stats()  # one task stage, no actor
 
 
 def test_hubert_pipeline_embeds_mixed_length_batches_as_clip_by_clip(ray_local, tiny_hubert, tmp_path):
