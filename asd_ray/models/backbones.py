@@ -15,6 +15,7 @@ mask, as checkpoints whose encoder uses LayerNorm always could.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 from pathlib import Path
@@ -190,10 +191,7 @@ class HubertBackbone(Backbone):
         mask = valid.long() if padded else None
         want_all = self.layer != "last"
         with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None):
-            if self.group_norm:
-                with self.exact_norm.valid_samples(valid_samples):
-                    out = self.model(waveforms, attention_mask=mask, output_hidden_states=want_all)
-            else:
+            with self.exact_norm.valid_samples(valid_samples) if self.group_norm else contextlib.nullcontext():
                 out = self.model(waveforms, attention_mask=mask, output_hidden_states=want_all)
         frames = select_layer(out, self.layer)
         frame_lengths = self.model._get_feat_extract_output_lengths(lengths).clamp(max=frames.shape[1])
@@ -229,28 +227,25 @@ class PaddingExactGroupNorm(torch.nn.Module):
         layers[0] = cls(first)
         return layers[0]
 
+    @contextlib.contextmanager
     def valid_samples(self, counts: list[int]):
         """Context manager: the batch's valid sample counts for the forward passes inside it."""
-        layer = self
-
-        class _Scope:
-            def __enter__(self):
-                layer._local.counts = counts
-
-            def __exit__(self, *exc):
-                layer._local.counts = None
-
-        return _Scope()
+        self._local.counts = counts
+        try:
+            yield
+        finally:
+            self._local.counts = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.conv(x)
         counts = getattr(self._local, "counts", None)
         k, s = self.conv.kernel_size[0], self.conv.stride[0]
-        if counts is None or all(max(1, (int(n) - k) // s + 1) >= h.shape[-1] for n in counts):
+        frame_counts = None if counts is None else [max(1, (int(n) - k) // s + 1) for n in counts]
+        if frame_counts is None or min(frame_counts) >= h.shape[-1]:
             return self.activation(self.norm(h))  # no padding in this batch: the original layer, exactly
         batch, channels, frames = h.shape
         groups = self.norm.num_groups
-        valid = torch.tensor([max(1, (int(n) - k) // s + 1) for n in counts], device=h.device)
+        valid = torch.tensor(frame_counts, device=h.device)
         # Frames past a clip's valid count (zero padding, or a window straddling its end) are zeroed, so sums
         # over all frames are sums over the valid ones; statistics accumulate in fp32 (as GroupNorm under
         # autocast) without an fp32 copy of the whole batch.
