@@ -34,13 +34,15 @@ def corpus(clips: int, where: Path) -> Path:
                            workers=os.cpu_count() or 1)
 
 
-def run_embed_seconds(data: Path, out: Path, *extra: str) -> dict:
-    """``asd-ray run`` in a fresh process and cache; its metrics.json timings and clip count."""
+def run_embed_seconds(data: Path, out: Path, *extra: str, one_core: bool = False) -> dict:
+    """``asd-ray run`` in a fresh process and cache (on CPU 0 alone with ``one_core``); its metrics.json timings
+    and clip count."""
     cmd = [sys.executable, "-m", "asd_ray.cli", "run", "--data", str(data), "--out", str(out),
            "--set", f"ray.cache_dir={out / 'cache'}", *extra]
     t = time.perf_counter()
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                   env={**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"})
+                   env={**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"},
+                   preexec_fn=(lambda: os.sched_setaffinity(0, {0})) if one_core else None)
     wall = time.perf_counter() - t
     metrics = json.loads((out / "metrics.json").read_text())
     return {"embed_s": metrics["timings_s"]["embed"], "wall_s": wall, "clips": metrics["counts"]["embedded"],
@@ -53,7 +55,7 @@ def preprocess_scaling(data: Path, clips: int, batch_size: int) -> dict:
     from asd_ray.config import PreprocessConfig
     from asd_ray.data.audio import preprocess_clip
     from asd_ray.data.layout import discover
-    from asd_ray.distributed.embed import limit_threads, preprocessed
+    from asd_ray.distributed.embed import limit_threads, preprocessed, task_cpus
 
     paths = [r.path for r in discover([data]) if r.split in ("train", "test")][:clips]
     limit_threads()
@@ -64,13 +66,14 @@ def preprocess_scaling(data: Path, clips: int, batch_size: int) -> dict:
     one_core = len(sample) / (time.perf_counter() - t)
     cores = os.cpu_count() or 1
     ray.init(num_cpus=cores, include_dashboard=False, log_to_driver=False)
-    preprocessed([{"path": p} for p in paths[:cores * 4]], PreprocessConfig(), batch_size=4, num_cpus=0.5).materialize()
+    cpus = task_cpus(0.0, beside_cpu_actor=False)  # the pipeline's tasks when nothing else shares the cores
+    preprocessed([{"path": p} for p in paths[:cores * 4]], PreprocessConfig(), batch_size=4, num_cpus=cpus).materialize()
     t = time.perf_counter()
-    preprocessed([{"path": p} for p in paths], PreprocessConfig(), batch_size=batch_size, num_cpus=0.5).materialize()
+    preprocessed([{"path": p} for p in paths], PreprocessConfig(), batch_size=batch_size, num_cpus=cpus).materialize()
     rate = len(paths) / (time.perf_counter() - t)
     ray.shutdown()
     return {"clips": len(paths), "cores": cores, "one_core_clips_per_s": one_core, "ray_data_clips_per_s": rate,
-            "ratio_to_cores_x_one_core": rate / (cores * one_core), "batch_size": batch_size}
+            "ratio_to_cores_x_one_core": rate / (cores * one_core), "batch_size": batch_size, "task_cpus": cpus}
 
 
 def main() -> None:
@@ -85,11 +88,16 @@ def main() -> None:
     result = {"machine": f"cpu ({os.cpu_count()} cores)", "data": str(data)}
     # knn: the log-mel backbone through pre-processing tasks and the embedding actor (the pipeline P1 measures);
     # fusion (the default detector): log-mel frames in pre-processing tasks, no actor
+    # The reference run is one process, but torch's intra-op threads give its log-mel STFTs every core; pinned to
+    # one core it is the one-core reference the goal assumes. Both ratios are reported.
     for detector in ("knn", "fusion"):
         local = run_embed_seconds(data, work / f"local-{detector}", "--local", "--detector", detector)
+        pinned = run_embed_seconds(data, work / f"pinned-{detector}", "--local", "--detector", detector, one_core=True)
         ray_run = run_embed_seconds(data, work / f"ray-{detector}", "--detector", detector)
-        result[f"a_main_job_embed_stage_{detector}"] = {"local": local, "ray": ray_run, "goal": ">= 1.3",
-                                                        "ratio_local_over_ray": local["embed_s"] / ray_run["embed_s"]}
+        result[f"a_main_job_embed_stage_{detector}"] = {
+            "local": local, "local_one_core": pinned, "ray": ray_run, "goal": ">= 1.3",
+            "ratio_local_over_ray": local["embed_s"] / ray_run["embed_s"],
+            "ratio_local_one_core_over_ray": pinned["embed_s"] / ray_run["embed_s"]}
     result["b_preprocess_scaling"] = {**preprocess_scaling(data, args.clips, args.batch_size), "goal": ">= 0.8"}
     print(json.dumps(result, indent=2))
     if args.json:

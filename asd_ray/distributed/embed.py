@@ -18,7 +18,7 @@ import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -187,14 +187,73 @@ def read_table(path: str | Path) -> tuple[np.ndarray, list[ClipRecord], list[dic
     return (np.stack(emb) if emb else np.zeros((0, dim), np.float32)), records, rejects, flags
 
 
-def preprocessed(rows: list[dict], preprocess: PreprocessConfig, *, batch_size: int, num_cpus: float):
-    """Ray Data dataset of ``rows`` (dicts with at least ``path``) after ``preprocess_batch``, in CPU tasks of
-    ``num_cpus`` each that are never fused into a following actor stage."""
+Stage = tuple[Callable[..., dict], dict]  # a Ray Data batch map and its keyword arguments
+
+
+def task_cpus(setting: float, *, beside_cpu_actor: bool) -> float:
+    """CPUs per pre-processing task: ``setting``, or for 0 half a CPU beside embedding actors that run on the
+    CPUs (the actor and the tasks share the cores), else a whole one: one worker process per core, each paying
+    its imports and first-call set-up once (a 0.5-CPU task doubles the processes, and that cost, for nothing)."""
+    return setting or (0.5 if beside_cpu_actor else 1.0)
+
+
+def clip_tasks(embed: EmbedConfig, *, use_gpu: bool, preprocess_cpus: float = 0.0) -> tuple[list[Stage], float]:
+    """What the pre-processing tasks of the clip-embedding pipeline run after ``preprocess_batch``, and their
+    CPUs: the weight-free ``logmel`` backbone embeds inside them (no waveform crosses the object store, no
+    actor); any other backbone embeds in the actor pool that follows them."""
+    then = [(embed_in_task, actor_embed_kwargs(embed, False))] if embed.backbone == "logmel" else []
+    return then, task_cpus(preprocess_cpus, beside_cpu_actor=not then and not use_gpu)
+
+
+def task_stages(preprocess: PreprocessConfig, then: Sequence[Stage] = ()) -> list[Stage]:
+    return [(preprocess_batch, dataclasses.asdict(preprocess)), *then]
+
+
+def preprocessed(rows: list[dict], preprocess: PreprocessConfig, *, batch_size: int, num_cpus: float,
+                 then: Sequence[Stage] = ()):
+    """Ray Data dataset of ``rows`` (dicts with at least ``path``) after ``preprocess_batch`` and the stages
+    ``then``, fused in CPU tasks of ``num_cpus`` each that are never fused into a following actor stage."""
     import ray
 
-    return ray.data.from_items(rows).map_batches(preprocess_batch, fn_kwargs=dataclasses.asdict(preprocess),
-                                                 batch_size=batch_size, num_cpus=num_cpus,
-                                                 memory=task_memory(batch_size, preprocess))
+    ds = ray.data.from_items(rows)
+    for fn, kwargs in task_stages(preprocess, then):
+        ds = ds.map_batches(fn, fn_kwargs=kwargs, batch_size=batch_size, num_cpus=num_cpus,
+                            memory=task_memory(batch_size, preprocess))
+    return ds
+
+
+def warm_batch(stages: Sequence[Stage], sample_rate: int) -> str:
+    """One 2 s noise clip through ``stages`` in this worker process, so that its imports (torch, the audio
+    stack) and first-call set-up (filters, mel banks, backbones cached per process) are done before a real
+    batch arrives. Returns "" or why the warm-up failed: it only saves time, the real batches report errors."""
+    import tempfile
+
+    import soundfile as sf
+
+    with tempfile.TemporaryDirectory(prefix="asd-warm-") as tmp:
+        path = os.path.join(tmp, "warm.wav")
+        sf.write(path, 0.1 * np.random.default_rng(0).standard_normal(2 * sample_rate).astype(np.float32),
+                 sample_rate)
+        batch = {"path": np.array([path], dtype=object)}
+        try:
+            for fn, kwargs in stages:
+                batch = fn(batch, **kwargs)
+        except Exception as err:  # noqa: BLE001 - reported to the caller, never raised in a fire-and-forget task
+            return f"{type(err).__name__}: {err}"
+    return ""
+
+
+def warm_workers(preprocess: PreprocessConfig, then: Sequence[Stage] = (), *, batch_size: int,
+                 num_cpus: float) -> list:
+    """Start as many pre-processing workers as the cluster's CPUs hold at once and run ``warm_batch`` in each,
+    without waiting: called as soon as Ray is up, their imports overlap the driver's discovery and planning,
+    and Ray hands the warm idle workers the pipeline's first tasks. Returns the tasks' refs (each "" or a reason)."""
+    import ray
+
+    count = max(1, int(ray.cluster_resources().get("CPU", 1.0) // num_cpus))
+    task = ray.remote(warm_batch).options(num_cpus=num_cpus, memory=task_memory(batch_size, preprocess))
+    stages = task_stages(preprocess, then)
+    return [task.remote(stages, preprocess.sample_rate) for _ in range(count)]
 
 
 def embedding_dataset(rows: list[dict], *, embed: EmbedConfig, preprocess: PreprocessConfig, num_actors: int,
@@ -206,11 +265,10 @@ def embedding_dataset(rows: list[dict], *, embed: EmbedConfig, preprocess: Prepr
     pre-processing tasks (fused with them), so no waveform crosses the object store and no actor is needed."""
     import ray
 
-    cpus = preprocess_cpus or (1.0 if use_gpu else 0.5)
-    ds = preprocessed(rows, preprocess, batch_size=embed.batch_size, num_cpus=cpus)
-    if embed.backbone == "logmel":
-        return ds.map_batches(embed_in_task, fn_kwargs=actor_embed_kwargs(embed, False), batch_size=embed.batch_size,
-                              num_cpus=cpus, memory=task_memory(embed.batch_size, preprocess))
+    then, cpus = clip_tasks(embed, use_gpu=use_gpu, preprocess_cpus=preprocess_cpus)
+    ds = preprocessed(rows, preprocess, batch_size=embed.batch_size, num_cpus=cpus, then=then)
+    if then:
+        return ds
     # Two calls at once per actor: the next batch's host work overlaps this one's forward pass.
     pool = ray.data.ActorPoolStrategy(size=num_actors, max_concurrent_calls_per_actor=2,
                                       enable_true_multi_threading=True)
@@ -235,7 +293,7 @@ def embed_corpus(records: Sequence[ClipRecord], *, embed: EmbedConfig, preproces
                  use_gpu: bool | None = None, preprocess_cpus: float = 0.0) -> EmbeddingTable:
     """Pre-process and embed ``records`` with Ray Data on the connected Ray cluster.
 
-    CPU tasks of ``preprocess_cpus`` each (0: one CPU beside GPU actors, half a CPU otherwise) decode and
+    CPU tasks of ``preprocess_cpus`` each (0: half a CPU beside CPU embedding actors, one otherwise) decode and
     pre-process; ``num_actors`` embedding actors (``num_gpus=1`` each when ``use_gpu``, else ``actor_cpus``
     CPUs so that read tasks keep running) embed whole padded batches; the result lands as
     Parquet under ``cache_dir/<content key>`` and is reused by the next call with the same key.

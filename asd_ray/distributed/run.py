@@ -16,8 +16,8 @@ from asd_ray.config import RunConfig
 from asd_ray.data.layout import ClipRecord
 from asd_ray.detect import Embedder, MachineMap, features_key, frame_feature_kwargs, run_detection, shared
 from asd_ray.detectors import detector_features
-from asd_ray.distributed.embed import (EmbeddingTable, batch_waveforms, embed_corpus, object_array, preprocessed,
-                                       task_memory)
+from asd_ray.distributed.embed import (EmbeddingTable, Stage, batch_waveforms, clip_tasks, embed_corpus, object_array,
+                                       preprocessed, task_cpus, warm_workers)
 from asd_ray.distributed.session import ensure_ray, gpu_wanted
 from asd_ray.results import Reject, RunReport
 
@@ -55,14 +55,12 @@ def frames_batch(batch: dict[str, np.ndarray], **features: object) -> dict[str, 
 def ray_frames_embedder(config: RunConfig) -> Embedder:
     """Ray Data pre-processing + log-mel matrices of every clip (held in memory, no cache: a run's detectors
     need them all)."""
-    kwargs = frame_feature_kwargs(config)
+    then, cpus = pipeline_tasks(config)
 
     def embedder(records: Sequence[ClipRecord]):
         by_path = {r.path: r for r in records}
-        # the same memory as the pre-processing stage: both are tasks, fused into one (no waveforms move between them)
-        rows = preprocessed([{"path": r.path} for r in records], config.preprocess, batch_size=16, num_cpus=0.5
-                            ).map_batches(frames_batch, fn_kwargs=kwargs, batch_size=16, num_cpus=0.5,
-                                          memory=task_memory(16, config.preprocess)).take_all()
+        rows = preprocessed([{"path": r.path} for r in records], config.preprocess, batch_size=FRAME_BATCH,
+                            num_cpus=cpus, then=then).take_all()
         feats, kept, rejects, flags = [], [], [], []
         for row in sorted(rows, key=lambda r: r["path"]):
             rec = by_path[row["path"]]
@@ -97,6 +95,24 @@ def embedder_for(config: RunConfig) -> Embedder:
     return ray_embedder(config) if detector_features(config) == "clip" else ray_frames_embedder(config)
 
 
+FRAME_BATCH = 16  # clips per task of the log-mel frame pipeline
+
+
+def pipeline_tasks(config: RunConfig) -> tuple[list[Stage], float]:
+    """What the pre-processing tasks of ``config``'s Ray embedder run after ``preprocess_batch``, and their CPUs."""
+    if detector_features(config) == "clip":
+        return clip_tasks(config.embed, use_gpu=gpu_wanted(config.ray.use_gpu, config.embed.device),
+                          preprocess_cpus=config.ray.preprocess_cpus)
+    return [(frames_batch, frame_feature_kwargs(config))], task_cpus(config.ray.preprocess_cpus, beside_cpu_actor=False)
+
+
+def warm_pipeline(config: RunConfig) -> list:
+    """``warm_workers`` for ``config``'s embedding pipeline (its refs; nobody needs to wait for them)."""
+    then, cpus = pipeline_tasks(config)
+    batch = config.embed.batch_size if detector_features(config) == "clip" else FRAME_BATCH
+    return warm_workers(config.preprocess, then, batch_size=batch, num_cpus=cpus)
+
+
 def ray_run(roots: Sequence[str | Path], config: RunConfig, out_dir: str | Path | None = None,
             machines: Iterable[str] | None = None, feature_cache: dict | None = None) -> RunReport:
     """Embed the corpus with Ray Data (clip embeddings: cached Parquet), then fit, score, decide, evaluate, write.
@@ -106,6 +122,7 @@ def ray_run(roots: Sequence[str | Path], config: RunConfig, out_dir: str | Path 
     ``feature_cache`` (a dict kept by the caller), runs of several detectors share their features.
     """
     ensure_ray(num_cpus=config.ray.num_cpus or None)
+    warm_pipeline(config)  # worker imports overlap discovery; a cached run wastes a second of idle CPUs
     embedder = shared(embedder_for(config), feature_cache, features_key(config))
     if detector_features(config) == "clip":
         return run_detection(roots, config, embedder, out_dir, machines)

@@ -136,3 +136,33 @@ def test_padded_samples_reads_rows_of_blocks_padded_to_different_widths():
     assert samples.shape == (2, 4) and lengths.tolist() == [4, 2]
     assert samples[0].tolist() == [0, 1, 2, 3] and samples[1].tolist() == [1, 1, 0, 0]
     assert [w.tolist() for w in batch_waveforms(batch)] == [[0, 1, 2, 3], [1, 1]]
+
+
+@pytest.mark.parametrize("detector", ["knn", "fusion"])
+def test_warm_up_runs_the_pipeline_tasks_stages_on_a_dummy_clip(ray_local, detector):
+    import ray
+
+    from asd_ray.distributed.run import pipeline_tasks, warm_pipeline
+
+    config = load_config(RunConfig, None, [f"detector={detector}"])
+    then, cpus = pipeline_tasks(config)
+    assert cpus == 1.0 and [fn.__name__ for fn, _ in then] == ["embed_in_task" if detector == "knn" else "frames_batch"]
+    assert ray.get(warm_pipeline(config), timeout=120) == ["", ""]  # one per CPU of the session's two
+
+
+def test_warm_up_reports_a_failing_stage_instead_of_raising():
+    from asd_ray.distributed.embed import warm_batch
+
+    def broken(batch):
+        raise RuntimeError("no mel bank")
+
+    assert warm_batch([(broken, {})], 16_000) == "RuntimeError: no mel bank"
+
+
+def test_tasks_take_half_a_cpu_only_beside_embedding_actors_on_the_cpus():
+    from asd_ray.distributed.embed import clip_tasks
+
+    hubert = load_config(RunConfig, None, ["embed.backbone=/some/checkpoint"]).embed
+    assert clip_tasks(hubert, use_gpu=False) == ([], 0.5)
+    assert clip_tasks(hubert, use_gpu=True) == ([], 1.0)
+    assert clip_tasks(hubert, use_gpu=False, preprocess_cpus=0.25) == ([], 0.25)
