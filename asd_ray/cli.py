@@ -23,7 +23,9 @@ def _add_synth(sub):
     p = sub.add_parser("synth", help="write a synthetic corpus laid out exactly like DCASE 2025 Task 2")
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--machines", nargs="*", default=list(DEV_MACHINES), help="dev machine types")
-    p.add_argument("--eval-machines", nargs="*", default=list(EVAL_MACHINES), help="eval machine types")
+    p.add_argument("--eval-machines", nargs="*", default=None, metavar="MACHINE",
+                   help="eval machine types (default, or the flag alone: all 8 of DCASE 2025)")
+    p.add_argument("--no-eval-machines", action="store_true", help="write dev_data only")
     p.add_argument("--train-source", type=int, default=990)
     p.add_argument("--train-target", type=int, default=10)
     p.add_argument("--test-per-cell", type=int, default=50, help="test clips per domain x label")
@@ -154,7 +156,10 @@ def run_config(config_path, overrides, backbone=None) -> RunConfig:
 def cmd_synth(args) -> int:
     from asd_ray.data.synth import generate_corpus
 
-    root = generate_corpus(args.out, dev_machines=args.machines, eval_machines=args.eval_machines,
+    if args.no_eval_machines and args.eval_machines:
+        raise ConfigError("--no-eval-machines and --eval-machines NAME... contradict each other")
+    eval_machines = () if args.no_eval_machines else (args.eval_machines or list(EVAL_MACHINES))
+    root = generate_corpus(args.out, dev_machines=args.machines, eval_machines=eval_machines,
                            train_source=args.train_source, train_target=args.train_target,
                            test_per_cell=args.test_per_cell, supplemental=args.supplemental,
                            seconds=args.seconds, seed=args.seed, workers=args.workers, style=args.style)

@@ -75,7 +75,7 @@ def ground_truth(root: str | Path, machines: Iterable[str] | None = None) -> dic
         if r.label in ("normal", "anomaly"):
             truth.setdefault(r.machine, {})[r.filename] = (int(r.label == "anomaly"), r.domain)
         elif r.dataset == "eval" and not r.parse_error:
-            labels_csv, domains_csv = ground_truth_paths(root, r.machine, r.section)
+            labels_csv, domains_csv, _ = ground_truth_paths(root, r.machine, r.section)
             if not labels_csv.is_file():
                 continue
             table = truth.setdefault(r.machine, {})
