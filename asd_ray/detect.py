@@ -188,13 +188,13 @@ def detect(features: Features, records: Sequence[ClipRecord], *, detector: Calla
     return results
 
 
-def known_truth(results: dict[str, MachineResult], roots: Iterable[str | Path], eval_list: str | Path = "") -> dict:
+def known_truth(results: dict[str, MachineResult], roots: Iterable[str | Path], eval_list: dict | None = None
+                ) -> dict:
     """{machine: {filename: ClipTruth}} for the scored machines whose test labels are known (eval labels from
-    ``eval_list``, the baseline repo's single list, or each root's per-machine tables)."""
-    listed = read_eval_list(eval_list) if eval_list else None
+    ``eval_list``, ``read_eval_list`` of the baseline repo's single list, or each root's per-machine tables)."""
     truth: dict = {}
     for root in roots:
-        for machine, table in ground_truth(root, None, listed).items():
+        for machine, table in ground_truth(root, None, eval_list).items():
             if machine in results:
                 truth.setdefault(machine, {}).update(table)
     return truth
@@ -263,6 +263,7 @@ def run_detection(roots: Sequence[str | Path], config: RunConfig, embedder: Embe
     one function. ``machine_map`` fits the per-machine detectors (an AE on ``device``).
     """
     t0 = time.perf_counter()
+    eval_list = read_eval_list(config.eval_list) if config.eval_list else None  # a bad path fails before any work
     records = discover(roots, machines, normals_only_roots=config.normals_only_roots)
     used, unused = plan_records(records)
     t1 = time.perf_counter()
@@ -274,7 +275,7 @@ def run_detection(roots: Sequence[str | Path], config: RunConfig, embedder: Embe
                      unscored=unscored, bank_dir=None if out_dir is None else Path(out_dir) / "banks",
                      machine_map=machine_map)
     t3 = time.perf_counter()
-    truth = known_truth(results, roots, config.eval_list)
+    truth = known_truth(results, roots, eval_list)
     metrics = evaluate_results(results, truth)
     flag_counts = dict(Counter(f.split(":")[0] for fl in flags for f in fl))
     report = RunReport(results=results, metrics=metrics, rejects=rejects, unused=unused, clips_in=len(records),

@@ -11,7 +11,7 @@ from sklearn.metrics import roc_auc_score
 
 from asd_ray.cli import main
 from asd_ray.config import RunConfig, load_config
-from asd_ray.data.layout import ground_truth_paths
+from asd_ray.data.layout import LayoutError, ground_truth_paths
 from asd_ray.detect import reference_run
 from tiny import TINY
 
@@ -72,6 +72,8 @@ def test_dev_and_eval_scores_are_each_the_official_computation(tiny_corpus, tmp_
     assert abs(dev_score - eval_score) > 1e-3  # the two differ, so a mix-up would show
     assert metrics["official_score"] == metrics["splits"]["dev_data"]["official_score"]
     assert metrics["headline_split"] == "dev_data"
+    with pytest.raises(LayoutError, match="eval list not found"):  # before anything is embedded
+        reference_run([tiny_corpus], load_config(RunConfig, None, [f"eval_list={tmp_path / 'none.csv'}"]))
 
 
 def test_bad_clips_are_rejected_with_reasons_and_counts_reconcile(corpus_with_bad_clips, tmp_path):
