@@ -231,8 +231,8 @@ def format_metrics(metrics: dict) -> str:
     for name, split in metrics["splits"].items():
         f1 = all("f1_source" in v for v in split["machines"].values())
         lines.append(f"{name}:")
-        lines.append(f"{'machine':<14} {'AUC_s':>7} {'AUC_t':>7} {'pAUC':>7} {'hmean':>7}" + (" {:>7} {:>7}".format(
-            "F1_s", "F1_t") if f1 else ""))
+        lines.append(f"{'machine':<14} {'AUC_s':>7} {'AUC_t':>7} {'pAUC':>7} {'hmean':>7}"
+                     + (f" {'F1_s':>7} {'F1_t':>7}" if f1 else ""))
         for m, v in split["machines"].items():
             lines.append(f"{m:<14} {v['auc_source']:7.4f} {v['auc_target']:7.4f} {v['pauc']:7.4f} {v['hmean']:7.4f}"
                          + (f" {v['f1_source']:7.4f} {v['f1_target']:7.4f}" if f1 else ""))
