@@ -23,7 +23,9 @@ def _add_synth(sub):
     p = sub.add_parser("synth", help="write a synthetic corpus laid out exactly like DCASE 2025 Task 2")
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--machines", nargs="*", default=list(DEV_MACHINES), help="dev machine types")
-    p.add_argument("--eval-machines", nargs="*", default=list(EVAL_MACHINES), help="eval machine types")
+    p.add_argument("--eval-machines", nargs="*", default=None, metavar="MACHINE",
+                   help="eval machine types (default, or the flag alone: all 8 of DCASE 2025)")
+    p.add_argument("--no-eval-machines", action="store_true", help="write dev_data only")
     p.add_argument("--train-source", type=int, default=990)
     p.add_argument("--train-target", type=int, default=10)
     p.add_argument("--test-per-cell", type=int, default=50, help="test clips per domain x label")
@@ -84,9 +86,15 @@ def _add_compare(sub):
 
 
 def _add_evaluate(sub):
-    p = sub.add_parser("evaluate", help="official metrics of a folder of anomaly_score_*.csv files")
-    p.add_argument("--scores", required=True, type=Path, help="folder with anomaly_score_<machine>_section_00_test.csv")
-    p.add_argument("--data", required=True, type=Path, help="data root with the test clips (and eval ground truth)")
+    p = sub.add_parser("evaluate", help="official metrics, per split, of a folder of anomaly_score_*.csv files")
+    p.add_argument("--scores", required=True, type=Path,
+                   help="folder with anomaly_score_<machine>_section_00_test.csv (and decision_result_*.csv)")
+    p.add_argument("--data", required=True, type=Path,
+                   help="data root with the test clips (eval ground truth: eval_data/ground_truth_{data,domain}/)")
+    p.add_argument("--eval-list", type=Path,
+                   help="eval ground truth from the baseline repo's single list (datasets/eval_data_list_2025.csv)")
+    p.add_argument("--out", type=Path, help="also write metrics.json and evaluator/<split>/<system>_result.csv here "
+                                            "(system: the --scores folder's name)")
     p.add_argument("--machines", nargs="*")
 
 
@@ -154,7 +162,10 @@ def run_config(config_path, overrides, backbone=None) -> RunConfig:
 def cmd_synth(args) -> int:
     from asd_ray.data.synth import generate_corpus
 
-    root = generate_corpus(args.out, dev_machines=args.machines, eval_machines=args.eval_machines,
+    if args.no_eval_machines and args.eval_machines:
+        raise ConfigError("--no-eval-machines and --eval-machines NAME... contradict each other")
+    eval_machines = () if args.no_eval_machines else (args.eval_machines or list(EVAL_MACHINES))
+    root = generate_corpus(args.out, dev_machines=args.machines, eval_machines=eval_machines,
                            train_source=args.train_source, train_target=args.train_target,
                            test_per_cell=args.test_per_cell, supplemental=args.supplemental,
                            seconds=args.seconds, seed=args.seed, workers=args.workers, style=args.style)
@@ -205,27 +216,45 @@ def cmd_compare(args) -> int:
     for name in args.detectors:
         config = run_config(args.config, [*args.overrides, *DETECTORS[name]])
         reports[name] = run(roots, config, args.out / name, args.machines, feature_cache=features)
-        score = reports[name].metrics["official_score"] if reports[name].metrics else None
-        print(f"{name}: official score {score}")
+        met = reports[name].metrics
+        print(f"{name}: " + ("; ".join(f"{s} official score {v['official_score']:.4f}"
+                                        for s, v in met["splits"].items()) if met else "no ground truth"))
     path = write_comparison(reports, args.out)
     print(path.read_text().split("\n\n![")[0])
     return 0
 
 
 def format_metrics(metrics: dict) -> str:
-    lines = [f"{'machine':<14} {'AUC_s':>7} {'AUC_t':>7} {'pAUC':>7} {'hmean':>7}"]
-    for m, v in metrics["machines"].items():
-        lines.append(f"{m:<14} {v['auc_source']:7.4f} {v['auc_target']:7.4f} {v['pauc']:7.4f} {v['hmean']:7.4f}")
-    lines.append(f"official score (h-mean over all machines): {metrics['official_score']:.4f}")
+    """Per split: each machine's AUC_s, AUC_t, pAUC, h-mean (and F1 per domain when decisions were scored),
+    the split's official score; then which split the top-level score is."""
+    lines = []
+    for name, split in metrics["splits"].items():
+        f1 = all("f1_source" in v for v in split["machines"].values())
+        lines.append(f"{name}:")
+        lines.append(f"{'machine':<14} {'AUC_s':>7} {'AUC_t':>7} {'pAUC':>7} {'hmean':>7}"
+                     + (f" {'F1_s':>7} {'F1_t':>7}" if f1 else ""))
+        for m, v in split["machines"].items():
+            lines.append(f"{m:<14} {v['auc_source']:7.4f} {v['auc_target']:7.4f} {v['pauc']:7.4f} {v['hmean']:7.4f}"
+                         + (f" {v['f1_source']:7.4f} {v['f1_target']:7.4f}" if f1 else ""))
+        ci = f" (ci95 {split['official_score_ci95']:.2g})" if "official_score_ci95" in split else ""
+        lines.append(f"{name} official score (h-mean over its machines): {split['official_score']:.4f}{ci}")
+    lines.append(f"official score = the {metrics['headline_split']} score: {metrics['official_score']:.4f}")
     return "\n".join(lines)
 
 
 def cmd_evaluate(args) -> int:
-    from asd_ray.scoring.files import evaluate_dir
+    from asd_ray.scoring.files import evaluate_dir, write_evaluator_results
 
-    metrics = evaluate_dir(args.scores, args.data, args.machines)
+    metrics = evaluate_dir(args.scores, args.data, args.machines, args.eval_list)
     print(format_metrics(metrics))
-    print(json.dumps(metrics))
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        written = write_evaluator_results(args.out, metrics, args.scores.resolve().name)
+        print(f"metrics.json{' and ' + ', '.join(str(p) for p in written) if written else ''} in {args.out}"
+              + ("" if written else " (no decision_result_* files: no evaluator table)"))
+    else:
+        print(json.dumps(metrics))
     return 0
 
 

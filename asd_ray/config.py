@@ -227,6 +227,9 @@ class RunConfig:
     # The default is the measured best on both synthetic corpus styles (README, "Detectors").
     detector: Literal["knn", "pooled", "local", "ae-mse", "ae-maha", "fusion"] = "fusion"
     normals_only_roots: tuple[str, ...] = ()  # roots whose unparsed names are trusted as normal train clips
+    # eval ground truth from the official baseline repo's single list (datasets/eval_data_list_2025.csv);
+    # "": from each root's eval_data/ground_truth_{data,domain}/ tables when present
+    eval_list: str = ""
 
 
 _TRUE_WORDS = ("yes", "true", "on")

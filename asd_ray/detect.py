@@ -27,7 +27,8 @@ from asd_ray.detectors import Detector, detector_features, make_detector
 from asd_ray.models.frames import LogMelFrames, frames_needed_seconds
 from asd_ray.report import write_report
 from asd_ray.results import MachineResult, Reject, RunReport
-from asd_ray.scoring.files import evaluate_scores, ground_truth, write_results, write_rows
+from asd_ray.scoring.files import (evaluate_scores, ground_truth, read_eval_list, write_evaluator_results,
+                                   write_results, write_rows)
 from asd_ray.scoring.metrics import MetricError
 from asd_ray.scoring.postprocess import postprocess
 
@@ -187,18 +188,20 @@ def detect(features: Features, records: Sequence[ClipRecord], *, detector: Calla
     return results
 
 
-def known_truth(results: dict[str, MachineResult], roots: Iterable[str | Path]) -> dict:
-    """{machine: {filename: (label, domain)}} for the scored machines whose test labels are known."""
+def known_truth(results: dict[str, MachineResult], roots: Iterable[str | Path], eval_list: dict | None = None
+                ) -> dict:
+    """{machine: {filename: ClipTruth}} for the scored machines whose test labels are known (eval labels from
+    ``eval_list``, ``read_eval_list`` of the baseline repo's single list, or each root's per-machine tables)."""
     truth: dict = {}
     for root in roots:
-        for machine, table in ground_truth(root, None).items():
+        for machine, table in ground_truth(root, None, eval_list).items():
             if machine in results:
                 truth.setdefault(machine, {}).update(table)
     return truth
 
 
 def evaluate_results(results: dict[str, MachineResult], truth: dict) -> dict | None:
-    """Official metrics of the machines in ``truth`` (see ``known_truth``).
+    """Official metrics of the machines in ``truth`` (see ``known_truth``), per split, decisions included.
 
     Test clips that were rejected have no score: they are left out of the metrics and listed
     under ``excluded_test_clips`` (the official evaluator would need them all).
@@ -208,7 +211,8 @@ def evaluate_results(results: dict[str, MachineResult], truth: dict) -> dict | N
     scored = {m: set(results[m].filenames) for m in truth}
     excluded = sorted(f"{m}/{f}" for m, t in truth.items() for f in t if f not in scored[m])
     kept = {m: {f: v for f, v in t.items() if f in scored[m]} for m, t in truth.items()}
-    metrics = evaluate_scores({m: dict(zip(results[m].filenames, results[m].scores)) for m in kept}, kept)
+    metrics = evaluate_scores({m: dict(zip(results[m].filenames, results[m].scores)) for m in kept}, kept,
+                              {m: dict(zip(results[m].filenames, results[m].decisions.tolist())) for m in kept})
     return {**metrics, "excluded_test_clips": excluded}
 
 
@@ -221,7 +225,7 @@ def write_outputs(report: RunReport, out_dir: str | Path, config: RunConfig) -> 
     for name, rows in (("rejects.csv", report.rejects), ("unused.csv", report.unused),
                        ("unscored.csv", report.unscored)):
         write_rows(out / name, [("path", "reason")] + [(x.path, x.reason) for x in rows])
-    body = {**(report.metrics or {"official_score": None, "machines": {}}),
+    body = {**(report.metrics or {"official_score": None, "machines": {}, "splits": {}}),
             "counts": {"clips_in": report.clips_in, "embedded": report.clips_embedded,
                        "rejected": len(report.rejects), "unused": len(report.unused),
                        "unscored": len(report.unscored)},
@@ -232,6 +236,8 @@ def write_outputs(report: RunReport, out_dir: str | Path, config: RunConfig) -> 
                if any(r.train_losses for r in report.results.values()) else {}),
             "flags": report.flags, "timings_s": report.timings}
     (out / "metrics.json").write_text(json.dumps(body, indent=2))
+    if report.metrics:  # what the official evaluator would write for this folder, per split
+        write_evaluator_results(out, report.metrics, out.resolve().name)
     save_config(config, out / "config.yaml")
     write_report(report, out, config)
     return out
@@ -257,6 +263,7 @@ def run_detection(roots: Sequence[str | Path], config: RunConfig, embedder: Embe
     one function. ``machine_map`` fits the per-machine detectors (an AE on ``device``).
     """
     t0 = time.perf_counter()
+    eval_list = read_eval_list(config.eval_list) if config.eval_list else None  # a bad path fails before any work
     records = discover(roots, machines, normals_only_roots=config.normals_only_roots)
     used, unused = plan_records(records)
     t1 = time.perf_counter()
@@ -268,7 +275,7 @@ def run_detection(roots: Sequence[str | Path], config: RunConfig, embedder: Embe
                      unscored=unscored, bank_dir=None if out_dir is None else Path(out_dir) / "banks",
                      machine_map=machine_map)
     t3 = time.perf_counter()
-    truth = known_truth(results, roots)
+    truth = known_truth(results, roots, eval_list)
     metrics = evaluate_results(results, truth)
     flag_counts = dict(Counter(f.split(":")[0] for fl in flags for f in fl))
     report = RunReport(results=results, metrics=metrics, rejects=rejects, unused=unused, clips_in=len(records),

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from asd_ray.results import RunReport
+from asd_ray.scoring.metrics import DECISION_KEYS, EVALUATOR_COLUMNS, SPLITS
 
 
 def _plots(machine: str, filenames, scores, truth: dict, out: Path) -> list[str]:
@@ -48,24 +49,53 @@ def _plots(machine: str, filenames, scores, truth: dict, out: Path) -> list[str]
     return [name]
 
 
+def headline_line(metrics: dict) -> str:
+    """The sentence that says which split the top-level official score is."""
+    split = metrics["headline_split"]
+    n = len(metrics["machines"])
+    others = [s for s in metrics["splits"] if s != split]
+    return (f"**Official score** ({split}: h-mean of its {n} machine(s)' AUC_source, AUC_target and pAUC): "
+            f"**{metrics['official_score']:.4f}**. This is `official_score` at the top of `metrics.json`"
+            + (f"; {', '.join(others)} is scored apart below, never mixed in." if others else "."))
+
+
+def split_lines(name: str, split: dict, results: dict | None = None, system: str = "") -> list[str]:
+    """Markdown for one split: its official score and means, and the per-machine table with the official
+    evaluator's column names (values rounded here only; ``metrics.json`` holds them unrounded)."""
+    lines = [f"## {name}", "",
+             f"Official score **{split['official_score']:.4f}**"
+             + (f" (official score ci95 {split['official_score_ci95']:.2g}: the evaluator's jackknife half-width)"
+                if "official_score_ci95" in split else "")
+             + f"; arithmetic mean (AUC) {split['mean_auc']:.4f}, harmonic mean (source) {split['hmean_source']:.4f}, "
+               f"harmonic mean (target) {split['hmean_target']:.4f}, mean pAUC {split['mean_pauc']:.4f}.", ""]
+    keys = [k for k in EVALUATOR_COLUMNS if all(k in v for v in split["machines"].values())]
+    extra = ["threshold", "detector", "bank"] if results else []
+    lines += ["| machine | " + " | ".join([EVALUATOR_COLUMNS[k] for k in keys] + ["h-mean"] + extra) + " |",
+              "|---|" + "---|" * (len(keys) + 1 + len(extra))]
+    for machine, v in split["machines"].items():
+        cells = [f"{v[k]:.4f}" for k in keys] + [f"{v['hmean']:.4f}"]
+        if results:
+            r = results[machine]
+            cells += [f"{r.threshold:.3f}", r.detector, str(r.bank_size)]
+        lines.append(f"| {machine} | " + " | ".join(cells) + " |")
+    if system and all(k in keys for k in DECISION_KEYS):
+        lines += ["", f"The official evaluator's table of this split: `evaluator/{name}/{system}_result.csv`."]
+    return lines + [""]
+
+
 def write_report(report: RunReport, out: Path, config) -> Path:
     """Write ``report.md`` (and one PNG per machine with known labels) into ``out``."""
     lines = ["# asd-ray report", ""]
     m = report.metrics
     if m:
-        lines += [f"**Official score** (h-mean of every machine's AUC_s, AUC_t, pAUC): **{m['official_score']:.4f}**", "",
-                  "| machine | AUC_source | AUC_target | pAUC | h-mean | threshold | detector | bank |",
-                  "|---|---|---|---|---|---|---|---|"]
-        for name, v in m["machines"].items():
-            r = report.results[name]
-            lines.append(f"| {name} | {v['auc_source']:.4f} | {v['auc_target']:.4f} | {v['pauc']:.4f} | "
-                         f"{v['hmean']:.4f} | {r.threshold:.3f} | {r.detector} | {r.bank_size} |")
-        lines += ["", f"Mean AUC {m['mean_auc']:.4f}, mean pAUC {m['mean_pauc']:.4f}."]
+        lines += [headline_line(m), ""]
+        for name, split in m["splits"].items():
+            lines += split_lines(name, split, report.results, out.resolve().name)
         if m.get("excluded_test_clips"):
-            lines.append(f"{len(m['excluded_test_clips'])} rejected test clip(s) left out of the metrics.")
+            lines += [f"{len(m['excluded_test_clips'])} rejected test clip(s) left out of the metrics.", ""]
     unlabeled = sorted(set(report.results) - set(report.truth))
     if unlabeled:
-        lines += ["", f"Scored without ground truth (no metrics): {', '.join(unlabeled)}."]
+        lines += [f"Scored without ground truth (no metrics): {', '.join(unlabeled)}."]
     lines += ["", "## Clips", "",
               f"{report.clips_in} in: {report.clips_embedded} embedded, {len(report.rejects)} rejected "
               f"(`rejects.csv`), {len(report.unused)} unused (`unused.csv`). Pre-processing flags: "
@@ -89,8 +119,8 @@ def write_report(report: RunReport, out: Path, config) -> Path:
 
 
 def write_comparison(reports: dict[str, RunReport], out: Path) -> Path:
-    """``compare.md`` / ``compare.json``: per machine and detector AUC_s, AUC_t, pAUC, h-mean and the official
-    score; ``roc_<machine>.png`` with one ROC per detector (all test clips of the machine)."""
+    """``compare.md`` / ``compare.json``: per split the official score of each detector, per machine and detector
+    AUC_s, AUC_t, pAUC, h-mean; ``roc_<machine>.png`` with one ROC per detector (all test clips of the machine)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -102,20 +132,29 @@ def write_comparison(reports: dict[str, RunReport], out: Path) -> Path:
     scored = {n: r.metrics for n, r in reports.items() if r.metrics}
     if not scored:
         raise ValueError("no detector run has ground truth to compare on")
-    machines = sorted({m for met in scored.values() for m in met["machines"]})
-    lines = ["# Detector comparison", "", "Official score (h-mean over every machine's AUC_s, AUC_t, pAUC):", "",
-             "| detector | official score | mean AUC | mean pAUC |", "|---|---|---|---|"]
-    lines += [f"| {n} | {m['official_score']:.4f} | {m['mean_auc']:.4f} | {m['mean_pauc']:.4f} |"
-              for n, m in scored.items()]
-    lines += ["", "Per machine (AUC_s / AUC_t / pAUC / h-mean):", "",
-              "| machine | " + " | ".join(scored) + " |", "|---|" + "---|" * len(scored)]
-    for machine in machines:
+    splits = [s for s in SPLITS if any(s in met["splits"] for met in scored.values())]
+    machines = sorted({m for met in scored.values() for sp in met["splits"].values() for m in sp["machines"]})
+    lines = ["# Detector comparison", "",
+             "Official score per split (h-mean over the split's machines' AUC_s, AUC_t, pAUC; dev_data and eval_data "
+             "are scored apart):", "",
+             "| detector | " + " | ".join(f"{s} official score | {s} mean AUC | {s} mean pAUC" for s in splits) + " |",
+             "|---|" + "---|---|---|" * len(splits)]
+    for n, m in scored.items():
         cells = []
-        for n, m in scored.items():
-            v = m["machines"].get(machine)
-            cells.append("—" if v is None else
-                         f"{v['auc_source']:.3f} / {v['auc_target']:.3f} / {v['pauc']:.3f} / **{v['hmean']:.3f}**")
-        lines.append(f"| {machine} | " + " | ".join(cells) + " |")
+        for s in splits:
+            sp = m["splits"].get(s)
+            cells += (["—"] * 3 if sp is None else
+                      [f"{sp['official_score']:.4f}", f"{sp['mean_auc']:.4f}", f"{sp['mean_pauc']:.4f}"])
+        lines.append(f"| {n} | " + " | ".join(cells) + " |")
+    lines += ["", "Per machine (AUC_s / AUC_t / pAUC / h-mean):", "",
+              "| machine | split | " + " | ".join(scored) + " |", "|---|---|" + "---|" * len(scored)]
+    per_machine = {n: {mach: (s, v) for s, sp in m["splits"].items() for mach, v in sp["machines"].items()}
+                   for n, m in scored.items()}
+    for machine in machines:
+        split = next(per_machine[n][machine][0] for n in scored if machine in per_machine[n])
+        cells = [f"{v['auc_source']:.3f} / {v['auc_target']:.3f} / {v['pauc']:.3f} / **{v['hmean']:.3f}**"
+                 if (v := per_machine[n].get(machine, (None, None))[1]) else "—" for n in scored]
+        lines.append(f"| {machine} | {split} | " + " | ".join(cells) + " |")
     lines += [""]
     for machine in machines:
         fig, ax = plt.subplots(figsize=(5, 4.5))
@@ -124,7 +163,7 @@ def write_comparison(reports: dict[str, RunReport], out: Path) -> Path:
             known = [(truth[f][0], s) for f, s in zip(r.filenames, r.scores) if f in truth] if r else []
             if len({k[0] for k in known}) == 2:
                 fpr, tpr, _ = roc_curve([k[0] for k in known], [k[1] for k in known])
-                ax.plot(fpr, tpr, label=f"{n} (h-mean {scored[n]['machines'][machine]['hmean']:.3f})")
+                ax.plot(fpr, tpr, label=f"{n} (h-mean {per_machine[n][machine][1]['hmean']:.3f})")
         ax.plot([0, 1], [0, 1], "k:", lw=0.8)
         ax.set(xlabel="false positive rate", ylabel="true positive rate", title=f"{machine}: ROC, all test clips")
         ax.legend(loc="lower right", fontsize=8)

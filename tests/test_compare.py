@@ -33,7 +33,9 @@ def test_compare_writes_one_table(tiny_corpus, tmp_path):
     assert main(["compare", "--local", "--data", str(tiny_corpus), "--out", str(out), "--detectors", "knn",
                  "ae-maha", *[a for o in FAST_AE for a in ("--set", o)]]) == 0
     table = (out / "compare.md").read_text()
-    assert "| knn |" in table and "| ae-maha |" in table and "| ToyCar |" in table
+    assert "| knn |" in table and "| ae-maha |" in table and "| ToyCar | dev_data |" in table
+    assert "| detector | dev_data official score |" in table and "eval_data official score" in table
+    assert "| ToyPet | eval_data |" in table
     assert (out / "roc_ToyCar.png").is_file() and (out / "knn" / "metrics.json").is_file()
     scores = json.loads((out / "compare.json").read_text())
     assert set(scores) == {"knn", "ae-maha"}

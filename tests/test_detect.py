@@ -1,12 +1,17 @@
 """The single-process reference run: official files, clip accounting with bad clips, bank strategies."""
 
+import csv
 import json
 import shutil
+
 import numpy as np
 import pytest
+from scipy.stats import hmean
+from sklearn.metrics import roc_auc_score
 
 from asd_ray.cli import main
 from asd_ray.config import RunConfig, load_config
+from asd_ray.data.layout import LayoutError, ground_truth_paths
 from asd_ray.detect import reference_run
 from tiny import TINY
 
@@ -23,9 +28,52 @@ def test_reference_run_writes_official_files(tiny_corpus, tmp_path):
         decisions = (tmp_path / f"decision_result_{m}_section_00_test.csv").read_text().splitlines()
         assert {d.split(",")[1] for d in decisions} <= {"0", "1"} and len(decisions) == len(rows)
     metrics = json.loads((tmp_path / "metrics.json").read_text())
-    assert set(metrics["machines"]) == {"ToyCar", "valve", "ToyPet"}
+    assert set(metrics["splits"]["dev_data"]["machines"]) == {"ToyCar", "valve"}
+    assert set(metrics["splits"]["eval_data"]["machines"]) == {"ToyPet"}
     assert 0.0 <= metrics["official_score"] <= 1.0
     assert load_config(RunConfig, tmp_path / "config.yaml") == RunConfig()
+    for split in ("dev_data", "eval_data"):
+        assert (tmp_path / "evaluator" / split / f"{tmp_path.name}_result.csv").is_file()
+    report_md = (tmp_path / "report.md").read_text()
+    assert "## dev_data" in report_md and "## eval_data" in report_md and "| F1 score (source) |" in report_md
+    assert "This is `official_score` at the top of `metrics.json`; eval_data is scored apart" in report_md
+
+
+def _official_score_by_hand(out, machines, truth):
+    """The official evaluator's computation from the CSVs a run wrote: per machine, AUC on each domain's
+    normals plus all anomalies and pAUC (max_fpr 0.1) on all clips; h-mean over the machines' values."""
+    values = []
+    for machine in machines:
+        rows = [line.split(",") for line in (out / f"anomaly_score_{machine}_section_00_test.csv").read_text().split()]
+        y = np.array([truth[machine][name][0] for name, _ in rows])
+        target = np.array([truth[machine][name][1] for name, _ in rows])
+        s = np.array([float(v) for _, v in rows])
+        values += [roc_auc_score(y[(target == 0) | (y == 1)], s[(target == 0) | (y == 1)]),
+                   roc_auc_score(y[(target == 1) | (y == 1)], s[(target == 1) | (y == 1)]),
+                   roc_auc_score(y, s, max_fpr=0.1)]
+    return hmean(values)
+
+
+def test_dev_and_eval_scores_are_each_the_official_computation(tiny_corpus, tmp_path):
+    reference_run([tiny_corpus], load_config(RunConfig, None, ["detector=knn"]), tmp_path)
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    # dev truth from the file names; eval truth from the evaluator's tables the synthetic root carries
+    dev = {m: {p.name: (int("_anomaly_" in p.name), int("_target_" in p.name))
+               for p in (tiny_corpus / "dev_data/raw" / m / "test").iterdir()} for m in TINY["dev_machines"]}
+    eval_truth = {}
+    for m in TINY["eval_machines"]:
+        labels, domains, _ = ground_truth_paths(tiny_corpus, m)
+        domain_of = dict(csv.reader(domains.open()))
+        eval_truth[m] = {name: (int(lab), int(domain_of[name])) for name, lab in csv.reader(labels.open())}
+    dev_score = _official_score_by_hand(tmp_path, TINY["dev_machines"], dev)
+    eval_score = _official_score_by_hand(tmp_path, TINY["eval_machines"], eval_truth)
+    assert metrics["splits"]["dev_data"]["official_score"] == pytest.approx(dev_score, abs=1e-9)
+    assert metrics["splits"]["eval_data"]["official_score"] == pytest.approx(eval_score, abs=1e-9)
+    assert abs(dev_score - eval_score) > 1e-3  # the two differ, so a mix-up would show
+    assert metrics["official_score"] == metrics["splits"]["dev_data"]["official_score"]
+    assert metrics["headline_split"] == "dev_data"
+    with pytest.raises(LayoutError, match="eval list not found"):  # before anything is embedded
+        reference_run([tiny_corpus], load_config(RunConfig, None, [f"eval_list={tmp_path / 'none.csv'}"]))
 
 
 def test_bad_clips_are_rejected_with_reasons_and_counts_reconcile(corpus_with_bad_clips, tmp_path):

@@ -239,8 +239,15 @@ def read_attributes_csv(path: str | Path) -> dict[str, str]:
     return out
 
 
-def ground_truth_paths(root: str | Path, machine: str, section: str = "00") -> tuple[Path, Path]:
-    """Where the official evaluator's label and domain tables for an eval machine live."""
-    base = Path(root) / "eval_data"
+TRUTH_TABLES = ("ground_truth_data", "ground_truth_domain", "ground_truth_attributes")
+
+
+def ground_truth_paths(root: str | Path, machine: str, section: str = "00", dataset: str = "eval"
+                       ) -> tuple[Path, Path, Path]:
+    """Where the official evaluator's label, domain and attribute tables of a machine live under a root:
+    ``<root>/<dataset>_data/{ground_truth_data,ground_truth_domain,ground_truth_attributes}/
+    ground_truth_<machine>_section_<ss>_test.csv``. Rows, no header: ``<test file name>,<0 normal | 1 anomaly>``,
+    ``<test file name>,<0 source | 1 target>`` and ``<test file name>,<its labelled name without .wav>``."""
+    base = Path(root) / f"{dataset}_data"
     name = f"ground_truth_{machine}_section_{section}_test.csv"
-    return base / "ground_truth_data" / name, base / "ground_truth_domain" / name
+    return tuple(base / table / name for table in TRUTH_TABLES)  # type: ignore[return-value]

@@ -33,6 +33,7 @@ from scipy.signal import oaconvolve
 from asd_ray.data.layout import DEV_MACHINES, EVAL_MACHINES, ground_truth_paths
 
 ANOMALY_KINDS = ("bearing", "imbalance", "shifted", "friction")
+EVAL_LIST = "eval_data_list.csv"  # at the root: every eval test clip's labelled name, as the baseline repo's list
 
 # Machine families: which sound model a machine type uses. Machine types absent here get one from the seed.
 FAMILIES = {
@@ -310,7 +311,8 @@ def _write_many(args):
 def _plan_machine(root: Path, dataset: str, machine: str, *, seed: int, train_source: int, train_target: int,
                   test_per_cell: int, supplemental: int, seconds: float,
                   style: str = "A") -> tuple[list[_Job], list[list[str]], list]:
-    """Jobs for one machine, its attributes_00.csv rows and (eval) its ground-truth rows."""
+    """Jobs for one machine, its attributes_00.csv rows and its test clips' ground-truth rows
+    (file name, label 0/1, domain 0/1, labelled name without ``.wav``)."""
     profile = corpus_style(style).draw(machine, seed)
     mdir = root / f"{dataset}_data" / "raw" / machine
     rng = _seed(seed, "plan", dataset, machine)
@@ -326,6 +328,9 @@ def _plan_machine(root: Path, dataset: str, machine: str, *, seed: int, train_so
                          (dataset, machine, split, domain, label, index), seconds, style))
         values = [] if attrs == "noAttribute" else attrs.split("_")
         attr_rows.append([f"{machine}/{split}/{fname}", *values])
+        if split == "test":  # the labelled name: the file's own on dev, the one the eval list gives on eval
+            labelled = f"section_00_{domain}_test_{label}_{index:04d}_{attrs}"
+            truth.append((fname, int(label == "anomaly"), int(domain == "target"), labelled))
         return fname
 
     for domain, count in (("source", train_source), ("target", train_target)):
@@ -343,8 +348,7 @@ def _plan_machine(root: Path, dataset: str, machine: str, *, seed: int, train_so
         for new_index, j in enumerate(perm):
             domain, label, i = order[j]
             kind = profile.anomaly_kinds[i % len(profile.anomaly_kinds)] if label == "anomaly" else None
-            fname = add("test", domain, label, i, "", anomaly=kind, test_name=f"section_00_{new_index:04d}.wav")
-            truth.append((fname, int(label == "anomaly"), int(domain == "target")))
+            add("test", domain, label, i, "", anomaly=kind, test_name=f"section_00_{new_index:04d}.wav")
     for i in range(supplemental):
         add("supplemental", "source", "noise", i, "section_00_source_supplemental_noise", noise_only=True)
         add("supplemental", "source", "clean", i, "section_00_source_supplemental_clean")
@@ -358,13 +362,16 @@ def generate_corpus(out: str | Path, *, dev_machines: Iterable[str] = DEV_MACHIN
     """Write a DCASE 2025-format corpus under ``out`` and return ``out``.
 
     Sizes default to DCASE's (990 + 10 train normals, 50 test clips per domain x label, 10 s);
-    eval test clips are named ``section_00_0000.wav`` in shuffled order, with the official
-    evaluator's ground-truth tables under ``eval_data/ground_truth_{data,domain}/``. ``style`` picks
+    eval test clips are named ``section_00_0000.wav`` in shuffled order. The official evaluator's
+    ground-truth tables of every machine are under ``{dev,eval}_data/ground_truth_{data,domain,attributes}/``
+    (run the evaluator in either folder), and the eval labels also in ``eval_data_list.csv`` at the root, in
+    the format of the official baseline repo's ``datasets/eval_data_list_2025.csv``. ``style`` picks
     the sound models and anomaly kinds (:data:`STYLES`); the layout is the same for every style.
     """
     root = Path(out)
     corpus_style(style)  # an unknown style fails before anything is written
     all_jobs: list[_Job] = []
+    eval_list: list[list[str]] = []
     for dataset, machines in (("dev", dev_machines), ("eval", eval_machines)):
         for machine in machines:
             jobs, attr_rows, truth = _plan_machine(root, dataset, machine, seed=seed, train_source=train_source,
@@ -377,13 +384,17 @@ def generate_corpus(out: str | Path, *, dev_machines: Iterable[str] = DEV_MACHIN
             header = ["file_name"] + [f"d{i // 2 + 1}{'pv'[i % 2]}" for i in range(width)]
             with (mdir / "attributes_00.csv").open("w", newline="") as fh:
                 csv.writer(fh).writerows([header] + [r + [""] * (width + 1 - len(r)) for r in attr_rows])
-            if truth:
-                label_path, domain_path = ground_truth_paths(root, machine)
-                for p, col in ((label_path, 1), (domain_path, 2)):
-                    p.parent.mkdir(parents=True, exist_ok=True)
-                    with p.open("w", newline="") as fh:
-                        csv.writer(fh).writerows([(row[0], row[col]) for row in truth])
+            truth.sort()
+            for path, col in zip(ground_truth_paths(root, machine, dataset=dataset), (1, 2, 3)):
+                path.parent.mkdir(parents=True, exist_ok=True)
+                with path.open("w", newline="") as fh:
+                    csv.writer(fh, lineterminator="\n").writerows([(row[0], row[col]) for row in truth])
+            if dataset == "eval":
+                eval_list += [[machine]] + [[row[0], f"{row[3]}.wav"] for row in truth]
             all_jobs.extend(jobs)
+    if eval_list:
+        with (root / EVAL_LIST).open("w", newline="") as fh:
+            csv.writer(fh, lineterminator="\n").writerows(eval_list)
     chunks = [all_jobs[i::max(1, workers) * 8] for i in range(max(1, workers) * 8)]
     if workers > 1:
         with ProcessPoolExecutor(workers) as pool:

@@ -29,10 +29,13 @@ from asd_ray.data.layout import discover
 from asd_ray.detect import plan_records, run_detection
 from asd_ray.distributed.run import embed_table, embedder_for
 from asd_ray.distributed.session import ensure_ray
+from asd_ray.scoring.metrics import MetricError
 
 EMBEDDING_SECTIONS = ("embed.", "preprocess.")
 SAMPLERS = ("choice", "uniform", "loguniform", "randint")
-OBJECTIVE = "official_score"
+OBJECTIVE = "official_score"  # of dev_data only
+EVAL_SCORE = "eval_official_score"  # shown beside it, never optimised
+ROW_KEYS = (OBJECTIVE, EVAL_SCORE, "auc_source", "auc_target", "pauc", "checkpoint", "final_loss", "config_json")
 
 
 @dataclass(frozen=True)
@@ -101,12 +104,19 @@ def _param_space(space: SweepSpace) -> dict:
 
 
 def _metrics_row(metrics: dict | None) -> dict:
-    if not metrics:
-        return {OBJECTIVE: float("nan")}
-    machines = metrics["machines"].values()
+    """A trial's row: the dev_data official score (the objective) and mean AUC_s, AUC_t, pAUC over the dev
+    machines; the eval_data official score beside it when eval labels are known (never the objective)."""
+    splits = (metrics or {}).get("splits", {})
+    if "dev_data" not in splits:
+        raise MetricError("the sweep's objective is the dev_data official score, and the roots have no dev_data "
+                          "test clips with labels")
+    machines = splits["dev_data"]["machines"].values()
     mean = lambda key: sum(m[key] for m in machines) / len(machines)  # noqa: E731
-    return {OBJECTIVE: metrics[OBJECTIVE], "auc_source": mean("auc_source"), "auc_target": mean("auc_target"),
-            "pauc": mean("pauc"), "metrics_json": json.dumps(metrics)}
+    row = {OBJECTIVE: splits["dev_data"]["official_score"], "auc_source": mean("auc_source"),
+           "auc_target": mean("auc_target"), "pauc": mean("pauc"), "metrics_json": json.dumps(metrics)}
+    if "eval_data" in splits:
+        row[EVAL_SCORE] = splits["eval_data"]["official_score"]
+    return row
 
 
 def trial(params: dict, *, roots: Sequence[str], base: dict, machines: list[str] | None) -> dict:
@@ -173,8 +183,7 @@ def sweep(roots: Sequence[str | Path], space: SweepSpace, config: RunConfig, out
             rows.append({OBJECTIVE: float("nan"), "error": str(r.error), **{f"param:{k}": v for k, v in r.config.items()}})
             continue
         rows.append({**{f"param:{k}": v for k, v in r.config.items()},
-                     **{k: v for k, v in r.metrics.items() if k in (OBJECTIVE, "auc_source", "auc_target", "pauc",
-                                                                    "checkpoint", "final_loss", "config_json")}})
+                     **{k: v for k, v in r.metrics.items() if k in ROW_KEYS}})
     ok = [r for r in rows if r[OBJECTIVE] == r[OBJECTIVE]]
     if not ok:
         raise RuntimeError(f"every trial failed: {[r.get('error') for r in rows]}")
@@ -194,7 +203,7 @@ def write_sweep_table(out: Path, rows: list[dict]) -> None:
         w.writeheader()
         w.writerows(rows)
     shown = [c for c in columns if c.startswith("param:")] + [
-        c for c in (OBJECTIVE, "auc_source", "auc_target", "pauc", "final_loss", "error") if c in columns]
+        c for c in (OBJECTIVE, "auc_source", "auc_target", "pauc", EVAL_SCORE, "final_loss", "error") if c in columns]
     fmt = lambda v: f"{v:.4f}" if isinstance(v, float) else str(v)  # noqa: E731
     lines = ["# Sweep (best first; objective: official h-mean on dev data)", "",
              "| " + " | ".join(c.removeprefix("param:") for c in shown) + " |", "|" + "---|" * len(shown)]

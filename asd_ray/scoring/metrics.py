@@ -3,27 +3,52 @@
 AUC_source uses the source-domain normals plus ALL anomalies, AUC_target the target-domain normals
 plus ALL anomalies; pAUC is sklearn's McClish-corrected ``roc_auc_score(..., max_fpr=0.1)`` over
 every test clip of the section; the official score is ``scipy.stats.hmean`` over every machine's
-three values.
+three values, per split: the development set (``dev_data``) and the evaluation set (``eval_data``)
+are scored apart, as the official evaluator and papers do.
+
+What else nttcslab's evaluator (``dcase2024_task2_evaluator``) writes is here too: AUC over all clips,
+precision / recall / F1 per domain from the 0/1 decisions, source-only and target-only harmonic means,
+and its jackknife 95 % half-width of the score (``EVALUATOR_COLUMNS`` maps our keys to its column names).
 """
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+import sys
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
-from scipy.stats import hmean
+from scipy.stats import hmean, t as student_t
 from sklearn.metrics import roc_auc_score
 
 MAX_FPR = 0.1
+EPS = sys.float_info.epsilon  # the evaluator's floor under every value it takes an h-mean of, and under divisors
+SPLITS = ("dev_data", "eval_data")  # a split's name is its folder under a DCASE root
+DOMAINS = ("source", "target")
+
+# metrics.json's per-machine keys -> the official evaluator's column names (its ``COLUMNS``)
+EVALUATOR_COLUMNS = {
+    "auc_all": "AUC (all)", "auc_source": "AUC (source)", "auc_target": "AUC (target)", "pauc": "pAUC",
+    "precision_source": "precision (source)", "precision_target": "precision (target)",
+    "recall_source": "recall (source)", "recall_target": "recall (target)",
+    "f1_source": "F1 score (source)", "f1_target": "F1 score (target)",
+}
+DECISION_KEYS = tuple(k for k in EVALUATOR_COLUMNS if k.split("_")[0] in ("precision", "recall", "f1"))
 
 
 class MetricError(ValueError):
     """Inputs the official metrics cannot be computed from."""
 
 
+def floored_hmean(values: Sequence[float]) -> float:
+    """``scipy.stats.hmean`` of ``values`` floored at machine epsilon, as the evaluator takes every h-mean
+    (equal to the plain h-mean unless a value is 0)."""
+    return float(hmean(np.maximum(np.asarray(values, dtype=float), EPS)))
+
+
 def machine_metrics(labels: Sequence[int], domains: Sequence[str], scores: Sequence[float],
-                    max_fpr: float = MAX_FPR) -> dict[str, float]:
-    """AUC_source, AUC_target and pAUC of one machine's section.
+                    decisions: Sequence[int] | None = None, max_fpr: float = MAX_FPR) -> dict[str, float]:
+    """AUC over all clips, AUC_source, AUC_target and pAUC of one machine's section (and, with ``decisions``,
+    precision, recall and F1 per domain: see ``decision_metrics``).
 
     labels: 1 anomaly / 0 normal per clip; domains: "source" / "target"; scores: higher = more anomalous.
     """
@@ -35,31 +60,110 @@ def machine_metrics(labels: Sequence[int], domains: Sequence[str], scores: Seque
     if not np.isfinite(s).all():
         raise MetricError("scores contain NaN or Inf")
     out = {}
-    for domain in ("source", "target"):
+    for domain in DOMAINS:
         sel = (d == domain) | (y == 1)
         if len(set(y[sel])) < 2:
             raise MetricError(f"{domain}: needs both normal and anomalous clips")
         out[f"auc_{domain}"] = float(roc_auc_score(y[sel], s[sel]))
     out["pauc"] = float(roc_auc_score(y, s, max_fpr=max_fpr))
+    out["auc_all"] = float(roc_auc_score(y, s))
+    if decisions is not None:
+        out.update(decision_metrics(y, d, decisions))
+    return out
+
+
+def decision_metrics(labels: Sequence[int], domains: Sequence[str], decisions: Sequence[int]) -> dict[str, float]:
+    """Precision, recall and F1 of the 0/1 decisions on each domain's test clips (normals and anomalies of
+    that domain only, unlike AUC), as the evaluator: ``tp / max(tp + fp, eps)``, ``tp / max(tp + fn, eps)``,
+    ``2 p r / max(p + r, eps)`` (0, not an error, where a domain has no positive decision or no anomaly)."""
+    y = np.asarray(labels, dtype=int)
+    d = np.asarray(domains)
+    z = np.asarray(decisions)
+    if len(z) != len(y):
+        raise MetricError(f"lengths differ: {len(y)} labels, {len(z)} decisions")
+    if not set(np.unique(z).tolist()) <= {0, 1}:
+        raise MetricError(f"decisions must be 0 or 1, got {sorted(set(np.unique(z).tolist()) - {0, 1})[:5]}")
+    z = z.astype(int)
+    out = {}
+    for domain in DOMAINS:
+        sel = d == domain
+        tp = int(np.sum((z[sel] == 1) & (y[sel] == 1)))
+        fp = int(np.sum((z[sel] == 1) & (y[sel] == 0)))
+        fn = int(np.sum((z[sel] == 0) & (y[sel] == 1)))
+        precision = tp / max(tp + fp, EPS)
+        recall = tp / max(tp + fn, EPS)
+        out[f"precision_{domain}"] = float(precision)
+        out[f"recall_{domain}"] = float(recall)
+        out[f"f1_{domain}"] = float(2.0 * precision * recall / max(precision + recall, EPS))
     return out
 
 
 def official_score(per_machine: Mapping[str, Mapping[str, float]]) -> float:
-    """Harmonic mean over every machine's AUC_source, AUC_target and pAUC."""
-    values = [m[k] for m in per_machine.values() for k in ("auc_source", "auc_target", "pauc")]
+    """Harmonic mean over every machine's AUC_source, AUC_target and pAUC (one split's machines), summed in the
+    evaluator's order (every AUC_source, every AUC_target, every pAUC) so that even the last bit agrees."""
+    ordered = [per_machine[m] for m in sorted(per_machine)]
+    values = [m[k] for k in ("auc_source", "auc_target", "pauc") for m in ordered]
     if not values:
         raise MetricError("no machines to score")
-    return float(hmean(values))
+    return floored_hmean(values)
 
 
-def summary(per_machine: Mapping[str, Mapping[str, float]]) -> dict:
-    """The metrics.json body: official score, per machine values and their h-mean, and the means."""
-    machines = {m: {**v, "hmean": float(hmean([v["auc_source"], v["auc_target"], v["pauc"]]))}
+def jackknife(fn: Callable[..., float], *columns: Sequence, confidence: float = 0.95) -> tuple[float, float]:
+    """The official evaluator's jackknife of ``fn(*columns)`` over the rows (clips): (estimate, 95 % half-width).
+
+    Leave-one-out values th_i, pseudo-values N th - (N - 1) th_i, estimate = their mean; the half-width is
+    ``|t_{(1-confidence)/2, N-1}| * sqrt(sum_i (th_i - mean th_i)^2 / (N (N - 1)))``. That is the evaluator's
+    step (6) as written (Mesaros et al., TASLP 2019, sec. IV): it puts the leave-one-out values where the
+    paper has pseudo-values, so it is (N - 1) times narrower than the textbook jackknife interval.
+    """
+    cols = [np.asarray(c) for c in columns]
+    n = len(cols[0])
+    if n < 3 or any(len(c) != n for c in cols):
+        raise MetricError(f"jackknife needs at least 3 rows in equal-length columns, got {[len(c) for c in cols]}")
+    theta = fn(*cols)
+    keep = ~np.eye(n, dtype=bool)
+    loo = np.array([fn(*(c[keep[i]] for c in cols)) for i in range(n)], dtype=float)
+    estimate = float(np.mean(n * theta - (n - 1) * loo))
+    sigma = np.sqrt(np.sum((loo - loo.mean()) ** 2) / (n * (n - 1)))
+    return estimate, float(abs(student_t.ppf((1 - confidence) / 2, n - 1)) * sigma)
+
+
+def score_ci95(labels: Sequence[int], scores: Sequence[float], max_fpr: float = MAX_FPR) -> dict[str, float]:
+    """The evaluator's "official score ci95": the mean of the jackknife 95 % half-widths of the AUC and of the
+    pAUC of one split's clips pooled over its machines (``auc_ci95``, ``pauc_ci95`` also returned)."""
+    y, s = np.asarray(labels, dtype=int), np.asarray(scores, dtype=float)
+    _, auc_ci = jackknife(roc_auc_score, y, s)
+    _, pauc_ci = jackknife(lambda a, b: roc_auc_score(a, b, max_fpr=max_fpr), y, s)
+    return {"official_score_ci95": float(np.mean([auc_ci, pauc_ci])), "auc_ci95": auc_ci, "pauc_ci95": pauc_ci}
+
+
+def split_summary(per_machine: Mapping[str, Mapping[str, float]], labels: Sequence[int] | None = None,
+                  scores: Sequence[float] | None = None) -> dict:
+    """One split's body in metrics.json: official score, arithmetic means, the evaluator's source-only and
+    target-only h-means of the AUCs, per-machine values (unrounded, with their own h-mean) and, given every
+    clip's ``labels`` and ``scores`` pooled over the split's machines, the jackknife half-width."""
+    if not per_machine:
+        raise MetricError("no machines to score")
+    machines = {m: {**v, "hmean": floored_hmean([v["auc_source"], v["auc_target"], v["pauc"]])}
                 for m, v in sorted(per_machine.items())}
-    keys = ("auc_source", "auc_target", "pauc")
-    return {
+    out = {
         "official_score": official_score(per_machine),
-        "mean_auc": float(np.mean([v[k] for v in machines.values() for k in keys[:2]])),
+        "mean_auc": float(np.mean([v[k] for k in ("auc_source", "auc_target") for v in machines.values()])),
         "mean_pauc": float(np.mean([v["pauc"] for v in machines.values()])),
-        "machines": machines,
+        "hmean_source": floored_hmean([v["auc_source"] for v in machines.values()]),
+        "hmean_target": floored_hmean([v["auc_target"] for v in machines.values()]),
     }
+    if labels is not None and scores is not None:
+        out.update(score_ci95(labels, scores))
+    return {**out, "machines": machines}
+
+
+def summary(splits: Mapping[str, dict]) -> dict:
+    """The metrics.json body from ``split_summary`` per split: every split under ``splits``, and at the top
+    level the headline split's fields (``dev_data`` when present, else ``eval_data``; named in
+    ``headline_split``). Scores of the two splits are never mixed."""
+    unknown = sorted(set(splits) - set(SPLITS))
+    if unknown or not splits:
+        raise MetricError(f"splits must be among {SPLITS}, got {sorted(splits)}")
+    headline = next(s for s in SPLITS if s in splits)
+    return {**splits[headline], "headline_split": headline, "splits": {s: splits[s] for s in SPLITS if s in splits}}

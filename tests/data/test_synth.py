@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from asd_ray.cli import main
 from asd_ray.config import PostConfig, PreprocessConfig, RunConfig
 from asd_ray.data.audio import preprocess_clip
-from asd_ray.data.layout import discover, ground_truth_paths, read_attributes_csv, summarise
-from asd_ray.data.synth import generate_corpus
+from asd_ray.data.layout import EVAL_MACHINES, discover, ground_truth_paths, read_attributes_csv, summarise
+from asd_ray.data.synth import EVAL_LIST, generate_corpus
 from asd_ray.detect import detect, embed_records, plan_records
 from asd_ray.detectors import make_detector
 from asd_ray.models.backbones import load_backbone
@@ -28,13 +29,49 @@ def test_layout_and_names_are_dcase_2025(tiny_corpus):
     assert eval_test[:2] == ["section_00_0000.wav", "section_00_0001.wav"]
     sup = sorted(p.name for p in (tiny_corpus / "dev_data/raw/ToyCar/supplemental").iterdir())
     assert any("supplemental_noise" in n for n in sup) and any("supplemental_clean" in n for n in sup)
-    labels_csv, domains_csv = ground_truth_paths(tiny_corpus, "ToyPet")
+    labels_csv, domains_csv, _ = ground_truth_paths(tiny_corpus, "ToyPet")
     rows = list(csv.reader(labels_csv.open()))
     assert len(rows) == 4 * TINY["test_per_cell"] and {r[1] for r in rows} == {"0", "1"}
     assert {r[0] for r in rows} == set(eval_test)
     assert {r[1] for r in csv.reader(domains_csv.open())} == {"0", "1"}
     info = sf.info(str(tiny_corpus / "dev_data/raw/ToyCar/train" / train[0]))
     assert (info.samplerate, info.channels, info.frames) == (16_000, 1, 32_000)
+
+
+def _table(path):
+    return dict(csv.reader(path.open()))
+
+
+def test_official_evaluator_tables_for_every_machine(tiny_corpus):
+    """ground_truth_{data,domain,attributes} for eval and dev machines (the evaluator skips a system silently
+    without the attributes table), and the eval labels also in the baseline repo's single-list format."""
+    listing = list(csv.reader((tiny_corpus / EVAL_LIST).open()))
+    assert listing[0] == ["ToyPet"] and len(listing) == 1 + 4 * TINY["test_per_cell"]
+    listed = dict(listing[1:])
+    for dataset, machines in (("dev", TINY["dev_machines"]), ("eval", TINY["eval_machines"])):
+        for machine in machines:
+            labels, domains, attributes = (_table(p) for p in ground_truth_paths(tiny_corpus, machine, dataset=dataset))
+            test = sorted(p.name for p in (tiny_corpus / f"{dataset}_data/raw/{machine}/test").iterdir())
+            assert list(labels) == list(domains) == list(attributes) == test  # sorted, as the evaluator reads them
+            for name in test:
+                labelled = attributes[name] + ".wav"  # the evaluator maps f"{row[1]}.wav" -> row[0]
+                if dataset == "dev":
+                    assert labelled == name
+                else:
+                    assert listed[name] == labelled
+                assert labels[name] == str(int("_anomaly_" in labelled))
+                assert domains[name] == str(int("_target_" in labelled))
+
+
+def test_synth_command_eval_machines_flag(tmp_path):
+    small = ["--machines", "fan", "--train-source", "1", "--train-target", "1", "--test-per-cell", "1",
+             "--supplemental", "0", "--seconds", "1", "--workers", "1"]
+    assert main(["synth", "--out", str(tmp_path / "all"), *small, "--eval-machines"]) == 0
+    assert sorted(p.name for p in (tmp_path / "all/eval_data/raw").iterdir()) == sorted(EVAL_MACHINES)
+    assert main(["synth", "--out", str(tmp_path / "two"), *small, "--eval-machines", "ToyPet", "Polisher"]) == 0
+    assert sorted(p.name for p in (tmp_path / "two/eval_data/raw").iterdir()) == ["Polisher", "ToyPet"]
+    assert main(["synth", "--out", str(tmp_path / "none"), *small, "--no-eval-machines"]) == 0
+    assert not (tmp_path / "none/eval_data").exists() and not (tmp_path / "none" / EVAL_LIST).exists()
 
 
 def test_deterministic_per_seed(tmp_path):
@@ -118,7 +155,7 @@ def test_style_b_is_laid_out_like_style_a_and_sounds_different(tiny_corpus, tiny
     assert any("_rpm_" in n and n.endswith("_room_B.wav") for n in
                (p.name for p in (tiny_corpus_b / "dev_data/raw/ToyCar/train").iterdir()))
     eval_test = sorted(p.name for p in (tiny_corpus_b / "eval_data/raw/ToyPet/test").iterdir())
-    labels_csv, domains_csv = ground_truth_paths(tiny_corpus_b, "ToyPet")
+    labels_csv, domains_csv, _ = ground_truth_paths(tiny_corpus_b, "ToyPet")
     assert {r[0] for r in csv.reader(labels_csv.open())} == set(eval_test)
     assert {r[1] for r in csv.reader(domains_csv.open())} == {"0", "1"}
     clip_a = sorted((tiny_corpus / "dev_data/raw/valve/test").iterdir())[0]

@@ -24,7 +24,9 @@ def test_sweep_embeds_once_and_its_best_config_reproduces(ray_local, tiny_corpus
     best = load_config(RunConfig, result.best_config_path)
     assert (best.bank.k, best.bank.metric) == (result.table[0]["param:bank.k"], result.table[0]["param:bank.metric"])
     report = ray_run([tiny_corpus], best, tmp_path / "run")
-    assert report.metrics["official_score"] == result.table[0]["official_score"]
+    # the objective is the dev_data score; the eval_data score is shown beside it, never mixed in
+    assert report.metrics["splits"]["dev_data"]["official_score"] == result.table[0]["official_score"]
+    assert report.metrics["splits"]["eval_data"]["official_score"] == result.table[0]["eval_official_score"]
     assert "| bank.k | bank.metric | official_score" in (tmp_path / "sweep" / "sweep.md").read_text()
 
 

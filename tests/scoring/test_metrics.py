@@ -1,13 +1,20 @@
 """Official metrics on fixed tables, and the result files / evaluate step."""
 
+import csv
+import json
+
 import numpy as np
 import pytest
 from scipy.stats import hmean
+from sklearn.metrics import roc_auc_score
 
 from asd_ray.cli import main
-from asd_ray.data.layout import discover
-from asd_ray.scoring.files import (evaluate_dir, evaluate_scores, read_rows, score_path, write_results)
-from asd_ray.scoring.metrics import MetricError, machine_metrics, official_score
+from asd_ray.data.layout import LayoutError, discover
+from asd_ray.data.synth import EVAL_LIST
+from asd_ray.scoring.files import (ClipTruth, evaluate_dir, evaluate_scores, ground_truth, read_eval_list, read_rows,
+                                   score_path, write_evaluator_result, write_results)
+from asd_ray.scoring.metrics import (EVALUATOR_COLUMNS, MetricError, decision_metrics, jackknife, machine_metrics,
+                                     official_score, score_ci95)
 
 # 4 source normals, 4 target normals, 2 source anomalies, 2 target anomalies
 LABELS = [0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1]
@@ -84,13 +91,126 @@ def test_missing_machine_is_a_clear_error():
 def test_evaluate_command_on_dev_and_eval_ground_truth(tiny_corpus, tmp_path, capsys):
     rng = np.random.default_rng(0)
     test = [r for r in discover([tiny_corpus]) if r.split == "test"]
+    scores_dir = tmp_path / "mysystem"
     for m in {r.machine for r in test}:
         names = sorted(r.filename for r in test if r.machine == m)
-        write_results(tmp_path, m, names, rng.random(len(names)), [0] * len(names))
-    out = evaluate_dir(tmp_path, tiny_corpus)
-    assert set(out["machines"]) == {"ToyCar", "valve", "ToyPet"}  # ToyPet from the eval ground-truth tables
-    assert main(["evaluate", "--scores", str(tmp_path), "--data", str(tiny_corpus)]) == 0
-    assert "official score" in capsys.readouterr().out
-    score_path(tmp_path, "valve").unlink()
-    assert main(["evaluate", "--scores", str(tmp_path), "--data", str(tiny_corpus)]) == 2
+        write_results(scores_dir, m, names, rng.random(len(names)), rng.integers(0, 2, len(names)))
+    out = evaluate_dir(scores_dir, tiny_corpus)
+    assert set(out["splits"]) == {"dev_data", "eval_data"}
+    assert set(out["splits"]["dev_data"]["machines"]) == {"ToyCar", "valve"}
+    assert set(out["splits"]["eval_data"]["machines"]) == {"ToyPet"}  # from the eval ground-truth tables
+    assert out["headline_split"] == "dev_data" and out["machines"] == out["splits"]["dev_data"]["machines"]
+    assert out["official_score"] == out["splits"]["dev_data"]["official_score"]
+    assert "f1_source" in out["machines"]["valve"]  # the decision files were read
+    # the baseline repo's single eval list gives the same eval metrics as the per-machine tables
+    listed = evaluate_dir(scores_dir, tiny_corpus, eval_list=tiny_corpus / EVAL_LIST)
+    assert listed["splits"] == out["splits"]
+    assert main(["evaluate", "--scores", str(scores_dir), "--data", str(tiny_corpus), "--out", str(tmp_path / "ev"),
+                 "--eval-list", str(tiny_corpus / EVAL_LIST)]) == 0
+    printed = capsys.readouterr().out
+    assert "eval_data official score" in printed and "official score = the dev_data score" in printed
+    assert json.loads((tmp_path / "ev" / "metrics.json").read_text())["splits"] == out["splits"]
+    for split in ("dev_data", "eval_data"):
+        assert (tmp_path / "ev" / "evaluator" / split / "mysystem_result.csv").is_file()
+    score_path(scores_dir, "valve").unlink()
+    assert main(["evaluate", "--scores", str(scores_dir), "--data", str(tiny_corpus)]) == 2
     assert "no scores for machine(s) ['valve']" in capsys.readouterr().err
+
+
+def test_auc_over_all_clips():
+    # normals .1 .2 .3 .9 .5 .6 .7 .8; anomalies .85 (beats 7) .95 (8) .4 (3) .75 (6): 24 of 32 pairs
+    assert machine_metrics(LABELS, DOMAINS, SCORES)["auc_all"] == pytest.approx(24 / 32)
+
+
+def test_precision_recall_f1_per_domain_count_that_domains_clips_only():
+    # source: normals 0-3 decide 0 0 1 0, anomalies 8 9 decide 1 0 -> tp 1, fp 1, fn 1
+    # target: normals 4-7 all 0, anomalies 10 11 both 1 -> tp 2, fp 0, fn 0 (were they counted in the
+    # source domain as AUC counts anomalies, source recall would be 3 / 4)
+    decisions = [0, 0, 1, 0, 0, 0, 0, 0, 1, 0, 1, 1]
+    m = machine_metrics(LABELS, DOMAINS, SCORES, decisions)
+    assert (m["precision_source"], m["recall_source"], m["f1_source"]) == (0.5, 0.5, 0.5)
+    assert (m["precision_target"], m["recall_target"], m["f1_target"]) == (1.0, 1.0, 1.0)
+    # no positive decision: precision 0 / eps = 0, recall 0, F1 0 (the evaluator's floors, no error)
+    none = decision_metrics(LABELS, DOMAINS, [0] * 12)
+    assert none["precision_source"] == none["recall_source"] == none["f1_source"] == 0.0
+    # everything flagged: source p = 2 / 6, r = 1, F1 = 2 p r / (p + r) = 0.5
+    flagged = decision_metrics(LABELS, DOMAINS, [1] * 12)
+    assert flagged["precision_source"] == pytest.approx(2 / 6) and flagged["f1_source"] == pytest.approx(0.5)
+    with pytest.raises(MetricError, match="0 or 1"):
+        decision_metrics(LABELS, DOMAINS, [2] * 12)
+
+
+def test_jackknife_matches_a_hand_computation():
+    # mean of 1 2 3 4: leave-one-out means 3, 8/3, 7/3, 2 (their mean 2.5, squared deviations sum 5/9);
+    # pseudo-values 4 * 2.5 - 3 * loo = 1 2 3 4 -> estimate 2.5; half-width t(0.975, 3) * sqrt(5/9 / (4 * 3))
+    estimate, half = jackknife(np.mean, np.array([1.0, 2.0, 3.0, 4.0]))
+    assert estimate == pytest.approx(2.5)
+    assert half == pytest.approx(3.182446305284263 * np.sqrt(5 / 9 / 12))
+    # AUC of 3 normals (.1 .4 .35) and 2 anomalies (.8 .3): leave-one-out AUCs 2/4, 3/4, 3/4, 1/3, 3/3
+    # (mean 2/3, squared deviations sum 19/72) -> half-width t(0.975, 4) * sqrt(19/72 / (5 * 4))
+    y, s = np.array([0, 0, 0, 1, 1]), np.array([0.1, 0.4, 0.35, 0.8, 0.3])
+    assert jackknife(roc_auc_score, y, s)[1] == pytest.approx(2.7764451051977987 * np.sqrt(19 / 72 / 20))
+    # the evaluator's "official score ci95": the mean of the AUC and pAUC half-widths over the pooled clips
+    ci = score_ci95(y, s)
+    assert ci["auc_ci95"] == pytest.approx(2.7764451051977987 * np.sqrt(19 / 72 / 20))
+    assert ci["official_score_ci95"] == pytest.approx((ci["auc_ci95"] + ci["pauc_ci95"]) / 2)
+    assert ci["pauc_ci95"] == jackknife(lambda a, b: roc_auc_score(a, b, max_fpr=0.1), y, s)[1]
+
+
+# the official evaluator's per-machine columns (its COLUMNS), in its order
+EVALUATOR_HEADER = ["section", "AUC (all)", "AUC (source)", "AUC (target)", "pAUC", "precision (source)",
+                    "precision (target)", "recall (source)", "recall (target)", "F1 score (source)",
+                    "F1 score (target)"]
+
+
+def test_result_csv_has_the_evaluators_rows_and_columns(tmp_path):
+    rng = np.random.default_rng(1)
+    truth, scores, decisions = {}, {}, {}
+    for machine in ("fan", "ToyCar"):
+        truth[machine] = {f"c{i}.wav": (LABELS[i], DOMAINS[i]) for i in range(12)}
+        scores[machine] = {f"c{i}.wav": float(v) for i, v in enumerate(rng.random(12))}
+        decisions[machine] = {f"c{i}.wav": int(v) for i, v in enumerate(rng.integers(0, 2, 12))}
+    split = evaluate_scores(scores, truth, decisions)["splits"]["dev_data"]
+    path = write_evaluator_result(tmp_path / "mysystem_result.csv", split)
+    rows = list(csv.reader(path.open()))
+    assert rows[0] == ["ToyCar"] and rows[1] == EVALUATOR_HEADER  # machines sorted as the evaluator sorts them
+    assert rows[2][0] == "00" and [float(v) for v in rows[2][1:]] == [split["machines"]["ToyCar"][k]
+                                                                       for k in EVALUATOR_COLUMNS]
+    assert rows[3] == ["", "", "AUC", "pAUC", "precision", "recall", "F1 score"]
+    assert [r[0] for r in rows[4:8]] == ["arithmetic mean", "harmonic mean", "source harmonic mean",
+                                         "target harmonic mean"]
+    v = split["machines"]["ToyCar"]
+    assert float(rows[4][2]) == pytest.approx((v["auc_source"] + v["auc_target"]) / 2)
+    assert float(rows[6][2]) == v["auc_source"] and float(rows[7][6]) == pytest.approx(v["f1_target"])
+    assert rows[8] == [] and rows[9] == ["fan"]
+    overall = {r[0]: r[2:] for r in rows[18:] if r}
+    assert float(overall["arithmetic mean over all machine types, sections, and domains"][0]) == pytest.approx(
+        split["mean_auc"])
+    assert float(overall["source harmonic mean over all machine types, sections, and domains"][0]) == pytest.approx(
+        split["hmean_source"])
+    assert float(overall["official score"][0]) == split["official_score"]
+    assert float(overall["official score ci95"][0]) == split["official_score_ci95"]
+    assert path.read_text().endswith("\n\n") and "\r" not in path.read_text()
+
+
+def test_eval_list_in_the_baseline_repos_format(tmp_path):
+    listing = tmp_path / "eval_data_list_2025.csv"
+    listing.write_text("AutoTrash\n"
+                       "section_00_0000.wav,section_00_target_test_anomaly_0012_id_C1_spd_2_mic_2.wav\n"
+                       "section_00_0001.wav,section_00_source_test_normal_0031_id_B2_spd_1_mic_2.wav\n"
+                       "HomeCamera\n"
+                       "section_00_0000.wav,section_00_source_test_anomaly_0037_id_A2_spd_2_mic_3.wav\n")
+    assert read_eval_list(listing) == {"AutoTrash": {"section_00_0000.wav": (1, "target"),
+                                                     "section_00_0001.wav": (0, "source")},
+                                       "HomeCamera": {"section_00_0000.wav": (1, "source")}}
+    # a root whose eval clips it names (empty files: ground truth reads names only)
+    for name in ("section_00_0000.wav", "section_00_0001.wav"):
+        path = tmp_path / "root/eval_data/raw/AutoTrash/test" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch()
+    truth = ground_truth(tmp_path / "root", eval_list=read_eval_list(listing))
+    assert truth["AutoTrash"]["section_00_0000.wav"] == ClipTruth(1, "target", "eval_data")
+    assert ground_truth(tmp_path / "root") == {}  # no tables, no list: no labels
+    listing.write_text("AutoTrash\nsection_00_0000.wav,not_a_dcase_name.wav\n")
+    with pytest.raises(LayoutError, match="eval_data_list_2025.csv:2"):
+        read_eval_list(listing)
