@@ -14,7 +14,7 @@ and its jackknife 95 % half-width of the score (``EVALUATOR_COLUMNS`` maps our k
 from __future__ import annotations
 
 import sys
-from typing import Callable, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 from scipy.stats import hmean, t as student_t
@@ -108,32 +108,80 @@ def official_score(per_machine: Mapping[str, Mapping[str, float]]) -> float:
     return floored_hmean(values)
 
 
-def jackknife(fn: Callable[..., float], *columns: Sequence, confidence: float = 0.95) -> tuple[float, float]:
-    """The official evaluator's jackknife of ``fn(*columns)`` over the rows (clips): (estimate, 95 % half-width).
+def jackknife(theta: float, loo: np.ndarray, confidence: float = 0.95) -> tuple[float, float]:
+    """The official evaluator's jackknife from a statistic ``theta`` and its N leave-one-out values ``loo``:
+    (estimate, 95 % half-width).
 
-    Leave-one-out values th_i, pseudo-values N th - (N - 1) th_i, estimate = their mean; the half-width is
-    ``|t_{(1-confidence)/2, N-1}| * sqrt(sum_i (th_i - mean th_i)^2 / (N (N - 1)))``. That is the evaluator's
+    Pseudo-values N theta - (N - 1) loo_i, estimate = their mean; the half-width is
+    ``|t_{(1-confidence)/2, N-1}| * sqrt(sum_i (loo_i - mean loo)^2 / (N (N - 1)))``. That is the evaluator's
     step (6) as written (Mesaros et al., TASLP 2019, sec. IV): it puts the leave-one-out values where the
     paper has pseudo-values, so it is (N - 1) times narrower than the textbook jackknife interval.
     """
-    cols = [np.asarray(c) for c in columns]
-    n = len(cols[0])
-    if n < 3 or any(len(c) != n for c in cols):
-        raise MetricError(f"jackknife needs at least 3 rows in equal-length columns, got {[len(c) for c in cols]}")
-    theta = fn(*cols)
-    keep = ~np.eye(n, dtype=bool)
-    loo = np.array([fn(*(c[keep[i]] for c in cols)) for i in range(n)], dtype=float)
+    loo = np.asarray(loo, dtype=float)
+    n = len(loo)
+    if n < 3:
+        raise MetricError(f"jackknife needs at least 3 leave-one-out values, got {n}")
     estimate = float(np.mean(n * theta - (n - 1) * loo))
     sigma = np.sqrt(np.sum((loo - loo.mean()) ** 2) / (n * (n - 1)))
     return estimate, float(abs(student_t.ppf((1 - confidence) / 2, n - 1)) * sigma)
+
+
+def _score_groups(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Distinct scores, highest first: (group of each clip, anomalies per group, normals per group)."""
+    values, group = np.unique(-scores, return_inverse=True)
+    pos = np.bincount(group, weights=labels == 1, minlength=len(values))
+    neg = np.bincount(group, weights=labels == 0, minlength=len(values))
+    return group, pos, neg
+
+
+def _partial_auc(tp: np.ndarray, fp: np.ndarray, n_pos: float, n_neg: float, max_fpr: float) -> float:
+    """sklearn's McClish-corrected ``roc_auc_score(max_fpr=)`` from the ROC's cumulative counts (origin first)."""
+    fpr, tpr = fp / n_neg, tp / n_pos
+    stop = int(np.searchsorted(fpr, max_fpr, side="right"))
+    x = np.append(fpr[:stop], max_fpr)
+    y = np.append(tpr[:stop], np.interp(max_fpr, fpr[stop - 1:stop + 1], tpr[stop - 1:stop + 1]))
+    area = float(np.sum(np.diff(x) * (y[1:] + y[:-1]) / 2))
+    min_area = 0.5 * max_fpr ** 2
+    return 0.5 * (1 + (area - min_area) / (max_fpr - min_area))
+
+
+def leave_one_out_auc(labels: Sequence[int], scores: Sequence[float], max_fpr: float | None = None) -> np.ndarray:
+    """Each clip's ``roc_auc_score`` of the other clips (with ``max_fpr``: the McClish-corrected pAUC), exactly
+    as sklearn computes it on the N - 1 clips, in O(N log N) for the AUC (Mann-Whitney counts) and for the pAUC
+    O(N) per distinct score inside the partial region: a clip scored below it changes only the counts'
+    denominators, so every such clip of a class has the same value. Needs 2+ clips of each class."""
+    y, s = np.asarray(labels, dtype=int), np.asarray(scores, dtype=float)
+    group, pos, neg = _score_groups(y, s)
+    n_pos, n_neg = pos.sum(), neg.sum()
+    if min(n_pos, n_neg) < 2:
+        raise MetricError(f"leave-one-out AUCs need 2+ anomalies and 2+ normals, got {n_pos:.0f} and {n_neg:.0f}")
+    tp_above, fp_above = np.cumsum(pos) - pos, np.cumsum(neg) - neg
+    if max_fpr is None:
+        u = float(np.sum(neg * (tp_above + pos / 2)))  # anomaly-normal pairs ranked right, ties half
+        drop_pos = (u - (n_neg - fp_above - neg) - neg / 2) / ((n_pos - 1) * n_neg)
+        drop_neg = (u - tp_above - pos / 2) / (n_pos * (n_neg - 1))
+        return np.where(y == 1, drop_pos[group], drop_neg[group])
+    tp, fp = np.concatenate([[0.0], np.cumsum(pos)]), np.concatenate([[0.0], np.cumsum(neg)])
+    # ROC point k counts the groups before k; the curve is read up to point `stop`, the first past max_fpr (or
+    # an earlier one when a normal is left out). A clip left out of a group g >= stop moves only points > g,
+    # none of them read: its value depends on its class alone (the denominators).
+    stop = int(np.searchsorted(fp / n_neg, max_fpr, side="right"))
+    out = np.empty((2, len(pos)))
+    out[1, stop:] = _partial_auc(tp, fp, n_pos - 1, n_neg, max_fpr)
+    out[0, stop:] = _partial_auc(tp, fp, n_pos, n_neg - 1, max_fpr)
+    for g in range(min(stop, len(pos))):
+        moved = (np.arange(len(tp)) > g).astype(float)
+        out[1, g] = _partial_auc(tp - moved, fp, n_pos - 1, n_neg, max_fpr)
+        out[0, g] = _partial_auc(tp, fp - moved, n_pos, n_neg - 1, max_fpr)
+    return out[y, group]
 
 
 def score_ci95(labels: Sequence[int], scores: Sequence[float], max_fpr: float = MAX_FPR) -> dict[str, float]:
     """The evaluator's "official score ci95": the mean of the jackknife 95 % half-widths of the AUC and of the
     pAUC of one split's clips pooled over its machines (``auc_ci95``, ``pauc_ci95`` also returned)."""
     y, s = np.asarray(labels, dtype=int), np.asarray(scores, dtype=float)
-    _, auc_ci = jackknife(roc_auc_score, y, s)
-    _, pauc_ci = jackknife(lambda a, b: roc_auc_score(a, b, max_fpr=max_fpr), y, s)
+    _, auc_ci = jackknife(roc_auc_score(y, s), leave_one_out_auc(y, s))
+    _, pauc_ci = jackknife(roc_auc_score(y, s, max_fpr=max_fpr), leave_one_out_auc(y, s, max_fpr))
     return {"official_score_ci95": float(np.mean([auc_ci, pauc_ci])), "auc_ci95": auc_ci, "pauc_ci95": pauc_ci}
 
 

@@ -13,8 +13,8 @@ from asd_ray.data.layout import LayoutError, discover
 from asd_ray.data.synth import EVAL_LIST
 from asd_ray.scoring.files import (ClipTruth, evaluate_dir, evaluate_scores, ground_truth, read_eval_list, read_rows,
                                    score_path, write_evaluator_result, write_results)
-from asd_ray.scoring.metrics import (EVALUATOR_COLUMNS, MetricError, decision_metrics, jackknife, machine_metrics,
-                                     official_score, score_ci95)
+from asd_ray.scoring.metrics import (EVALUATOR_COLUMNS, MetricError, decision_metrics, jackknife, leave_one_out_auc,
+                                     machine_metrics, official_score, score_ci95)
 
 # 4 source normals, 4 target normals, 2 source anomalies, 2 target anomalies
 LABELS = [0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1]
@@ -143,18 +143,30 @@ def test_precision_recall_f1_per_domain_count_that_domains_clips_only():
 def test_jackknife_matches_a_hand_computation():
     # mean of 1 2 3 4: leave-one-out means 3, 8/3, 7/3, 2 (their mean 2.5, squared deviations sum 5/9);
     # pseudo-values 4 * 2.5 - 3 * loo = 1 2 3 4 -> estimate 2.5; half-width t(0.975, 3) * sqrt(5/9 / (4 * 3))
-    estimate, half = jackknife(np.mean, np.array([1.0, 2.0, 3.0, 4.0]))
+    estimate, half = jackknife(2.5, np.array([3.0, 8 / 3, 7 / 3, 2.0]))
     assert estimate == pytest.approx(2.5)
     assert half == pytest.approx(3.182446305284263 * np.sqrt(5 / 9 / 12))
     # AUC of 3 normals (.1 .4 .35) and 2 anomalies (.8 .3): leave-one-out AUCs 2/4, 3/4, 3/4, 1/3, 3/3
     # (mean 2/3, squared deviations sum 19/72) -> half-width t(0.975, 4) * sqrt(19/72 / (5 * 4))
     y, s = np.array([0, 0, 0, 1, 1]), np.array([0.1, 0.4, 0.35, 0.8, 0.3])
-    assert jackknife(roc_auc_score, y, s)[1] == pytest.approx(2.7764451051977987 * np.sqrt(19 / 72 / 20))
+    np.testing.assert_allclose(leave_one_out_auc(y, s), [2 / 4, 3 / 4, 3 / 4, 1 / 3, 3 / 3])
     # the evaluator's "official score ci95": the mean of the AUC and pAUC half-widths over the pooled clips
     ci = score_ci95(y, s)
     assert ci["auc_ci95"] == pytest.approx(2.7764451051977987 * np.sqrt(19 / 72 / 20))
     assert ci["official_score_ci95"] == pytest.approx((ci["auc_ci95"] + ci["pauc_ci95"]) / 2)
-    assert ci["pauc_ci95"] == jackknife(lambda a, b: roc_auc_score(a, b, max_fpr=0.1), y, s)[1]
+
+
+@pytest.mark.parametrize("max_fpr", [None, 0.1, 0.35])
+def test_leave_one_out_aucs_equal_sklearn_on_each_clip_left_out(max_fpr):
+    """The O(N log N) leave-one-out values equal sklearn run N times, ties and all (scores rounded to 0.1)."""
+    rng = np.random.default_rng(3)
+    for n in (5, 17, 60):
+        y = np.r_[0, 0, 1, 1, (rng.random(n - 4) < 0.4).astype(int)]
+        s = np.round(rng.random(n) + 0.4 * y, 1)
+        keep = ~np.eye(n, dtype=bool)
+        kwargs = {} if max_fpr is None else {"max_fpr": max_fpr}
+        brute = [roc_auc_score(y[keep[i]], s[keep[i]], **kwargs) for i in range(n)]
+        np.testing.assert_allclose(leave_one_out_auc(y, s, max_fpr), brute, rtol=0, atol=1e-12)
 
 
 # the official evaluator's per-machine columns (its COLUMNS), in its order
