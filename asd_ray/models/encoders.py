@@ -8,7 +8,7 @@ another family) is a ``BackboneError`` naming the checkpoint.
   mask, and padding cannot leak into a clip's frames: a first conv layer with GroupNorm over time (HuBERT-Base,
   wav2vec2-Base) takes each clip's statistics over its own valid frames (``PaddingExactGroupNorm``), and
   data2vec-audio's stacked positional convolutions see zeros past each clip's end, as its own zero padding gives
-  the clip alone (``PaddingExactPositionalConv``).
+  the clip alone (``PaddingExactPositionalConv``). These families also take masked-prediction fine-tuning.
 - Spectrogram input, fixed window (``SpectrogramBackbone``): the Audio Spectrogram Transformer (``ASTModel``),
   Whisper's encoder and CLAP's audio tower (of a ``ClapModel``, or a ``ClapAudioModel`` saved alone). The
   checkpoint's feature extractor makes the model's input from each window of a clip, resampled first when it
@@ -410,3 +410,12 @@ def open_encoder(checkpoint: str, *, layer: str = "last", pooling: str = "mean",
     extractor = feature_extractor(checkpoint, required=issubclass(adapter, SpectrogramBackbone))
     return adapter(checkpoint, model, extractor, layer=layer, pooling=pooling, device=device, precision=precision)
 
+
+def check_finetunable(checkpoint: str) -> None:
+    """Masked-prediction fine-tuning masks the frames of a conv feature encoder (``mask_time_indices``): the
+    waveform families take it; any other checkpoint is a ``BackboneError`` naming it and its family."""
+    config, (adapter, _) = encoder_family(checkpoint)
+    if not issubclass(adapter, WaveformBackbone):
+        takers = ", ".join(t for t, (a, _) in FAMILIES.items() if issubclass(a, WaveformBackbone))
+        raise BackboneError(f"{checkpoint!r} is a {config.model_type!r} checkpoint (spectrogram input): masked-"
+                            f"prediction fine-tuning needs a waveform model with a conv feature encoder ({takers})")

@@ -1,5 +1,5 @@
 """Every backbone family through the real loading path (tiny random checkpoints saved with save_pretrained):
-batch invariance, layers and stacks, windows of the spectrogram families, clear errors."""
+batch invariance, layers and stacks, windows of the spectrogram families, fine-tuning's family check, clear errors."""
 
 import json
 import shutil
@@ -10,7 +10,7 @@ import torch
 
 from asd_ray.cli import main
 from asd_ray.models.backbones import BackboneError, load_backbone
-from asd_ray.models.encoders import FAMILIES, SpectrogramBackbone, clip_windows
+from asd_ray.models.encoders import FAMILIES, SpectrogramBackbone, check_finetunable, clip_windows
 from tiny import FAMILIES as TINY_FAMILIES, WAVEFORM_FAMILIES
 
 SPECTROGRAM_FAMILIES = [f for f in TINY_FAMILIES if f not in WAVEFORM_FAMILIES]
@@ -81,6 +81,34 @@ def test_each_family_runs_through_asd_ray_run(tiny_corpus, tiny_encoder, family,
     assert "official score" in capsys.readouterr().out
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert 0 <= metrics["official_score"] <= 1
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_only_waveform_families_fine_tune(tiny_encoder, family):
+    path = str(tiny_encoder(family))
+    if family in WAVEFORM_FAMILIES:
+        check_finetunable(path)
+        return
+    with pytest.raises(BackboneError, match=f"{path}.*'{family}' checkpoint.*fine-tuning needs a waveform model"):
+        check_finetunable(path)
+
+
+@pytest.mark.parametrize("family", ["wav2vec2", "wavlm", "data2vec-audio"])
+def test_masked_prediction_runs_on_the_other_waveform_families(tiny_encoder, family):
+    from transformers import AutoModel
+
+    from asd_ray.models.finetune import MaskedPrediction, prepare_student
+
+    student = prepare_student(AutoModel.from_pretrained(tiny_encoder(family))).train()
+    loss = MaskedPrediction(student, seed=0).loss(torch.randn(2, 16_000))
+    loss.backward()
+    assert loss.item() > 0 and all(p.grad is not None for p in student.feature_projection.parameters())
+
+
+def test_fine_tuning_a_spectrogram_model_is_a_clear_error_before_ray_starts(tiny_corpus, tiny_encoder, capsys):
+    whisper = str(tiny_encoder("whisper"))
+    assert main(["finetune", "--data", str(tiny_corpus), "--init", whisper]) == 2
+    assert f"{whisper!r} is a 'whisper' checkpoint" in capsys.readouterr().err
 
 
 def test_a_spectrogram_model_needs_its_feature_extractor(tiny_encoder, tmp_path):
