@@ -15,6 +15,9 @@ from asd_ray.data.layout import DEV_MACHINES, EVAL_MACHINES, LayoutError, discov
 
 log = logging.getLogger("asd_ray")
 
+BACKBONE_HELP = ("'logmel' or an audio encoder's checkpoint directory / hub id: HuBERT, wav2vec2, WavLM, "
+                 "data2vec-audio, AST, Whisper, CLAP (= --set embed.backbone=)")
+
 # The offline demo corpus: every dev machine, small enough to finish in a few minutes on 2 cores.
 DEMO_SIZES = {"train_source": 100, "train_target": 10, "test_per_cell": 25, "supplemental": 2, "seconds": 5.0}
 
@@ -47,7 +50,7 @@ def _add_config_args(p):
 def _add_run(sub):
     p = sub.add_parser("run", help="embed, build banks, score, decide, write official CSVs and metrics")
     p.add_argument("--data", nargs="*", type=Path, help="DCASE roots; none: generate the synthetic demo corpus")
-    p.add_argument("--backbone", help="'logmel' or a HuBERT checkpoint directory / hub id (= --set embed.backbone=)")
+    p.add_argument("--backbone", help=BACKBONE_HELP)
     p.add_argument("--out", type=Path, default=Path("runs/demo"))
     p.add_argument("--machines", nargs="*", help="only these machine types")
     p.add_argument("--local", action="store_true",
@@ -113,7 +116,7 @@ def _add_serve_fleet(sub):
 
 
 def _add_finetune(sub):
-    p = sub.add_parser("finetune", help="self-supervised masked-prediction fine-tuning of a HuBERT backbone (Ray Train)")
+    p = sub.add_parser("finetune", help="self-supervised masked-prediction fine-tuning of a waveform backbone (Ray Train)")
     p.add_argument("--data", nargs="+", type=Path, required=True, help="corpus roots (normal train clips of all machines)")
     p.add_argument("--init", help="checkpoint directory or hub id to start from (= --set finetune.init=)")
     p.add_argument("--workers", type=int, help="DDP workers (= --set finetune.workers=)")
@@ -134,7 +137,7 @@ def _add_sweep(sub):
 def _add_embed(sub):
     p = sub.add_parser("embed", help="embed a corpus with the Ray Data pipeline into the Parquet cache")
     p.add_argument("--data", nargs="+", type=Path, required=True)
-    p.add_argument("--backbone", help="'logmel' or a HuBERT checkpoint directory / hub id (= --set embed.backbone=)")
+    p.add_argument("--backbone", help=BACKBONE_HELP)
     p.add_argument("--machines", nargs="*")
     _add_config_args(p)
 

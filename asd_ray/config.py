@@ -39,9 +39,11 @@ class PreprocessConfig:
 class EmbedConfig:
     """Backbone and pooling (SPEC §3)."""
 
-    backbone: str = "logmel"  # "logmel", or a HuBERT checkpoint directory / hub id
-    layer: str = "last"  # "last", an integer index into the hidden states, or "average"
-    pooling: Literal["auto", "mean", "mean_std"] = "auto"  # auto: mean (HuBERT, SPEC §3), mean_std (logmel)
+    backbone: str = "logmel"  # "logmel", or an audio encoder's checkpoint directory / hub id (models/encoders.py)
+    # "last", an index into the hidden states (0: the input embeddings), "average" (of the layers), or several
+    # indices "4,8,12" (each layer pooled, side by side)
+    layer: str = "last"
+    pooling: Literal["auto", "mean", "mean_std"] = "auto"  # auto: mean (encoders, SPEC §3), mean_std (logmel)
     n_mels: int = 128
     n_fft: int = 1024
     hop_length: int = 512
@@ -169,7 +171,8 @@ class FleetConfig:
 
 @dataclass(frozen=True)
 class FinetuneConfig:
-    """Masked-prediction fine-tuning of a HuBERT backbone on Ray Train (SPEC §5)."""
+    """Masked-prediction fine-tuning of a waveform backbone (HuBERT, wav2vec2, WavLM, data2vec-audio) on Ray Train
+    (SPEC §5)."""
 
     init: str = "facebook/hubert-base-ls960"  # checkpoint directory or hub id the student starts from
     teacher: Literal["ema", "frozen"] = "ema"

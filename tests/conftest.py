@@ -1,4 +1,5 @@
-"""Shared fixtures: small synthetic DCASE trees, a tiny random HuBERT, bad clips. Nothing touches the network."""
+"""Shared fixtures: small synthetic DCASE trees, tiny random encoders of every backbone family, bad clips.
+Nothing touches the network."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import soundfile as sf
 
 from asd_ray.data.synth import generate_corpus
 
-from tiny import TINY
+from tiny import TINY, save_tiny_encoder
 
 
 @pytest.fixture(scope="session")
@@ -35,18 +36,24 @@ def corpus_with_bad_clips(tiny_corpus, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def tiny_hubert(tmp_path_factory):
-    """A randomly initialised 2-layer HuBERT saved with save_pretrained (GroupNorm feature encoder, as Base)."""
-    import torch
-    from transformers import HubertConfig, HubertModel
+def tiny_encoder(tmp_path_factory):
+    """tiny_encoder(family) -> the directory of a tiny randomly initialised encoder of that family (``tiny.FAMILIES``)
+    and its feature extractor, saved with save_pretrained once per session."""
+    saved = {}
 
-    path = tmp_path_factory.mktemp("hubert") / "tiny-hubert"
-    config = HubertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                          conv_dim=(32,) * 7, num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4,
-                          layerdrop=0.0)
-    torch.manual_seed(0)
-    HubertModel(config).save_pretrained(path)
-    return path
+    def get(family):
+        if family not in saved:
+            saved[family] = tmp_path_factory.mktemp("encoders") / f"tiny-{family}"
+            save_tiny_encoder(family, saved[family])
+        return saved[family]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def tiny_hubert(tiny_encoder):
+    """A randomly initialised 2-layer HuBERT (GroupNorm feature encoder, as Base; no feature extractor saved)."""
+    return tiny_encoder("hubert")
 
 
 @pytest.fixture

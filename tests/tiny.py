@@ -1,4 +1,59 @@
-"""Sizes of the tiny synthetic corpus the tests share (tests import it; conftest builds it)."""
+"""What the tests share: the sizes of the tiny synthetic corpus (conftest builds it) and tiny randomly initialised
+audio encoders of every backbone family, saved with ``save_pretrained`` next to their feature extractors."""
 
 TINY = {"dev_machines": ("ToyCar", "valve"), "eval_machines": ("ToyPet",), "train_source": 12,
         "train_target": 4, "test_per_cell": 5, "supplemental": 1, "seconds": 2.0, "seed": 7}
+
+# The backbone families by model_type (asd_ray.models.encoders.FAMILIES); the spectrogram ones use 1 s windows.
+FAMILIES = ("hubert", "wav2vec2", "wavlm", "data2vec-audio", "audio-spectrogram-transformer", "whisper", "clap",
+            "clap_audio_model")
+WAVEFORM_FAMILIES = FAMILIES[:4]
+
+_SMALL = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, layerdrop=0.0)
+# CLAP's HTSAT tower: 32 mel bands folded twice into a 64 x 64 image, three stages (16, 32, 64 wide) as the real
+# one's stages differ in width; its extractor makes 1 s windows at 48 kHz.
+_CLAP_AUDIO = dict(spec_size=64, num_mel_bins=32, patch_size=4, patch_stride=4, window_size=4, depths=[1, 1, 1],
+                   num_attention_heads=[2, 2, 2], patch_embeds_hidden_size=16, hidden_size=64, projection_dim=16)
+
+
+def save_tiny_encoder(family: str, path) -> None:
+    """A randomly initialised 2-layer (CLAP: 3-stage) model of ``family`` and its feature extractor, in ``path``."""
+    import torch
+    import transformers as tf
+
+    torch.manual_seed(0)
+    conv = dict(conv_dim=(32,) * 7, num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4)
+    if family == "hubert":  # GroupNorm feature encoder, as HuBERT-Base
+        model, extractor = tf.HubertModel(tf.HubertConfig(**_SMALL, **conv)), None
+    elif family == "wav2vec2":  # GroupNorm feature encoder; its extractor standardises each clip
+        model = tf.Wav2Vec2Model(tf.Wav2Vec2Config(**_SMALL, **conv))
+        extractor = tf.Wav2Vec2FeatureExtractor(do_normalize=True)
+    elif family == "wavlm":
+        model = tf.WavLMModel(tf.WavLMConfig(**_SMALL, **conv, num_buckets=32, max_bucket_distance=100))
+        extractor = tf.Wav2Vec2FeatureExtractor(do_normalize=False)
+    elif family == "data2vec-audio":  # LayerNorm feature encoder, a stack of positional convolutions
+        model = tf.Data2VecAudioModel(tf.Data2VecAudioConfig(
+            **_SMALL, conv_dim=(32,) * 7, conv_pos_kernel_size=5, num_conv_pos_embeddings=3,
+            num_conv_pos_embedding_groups=4))
+        extractor = tf.Wav2Vec2FeatureExtractor(do_normalize=True)
+    elif family == "audio-spectrogram-transformer":
+        model = tf.ASTModel(tf.ASTConfig(**{k: v for k, v in _SMALL.items() if k != "layerdrop"}, max_length=100))
+        extractor = tf.ASTFeatureExtractor(max_length=100)
+    elif family == "whisper":
+        model = tf.WhisperModel(tf.WhisperConfig(
+            d_model=32, encoder_layers=2, encoder_attention_heads=2, encoder_ffn_dim=64, decoder_layers=1,
+            decoder_attention_heads=2, decoder_ffn_dim=64, num_mel_bins=80, max_source_positions=50,
+            max_target_positions=16, vocab_size=64, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+            decoder_start_token_id=1))
+        extractor = tf.WhisperFeatureExtractor(feature_size=80, chunk_length=1)
+    elif family in ("clap", "clap_audio_model"):
+        model = (tf.ClapModel(tf.ClapConfig(audio_config=_CLAP_AUDIO, projection_dim=16, text_config=dict(
+            vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+            projection_dim=16))) if family == "clap" else tf.ClapAudioModel(tf.ClapAudioConfig(**_CLAP_AUDIO)))
+        extractor = tf.ClapFeatureExtractor(feature_size=32, max_length_s=1, truncation="rand_trunc",
+                                            padding="repeatpad")
+    else:
+        raise ValueError(f"no tiny {family}")
+    model.save_pretrained(path)
+    if extractor is not None:
+        extractor.save_pretrained(path)

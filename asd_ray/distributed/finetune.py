@@ -1,4 +1,5 @@
-"""Ray Train DDP masked-prediction fine-tuning (SPEC §5): Ray Data feeds augmented crops of the normal
+"""Ray Train DDP masked-prediction fine-tuning (SPEC §5) of a waveform backbone (HuBERT, wav2vec2, WavLM,
+data2vec-audio): Ray Data feeds augmented crops of the normal
 train clips of a corpus to ``train_loop_per_worker``, run by ``TorchTrainer`` on N workers.
 
 Checkpoints (every epoch and every ``checkpoint_every`` steps) hold the student in ``save_pretrained``
@@ -248,12 +249,16 @@ def read_steps(path: str | Path) -> list[dict]:
 def finetune(roots: Sequence[str | Path], config: RunConfig, machines: Iterable[str] | None = None) -> FinetuneResult:
     """Fine-tune ``config.finetune.init`` on the normal train clips of ``roots`` with Ray Train.
 
-    Joins or starts Ray. The run lives under ``storage_path/name``; the same name resumes it.
+    Joins or starts Ray. The run lives under ``storage_path/name``; the same name resumes it. A checkpoint of a
+    family without masked prediction (a spectrogram model) is a ``BackboneError`` before anything starts.
     """
     import ray
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    from asd_ray.models.encoders import check_finetunable
+
+    check_finetunable(config.finetune.init)
     ensure_ray(num_cpus=config.ray.num_cpus or None)
     ft, pre = config.finetune, config.preprocess
     records = discover(roots, machines, normals_only_roots=config.normals_only_roots)

@@ -101,9 +101,11 @@ def test_weight_free_logmel_embeds_inside_the_preprocessing_tasks(ray_local, tin
     assert "MapBatches(preprocess_batch)->MapBatches(embed_in_task)" in ds.stats()  # one task stage, no actor
 
 
-def test_hubert_pipeline_embeds_mixed_length_batches_as_clip_by_clip(ray_local, tiny_hubert, tmp_path):
-    """Trimmed clips of many lengths share padded batches (tensor columns, one forward pass per batch) and
-    still get the embedding each has alone; a bad clip in the batch is a reject, not a zero row."""
+@pytest.mark.parametrize("family", ["hubert", "audio-spectrogram-transformer"])
+def test_encoder_pipeline_embeds_mixed_length_batches_as_clip_by_clip(ray_local, tiny_encoder, family, tmp_path):
+    """Trimmed clips of many lengths share padded batches (tensor columns; one forward pass per batch, of the
+    clips or of their 1 s windows) and still get the embedding each has alone; a bad clip in the batch is a
+    reject, not a zero row."""
     import soundfile as sf
 
     from asd_ray.data.audio import preprocess_clip
@@ -117,10 +119,11 @@ def test_hubert_pipeline_embeds_mixed_length_batches_as_clip_by_clip(ray_local, 
                  0.1 * rng.standard_normal(int(seconds * 16_000)), 16_000, subtype="FLOAT")
     (test / "section_00_source_test_anomaly_0009_a_1.wav").write_bytes(b"RIFF-not-audio")
     records, _ = plan_records(discover([tmp_path / "data"]))
-    config = load_config(RunConfig, None, [f"embed.backbone={tiny_hubert}", "embed.batch_size=4", "embed.device=cpu"])
+    checkpoint = tiny_encoder(family)
+    config = load_config(RunConfig, None, [f"embed.backbone={checkpoint}", "embed.batch_size=4", "embed.device=cpu"])
     table = embed_corpus(records, embed=config.embed, preprocess=config.preprocess, cache_dir=tmp_path / "c")
     assert [r["path"].rsplit("/", 1)[1] for r in table.rejects] == ["section_00_source_test_anomaly_0009_a_1.wav"]
-    backbone = load_backbone(str(tiny_hubert), device="cpu")
+    backbone = load_backbone(str(checkpoint), device="cpu")
     assert len(table.records) == 6
     for rec, got in zip(table.records, table.embeddings):
         alone = backbone.embed([preprocess_clip(rec.path).waveform])[0]

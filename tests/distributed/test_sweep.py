@@ -8,7 +8,7 @@ import pytest
 
 from asd_ray.config import ConfigError, RunConfig, load_config
 from asd_ray.distributed.run import ray_run
-from asd_ray.distributed.sweep import load_space, sweep
+from asd_ray.distributed.sweep import embedding_variants, load_space, sweep
 
 
 def test_sweep_embeds_once_and_its_best_config_reproduces(ray_local, tiny_corpus, tmp_path):
@@ -30,6 +30,28 @@ def test_sweep_embeds_once_and_its_best_config_reproduces(ray_local, tiny_corpus
     assert "| bank.k | bank.metric | official_score" in (tmp_path / "sweep" / "sweep.md").read_text()
 
 
+def test_a_space_ranges_over_backbones_and_layers(tmp_path):
+    space_file = tmp_path / "space.yaml"
+    space_file.write_text("grid:\n  embed.backbone: [/ckpt/a, /ckpt/b]\n  embed.layer: [last, 6, \"4,8,12\"]\n")
+    variants = embedding_variants(load_space(space_file), RunConfig())
+    assert [(v.embed.backbone, v.embed.layer) for v in variants] == [
+        (b, layer) for b in ("/ckpt/a", "/ckpt/b") for layer in ("last", "6", "4,8,12")]
+
+
+def test_a_sweep_over_backbones_embeds_each_up_front(ray_local, tiny_corpus, tiny_encoder, tmp_path):
+    hubert, ast = tiny_encoder("hubert"), tiny_encoder("audio-spectrogram-transformer")
+    space_file = tmp_path / "space.yaml"
+    space_file.write_text(f"base:\n  detector: knn\ngrid:\n  embed.backbone: [{hubert}, {ast}]\n"
+                          "  embed.layer: [\"0,2\"]\n")
+    config = load_config(RunConfig, None, [f"ray.cache_dir={tmp_path / 'cache'}", "embed.device=cpu"])
+    result = sweep([tiny_corpus], load_space(space_file), config, tmp_path / "sweep", machines=["valve"],
+                   name=f"b-{uuid.uuid4().hex[:6]}")
+    assert len(result.embedded) == 2 and not result.cached  # each backbone embedded once, up front
+    assert sorted(r["param:embed.backbone"] for r in result.table) == sorted([str(hubert), str(ast)])
+    assert all(0 <= r["official_score"] <= 1 for r in result.table)
+    assert load_config(RunConfig, result.best_config_path).embed.backbone == result.table[0]["param:embed.backbone"]
+
+
 def test_space_errors_are_clear(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("grid:\n  bank.kk: [1]\n")
@@ -38,7 +60,7 @@ def test_space_errors_are_clear(tmp_path):
     bad.write_text("sample:\n  embed.layer: {choice: [last, average]}\n")
     with pytest.raises(ConfigError, match="embedding choices go under grid"):
         load_space(bad)
-    for name in ("sweep_knn.yaml", "sweep_hubert_layers.yaml", "sweep_finetune.yaml"):
+    for name in ("sweep_knn.yaml", "sweep_hubert_layers.yaml", "sweep_finetune.yaml", "sweep_backbones.yaml"):
         load_space(Path(__file__).resolve().parents[2] / "configs" / name)
 
 
