@@ -206,6 +206,9 @@ def cmd_run(args) -> int:
           f"{len(report.unused)} unused (see {args.out}/rejects.csv, unused.csv)")
     if report.metrics:
         print(format_metrics(report.metrics))
+    t = report.timings
+    print(f"time: discover {t['discover']:.1f} s, embed {t['embed']:.1f} s ({report.clips_embedded / max(t['embed'], 1e-9):.0f} "
+          f"clips/s), banks and scoring {t['fit_score']:.1f} s, report {t.get('report', 0.0):.1f} s")
     print(f"official CSVs, metrics.json and report.md in {args.out}")
     return 0
 
@@ -323,19 +326,37 @@ COMMANDS = {"synth": cmd_synth, "run": cmd_run, "evaluate": cmd_evaluate, "serve
             "compare": cmd_compare}
 
 
+def log_file(args) -> Path | None:
+    """Where a command that runs on Ray writes the log lines of Ray and asd-ray: ``<out>/run.log``."""
+    if args.command in ("run", "compare", "sweep", "serve-fleet") and not getattr(args, "local", False):
+        return args.out / "run.log"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger().handlers[0].setLevel(logging.DEBUG if args.verbose else logging.WARNING)
     log.setLevel(logging.DEBUG if args.verbose else logging.INFO)
     from asd_ray.bank.memory_bank import BankError
     from asd_ray.models.backbones import BackboneError
+    from asd_ray.progress import bars_on
     from asd_ray.scoring.metrics import MetricError
 
+    path = log_file(args)
+    if path is not None:
+        from asd_ray.distributed.session import route_logs
+
+        route_logs(path, args.verbose)
     try:
-        return COMMANDS[args.command](args)
+        with bars_on():
+            code = COMMANDS[args.command](args)
     except (ConfigError, LayoutError, MetricError, BankError, BackboneError, FileNotFoundError, ValueError) as err:
         print(f"asd-ray {args.command}: error: {err}", file=sys.stderr)
         return 2
+    if path is not None:
+        print(f"log of Ray and asd-ray: {path}")
+    return code
 
 
 if __name__ == "__main__":

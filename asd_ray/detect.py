@@ -25,6 +25,7 @@ from asd_ray.data.audio import try_preprocess
 from asd_ray.data.layout import ClipRecord, discover
 from asd_ray.detectors import Detector, detector_features, make_detector
 from asd_ray.models.frames import LogMelFrames, frames_needed_seconds
+from asd_ray.progress import advance, stage
 from asd_ray.report import write_report
 from asd_ray.results import MachineResult, Reject, RunReport
 from asd_ray.scoring.files import (evaluate_scores, ground_truth, read_eval_list, write_evaluator_results,
@@ -56,8 +57,7 @@ def plan_records(records: Iterable[ClipRecord]) -> tuple[list[ClipRecord], list[
 
 
 def embed_records(records: Sequence[ClipRecord], backbone: "Backbone | LogMelFrames", preprocess: PreprocessConfig,
-                  batch_size: int = 16, progress: Callable[[int], None] | None = None, chunk_batches: int = 16
-                  ) -> tuple[Features, list[ClipRecord], list[Reject], list[list[str]]]:
+                  batch_size: int = 16, chunk_batches: int = 16) -> tuple[Features, list[ClipRecord], list[Reject], list[list[str]]]:
     """Pre-process and embed clips in this process.
 
     Returns (features of the n records embedded, those n records, rejects, per-clip pre-processing flags).
@@ -74,6 +74,7 @@ def embed_records(records: Sequence[ClipRecord], backbone: "Backbone | LogMelFra
             clip, reason = try_preprocess(r.path, **kwargs)
             if clip is None:
                 rejects.append(Reject(r.path, r.machine, reason))
+                advance()
                 continue
             waves.append(clip.waveform)
             kept.append(r)
@@ -84,8 +85,7 @@ def embed_records(records: Sequence[ClipRecord], backbone: "Backbone | LogMelFra
             idx = order[b:b + batch_size]
             for i, e in zip(idx, backbone.embed([waves[i] for i in idx])):
                 out[i] = e
-            if progress:
-                progress(len(idx))
+            advance(len(idx))
         embs.extend(out)
     if backbone.dim is None:
         return embs, kept, rejects, flags
@@ -151,7 +151,11 @@ MachineMap = Callable[[Callable, list[tuple]], list]  # map(fn, [args, ...]) -> 
 
 
 def local_map(fn: Callable, jobs: list[tuple]) -> list:
-    return [fn(*args) for args in jobs]
+    out = []
+    for args in jobs:
+        out.append(fn(*args))
+        advance()
+    return out
 
 
 def machine_result(split: MachineSplit, records: Sequence[ClipRecord], fitted: FittedMachine,
@@ -179,12 +183,15 @@ def detect(features: Features, records: Sequence[ClipRecord], *, detector: Calla
     splits = machine_splits(records, unscored)
     jobs = [(detector(), take(features, s.train), [records[i].filename for i in s.train],
              [records[i].domain for i in s.train], take(features, s.test)) for s in splits]
-    fitted = machine_map(fit_machine, jobs)
+    with stage("banks", total=len(jobs), unit="machine"):
+        fitted = machine_map(fit_machine, jobs)
     results = {}
-    for s, f in zip(splits, fitted):
-        if bank_dir is not None:
-            f.detector.save(Path(bank_dir) / s.machine)
-        results[s.machine] = machine_result(s, records, f, post)
+    with stage("scoring", total=len(jobs), unit="machine"):
+        for s, f in zip(splits, fitted):
+            if bank_dir is not None:
+                f.detector.save(Path(bank_dir) / s.machine)
+            results[s.machine] = machine_result(s, records, f, post)
+            advance()
     return results
 
 
@@ -264,10 +271,13 @@ def run_detection(roots: Sequence[str | Path], config: RunConfig, embedder: Embe
     """
     t0 = time.perf_counter()
     eval_list = read_eval_list(config.eval_list) if config.eval_list else None  # a bad path fails before any work
-    records = discover(roots, machines, normals_only_roots=config.normals_only_roots)
-    used, unused = plan_records(records)
+    with stage("discover"):
+        records = discover(roots, machines, normals_only_roots=config.normals_only_roots)
+        used, unused = plan_records(records)
+        advance(len(records))
     t1 = time.perf_counter()
-    features, kept, rejects, flags = embedder(used)
+    with stage("embed", total=len(used)):
+        features, kept, rejects, flags = embedder(used)
     rejects = [Reject.of(r) for r in rejects]
     t2 = time.perf_counter()
     unscored: list[Reject] = []
@@ -284,8 +294,12 @@ def run_detection(roots: Sequence[str | Path], config: RunConfig, embedder: Embe
                                 "fit_score": t3 - t2})
     check_counts(report)
     if out_dir is not None:
-        write_outputs(report, out_dir, config)
-        log.info("outputs and report written in %.1f s", time.perf_counter() - t3)
+        t4 = time.perf_counter()
+        with stage("report", total=1, unit="run"):
+            write_outputs(report, out_dir, config)
+            advance()
+        report.timings["report"] = time.perf_counter() - t4
+        log.info("outputs and report written in %.1f s", report.timings["report"])
     return report
 
 
@@ -323,6 +337,8 @@ def shared(embedder: Embedder, cache: dict | None, key: tuple) -> Embedder:
         k = (key, tuple(r.path for r in records))
         if k not in cache:
             cache[k] = embedder(records)
+        else:
+            advance(len(records))
         return cache[k]
 
     return cached

@@ -26,6 +26,7 @@ from asd_ray.config import EmbedConfig, PreprocessConfig
 from asd_ray.data.audio import pad_waveforms, try_preprocess
 from asd_ray.data.layout import RECORD_FIELDS, ClipRecord
 from asd_ray.distributed.session import gpu_wanted
+from asd_ray.progress import advance
 
 log = logging.getLogger(__name__)
 
@@ -298,11 +299,14 @@ def embed_corpus(records: Sequence[ClipRecord], *, embed: EmbedConfig, preproces
     CPUs so that read tasks keep running) embed whole padded batches; the result lands as
     Parquet under ``cache_dir/<content key>`` and is reused by the next call with the same key.
     """
+    import pyarrow.parquet as pq
+
     key = cache_key(records, embed, preprocess)
     out = Path(cache_dir).expanduser().resolve() / key
     done = out / "_COMPLETE"
     if done.is_file():
         log.info("embeddings cached at %s: not embedding again", out)
+        advance(len(records))
         return EmbeddingTable(*read_table(out), path=out, from_cache=True)
     if use_gpu is None:
         use_gpu = gpu_wanted("auto", embed.device)
@@ -314,7 +318,11 @@ def embed_corpus(records: Sequence[ClipRecord], *, embed: EmbedConfig, preproces
                            use_gpu=use_gpu, preprocess_cpus=preprocess_cpus)
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)  # a run that died half-way
-    ds.write_parquet(str(tmp))
+    tmp.mkdir(parents=True)
+    # Written here, block by block as they arrive (embeddings are small): the driver sees the progress.
+    for i, block in enumerate(ds.iter_batches(batch_size=None, batch_format="pyarrow")):
+        pq.write_table(block, tmp / f"part-{i:05d}.parquet")
+        advance(block.num_rows)
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     done.write_text(json.dumps({"clips": len(rows), "backbone": embed.backbone}))

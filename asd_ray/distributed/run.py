@@ -19,6 +19,7 @@ from asd_ray.detectors import detector_features
 from asd_ray.distributed.embed import (EmbeddingTable, Stage, batch_waveforms, clip_tasks, embed_corpus, object_array,
                                        preprocessed, task_cpus, warm_workers)
 from asd_ray.distributed.session import ensure_ray, gpu_wanted
+from asd_ray.progress import advance
 from asd_ray.results import Reject, RunReport
 
 
@@ -59,8 +60,11 @@ def ray_frames_embedder(config: RunConfig) -> Embedder:
 
     def embedder(records: Sequence[ClipRecord]):
         by_path = {r.path: r for r in records}
-        rows = preprocessed([{"path": r.path} for r in records], config.preprocess, batch_size=FRAME_BATCH,
-                            num_cpus=cpus, then=then).take_all()
+        rows = []
+        for row in preprocessed([{"path": r.path} for r in records], config.preprocess, batch_size=FRAME_BATCH,
+                                  num_cpus=cpus, then=then).iter_rows():
+            rows.append(row)
+            advance()
         feats, kept, rejects, flags = [], [], [], []
         for row in sorted(rows, key=lambda r: r["path"]):
             rec = by_path[row["path"]]
@@ -85,7 +89,12 @@ def ray_task_map(num_cpus: float, num_gpus: float = 0) -> MachineMap:
 
     def machine_map(fn: Callable, jobs: list[tuple]) -> list:
         task = ray.remote(_apply).options(num_cpus=num_cpus, num_gpus=num_gpus)
-        return ray.get([task.remote(fn, *args) for args in jobs])
+        refs = [task.remote(fn, *args) for args in jobs]
+        pending = refs
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            advance(len(done))
+        return ray.get(refs)
 
     return machine_map
 

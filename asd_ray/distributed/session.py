@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 
 log = logging.getLogger(__name__)
 
@@ -36,3 +37,23 @@ def gpu_wanted(setting: str = "auto", device: str = "auto") -> bool:
     if setting == "auto":
         return device != "cpu" and ray.cluster_resources().get("GPU", 0) >= 1
     return setting == "yes"
+
+
+def route_logs(path: Path, verbose: bool = False) -> None:
+    """The log lines of Ray, Ray Data and asd-ray of this process into ``path`` (a file of the run folder),
+    and on the console only their errors (everything with ``verbose``). Ray Data's own progress lines and bars
+    are off: the command draws one bar per stage. Call before Ray starts, so that its start-up lines go to the
+    file too."""
+    import ray.data  # its import sets up its loggers, which are adjusted here
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    path.parent.mkdir(parents=True, exist_ok=True)
+    to_file = logging.FileHandler(path, encoding="utf-8")
+    to_file.setLevel(logging.INFO)
+    to_file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    for name in ("ray", "ray.data", "asd_ray"):
+        logger = logging.getLogger(name)
+        for handler in logger.handlers:
+            if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+                handler.setLevel(logging.INFO if verbose else logging.ERROR)
+        logger.addHandler(to_file)
