@@ -16,8 +16,8 @@ from asd_ray.config import RunConfig
 from asd_ray.data.layout import ClipRecord
 from asd_ray.detect import Embedder, MachineMap, features_key, frame_feature_kwargs, run_detection, shared
 from asd_ray.detectors import detector_features
-from asd_ray.distributed.embed import (EmbeddingTable, Stage, batch_waveforms, clip_tasks, embed_corpus, object_array,
-                                       preprocessed, task_cpus, warm_workers)
+from asd_ray.distributed.embed import (EmbeddingTable, Stage, await_warm, batch_waveforms, clip_tasks, embed_corpus,
+                                       object_array, preprocessed, task_cpus, warm_workers)
 from asd_ray.distributed.session import ensure_ray, gpu_wanted
 from asd_ray.progress import advance
 from asd_ray.results import Reject, RunReport
@@ -32,8 +32,9 @@ def embed_table(records, config: RunConfig) -> EmbeddingTable:
                         preprocess_cpus=config.ray.preprocess_cpus)
 
 
-def ray_embedder(config: RunConfig) -> Embedder:
+def ray_embedder(config: RunConfig, warm: Sequence = ()) -> Embedder:
     def embedder(records):
+        await_warm(warm)
         table = embed_table(records, config)
         return table.embeddings, table.records, [Reject.of(r) for r in table.rejects], table.flags
 
@@ -53,12 +54,13 @@ def frames_batch(batch: dict[str, np.ndarray], **features: object) -> dict[str, 
     return out
 
 
-def ray_frames_embedder(config: RunConfig) -> Embedder:
+def ray_frames_embedder(config: RunConfig, warm: Sequence = ()) -> Embedder:
     """Ray Data pre-processing + log-mel matrices of every clip (held in memory, no cache: a run's detectors
     need them all)."""
     then, cpus = pipeline_tasks(config)
 
     def embedder(records: Sequence[ClipRecord]):
+        await_warm(warm)
         by_path = {r.path: r for r in records}
         rows = []
         for row in preprocessed([{"path": r.path} for r in records], config.preprocess, batch_size=FRAME_BATCH,
@@ -99,9 +101,9 @@ def ray_task_map(num_cpus: float, num_gpus: float = 0) -> MachineMap:
     return machine_map
 
 
-def embedder_for(config: RunConfig) -> Embedder:
-    """The Ray embedder of the features ``config.detector`` eats."""
-    return ray_embedder(config) if detector_features(config) == "clip" else ray_frames_embedder(config)
+def embedder_for(config: RunConfig, warm: Sequence = ()) -> Embedder:
+    """The Ray embedder of the features ``config.detector`` eats (after the ``warm_pipeline`` tasks ``warm``)."""
+    return (ray_embedder if detector_features(config) == "clip" else ray_frames_embedder)(config, warm)
 
 
 FRAME_BATCH = 16  # clips per task of the log-mel frame pipeline
@@ -131,8 +133,8 @@ def ray_run(roots: Sequence[str | Path], config: RunConfig, out_dir: str | Path 
     ``feature_cache`` (a dict kept by the caller), runs of several detectors share their features.
     """
     ensure_ray(num_cpus=config.ray.num_cpus or None)
-    warm_pipeline(config)  # worker imports overlap discovery; a cached run wastes a second of idle CPUs
-    embedder = shared(embedder_for(config), feature_cache, features_key(config))
+    warm = warm_pipeline(config)  # worker imports overlap discovery; a cached run wastes a second of idle CPUs
+    embedder = shared(embedder_for(config, warm), feature_cache, features_key(config))
     if detector_features(config) == "clip":
         return run_detection(roots, config, embedder, out_dir, machines)
     gpu = gpu_wanted(config.ray.use_gpu) and (config.detector.startswith("ae-") or config.detector == "fusion")

@@ -10,8 +10,9 @@ log = logging.getLogger(__name__)
 
 
 def ensure_ray(num_cpus: int | None = None) -> bool:
-    """Connect to Ray: the running session, the cluster at ``RAY_ADDRESS`` (``ray job submit`` sets it),
-    or a new local one with ``num_cpus``. Returns True when this call started a local Ray."""
+    """Connect to Ray: the running session, the cluster at ``RAY_ADDRESS`` (``ray job submit`` sets it; ``auto``:
+    a ``ray start`` cluster on this machine), or a new local one with ``num_cpus``. Returns True when this call
+    started a local Ray."""
     import ray
 
     if ray.is_initialized():
@@ -22,7 +23,9 @@ def ensure_ray(num_cpus: int | None = None) -> bool:
         log.info("joined the Ray cluster at %s", os.environ["RAY_ADDRESS"])
         return False
     num_cpus = num_cpus or os.cpu_count()
-    ray.init(include_dashboard=False, num_cpus=num_cpus)
+    # address="local": a Ray of its own even when a `ray start` cluster runs on this machine (plain ray.init()
+    # would join that one and refuse num_cpus); RAY_ADDRESS=auto joins it instead.
+    ray.init(address="local", include_dashboard=False, num_cpus=num_cpus)
     log.info("started a local Ray with %s CPUs", num_cpus)
     return True
 
