@@ -10,7 +10,7 @@ import os
 import sys
 from pathlib import Path
 
-from asd_ray.config import ConfigError, RunConfig, load_config
+from asd_ray.config import ConfigError, RunConfig, given_keys, load_config
 from asd_ray.data.layout import DEV_MACHINES, EVAL_MACHINES, LayoutError, discover, summarise
 
 log = logging.getLogger("asd_ray")
@@ -233,15 +233,16 @@ def cmd_serve_fleet(args) -> int:
     from asd_ray.distributed import streams
 
     config = run_config(args.config, args.overrides)
+    given = given_keys(args.config, args.overrides)  # score-time settings given here override the saved banks'
     if args.simulate:
         stats = streams.simulate(args.banks, config, args.out, streams=args.simulate, rate_hz=args.rate,
-                                 seconds=args.seconds)
+                                 seconds=args.seconds, given=given)
         print(json.dumps(dataclasses.asdict(stats)))
         return 0
     if not args.data and args.clips is None:
         raise ConfigError("serve-fleet needs --data ROOT..., --clips DIR --machine M, or --simulate STREAMS")
     results = streams.score_streams(args.banks, config, args.out, roots=args.data, clips=args.clips,
-                                    machine=args.machine)
+                                    machine=args.machine, given=given)
     bad = sum(1 for r in results if r.error)
     print(f"{len(results) - bad} clips scored, {bad} without a score (see {args.out}/rejects.csv); "
           f"per-stream results in {args.out}/streams.csv")

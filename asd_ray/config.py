@@ -332,8 +332,8 @@ def _set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
     node[leaf] = value
 
 
-def load_config(cls: type, path: str | Path | None = None, overrides: typing.Iterable[str] = ()) -> Any:
-    """Defaults of ``cls``, updated by the YAML file at ``path`` and then by ``key=value`` strings."""
+def _given_tree(path: str | Path | None, overrides: typing.Iterable[str]) -> dict[str, Any]:
+    """The nested keys and values the YAML file at ``path`` and the ``key=value`` strings give (no defaults)."""
     tree: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
@@ -349,8 +349,27 @@ def load_config(cls: type, path: str | Path | None = None, overrides: typing.Ite
         key, value = item.split("=", 1)
         value = value.strip()
         _set_path(tree, key.strip(), yaml.safe_load(value) if value != "" else "")
+    return tree
+
+
+def load_config(cls: type, path: str | Path | None = None, overrides: typing.Iterable[str] = ()) -> Any:
+    """Defaults of ``cls``, updated by the YAML file at ``path`` and then by ``key=value`` strings."""
     # YAML parses "3" as int and "true" as bool; strings for str fields are coerced back.
-    return from_dict(cls, tree)
+    return from_dict(cls, _given_tree(path, overrides))
+
+
+def given_keys(path: str | Path | None = None, overrides: typing.Iterable[str] = ()) -> frozenset[str]:
+    """The dotted keys (``bank.k``, ``detector`` ...) that the YAML file and the overrides set, whatever the
+    value: what a user asked for, as against a dataclass default."""
+
+    def walk(node: dict[str, Any], prefix: str):
+        for key, value in node.items():
+            if isinstance(value, dict):
+                yield from walk(value, f"{prefix}{key}.")
+            else:
+                yield prefix + key
+
+    return frozenset(walk(_given_tree(path, overrides), ""))
 
 
 def with_overrides(config: Any, values: dict[str, Any]) -> Any:

@@ -30,7 +30,7 @@ import numpy as np
 
 from asd_ray.bank.memory_bank import BankError, DomainAwareBank, MemoryBank
 from asd_ray.config import EmbedConfig, FleetConfig, FramesConfig, PostConfig, PreprocessConfig
-from asd_ray.detectors import load_detector
+from asd_ray.detectors import bank_version, configure_detector, load_detector
 from asd_ray.scoring.postprocess import Calibration, StreamPostprocessor, calibrate
 
 
@@ -41,11 +41,15 @@ def actor_name(machine: str, replica: int = 0) -> str:
 class BankActor:
     """One machine's saved detector as a Ray actor; ``__init__`` (also after a restart) loads it from ``bank_dir``."""
 
-    def __init__(self, machine: str, bank_dir: str, faiss_threads: int = 1, persist: bool = True):
+    def __init__(self, machine: str, bank_dir: str, faiss_threads: int = 1, persist: bool = True,
+                 settings: dict[str, Any] | None = None):
         self.machine = machine
         self.bank_dir = Path(bank_dir)
         self.persist = persist  # one replica writes the shared bank_dir; the others only apply the same add
         self.bank = load_detector(self.bank_dir, faiss_threads=faiss_threads)
+        self.requested = dict(settings or {})  # score-time settings given in the config (``SCORE_SETTINGS`` keys)
+        self.settings = configure_detector(self.bank, self.requested)
+        self.version = bank_version(self.bank_dir)
         self.pid = os.getpid()
 
     def score(self, features: np.ndarray | list[np.ndarray]) -> np.ndarray:
@@ -82,19 +86,28 @@ class BankActor:
         self.bank_dir.rename(old)
         tmp.rename(self.bank_dir)
         shutil.rmtree(old, ignore_errors=True)
+        self.version = bank_version(self.bank_dir)
 
     def stats(self) -> dict:
+        """What the actor serves: the detector's kind, size and dimension, its score-time settings with where
+        each came from ({config key: (value, "config" | "saved bank")}), the bank version and the process."""
         return {"machine": self.machine, "kind": self.bank.kind, "features": self.bank.features,
                 "size": self.bank.size, "dim": self.bank.dim, "k": getattr(self.bank, "k", None),
-                "metric": getattr(self.bank, "metric", None), "pid": self.pid, "bank_dir": str(self.bank_dir)}
+                "metric": getattr(self.bank, "metric", None), "settings": self.settings,
+                "requested": self.requested, "version": self.version, "pid": self.pid,
+                "bank_dir": str(self.bank_dir)}
 
 
 def start_banks(bank_root: str | Path, *, machines: Iterable[str] | None = None, replicas: int = 1,
-                namespace: str = "asd-ray", faiss_threads: int = 1) -> dict[str, list]:
+                namespace: str = "asd-ray", faiss_threads: int = 1,
+                settings: dict[str, Any] | None = None) -> dict[str, list]:
     """Start (or find) the bank actors of every machine saved under ``bank_root/<machine>``.
 
+    ``settings``: score-time settings given in the config ({``SCORE_SETTINGS`` key: value}); each saved
+    detector takes those of its kind and keeps its saved values for the rest (``configure_detector``).
     Actors take no CPU slot (they mostly wait; FAISS threads are set explicitly), restart forever and
-    retry their calls. Returns {machine: [actor handles, replica 0 first]}.
+    retry their calls. An actor found running with another bank folder or other settings is an error (a
+    restart would bring back its own). Returns {machine: [actor handles, replica 0 first]}.
     """
     import ray
 
@@ -114,9 +127,17 @@ def start_banks(bank_root: str | Path, *, machines: Iterable[str] | None = None,
         banks[machine] = [
             remote.options(name=actor_name(machine, r), namespace=namespace, get_if_exists=True, num_cpus=0,
                            max_restarts=-1, max_task_retries=-1, max_concurrency=1)
-            .remote(machine, str(root / machine), faiss_threads, r == 0)
+            .remote(machine, str(root / machine), faiss_threads, r == 0, dict(settings or {}))
             for r in range(replicas)]
-    ray.get([a.stats.remote() for actors in banks.values() for a in actors])  # loaded, or the error now
+    try:
+        stats = ray.get([a.stats.remote() for actors in banks.values() for a in actors])  # loaded, or the error now
+    except ray.exceptions.RayActorError as err:  # a bank that cannot be loaded or take the settings
+        raise BankError(f"a bank actor under {root} could not start: {err}") from None
+    for s in stats:
+        if s["bank_dir"] != str(root / s["machine"]) or s["requested"] != dict(settings or {}):
+            raise BankError(f"{actor_name(s['machine'])} in namespace {namespace!r} already runs {s['bank_dir']} "
+                            f"with settings {s['requested']}; asked for {root / s['machine']} with {settings or {}}: "
+                            f"use another fleet.namespace, or stop that fleet first")
     return banks
 
 

@@ -193,3 +193,37 @@ def test_local_feature_bank_actors_score_like_the_library(ray_local, tiny_corpus
         router.add("valve", mats[0], ["x"])
     for machine in ref.results:
         ray_local.kill(ray_local.get_actor(actor_name(machine), namespace=config.fleet.namespace), no_restart=True)
+
+
+def test_config_k_changes_fleet_scores_as_it_changes_run_scores(ray_local, tiny_corpus, tmp_path, caplog):
+    """`serve-fleet --set bank.k=5` over banks saved with k = 3 scores as `asd-ray run --set bank.k=5` does,
+    and says which settings came from the config and which from the saved bank."""
+    from asd_ray.cli import main
+
+    namespace = f"t-{uuid.uuid4().hex[:8]}"
+    base = ["detector=knn", f"fleet.namespace={namespace}"]
+    k3 = reference_run([tiny_corpus], load_config(RunConfig, None, base), tmp_path / "k3")
+    k5 = reference_run([tiny_corpus], load_config(RunConfig, None, base + ["bank.k=5"]), tmp_path / "k5")
+    caplog.set_level("INFO", logger="asd_ray")
+    sets = [a for kv in base + ["bank.k=5", "bank.density=true"] for a in ("--set", kv)]
+    assert main(["serve-fleet", "--banks", str(tmp_path / "k3" / "banks"), "--data", str(tiny_corpus),
+                 "--out", str(tmp_path / "fleet"), *sets]) == 0
+    with open(tmp_path / "fleet" / "streams.csv") as fh:
+        rows = {(r["machine"], r["clip"].rsplit("/", 1)[1]): r for r in csv.DictReader(fh)}
+    for machine, res in k5.results.items():
+        got = np.array([float(rows[machine, f]["raw_score"]) for f in res.filenames])
+        np.testing.assert_allclose(got, res.raw_scores, rtol=1e-6)
+        assert not np.allclose(got, k3.results[machine].raw_scores, rtol=1e-3)  # k = 5 did change them
+        assert [int(rows[machine, f]["decision"]) for f in res.filenames] == res.decisions.tolist()
+    log = caplog.text
+    assert "bank.k=5 (config)" in log and "bank.metric=euclidean (saved bank)" in log
+    assert "post.median_window=1 (default)" in log
+    assert "not applied: bank.density, detector (fixed when the banks were fitted" in log
+    for machine in k5.results:
+        ray_local.kill(ray_local.get_actor(actor_name(machine), namespace=namespace), no_restart=True)
+
+
+def test_banks_running_with_other_settings_are_an_error(fleet):
+    _, _, namespace, bank_root = fleet
+    with pytest.raises(Exception, match="already runs .* with settings \\{\\}.*use another fleet.namespace"):
+        start_banks(bank_root, namespace=namespace, settings={"bank.k": 5})
