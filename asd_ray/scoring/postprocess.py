@@ -97,6 +97,12 @@ class StreamPostprocessor:
         self.minmax = minmax
         self.recent: deque[float] = deque(maxlen=max(1, median_window))
 
+    @property
+    def threshold(self) -> float:
+        """The decision threshold on the scale of ``push``'s scores (min-max scaled like them, or raw)."""
+        c = self.calibration
+        return float(minmax_scale(np.array([c.threshold]), c.lo, c.hi)[0]) if self.minmax else c.threshold
+
     def push(self, raw: float) -> tuple[float, int]:
         """One clip's raw score -> (final score, decision 0/1)."""
         self.recent.append(float(raw))

@@ -11,7 +11,8 @@ from asd_ray.bank.memory_bank import MemoryBank
 from asd_ray.detectors import load_detector
 from asd_ray.config import FleetConfig, PostConfig, RunConfig, load_config
 from asd_ray.detect import reference_run
-from asd_ray.distributed.fleet import Request, Router, actor_name, score_requests, start_banks
+from asd_ray.distributed.fleet import (BAD_INPUT, UNKNOWN_MACHINE, Request, Router, actor_name, score_requests,
+                                       start_banks)
 from asd_ray.distributed.streams import score_streams
 from asd_ray.scoring.postprocess import StreamPostprocessor, calibrate
 from tiny import TINY
@@ -79,6 +80,21 @@ def test_add_changes_scores_and_persists(fleet, ray_local):
     assert load_detector(bank_root / "fan").size == 305  # persisted: a restart reloads it
 
 
+def test_add_recalibrates_running_streams(fleet):
+    """Normals added mid-stream re-calibrate that stream too; results carry the threshold and bank version."""
+    banks, actors, _, _ = fleet
+    router = Router(actors)
+    q, new = _queries(3), _queries(40, seed=11, shift=1.0)
+    before = score_requests(router, [Request("fan", "line", embedding=e) for e in q])
+    assert router.add("fan", new, [f"n{i}" for i in range(40)])["added"] == 40
+    after = score_requests(router, [Request("fan", "line", embedding=e) for e in q])
+    bank = banks["fan"].add(new, [f"n{i}" for i in range(40)])
+    stream = StreamPostprocessor(calibrate(bank.loo_scores()))
+    assert [(r.score, r.decision) for r in after] == [stream.push(s) for s in bank.score(q)]
+    assert after[0].threshold == stream.threshold != before[0].threshold
+    assert after[0].bank_version != before[0].bank_version != ""
+
+
 def test_killed_bank_actor_loses_no_request(fleet, ray_local):
     banks, actors, _, _ = fleet
     q = _queries(2000, seed=5)
@@ -110,6 +126,7 @@ def test_unknown_machine_and_bad_embedding_do_not_disturb_others(fleet):
     results = score_requests(router, requests)
     assert "no bank for machine 'nope'" in results[1].error and "fan" in results[1].error
     assert "size 10" in results[2].error and "finite: False" in results[4].error
+    assert [r.failure for r in results] == ["", UNKNOWN_MACHINE, BAD_INPUT, "", BAD_INPUT, ""]
     ok = [0, 3, 5]
     assert all(not results[i].error and results[i].score is not None for i in ok)
     np.testing.assert_allclose([results[0].raw_score, results[5].raw_score], banks["fan"].score(q[[0, 5]]), rtol=1e-6)
