@@ -104,6 +104,18 @@ def _add_serve_fleet(sub):
     _add_config_args(p)
 
 
+def _add_serve(sub):
+    p = sub.add_parser("serve", help="HTTP scoring service on Ray Serve over per-machine bank actors "
+                                     "(POST /score, POST /normals, GET /machines, GET /healthz)")
+    p.add_argument("--banks", required=True, type=Path, help="saved banks, one folder per machine (asd-ray run writes <out>/banks)")
+    p.add_argument("--host", help="address to listen on (= --set serve.host=; default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="port of Serve's HTTP proxy (= --set serve.port=)")
+    p.add_argument("--block", action="store_true",
+                   help="keep this command running after deploying on a running Ray (a Ray this command starts "
+                        "itself always runs until Ctrl-C)")
+    _add_config_args(p)
+
+
 def _add_finetune(sub):
     p = sub.add_parser("finetune", help="self-supervised masked-prediction fine-tuning of a HuBERT backbone (Ray Train)")
     p.add_argument("--data", nargs="+", type=Path, required=True, help="corpus roots (normal train clips of all machines)")
@@ -139,6 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run(sub)
     _add_evaluate(sub)
     _add_serve_fleet(sub)
+    _add_serve(sub)
     _add_finetune(sub)
     _add_sweep(sub)
     _add_embed(sub)
@@ -249,6 +262,29 @@ def cmd_serve_fleet(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from asd_ray.distributed import service, streams
+
+    overrides = [*args.overrides, *([f"serve.host={args.host}"] if args.host else []),
+                 *([f"serve.port={args.port}"] if args.port else [])]
+    config = run_config(args.config, overrides)
+    given = given_keys(args.config, overrides)
+    started = service.start_ray(config)
+    streams.fleet_banks(args.banks, config, given=given)  # the banks load and take the settings, or the error now
+    service.deploy(args.banks, config, given)
+    s = config.serve
+    print(f"scoring service {s.app_name!r} at http://{s.host}:{s.port} (Serve's HTTP proxy); "
+          f"{'a bearer token is required' if s.token else 'no token required'}")
+    direct = [u for u in service.replica_urls(s.app_name, s.host) if not u.endswith(f":{s.port}")]
+    if direct:
+        print(f"replicas answer directly (Serve's direct ingress, the fast path) at {' '.join(direct)}")
+    print("routes: POST /score, POST /normals, GET /machines, GET /healthz; counters asd_ray_requests_total, "
+          "asd_ray_request_errors_total, asd_ray_request_seconds on Ray's metrics port")
+    if started or args.block:
+        service.serve_until_stopped()
+    return 0
+
+
 def cmd_finetune(args) -> int:
     from asd_ray.distributed.finetune import finetune
 
@@ -287,7 +323,7 @@ def cmd_embed(args) -> int:
     return 0
 
 
-COMMANDS = {"synth": cmd_synth, "run": cmd_run, "evaluate": cmd_evaluate, "serve-fleet": cmd_serve_fleet,
+COMMANDS = {"synth": cmd_synth, "run": cmd_run, "evaluate": cmd_evaluate, "serve-fleet": cmd_serve_fleet, "serve": cmd_serve,
             "finetune": cmd_finetune, "sweep": cmd_sweep, "embed": cmd_embed,
             "compare": cmd_compare}
 

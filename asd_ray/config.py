@@ -168,6 +168,27 @@ class FleetConfig:
 
 
 @dataclass(frozen=True)
+class ServeConfig:
+    """The HTTP scoring service on Ray Serve (``asd-ray serve``): a thin layer over the fleet's bank actors."""
+
+    host: str = "127.0.0.1"  # where Serve's HTTP proxy (and, with direct_ingress, each replica) listens
+    port: int = 8000  # the proxy's port; with direct_ingress, replicas listen on port + 1, port + 2 ...
+    token: str = ""  # a bearer token every request must carry (Authorization: Bearer <token>); empty: none
+    replicas: int = 1  # Serve replicas, each with its own router over the shared bank actors
+    replica_cpus: float = 0.5  # CPUs reserved per replica (its HTTP parsing and router)
+    max_ongoing_requests: int = 1024  # per replica; beyond, Serve answers 503
+    max_body_bytes: int = 16 * 2**20  # a larger body is answered 413 (a 10 s 16 kHz 16-bit WAV is 320 kB)
+    timeout_s: float = 30.0  # a request without a score by then is answered 503 (a bank actor restarting)
+    follow_s: float = 1.0  # how often a replica looks for banks changed through another replica (/normals)
+    access_log: bool = False  # Serve's log line per request (in the replicas' log files)
+    # Each replica also serves HTTP itself (Ray Serve's direct ingress: no hop through the proxy actor, which
+    # tops out at a few hundred requests/s on 2 cores). Takes effect when `asd-ray serve` starts Ray itself
+    # (on a cluster: RAY_SERVE_ENABLE_DIRECT_INGRESS=1 in the environment of `ray start`).
+    direct_ingress: bool = True
+    app_name: str = "asd-ray"
+
+
+@dataclass(frozen=True)
 class FinetuneConfig:
     """Masked-prediction fine-tuning of a HuBERT backbone on Ray Train (SPEC §5)."""
 
@@ -215,6 +236,7 @@ class RunConfig:
     post: PostConfig = field(default_factory=PostConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     fleet: FleetConfig = field(default_factory=FleetConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     frames: FramesConfig = field(default_factory=FramesConfig)
     pooled: PooledConfig = field(default_factory=PooledConfig)

@@ -112,20 +112,27 @@ def settings_lines(stats: dict[str, dict], config: RunConfig, given: Iterable[st
     return lines
 
 
-def fleet_router(bank_root: str | Path, config: RunConfig, machines=None, with_embedders: bool = False,
-                 given: Iterable[str] = ()) -> Router:
-    """Bank actors of the banks saved under ``bank_root`` (taking the score-time settings among the ``given``
-    config keys), embedding actors when clips are to be scored, and the router over them."""
+def fleet_banks(bank_root: str | Path, config: RunConfig, machines=None, given: Iterable[str] = ()
+                ) -> tuple[dict[str, list], dict[str, dict]]:
+    """Start (or find) the bank actors of the banks saved under ``bank_root``, taking the score-time settings
+    among the ``given`` config keys, and log where each setting came from. -> (actors, stats by machine)."""
+    import ray
+
     ensure_ray(num_cpus=config.ray.num_cpus or None)
     banks = start_banks(bank_root, machines=machines, replicas=config.fleet.replicas,
                         namespace=config.fleet.namespace, faiss_threads=config.bank.faiss_threads,
                         settings=given_score_settings(config, given))
-    import ray
-
-    embedders = None
-    kinds = dict(zip(banks, ray.get([actors[0].stats.remote() for actors in banks.values()])))
-    for line in settings_lines(kinds, config, given):
+    stats = dict(zip(banks, ray.get([actors[0].stats.remote() for actors in banks.values()])))
+    for line in settings_lines(stats, config, given):
         log.info(line)
+    return banks, stats
+
+
+def fleet_router(bank_root: str | Path, config: RunConfig, machines=None, with_embedders: bool = False,
+                 given: Iterable[str] = ()) -> Router:
+    """``fleet_banks``, embedding actors when clips are to be scored, and the router over them."""
+    banks, kinds = fleet_banks(bank_root, config, machines, given)
+    embedders = None
     frames = {s["features"] == "frames" for s in kinds.values()}
     if with_embedders and len(frames) > 1:
         raise BankError(f"{bank_root}: banks of clip and frame detectors mixed ({kinds}); serve one kind at a time")

@@ -95,6 +95,17 @@ def test_add_recalibrates_running_streams(fleet):
     assert after[0].bank_version != before[0].bank_version != ""
 
 
+def test_a_second_router_follows_normals_added_through_the_first(fleet):
+    """Serve replicas each hold a router: one that did not take the /normals request catches up by version."""
+    _, actors, _, _ = fleet
+    first, second = Router(actors), Router(actors)
+    first.add("valve", _queries(30, seed=12, shift=1.0), [f"n{i}" for i in range(30)])
+    assert asyncio.run(second.follow_versions()) == ["valve"]
+    assert second.calibrations["valve"] == first.calibrations["valve"]
+    assert second.stats["valve"]["version"] == first.stats["valve"]["version"]
+    assert asyncio.run(second.follow_versions()) == []
+
+
 def test_killed_bank_actor_loses_no_request(fleet, ray_local):
     banks, actors, _, _ = fleet
     q = _queries(2000, seed=5)
