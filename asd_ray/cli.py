@@ -280,6 +280,7 @@ def cmd_serve(args) -> int:
         print(f"replicas answer directly (Serve's direct ingress, the fast path) at {' '.join(direct)}")
     print("routes: POST /score, POST /normals, GET /machines, GET /healthz; counters asd_ray_requests_total, "
           "asd_ray_request_errors_total, asd_ray_request_seconds on Ray's metrics port")
+    sys.stdout.flush()
     if started or args.block:
         service.serve_until_stopped()
     return 0

@@ -179,7 +179,7 @@ class ServeConfig:
     max_ongoing_requests: int = 1024  # per replica; beyond, Serve answers 503
     max_body_bytes: int = 16 * 2**20  # a larger body is answered 413 (a 10 s 16 kHz 16-bit WAV is 320 kB)
     timeout_s: float = 30.0  # a request without a score by then is answered 503 (a bank actor restarting)
-    follow_s: float = 1.0  # how often a replica looks for banks changed through another replica (/normals)
+    follow_s: float = 1.0  # how often a replica hands its counts to the metrics and looks for banks changed by another
     access_log: bool = False  # Serve's log line per request (in the replicas' log files)
     # Each replica also serves HTTP itself (Ray Serve's direct ingress: no hop through the proxy actor, which
     # tops out at a few hundred requests/s on 2 cores). Takes effect when `asd-ray serve` starts Ray itself

@@ -10,7 +10,8 @@ keep-alive connections each send their next request when the last is answered, u
 `--max-requests` are answered. The client is a small asyncio HTTP/1.1 client in this process, on the same
 2 cores as the service (it takes some of them).
 
-Figures: requests/s, p50/p99 latency and the answers by status, for
+Figures: requests/s, p50/p99 latency, the answers by status and the CPU time per request of every process
+below this one (client, Ray, bank and embedding actors, Serve), for
 - the in-process router (`Router.submit` in this process, the same bank and embedding actors),
 - HTTP: embedding bodies (binary float32) to a replica directly and through Serve's proxy; WAV bodies,
 - faults: a bank actor killed during the embedding load (1 replica), then one of 2 replicas killed. The
@@ -60,6 +61,28 @@ def build_banks(root: Path) -> tuple[Path, dict[str, np.ndarray], list[tuple[str
     return banks, queries, clips
 
 
+def cpu_seconds() -> float:
+    """CPU seconds (user + system) of this process and every process below it: the client, Ray's processes,
+    the bank actors and Serve's replicas (Linux /proc; other people's work on the machine is not counted)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    total, todo = 0.0, [os.getpid()]
+    while todo:
+        pid = todo.pop()
+        todo.extend(children.get(pid, []))
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        except OSError:
+            continue
+    return total
+
+
 class Tally:
     """Answers of a load: latencies of the final answers, statuses, retries and losses."""
 
@@ -71,11 +94,13 @@ class Tally:
         self.reasons_503: dict[str, int] = {}
         self.lost = 0  # requests that got no answer after every retry
 
-    def summary(self, seconds: float) -> dict:
+    def summary(self, seconds: float, cpu: float) -> dict:
         lat = np.array(self.latencies) * 1e3 if self.latencies else np.zeros(1)
         return {"answered": len(self.latencies), "seconds": round(seconds, 2),
                 "requests_per_s": round(len(self.latencies) / seconds, 1),
                 "p50_ms": round(float(np.percentile(lat, 50)), 2), "p99_ms": round(float(np.percentile(lat, 99)), 2),
+                "max_ms": round(float(lat.max()), 1), "over_500ms": int((lat > 500).sum()), "cpu_ms_per_request": round(cpu * 1e3 / max(1, len(lat)), 3),
+                "load_average_1min": round(os.getloadavg()[0], 1),
                 "statuses": dict(sorted(self.statuses.items())), "retried_after_connection_loss": self.retried_connection,
                 "answered_503_and_retried": self.retried_503, "reasons_503": self.reasons_503, "lost": self.lost}
 
@@ -135,12 +160,12 @@ async def http_load(urls: list[str], requests: list[bytes], *, connections: int,
         if writer is not None:
             writer.close()
 
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), cpu_seconds()
     tasks = [asyncio.create_task(connection(i)) for i in range(connections)]
     if during is not None:
         tasks.append(asyncio.create_task(during()))
     await asyncio.gather(*tasks)
-    return tally.summary(time.perf_counter() - start)
+    return tally.summary(time.perf_counter() - start, cpu_seconds() - cpu)
 
 
 def raw_request(url: str, path: str, body: bytes, content_type: str, token: str = "") -> bytes:
@@ -181,9 +206,9 @@ async def router_load(router, make_request, *, concurrency: int, seconds: float,
             tally.statuses[status] = tally.statuses.get(status, 0) + 1
             tally.latencies.append(time.perf_counter() - t0)
 
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), cpu_seconds()
     await asyncio.gather(*[caller(i) for i in range(concurrency)])
-    return tally.summary(time.perf_counter() - start)
+    return tally.summary(time.perf_counter() - start, cpu_seconds() - cpu)
 
 
 def get_json(url: str) -> dict:
@@ -207,6 +232,8 @@ def main() -> None:
     p.add_argument("--port", type=int, default=18200)
     p.add_argument("--skip-faults", action="store_true")
     p.add_argument("--work", type=Path, help="folder for the corpus and banks (kept; reused when there)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="config overrides for the router and the service, e.g. fleet.max_wait_ms=5")
     p.add_argument("--json", type=Path)
     args = p.parse_args()
 
@@ -220,13 +247,13 @@ def main() -> None:
     from asd_ray.distributed.streams import fleet_router
 
     banks, queries, clips = build_banks(args.work or Path(tempfile.mkdtemp(prefix="serve-load-")))
-    sets = [f"serve.port={args.port}", "serve.app_name=load"]
+    sets = [f"serve.port={args.port}", "serve.app_name=load", *args.overrides]
     config = load_config(RunConfig, None, sets)
     service.direct_ingress_env(args.port)
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    out: dict = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-                            f"shared with other work", "ray_cpus": 2, "connections": args.connections,
-                 "seconds_per_load": args.seconds, "max_requests_per_load": args.max_requests}
+    out: dict = {"machine": f"{platform.machine()}, {os.cpu_count()} cores", "ray_cpus": 2,
+                 "load_average_at_start": os.getloadavg(), "connections": args.connections,
+                 "seconds_per_load": args.seconds, "max_requests_per_load": args.max_requests, "overrides": sets}
 
     router = fleet_router(banks, config, with_embedders=True)
     emb = [(MACHINES_768[j % 5], queries[MACHINES_768[j % 5]][j % 200]) for j in range(2000)]

@@ -27,6 +27,7 @@ replica goes on). Counters through ``ray.util.metrics`` (Prometheus on Ray's met
 from __future__ import annotations
 
 import asyncio
+import gc
 import hmac
 import json
 import logging
@@ -59,7 +60,9 @@ class HttpError(Exception):
 
 
 class ServiceMetrics:
-    """Request counters and latencies through ``ray.util.metrics``, and the same counts kept here for /healthz."""
+    """Request counters and latencies through ``ray.util.metrics``, and the same counts kept here for /healthz.
+    Latencies are observed per request; the counters take their increments once per ``flush`` (a call per
+    request into ``ray.util.metrics`` is a few per cent of a replica's CPU at thousands of requests/s)."""
 
     def __init__(self):
         from ray.util import metrics
@@ -71,14 +74,20 @@ class ServiceMetrics:
         self.latency = metrics.Histogram("asd_ray_request_seconds", "time from a request's arrival to its answer",
                                          boundaries=LATENCY_BOUNDARIES_S, tag_keys=("route",))
         self.counts: Counter = Counter()
+        self.flushed: Counter = Counter()
 
     def record(self, route: str, status: int, seconds: float) -> None:
-        tags = {"route": route, "status": str(status)}
-        self.requests.inc(1, tags)
-        if status >= 400:
-            self.errors.inc(1, tags)
         self.latency.observe(seconds, {"route": route})
         self.counts[route, status] += 1
+
+    def flush(self) -> None:
+        for (route, status), n in list(self.counts.items()):
+            if n > self.flushed[route, status]:
+                tags = {"route": route, "status": str(status)}
+                self.requests.inc(n - self.flushed[route, status], tags)
+                if status >= 400:
+                    self.errors.inc(n - self.flushed[route, status], tags)
+                self.flushed[route, status] = n
 
     def summary(self) -> dict:
         return {"requests": sum(self.counts.values()),
@@ -118,6 +127,9 @@ class ScoringService:
         self.routes = {("POST", "/score"): self.score, ("POST", "/normals"): self.normals,
                        ("GET", "/machines"): self.machines, ("GET", "/healthz"): self.healthz}
         self.follower: asyncio.Task | None = None
+        # The start-up heap (Ray, numpy, the router) is frozen out of the cyclic GC: full collections over it
+        # stall every request in flight (``simulate_fleet`` measured 100-800 ms stalls).
+        gc.freeze()
 
     async def __call__(self, request) -> Any:
         from starlette.responses import Response
@@ -263,9 +275,11 @@ class ScoringService:
         return body
 
     async def _follow(self) -> None:
-        """Re-calibrate the banks another replica added normals to (their version changed)."""
+        """Every ``serve.follow_s``: hand the counts to the metrics, and re-calibrate the banks another replica
+        added normals to (their version changed)."""
         while True:
             await asyncio.sleep(self.serve.follow_s)
+            self.metrics.flush()
             try:
                 await self.router.follow_versions()
             except Exception as err:  # a bank restarting: look again next time
@@ -274,10 +288,16 @@ class ScoringService:
 
 def direct_ingress_env(port: int) -> None:
     """Serve's direct ingress for a Ray started after this call (replicas on ``port + 1``, ``port + 2`` ...):
-    Serve reads it from the environment of its processes, which a local Ray takes from its driver."""
+    Serve reads it from the environment of its processes, which a local Ray takes from its driver. The
+    handlers also run on the replica's own event loop, not a second thread's (they never block it): about
+    0.07 ms less CPU per request here."""
     os.environ["RAY_SERVE_ENABLE_DIRECT_INGRESS"] = "1"
     os.environ["RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"] = str(port + 1)
     os.environ["RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT"] = str(port + 1 + 100)
+    os.environ["RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD"] = "0"
+    # A replica stopping keeps answering for this long (30 s by default) so that load balancers in front can
+    # forget it; none is in front of a Ray this command starts, and Ctrl-C should not wait 30 s
+    os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "2")
 
 
 def start_ray(config: RunConfig) -> bool:

@@ -7,6 +7,7 @@ Serve is started once for the module (through the CLI, with `--set` overrides) a
 import io
 import json
 import socket
+import time
 import urllib.error
 import urllib.request
 import uuid
@@ -190,3 +191,18 @@ def test_normals_persist_and_survive_a_bank_actor_restart(service, ray_session):
     assert status == 200 and got["raw_score"] == pytest.approx(expected, rel=1e-6)  # reloaded from disk
     stats = ray_session.get(actor.stats.remote())
     assert stats["pid"] != pid and stats["size"] == before.size + 1 and stats["version"] == added["bank_version"]
+
+
+def test_counters_reach_rays_prometheus_endpoint(service, ray_session):
+    """The replica's request counters and latencies, exported by Ray (names prefixed ray_) within seconds."""
+    port = ray_session._private.worker.global_worker.node.metrics_export_port
+    wanted = ("ray_asd_ray_requests_total", "ray_asd_ray_request_errors_total", "ray_asd_ray_request_seconds_bucket")
+    deadline, found = time.time() + 60, set()
+    while time.time() < deadline and len(found) < len(wanted):
+        http(service, "GET", "/healthz")
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as answer:
+            text = answer.read().decode()
+        found = {name for name in wanted for line in text.splitlines()
+                 if line.startswith(name + "{") and 'route="/score"' in line}
+        time.sleep(2)
+    assert found == set(wanted)
