@@ -270,7 +270,8 @@ def cmd_serve(args) -> int:
     config = run_config(args.config, overrides)
     given = given_keys(args.config, overrides)
     started = service.start_ray(config)
-    streams.fleet_banks(args.banks, config, given=given)  # the banks load and take the settings, or the error now
+    # the banks load and take the settings, or the error now; detached, they outlive this command on a cluster
+    streams.fleet_banks(args.banks, config, given=given, detached=True)
     service.deploy(args.banks, config, given)
     s = config.serve
     print(f"scoring service {s.app_name!r} at http://{s.host}:{s.port} (Serve's HTTP proxy); "

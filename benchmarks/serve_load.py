@@ -255,7 +255,7 @@ def main() -> None:
                  "load_average_at_start": os.getloadavg(), "connections": args.connections,
                  "seconds_per_load": args.seconds, "max_requests_per_load": args.max_requests, "overrides": sets}
 
-    router = fleet_router(banks, config, with_embedders=True)
+    router = fleet_router(banks, config, with_embedders=True, detached=True)  # as the service starts them
     emb = [(MACHINES_768[j % 5], queries[MACHINES_768[j % 5]][j % 200]) for j in range(2000)]
     out["router_embedding"] = asyncio.run(router_load(
         router, lambda j: Request(emb[j % 2000][0], f"s{j % 64}", embedding=emb[j % 2000][1]),

@@ -105,14 +105,16 @@ class BankActor:
 
 def start_banks(bank_root: str | Path, *, machines: Iterable[str] | None = None, replicas: int = 1,
                 namespace: str = "asd-ray", faiss_threads: int = 1,
-                settings: dict[str, Any] | None = None) -> dict[str, list]:
+                settings: dict[str, Any] | None = None, detached: bool = False) -> dict[str, list]:
     """Start (or find) the bank actors of every machine saved under ``bank_root/<machine>``.
 
     ``settings``: score-time settings given in the config ({``SCORE_SETTINGS`` key: value}); each saved
     detector takes those of its kind and keeps its saved values for the rest (``configure_detector``).
     Actors take no CPU slot (they mostly wait; FAISS threads are set explicitly), restart forever and
     retry their calls. An actor found running with another bank folder or other settings is an error (a
-    restart would bring back its own). Returns {machine: [actor handles, replica 0 first]}.
+    restart would bring back its own). ``detached``: the actors outlive the process that starts them (a
+    service's: Serve replicas come and go, a submitted job's driver ends); else they go with it.
+    Returns {machine: [actor handles, replica 0 first]}.
     """
     import ray
 
@@ -131,7 +133,8 @@ def start_banks(bank_root: str | Path, *, machines: Iterable[str] | None = None,
             continue
         banks[machine] = [
             remote.options(name=actor_name(machine, r), namespace=namespace, get_if_exists=True, num_cpus=0,
-                           max_restarts=-1, max_task_retries=-1, max_concurrency=1)
+                           max_restarts=-1, max_task_retries=-1, max_concurrency=1,
+                           lifetime="detached" if detached else None)
             .remote(machine, str(root / machine), faiss_threads, r == 0, dict(settings or {}))
             for r in range(replicas)]
     try:

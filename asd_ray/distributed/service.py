@@ -122,7 +122,8 @@ class ScoringService:
         from asd_ray.distributed.streams import fleet_router
 
         self.serve, self.minmax = config.serve, config.post.minmax
-        self.router = fleet_router(bank_root, config, with_embedders=True, given=given)
+        # detached bank actors: they outlive any one replica (a replica killed takes none down with it)
+        self.router = fleet_router(bank_root, config, with_embedders=True, given=given, detached=True)
         self.metrics = ServiceMetrics()
         self.routes = {("POST", "/score"): self.score, ("POST", "/normals"): self.normals,
                        ("GET", "/machines"): self.machines, ("GET", "/healthz"): self.healthz}

@@ -112,8 +112,8 @@ def settings_lines(stats: dict[str, dict], config: RunConfig, given: Iterable[st
     return lines
 
 
-def fleet_banks(bank_root: str | Path, config: RunConfig, machines=None, given: Iterable[str] = ()
-                ) -> tuple[dict[str, list], dict[str, dict]]:
+def fleet_banks(bank_root: str | Path, config: RunConfig, machines=None, given: Iterable[str] = (),
+                detached: bool = False) -> tuple[dict[str, list], dict[str, dict]]:
     """Start (or find) the bank actors of the banks saved under ``bank_root``, taking the score-time settings
     among the ``given`` config keys, and log where each setting came from. -> (actors, stats by machine)."""
     import ray
@@ -121,7 +121,7 @@ def fleet_banks(bank_root: str | Path, config: RunConfig, machines=None, given: 
     ensure_ray(num_cpus=config.ray.num_cpus or None)
     banks = start_banks(bank_root, machines=machines, replicas=config.fleet.replicas,
                         namespace=config.fleet.namespace, faiss_threads=config.bank.faiss_threads,
-                        settings=given_score_settings(config, given))
+                        settings=given_score_settings(config, given), detached=detached)
     stats = dict(zip(banks, ray.get([actors[0].stats.remote() for actors in banks.values()])))
     for line in settings_lines(stats, config, given):
         log.info(line)
@@ -129,9 +129,9 @@ def fleet_banks(bank_root: str | Path, config: RunConfig, machines=None, given: 
 
 
 def fleet_router(bank_root: str | Path, config: RunConfig, machines=None, with_embedders: bool = False,
-                 given: Iterable[str] = ()) -> Router:
+                 given: Iterable[str] = (), detached: bool = False) -> Router:
     """``fleet_banks``, embedding actors when clips are to be scored, and the router over them."""
-    banks, kinds = fleet_banks(bank_root, config, machines, given)
+    banks, kinds = fleet_banks(bank_root, config, machines, given, detached)
     embedders = None
     frames = {s["features"] == "frames" for s in kinds.values()}
     if with_embedders and len(frames) > 1:
