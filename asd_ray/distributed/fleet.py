@@ -352,7 +352,7 @@ class Router:
         """Append normals to every replica of ``machine``'s bank (persisted before this returns; ids it has
         already are skipped), then re-calibrate its streams. Returns the bank's stats and ``added``."""
         if machine not in self.banks:
-            raise KeyError(self._unknown(machine))
+            raise KeyError(self.unknown(machine))
         stats = await asyncio.gather(*[a.add.remote(np.asarray(embeddings, np.float32), list(ids), domain)
                                        for a in self.banks[machine]])
         await self.recalibrate(machine)
@@ -362,7 +362,8 @@ class Router:
         """Blocking form of ``add_async`` for code without an event loop."""
         return asyncio.run(self.add_async(machine, embeddings, ids, domain))
 
-    def _unknown(self, machine: str) -> str:
+    def unknown(self, machine: str) -> str:
+        """The reason a request for ``machine`` has no bank."""
         return f"no bank for machine {machine!r} (banks: {sorted(self.banks)})"
 
     def submit(self, request: Request) -> asyncio.Future:
@@ -371,7 +372,7 @@ class Router:
         pending = _Pending(request, self.next_seq[key], loop.create_future())
         self.next_seq[key] += 1
         if request.machine not in self.banks:
-            self._finish(pending, None, self._unknown(request.machine), UNKNOWN_MACHINE)
+            self._finish(pending, None, self.unknown(request.machine), UNKNOWN_MACHINE)
         elif request.embedding is not None:
             self._to_bank(pending, request.embedding)
         elif request.path is not None or request.audio is not None:

@@ -169,7 +169,7 @@ class ScoringService:
     def _machine(self, request) -> str:
         machine = _param(request, "machine")
         if machine not in self.router.banks:
-            raise HttpError(404, self.router._unknown(machine))
+            raise HttpError(404, self.router.unknown(machine))
         return machine
 
     async def _body(self, request) -> bytes:
@@ -233,12 +233,9 @@ class ScoringService:
             embedding, reason = await self._answer(self.router.embed(features["audio"]), machine)
             if reason:
                 raise HttpError(422, f"audio body: {reason}")
-        embedding = np.asarray(embedding, np.float32).reshape(-1)
-        if embedding.shape[0] != self.router.dims[machine] or not np.isfinite(embedding).all():
-            raise HttpError(422, f"embedding of size {embedding.shape[0]} (finite: {bool(np.isfinite(embedding).all())}); "
-                                 f"the {machine} bank takes finite vectors of size {self.router.dims[machine]}")
-        try:
-            stats = await self._answer(self.router.add_async(machine, embedding[None], [clip], domain), machine)
+        try:  # the bank checks the size and values (its BankError names what is wrong)
+            stats = await self._answer(self.router.add_async(machine, np.atleast_2d(embedding), [clip], domain),
+                                       machine)
         except BankError as err:  # the bank refused the normals (raised in its actor: the cause says why)
             raise HttpError(422, str(getattr(err, "cause", None) or err)) from None
         except RayActorError as err:

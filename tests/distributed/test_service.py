@@ -148,6 +148,11 @@ def test_every_bad_request_gets_its_status_and_reason(service):
     assert http(service, "GET", "/score")[0] == 405
     assert http(service, "POST", "/normals", e.tobytes(), "application/octet-stream", machine="ToyCar", dim=256)[1] \
         == {"error": "missing query parameter 'clip'"}
+    status, got = http(service, "POST", "/normals", e[:10].tobytes(), "application/octet-stream", machine="ToyCar",
+                       clip="c", dim=10)
+    assert status == 422 and "dimension 10 does not match the bank's 256" in got["error"], got
+    status, got = http(service, "POST", "/normals", b"RIFF....WAVEjunk", "audio/wav", machine="ToyCar", clip="c")
+    assert status == 422 and "cannot decode" in got["error"], got
     status, health = http(service, "GET", "/healthz")
     assert status == 200 and health["replica_pid"] == pid  # the same replica answered all of them
     assert health["banks"] == {"ToyCar": "ok", "ToyPet": "ok", "valve": "ok"}
