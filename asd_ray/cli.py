@@ -10,7 +10,7 @@ import os
 import sys
 from pathlib import Path
 
-from asd_ray.config import ConfigError, RunConfig, load_config
+from asd_ray.config import ConfigError, RunConfig, given_keys, load_config
 from asd_ray.data.layout import DEV_MACHINES, EVAL_MACHINES, LayoutError, discover, summarise
 
 log = logging.getLogger("asd_ray")
@@ -115,6 +115,18 @@ def _add_serve_fleet(sub):
     _add_config_args(p)
 
 
+def _add_serve(sub):
+    p = sub.add_parser("serve", help="HTTP scoring service on Ray Serve over per-machine bank actors "
+                                     "(POST /score, POST /normals, GET /machines, GET /healthz)")
+    p.add_argument("--banks", required=True, type=Path, help="saved banks, one folder per machine (asd-ray run writes <out>/banks)")
+    p.add_argument("--host", help="address to listen on (= --set serve.host=; default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="port of Serve's HTTP proxy (= --set serve.port=)")
+    p.add_argument("--block", action="store_true",
+                   help="keep this command running after deploying on a running Ray (a Ray this command starts "
+                        "itself always runs until Ctrl-C)")
+    _add_config_args(p)
+
+
 def _add_finetune(sub):
     p = sub.add_parser("finetune", help="self-supervised masked-prediction fine-tuning of a waveform backbone (Ray Train)")
     p.add_argument("--data", nargs="+", type=Path, required=True, help="corpus roots (normal train clips of all machines)")
@@ -150,6 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run(sub)
     _add_evaluate(sub)
     _add_serve_fleet(sub)
+    _add_serve(sub)
     _add_finetune(sub)
     _add_sweep(sub)
     _add_embed(sub)
@@ -268,18 +281,44 @@ def cmd_serve_fleet(args) -> int:
     from asd_ray.distributed import streams
 
     config = run_config(args.config, args.overrides)
+    given = given_keys(args.config, args.overrides)  # score-time settings given here override the saved banks'
     if args.simulate:
         stats = streams.simulate(args.banks, config, args.out, streams=args.simulate, rate_hz=args.rate,
-                                 seconds=args.seconds)
+                                 seconds=args.seconds, given=given)
         print(json.dumps(dataclasses.asdict(stats)))
         return 0
     if not args.data and args.clips is None:
         raise ConfigError("serve-fleet needs --data ROOT..., --clips DIR --machine M, or --simulate STREAMS")
     results = streams.score_streams(args.banks, config, args.out, roots=args.data, clips=args.clips,
-                                    machine=args.machine)
+                                    machine=args.machine, given=given)
     bad = sum(1 for r in results if r.error)
     print(f"{len(results) - bad} clips scored, {bad} without a score (see {args.out}/rejects.csv); "
           f"per-stream results in {args.out}/streams.csv")
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from asd_ray.distributed import service, streams
+
+    overrides = [*args.overrides, *([f"serve.host={args.host}"] if args.host else []),
+                 *([f"serve.port={args.port}"] if args.port else [])]
+    config = run_config(args.config, overrides)
+    given = given_keys(args.config, overrides)
+    started = service.start_ray(config)
+    # the banks load and take the settings, or the error now; detached, they outlive this command on a cluster
+    streams.fleet_banks(args.banks, config, given=given, detached=True)
+    service.deploy(args.banks, config, given)
+    s = config.serve
+    print(f"scoring service {s.app_name!r} at http://{s.host}:{s.port} (Serve's HTTP proxy); "
+          f"{'a bearer token is required' if s.token else 'no token required'}")
+    direct = [u for u in service.replica_urls(s.app_name, s.host) if not u.endswith(f":{s.port}")]
+    if direct:
+        print(f"replicas answer directly (Serve's direct ingress, the fast path) at {' '.join(direct)}")
+    print("routes: POST /score, POST /normals, GET /machines, GET /healthz; counters asd_ray_requests_total, "
+          "asd_ray_request_errors_total, asd_ray_request_seconds on Ray's metrics port")
+    sys.stdout.flush()
+    if started or args.block:
+        service.serve_until_stopped()
     return 0
 
 
@@ -321,7 +360,7 @@ def cmd_embed(args) -> int:
     return 0
 
 
-COMMANDS = {"synth": cmd_synth, "run": cmd_run, "evaluate": cmd_evaluate, "serve-fleet": cmd_serve_fleet,
+COMMANDS = {"synth": cmd_synth, "run": cmd_run, "evaluate": cmd_evaluate, "serve-fleet": cmd_serve_fleet, "serve": cmd_serve,
             "finetune": cmd_finetune, "sweep": cmd_sweep, "embed": cmd_embed,
             "compare": cmd_compare}
 

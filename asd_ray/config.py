@@ -170,6 +170,27 @@ class FleetConfig:
 
 
 @dataclass(frozen=True)
+class ServeConfig:
+    """The HTTP scoring service on Ray Serve (``asd-ray serve``): a thin layer over the fleet's bank actors."""
+
+    host: str = "127.0.0.1"  # where Serve's HTTP proxy (and, with direct_ingress, each replica) listens
+    port: int = 8000  # the proxy's port; with direct_ingress, replicas listen on port + 1, port + 2 ...
+    token: str = ""  # a bearer token every request must carry (Authorization: Bearer <token>); empty: none
+    replicas: int = 1  # Serve replicas, each with its own router over the shared bank actors
+    replica_cpus: float = 0.5  # CPUs reserved per replica (its HTTP parsing and router)
+    max_ongoing_requests: int = 1024  # per replica; beyond, Serve answers 503
+    max_body_bytes: int = 16 * 2**20  # a larger body is answered 413 (a 10 s 16 kHz 16-bit WAV is 320 kB)
+    timeout_s: float = 30.0  # a request without a score by then is answered 503 (a bank actor restarting)
+    follow_s: float = 1.0  # how often a replica hands its counts to the metrics and looks for banks changed by another
+    access_log: bool = False  # Serve's log line per request (in the replicas' log files)
+    # Each replica also serves HTTP itself (Ray Serve's direct ingress: no hop through the proxy actor, which
+    # tops out at a few hundred requests/s on 2 cores). Takes effect when `asd-ray serve` starts Ray itself
+    # (on a cluster: RAY_SERVE_ENABLE_DIRECT_INGRESS=1 in the environment of `ray start`).
+    direct_ingress: bool = True
+    app_name: str = "asd-ray"
+
+
+@dataclass(frozen=True)
 class FinetuneConfig:
     """Masked-prediction fine-tuning of a waveform backbone (HuBERT, wav2vec2, WavLM, data2vec-audio) on Ray Train
     (SPEC §5)."""
@@ -218,6 +239,7 @@ class RunConfig:
     post: PostConfig = field(default_factory=PostConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     fleet: FleetConfig = field(default_factory=FleetConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     frames: FramesConfig = field(default_factory=FramesConfig)
     pooled: PooledConfig = field(default_factory=PooledConfig)
@@ -338,8 +360,8 @@ def _set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
     node[leaf] = value
 
 
-def load_config(cls: type, path: str | Path | None = None, overrides: typing.Iterable[str] = ()) -> Any:
-    """Defaults of ``cls``, updated by the YAML file at ``path`` and then by ``key=value`` strings."""
+def _given_tree(path: str | Path | None, overrides: typing.Iterable[str]) -> dict[str, Any]:
+    """The nested keys and values the YAML file at ``path`` and the ``key=value`` strings give (no defaults)."""
     tree: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
@@ -355,8 +377,27 @@ def load_config(cls: type, path: str | Path | None = None, overrides: typing.Ite
         key, value = item.split("=", 1)
         value = value.strip()
         _set_path(tree, key.strip(), yaml.safe_load(value) if value != "" else "")
+    return tree
+
+
+def load_config(cls: type, path: str | Path | None = None, overrides: typing.Iterable[str] = ()) -> Any:
+    """Defaults of ``cls``, updated by the YAML file at ``path`` and then by ``key=value`` strings."""
     # YAML parses "3" as int and "true" as bool; strings for str fields are coerced back.
-    return from_dict(cls, tree)
+    return from_dict(cls, _given_tree(path, overrides))
+
+
+def given_keys(path: str | Path | None = None, overrides: typing.Iterable[str] = ()) -> frozenset[str]:
+    """The dotted keys (``bank.k``, ``detector`` ...) that the YAML file and the overrides set, whatever the
+    value: what a user asked for, as against a dataclass default."""
+
+    def walk(node: dict[str, Any], prefix: str):
+        for key, value in node.items():
+            if isinstance(value, dict):
+                yield from walk(value, f"{prefix}{key}.")
+            else:
+                yield prefix + key
+
+    return frozenset(walk(_given_tree(path, overrides), ""))
 
 
 def with_overrides(config: Any, values: dict[str, Any]) -> Any:

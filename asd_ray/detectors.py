@@ -19,9 +19,11 @@ The detectors (``detector`` in the config):
 from __future__ import annotations
 
 import dataclasses
+import functools
+import hashlib
 import json
 from pathlib import Path
-from typing import Any, Protocol, Sequence
+from typing import Any, Iterable, Protocol, Sequence
 
 import numpy as np
 
@@ -115,6 +117,19 @@ class FusionDetector:
         return combine(np.stack([znormalise(m.score(features), ref)
                                  for m, ref in zip(self.members, self.references())]), self.combine)
 
+    def configure(self, *, combine: str | None = None) -> "FusionDetector":
+        """Score-time settings: how member scores combine. The members' normalisation references are
+        measured again (a member's own settings may have changed: ``configure_detector``)."""
+        if combine is not None:
+            if combine not in COMBINE:
+                raise ConfigError(f"fusion combine {combine!r}: use one of {COMBINE}")
+            self.combine = combine
+        self._references = None
+        return self
+
+    def score_settings(self) -> dict:
+        return {"combine": self.combine}
+
     def loo_ids(self) -> list[str]:
         common = set.intersection(*(set(m.loo_ids()) for m in self.members))
         return [i for i in self.members[0].loo_ids() if i in common]
@@ -157,6 +172,62 @@ def load_detector(directory: str | Path, *, faiss_threads: int = 1, device: str 
     if kind not in KINDS:
         raise BankError(f"{p}: unknown detector kind {kind!r}")
     return KINDS[kind].load(directory, faiss_threads=faiss_threads)
+
+
+# Settings a saved detector takes at score time (the rest is fixed when it is fitted): config key ->
+# (the kinds it applies to, the ``configure`` keyword). They mirror ``make_detector``: ``bank.metric`` is the
+# pooled bank's distance too, its k is ``pooled.k``.
+SCORE_SETTINGS = {
+    "bank.k": (("MemoryBank", "DomainAwareBank"), "k"),
+    "bank.metric": (("MemoryBank", "DomainAwareBank", "PooledBank"), "metric"),
+    "pooled.k": (("PooledBank",), "k"),
+    "fusion.combine": (("FusionDetector",), "combine"),
+}
+
+# Config sections and keys that describe how a detector is fitted: a saved one keeps what it was fitted with.
+FIT_SECTIONS = ("bank", "pooled", "local", "fusion", "ae")
+
+
+def given_score_settings(config: RunConfig, given: Iterable[str]) -> dict[str, Any]:
+    """The ``SCORE_SETTINGS`` keys among ``given`` (``config.given_keys``) with the config's values."""
+    given = set(given)
+    return {key: functools.reduce(getattr, key.split("."), config) for key in SCORE_SETTINGS if key in given}
+
+
+def fit_time_keys(given: Iterable[str]) -> list[str]:
+    """The keys among ``given`` that a saved detector cannot take (fixed at fit time)."""
+    runtime = {"bank.faiss_threads", "local.faiss_threads"}
+    return sorted(k for k in given if (k == "detector" or k.split(".")[0] in FIT_SECTIONS)
+                  and k not in SCORE_SETTINGS and k not in runtime)
+
+
+def configure_detector(detector: Detector, settings: dict[str, Any]) -> dict[str, tuple[Any, str]]:
+    """Apply to a loaded detector the score-time ``settings`` ({config key: value}: the ``SCORE_SETTINGS``
+    keys a user gave) that its kind takes.
+
+    Returns each score-time setting of the detector as {key: (value in use, "config" or "saved bank")};
+    a fusion's members are reported under ``member_<i>.<key>``.
+    """
+    out: dict[str, tuple[Any, str]] = {}
+    for i, member in enumerate(detector.members if isinstance(detector, FusionDetector) else []):
+        out.update({f"member_{i}.{k}": v for k, v in configure_detector(member, settings).items()})
+    keys = {key: kw for key, (kinds, kw) in SCORE_SETTINGS.items() if detector.kind in kinds}
+    if not keys:
+        return out
+    detector.configure(**{kw: settings[key] for key, kw in keys.items() if key in settings})
+    now = detector.score_settings()
+    out.update({key: (now[kw], "config" if key in settings else "saved bank") for key, kw in keys.items()})
+    return out
+
+
+def bank_version(directory: str | Path) -> str:
+    """A short digest of every file of a saved detector: equal digests, equal banks (first-shot additions
+    change it; a restart that reloads the same files does not)."""
+    digest = hashlib.sha1()
+    root = Path(directory)
+    for f in sorted(p for p in root.rglob("*") if p.is_file()):
+        digest.update(str(f.relative_to(root)).encode() + b"\0" + f.read_bytes())
+    return digest.hexdigest()[:12]
 
 
 def detector_features(config: RunConfig) -> str:

@@ -101,6 +101,32 @@ class MemoryBank:
         self._radii = None  # density radii change with the members
         return self
 
+    def configure(self, *, k: int | None = None, metric: str | None = None) -> "MemoryBank":
+        """Change the score-time settings of a (saved) bank without refitting: ``k``, and ``metric`` from
+        euclidean to cosine (the members are normalised into a new index, as ``fit`` with cosine would). A
+        cosine bank keeps unit vectors only, so it cannot go back to euclidean."""
+        if k is not None:
+            if k < 1:
+                raise BankError(f"k must be at least 1, got {k}")
+            self.k = k
+        if metric is not None and metric != self.metric:
+            if metric not in METRICS:
+                raise BankError(f"metric {metric!r}: use one of {METRICS}")
+            if self.metric == "cosine":
+                raise BankError("a cosine bank stores unit vectors only: it cannot score euclidean distances; "
+                                "refit it with bank.metric=euclidean")
+            members = self.members() if self.index is not None else None
+            self.metric = metric
+            if members is not None:
+                self.index = faiss.IndexFlatIP(members.shape[1])
+                self.index.add(self._prepare(members))
+        self._radii = None  # density radii depend on k and the metric
+        return self
+
+    def score_settings(self) -> dict:
+        """The settings ``configure`` can change, as they are now."""
+        return {"k": self.k, "metric": self.metric}
+
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(m x dim) -> (m x k true distances ascending, m x k member indices); k is capped at the bank size."""
         if self.index is None or self.size == 0:
@@ -269,6 +295,20 @@ class DomainAwareBank:
             raise BankError(f"add: no {domain} bank; fit() it with at least 2 {domain} members first")
         self.banks[domain].add(embeddings, ids)
         return self
+
+    def configure(self, *, k: int | None = None, metric: str | None = None) -> "DomainAwareBank":
+        """``MemoryBank.configure`` for each domain's bank; the domain scales are measured again when a
+        setting changes (with density radii they depend on k too), as ``fit`` would have measured them."""
+        if (k is None or k == self.k) and (metric is None or metric == self.metric):
+            return self
+        for bank in self.banks.values():
+            bank.configure(k=k, metric=metric)
+        self.k, self.metric = k or self.k, metric or self.metric
+        self.scales = {d: self._scale(b) for d, b in self.banks.items()}
+        return self
+
+    def score_settings(self) -> dict:
+        return {"k": self.k, "metric": self.metric}
 
     def members(self) -> np.ndarray:
         """Every domain's stored vectors, stacked (source first)."""

@@ -73,6 +73,14 @@ class PooledBank:
         d = self.bank.dim
         return None if d is None else (d if self.pooling in ("mean", "gem") else d // 2)
 
+    def configure(self, *, k: int | None = None, metric: str | None = None) -> "PooledBank":
+        """The clip bank's score-time settings (``MemoryBank.configure``)."""
+        self.bank.configure(k=k, metric=metric)
+        return self
+
+    def score_settings(self) -> dict:
+        return self.bank.score_settings()
+
     def pool(self, clips) -> np.ndarray:
         return pool_clips(clips, self.pooling, self.gem_p)
 

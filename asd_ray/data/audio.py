@@ -8,6 +8,7 @@ input that can (other rates, several channels, silence) is handled and flagged.
 from __future__ import annotations
 
 import functools
+import io
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,16 +36,22 @@ class Clip:
     flags: list[str] = field(default_factory=list)
 
 
-def decode(path: str | Path) -> tuple[np.ndarray, int]:
-    """Read a sound file -> (samples x channels float32, sample rate). Raises ClipError."""
+def source_name(source: str | Path | bytes) -> str:
+    """How errors name a clip: its path, or ``audio body (n bytes)`` for a sound file's bytes."""
+    return f"audio body ({len(source)} bytes)" if isinstance(source, (bytes, bytearray)) else str(source)
+
+
+def decode(source: str | Path | bytes) -> tuple[np.ndarray, int]:
+    """Read a sound file (its path, or its bytes) -> (samples x channels float32, sample rate). Raises ClipError."""
     try:
-        data, rate = sf.read(str(path), dtype="float32", always_2d=True)
+        data, rate = sf.read(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else str(source),
+                             dtype="float32", always_2d=True)
     except Exception as err:  # libsndfile reports corrupt, truncated and non-audio files alike
-        raise ClipError(path, f"cannot decode: {err}") from None
+        raise ClipError(source_name(source), f"cannot decode: {err}") from None
     if data.size == 0:
-        raise ClipError(path, "empty: no samples")
+        raise ClipError(source_name(source), "empty: no samples")
     if not np.isfinite(data).all():
-        raise ClipError(path, f"{int((~np.isfinite(data)).sum())} NaN/Inf samples")
+        raise ClipError(source_name(source), f"{int((~np.isfinite(data)).sum())} NaN/Inf samples")
     return data, int(rate)
 
 
@@ -118,10 +125,11 @@ def trim_silence(waveform: np.ndarray, *, rate: int = 16_000, top_db: float = 60
     return waveform[start:stop]
 
 
-def preprocess_clip(path: str | Path, *, sample_rate: int = 16_000, target_lufs: float = -23.0,
+def preprocess_clip(path: str | Path | bytes, *, sample_rate: int = 16_000, target_lufs: float = -23.0,
                     loudness_normalise: bool = True, trim: bool = True, trim_top_db: float = 60.0,
                     trim_frame: int = 1024, min_seconds: float = 1.0, max_seconds: float = 0.0) -> Clip:
-    """Decode and pre-process one file. Keyword names are those of ``PreprocessConfig``.
+    """Decode and pre-process one file (a path, or a sound file's bytes). Keyword names are those of
+    ``PreprocessConfig``.
 
     Returns a mono float32 Clip at ``sample_rate``. Raises ClipError for unusable files.
     """
@@ -136,7 +144,7 @@ def preprocess_clip(path: str | Path, *, sample_rate: int = 16_000, target_lufs:
     seconds = len(wave) / sample_rate
     # The loudness meter needs one 0.4 s block; the bank needs enough audio to describe a machine.
     if seconds < max(min_seconds, 0.4):
-        raise ClipError(path, f"too short: {seconds:.3f} s < {max(min_seconds, 0.4):.3f} s")
+        raise ClipError(source_name(path), f"too short: {seconds:.3f} s < {max(min_seconds, 0.4):.3f} s")
     if max_seconds and seconds > max_seconds:
         wave = wave[: int(max_seconds * sample_rate)]
         flags.append("cut")
@@ -164,7 +172,7 @@ def pad_waveforms(waveforms) -> tuple[np.ndarray, np.ndarray]:
     return batch, lengths
 
 
-def try_preprocess(path: str | Path, **preprocess) -> tuple[Clip | None, str]:
+def try_preprocess(path: str | Path | bytes, **preprocess) -> tuple[Clip | None, str]:
     """``preprocess_clip`` for pipelines that go on past bad clips: (clip, "") or (None, the ClipError reason)."""
     try:
         return preprocess_clip(path, **preprocess), ""

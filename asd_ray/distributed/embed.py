@@ -50,8 +50,8 @@ def preprocess_batch(batch: dict[str, np.ndarray], **preprocess: object) -> dict
     when the clip is usable)."""
     limit_threads()
     waves, flags, errors = [], [], []
-    for path in batch["path"]:
-        clip, reason = try_preprocess(str(path), **preprocess)
+    for path in batch["path"]:  # a path, or (fleet requests over HTTP) a sound file's bytes
+        clip, reason = try_preprocess(path if isinstance(path, bytes) else str(path), **preprocess)
         waves.append(clip.waveform if clip else np.zeros(0, dtype=np.float32))
         flags.append(";".join(clip.flags) if clip else "")
         errors.append(reason)

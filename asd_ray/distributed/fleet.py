@@ -9,15 +9,19 @@ no request is lost. ``add()`` persists before it returns, so a restarted actor s
 The ``Router`` lives in the caller's event loop. Requests ``(machine, stream_id, features or clip)``
 queue per machine; a batch leaves when a bank actor has a free slot (after ``max_wait_ms`` at most)
 or when ``max_batch`` requests wait, so that under load one actor call carries many requests
-(one call per request cannot go beyond about 2k requests/s here). Clips are embedded first through
-a pool of embedding actors (clip embeddings, or log-mel frame matrices for detectors that eat frames). Raw scores come back per stream in request order and go through that
-stream's ``StreamPostprocessor`` (causal median, the bank's calibration range and threshold).
+(one call per request cannot go beyond about 2k requests/s here). Clips (paths, or a sound file's bytes
+from the HTTP service) are embedded first through a pool of embedding actors (clip embeddings, or log-mel
+frame matrices for detectors that eat frames). Raw scores come back per stream in request order and go
+through that stream's ``StreamPostprocessor`` (causal median, the bank's calibration range and threshold;
+added normals re-calibrate running streams too). A request without a score says why (``Result.failure``:
+the caller's mistake, or an actor that failed).
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import gc
 import os
 import shutil
@@ -30,7 +34,7 @@ import numpy as np
 
 from asd_ray.bank.memory_bank import BankError, DomainAwareBank, MemoryBank
 from asd_ray.config import EmbedConfig, FleetConfig, FramesConfig, PostConfig, PreprocessConfig
-from asd_ray.detectors import load_detector
+from asd_ray.detectors import bank_version, configure_detector, load_detector
 from asd_ray.scoring.postprocess import Calibration, StreamPostprocessor, calibrate
 
 
@@ -41,11 +45,15 @@ def actor_name(machine: str, replica: int = 0) -> str:
 class BankActor:
     """One machine's saved detector as a Ray actor; ``__init__`` (also after a restart) loads it from ``bank_dir``."""
 
-    def __init__(self, machine: str, bank_dir: str, faiss_threads: int = 1, persist: bool = True):
+    def __init__(self, machine: str, bank_dir: str, faiss_threads: int = 1, persist: bool = True,
+                 settings: dict[str, Any] | None = None):
         self.machine = machine
         self.bank_dir = Path(bank_dir)
         self.persist = persist  # one replica writes the shared bank_dir; the others only apply the same add
         self.bank = load_detector(self.bank_dir, faiss_threads=faiss_threads)
+        self.requested = dict(settings or {})  # score-time settings given in the config (``SCORE_SETTINGS`` keys)
+        self.settings = configure_detector(self.bank, self.requested)
+        self.version = bank_version(self.bank_dir)
         self.pid = os.getpid()
 
     def score(self, features: np.ndarray | list[np.ndarray]) -> np.ndarray:
@@ -58,7 +66,8 @@ class BankActor:
 
     def add(self, embeddings: np.ndarray, ids: Sequence[str], domain: str = "target") -> dict:
         """Append normals (first-shot calibration) and persist; ids already in the bank are skipped,
-        so a call retried after a restart does not add twice. Only clip k-NN banks take added normals."""
+        so a call retried after a restart does not add twice. Only clip k-NN banks take added normals.
+        Returns ``stats()`` and ``added``, how many were new."""
         if not isinstance(self.bank, (MemoryBank, DomainAwareBank)):
             raise BankError(f"a {self.bank.kind} takes no added normals: refit it with asd-ray run")
         members = self.bank.banks.get(domain) if isinstance(self.bank, DomainAwareBank) else self.bank
@@ -72,7 +81,7 @@ class BankActor:
                 self.bank.add(new, new_ids)
             if self.persist:
                 self._save()
-        return self.stats()
+        return {**self.stats(), "added": len(keep)}
 
     def _save(self) -> None:
         tmp, old = self.bank_dir.with_name(self.bank_dir.name + ".new"), self.bank_dir.with_name(self.bank_dir.name + ".old")
@@ -82,19 +91,30 @@ class BankActor:
         self.bank_dir.rename(old)
         tmp.rename(self.bank_dir)
         shutil.rmtree(old, ignore_errors=True)
+        self.version = bank_version(self.bank_dir)
 
     def stats(self) -> dict:
+        """What the actor serves: the detector's kind, size and dimension, its score-time settings with where
+        each came from ({config key: (value, "config" | "saved bank")}), the bank version and the process."""
         return {"machine": self.machine, "kind": self.bank.kind, "features": self.bank.features,
                 "size": self.bank.size, "dim": self.bank.dim, "k": getattr(self.bank, "k", None),
-                "metric": getattr(self.bank, "metric", None), "pid": self.pid, "bank_dir": str(self.bank_dir)}
+                "metric": getattr(self.bank, "metric", None), "settings": self.settings,
+                "requested": self.requested, "version": self.version, "pid": self.pid,
+                "bank_dir": str(self.bank_dir)}
 
 
 def start_banks(bank_root: str | Path, *, machines: Iterable[str] | None = None, replicas: int = 1,
-                namespace: str = "asd-ray", faiss_threads: int = 1) -> dict[str, list]:
+                namespace: str = "asd-ray", faiss_threads: int = 1,
+                settings: dict[str, Any] | None = None, detached: bool = False) -> dict[str, list]:
     """Start (or find) the bank actors of every machine saved under ``bank_root/<machine>``.
 
+    ``settings``: score-time settings given in the config ({``SCORE_SETTINGS`` key: value}); each saved
+    detector takes those of its kind and keeps its saved values for the rest (``configure_detector``).
     Actors take no CPU slot (they mostly wait; FAISS threads are set explicitly), restart forever and
-    retry their calls. Returns {machine: [actor handles, replica 0 first]}.
+    retry their calls. An actor found running with another bank folder or other settings is an error (a
+    restart would bring back its own). ``detached``: the actors outlive the process that starts them (a
+    service's: Serve replicas come and go, a submitted job's driver ends); else they go with it.
+    Returns {machine: [actor handles, replica 0 first]}.
     """
     import ray
 
@@ -113,15 +133,25 @@ def start_banks(bank_root: str | Path, *, machines: Iterable[str] | None = None,
             continue
         banks[machine] = [
             remote.options(name=actor_name(machine, r), namespace=namespace, get_if_exists=True, num_cpus=0,
-                           max_restarts=-1, max_task_retries=-1, max_concurrency=1)
-            .remote(machine, str(root / machine), faiss_threads, r == 0)
+                           max_restarts=-1, max_task_retries=-1, max_concurrency=1,
+                           lifetime="detached" if detached else None)
+            .remote(machine, str(root / machine), faiss_threads, r == 0, dict(settings or {}))
             for r in range(replicas)]
-    ray.get([a.stats.remote() for actors in banks.values() for a in actors])  # loaded, or the error now
+    try:
+        stats = ray.get([a.stats.remote() for actors in banks.values() for a in actors])  # loaded, or the error now
+    except ray.exceptions.RayActorError as err:  # a bank that cannot be loaded or take the settings
+        raise BankError(f"a bank actor under {root} could not start: {err}") from None
+    for s in stats:
+        if s["bank_dir"] != str(root / s["machine"]) or s["requested"] != dict(settings or {}):
+            raise BankError(f"{actor_name(s['machine'])} in namespace {namespace!r} already runs {s['bank_dir']} "
+                            f"with settings {s['requested']}; asked for {root / s['machine']} with {settings or {}}: "
+                            f"use another fleet.namespace, or stop that fleet first")
     return banks
 
 
 class ClipEmbedder:
-    """An embedding actor: clip paths -> pre-processed, embedded (the Ray Data pipeline's own steps)."""
+    """An embedding actor: clips (paths, or a sound file's bytes) -> pre-processed, embedded (the Ray Data
+    pipeline's own steps)."""
 
     def __init__(self, embed: dict, preprocess: dict):
         from asd_ray.distributed.embed import EmbedBatch
@@ -129,16 +159,16 @@ class ClipEmbedder:
         self.embedder = EmbedBatch(**embed)
         self.preprocess = preprocess
 
-    def embed(self, paths: Sequence[str]) -> tuple[np.ndarray, list[str]]:
+    def embed(self, clips: Sequence[str | bytes]) -> tuple[np.ndarray, list[str]]:
         """-> (n x dim float32 embeddings, n reasons: "" where the clip was usable)."""
         from asd_ray.distributed.embed import preprocess_batch
 
-        out = self.embedder(preprocess_batch({"path": np.array(paths, dtype=object)}, **self.preprocess))
+        out = self.embedder(preprocess_batch({"path": _object_array(clips)}, **self.preprocess))
         return out["embedding"], [str(e) for e in out["error"]]
 
 
 class FrameEmbedder:
-    """An embedding actor for detectors that eat frames: clip paths -> pre-processed log-mel matrices."""
+    """An embedding actor for detectors that eat frames: clips (paths or bytes) -> pre-processed log-mel matrices."""
 
     def __init__(self, frames: dict, preprocess: dict):
         from asd_ray.models.frames import LogMelFrames
@@ -146,14 +176,20 @@ class FrameEmbedder:
         self.extractor = LogMelFrames(sample_rate=preprocess["sample_rate"], **frames)
         self.preprocess = preprocess
 
-    def embed(self, paths: Sequence[str]) -> tuple[list[np.ndarray], list[str]]:
+    def embed(self, clips: Sequence[str | bytes]) -> tuple[list[np.ndarray], list[str]]:
         """-> (n (T x n_mels) float32 matrices, n reasons: "" where the clip was usable)."""
         from asd_ray.distributed.embed import batch_waveforms, preprocess_batch
 
-        out = preprocess_batch({"path": np.array(paths, dtype=object)}, **self.preprocess)
+        out = preprocess_batch({"path": _object_array(clips)}, **self.preprocess)
         mats = [self.extractor.embed([w])[0] if not e else np.zeros((0, 0), np.float32)
                 for w, e in zip(batch_waveforms(out), out["error"])]
         return mats, [str(e) for e in out["error"]]
+
+
+def _object_array(items: Sequence) -> np.ndarray:
+    out = np.empty(len(items), dtype=object)  # np.array() would make bytes a fixed-width byte string column
+    out[:] = list(items)
+    return out
 
 
 def start_frame_embedders(frames: FramesConfig, preprocess: PreprocessConfig, *, num_actors: int = 1,
@@ -178,17 +214,25 @@ def start_embedders(embed: EmbedConfig, preprocess: PreprocessConfig, *, num_act
 
 @dataclass
 class Request:
-    """One clip of one stream: its embedding, or the path of its audio (embedded on the way)."""
+    """One clip of one stream: its embedding, or its audio (a path, or a sound file's bytes) embedded on the way."""
 
     machine: str
     stream_id: str
     embedding: np.ndarray | None = None
     path: str | None = None
+    audio: bytes | None = None
+
+
+# Why a request has no score (``Result.failure``): the caller's mistake, or the fleet's.
+UNKNOWN_MACHINE = "unknown machine"
+BAD_INPUT = "bad input"  # an embedding of the wrong size, a clip that cannot be used
+UNAVAILABLE = "unavailable"  # an actor failed; the same request may succeed later
 
 
 @dataclass
 class Result:
-    """A request's outcome: raw k-NN score, post-processed score and decision, or the reason it has none."""
+    """A request's outcome: raw k-NN score, post-processed score and decision (with the decision threshold on
+    the score's scale and the version of the bank that scored it), or the reason it has none."""
 
     machine: str
     stream_id: str
@@ -196,7 +240,10 @@ class Result:
     raw_score: float | None = None
     score: float | None = None
     decision: int | None = None
+    threshold: float | None = None
+    bank_version: str = ""
     error: str = ""
+    failure: str = ""  # UNKNOWN_MACHINE, BAD_INPUT or UNAVAILABLE when ``error`` is set
 
 
 class _Lane:
@@ -255,7 +302,8 @@ class Router:
 
     ``submit(request)`` (inside a running event loop) returns a future of its ``Result``; ``score``
     scores a list and returns results in request order. An unknown machine, an embedding of the wrong
-    size or a clip that cannot be used gives a ``Result`` with ``error`` set; other requests go on.
+    size or a clip that cannot be used gives a ``Result`` with ``error`` and ``failure`` set; other
+    requests go on. ``add`` appends normals (first-shot calibration) and re-calibrates the machine's streams.
     """
 
     def __init__(self, banks: dict[str, list], *, post: PostConfig = PostConfig(), fleet: FleetConfig = FleetConfig(),
@@ -264,37 +312,58 @@ class Router:
 
         self.banks, self.post, self.fleet, self.embedders = banks, post, fleet, embedders
         stats = ray.get([actors[0].stats.remote() for actors in banks.values()])
+        self.stats = dict(zip(banks, stats))  # each bank's ``BankActor.stats()`` as of its last calibration
         self.dims = {m: s["dim"] for m, s in zip(banks, stats)}
         self.frames = {m: s["features"] == "frames" for m, s in zip(banks, stats)}  # queries are T x dim matrices
         self.calibrations: dict[str, Calibration] = {}
-        for machine in banks:
-            self.refresh_calibration(machine)
         self.streams: dict[str, StreamPostprocessor] = {}
+        for machine, loo in zip(banks, ray.get([actors[0].loo_scores.remote() for actors in banks.values()])):
+            self._calibrate(machine, loo)
         self.next_seq: dict[str, int] = defaultdict(int)  # per stream: next request number handed out
         self.next_out: dict[str, int] = defaultdict(int)  # per stream: next request number to post-process
-        self.ready: dict[str, dict[int, tuple[_Pending, float | None, str]]] = defaultdict(dict)
+        self.ready: dict[str, dict[int, tuple[_Pending, float | None, str, str]]] = defaultdict(dict)
         self.lanes: dict[str, _Lane] = {}
         self.embed_lane: _Lane | None = None
 
-    def refresh_calibration(self, machine: str) -> Calibration:
-        import ray
+    def _calibrate(self, machine: str, loo_scores: np.ndarray) -> None:
+        """The machine's calibration from its bank's leave-one-out scores, for its new and running streams."""
+        cal = self.calibrations[machine] = calibrate(loo_scores, self.post.threshold_quantile)
+        for key, stream in self.streams.items():
+            if key.split("/", 1)[0] == machine:
+                stream.calibration = cal
 
-        loo = ray.get(self.banks[machine][0].loo_scores.remote())
-        self.calibrations[machine] = calibrate(loo, self.post.threshold_quantile)
+    async def recalibrate(self, machine: str) -> Calibration:
+        """Read the machine's bank stats and leave-one-out scores again (after normals were added)."""
+        actor = self.banks[machine][0]
+        self.stats[machine], loo = await asyncio.gather(actor.stats.remote(), actor.loo_scores.remote())
+        self._calibrate(machine, loo)
         return self.calibrations[machine]
 
-    def add(self, machine: str, embeddings: np.ndarray, ids: Sequence[str], domain: str = "target") -> dict:
-        """Append normals to every replica of ``machine``'s bank (persisted), then re-calibrate its streams."""
-        import ray
+    async def follow_versions(self) -> list[str]:
+        """Re-calibrate the machines whose bank version changed since this router last looked (normals added
+        through another router); returns them."""
+        now = await asyncio.gather(*[actors[0].stats.remote() for actors in self.banks.values()])
+        changed = [m for m, st in zip(self.banks, now) if st["version"] != self.stats[m]["version"]]
+        await asyncio.gather(*[self.recalibrate(m) for m in changed])
+        return changed
 
+    async def add_async(self, machine: str, embeddings: np.ndarray, ids: Sequence[str], domain: str = "target"
+                        ) -> dict:
+        """Append normals to every replica of ``machine``'s bank (persisted before this returns; ids it has
+        already are skipped), then re-calibrate its streams. Returns the bank's stats and ``added``."""
         if machine not in self.banks:
-            raise KeyError(self._unknown(machine))
-        stats = ray.get([a.add.remote(np.asarray(embeddings, np.float32), list(ids), domain)
-                         for a in self.banks[machine]])
-        self.refresh_calibration(machine)
+            raise KeyError(self.unknown(machine))
+        stats = await asyncio.gather(*[a.add.remote(np.asarray(embeddings, np.float32), list(ids), domain)
+                                       for a in self.banks[machine]])
+        await self.recalibrate(machine)
         return stats[0]
 
-    def _unknown(self, machine: str) -> str:
+    def add(self, machine: str, embeddings: np.ndarray, ids: Sequence[str], domain: str = "target") -> dict:
+        """Blocking form of ``add_async`` for code without an event loop."""
+        return asyncio.run(self.add_async(machine, embeddings, ids, domain))
+
+    def unknown(self, machine: str) -> str:
+        """The reason a request for ``machine`` has no bank."""
         return f"no bank for machine {machine!r} (banks: {sorted(self.banks)})"
 
     def submit(self, request: Request) -> asyncio.Future:
@@ -303,17 +372,29 @@ class Router:
         pending = _Pending(request, self.next_seq[key], loop.create_future())
         self.next_seq[key] += 1
         if request.machine not in self.banks:
-            self._finish(pending, None, self._unknown(request.machine))
+            self._finish(pending, None, self.unknown(request.machine), UNKNOWN_MACHINE)
         elif request.embedding is not None:
             self._to_bank(pending, request.embedding)
-        elif request.path is not None:
-            self._embed_lane().put(pending)
+        elif request.path is not None or request.audio is not None:
+            self._embed(request.path if request.audio is None else request.audio, functools.partial(self._embedded, pending))
         else:
-            self._finish(pending, None, "request has neither an embedding nor a clip path")
+            self._finish(pending, None, "request has neither an embedding nor a clip", BAD_INPUT)
         return pending.future
 
     async def score(self, requests: Sequence[Request]) -> list[Result]:
         return list(await asyncio.gather(*[self.submit(r) for r in requests]))
+
+    def embed(self, clip: str | bytes) -> asyncio.Future:
+        """A clip (path, or a sound file's bytes) -> future of (its features, "") or (None, the reason it has
+        none), through the embedding actors."""
+        future = asyncio.get_running_loop().create_future()
+
+        def then(features: Any, reason: str, failure: str) -> None:
+            if not future.done():  # a caller that stopped waiting cancelled it
+                future.set_result((features, reason))
+
+        self._embed(clip, then)
+        return future
 
     def _to_bank(self, pending: _Pending, embedding: np.ndarray) -> None:
         machine = pending.request.machine
@@ -326,7 +407,7 @@ class Router:
             self._finish(pending, None, f"features of shape {e.shape} (finite: {finite}); the {machine} bank takes "
                                         f"finite (frames x {dim}) matrices" if frames else
                                         f"embedding of size {e.shape[0]} (finite: {finite}); the {machine} bank "
-                                        f"takes finite vectors of size {dim}")
+                                        f"takes finite vectors of size {dim}", BAD_INPUT)
             return
         self._lane(machine).put((pending, e))
 
@@ -341,35 +422,40 @@ class Router:
 
     def _scored(self, items: list, raw: np.ndarray | None, error: str | None) -> None:
         for i, (pending, _) in enumerate(items):
-            self._finish(pending, None if error else float(raw[i]), error or "")
+            self._finish(pending, None if error else float(raw[i]), error or "", UNAVAILABLE if error else "")
 
-    def _embed_lane(self) -> _Lane:
+    def _embed(self, clip: str | bytes, then: Callable[[Any, str, str], None]) -> None:
+        """Queue ``clip`` for the embedding actors; ``then(features, reason, failure)`` receives the outcome."""
         if not self.embedders:
-            raise RuntimeError("requests carry clip paths but the router has no embedding actors")
+            raise RuntimeError("requests carry clips but the router has no embedding actors")
         if self.embed_lane is None:
             f = self.fleet
             self.embed_lane = _Lane(self.embedders, lambda actor, items: actor.embed.remote(
-                [p.request.path for p in items]), self._embedded, max_batch=f.embed_batch,
+                [clip for clip, _ in items]), self._clips_embedded, max_batch=f.embed_batch,
                 max_wait=f.max_wait_ms / 1000, max_in_flight=1)
-        return self.embed_lane
+        self.embed_lane.put((clip, then))
 
-    def _embedded(self, items: list, value: tuple | None, error: str | None) -> None:
-        for i, pending in enumerate(items):
+    @staticmethod
+    def _clips_embedded(items: list, value: tuple | None, error: str | None) -> None:
+        for i, (_, then) in enumerate(items):
             reason = error or value[1][i]
-            if reason:
-                self._finish(pending, None, f"{pending.request.path}: {reason}")
-            else:
-                self._to_bank(pending, value[0][i])
+            then(None if reason else value[0][i], reason, (UNAVAILABLE if error else BAD_INPUT) if reason else "")
 
-    def _finish(self, pending: _Pending, raw: float | None, error: str) -> None:
+    def _embedded(self, pending: _Pending, features: Any, reason: str, failure: str) -> None:
+        if reason:
+            self._finish(pending, None, f"{pending.request.path or 'audio body'}: {reason}", failure)
+        else:
+            self._to_bank(pending, features)
+
+    def _finish(self, pending: _Pending, raw: float | None, error: str, failure: str = "") -> None:
         """Hand results to each stream's post-processing strictly in request order."""
         key = f"{pending.request.machine}/{pending.request.stream_id}"
-        self.ready[key][pending.seq] = (pending, raw, error)
+        self.ready[key][pending.seq] = (pending, raw, error, failure)
         while self.next_out[key] in self.ready[key]:
-            p, raw, error = self.ready[key].pop(self.next_out[key])
+            p, raw, error, failure = self.ready[key].pop(self.next_out[key])
             self.next_out[key] += 1
             r = p.request
-            result = Result(r.machine, r.stream_id, r.path, error=error)
+            result = Result(r.machine, r.stream_id, r.path, error=error, failure=failure)
             if not error:
                 stream = self.streams.get(key)
                 if stream is None:
@@ -377,7 +463,9 @@ class Router:
                         self.calibrations[r.machine], minmax=self.post.minmax, median_window=self.post.median_window)
                 result.raw_score = raw
                 result.score, result.decision = stream.push(raw)
-            p.future.set_result(result)
+                result.threshold, result.bank_version = stream.threshold, self.stats[r.machine]["version"]
+            if not p.future.done():  # a caller that stopped waiting (a timeout) cancelled it
+                p.future.set_result(result)
 
 
 def score_requests(router: Router, requests: Sequence[Request]) -> list[Result]:

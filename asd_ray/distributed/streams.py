@@ -7,21 +7,24 @@ import asyncio
 import csv
 import dataclasses
 import json
+import logging
 import re
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 
 from asd_ray.bank.memory_bank import BankError
 from asd_ray.config import RunConfig
 from asd_ray.data.layout import discover
-from asd_ray.detectors import load_detector
+from asd_ray.detectors import SCORE_SETTINGS, fit_time_keys, given_score_settings, load_detector
 from asd_ray.distributed.fleet import (FleetStats, Request, Result, Router, start_banks, start_embedders,
                                        start_frame_embedders)
 from asd_ray.results import Reject
 from asd_ray.distributed.session import ensure_ray, gpu_wanted
 from asd_ray.scoring.files import write_results
+
+log = logging.getLogger(__name__)
 
 AUDIO_SUFFIXES = (".wav", ".flac")
 
@@ -84,18 +87,52 @@ def write_stream_results(out_dir: str | Path, results: Sequence[Result], skipped
     return out
 
 
-def ray_get_stats(actor) -> dict:
+def settings_lines(stats: dict[str, dict], config: RunConfig, given: Iterable[str] = ()) -> list[str]:
+    """Where each scoring setting of a fleet came from, for people: per machine its detector's score-time
+    settings (the config where given, else the saved bank), the post-processing (the config: never saved
+    with a bank), and given keys that no bank took (fixed when the banks were fitted, or of another kind)."""
+    given = set(given)
+    lines = ["scoring settings (config: given in --config/--set; saved bank: as `asd-ray run` saved it):"]
+    applied = set()
+    for machine, st in sorted(stats.items()):
+        parts = [f"{key}={value} ({source})" for key, (value, source) in sorted(st["settings"].items())]
+        applied |= {key.split(".", 1)[1] if key.startswith("member_") else key for key in st["settings"]}
+        lines.append(f"  {machine}: {st['kind']}, {st['size']} members, version {st['version']}"
+                     + (f"; {', '.join(parts)}" if parts else "; no score-time settings"))
+    post = [f"post.{k}={v} ({'config' if f'post.{k}' in given else 'default'})"
+            for k, v in dataclasses.asdict(config.post).items()]
+    lines.append(f"  post-processing: {', '.join(post)}")
+    unused = sorted(k for k in given if k in SCORE_SETTINGS and k not in applied)
+    if unused:
+        lines.append(f"  not applied: {', '.join(unused)} (no saved detector here takes it)")
+    fixed = fit_time_keys(given)
+    if fixed:
+        lines.append(f"  not applied: {', '.join(fixed)} (fixed when the banks were fitted: the saved banks' "
+                     f"values are used; refit with asd-ray run to change them)")
+    return lines
+
+
+def fleet_banks(bank_root: str | Path, config: RunConfig, machines=None, given: Iterable[str] = (),
+                detached: bool = False) -> tuple[dict[str, list], dict[str, dict]]:
+    """Start (or find) the bank actors of the banks saved under ``bank_root``, taking the score-time settings
+    among the ``given`` config keys, and log where each setting came from. -> (actors, stats by machine)."""
     import ray
 
-    return ray.get(actor.stats.remote())
-
-
-def _router(bank_root: str | Path, config: RunConfig, machines=None, with_embedders: bool = False) -> Router:
     ensure_ray(num_cpus=config.ray.num_cpus or None)
     banks = start_banks(bank_root, machines=machines, replicas=config.fleet.replicas,
-                        namespace=config.fleet.namespace, faiss_threads=config.bank.faiss_threads)
+                        namespace=config.fleet.namespace, faiss_threads=config.bank.faiss_threads,
+                        settings=given_score_settings(config, given), detached=detached)
+    stats = dict(zip(banks, ray.get([actors[0].stats.remote() for actors in banks.values()])))
+    for line in settings_lines(stats, config, given):
+        log.info(line)
+    return banks, stats
+
+
+def fleet_router(bank_root: str | Path, config: RunConfig, machines=None, with_embedders: bool = False,
+                 given: Iterable[str] = (), detached: bool = False) -> Router:
+    """``fleet_banks``, embedding actors when clips are to be scored, and the router over them."""
+    banks, kinds = fleet_banks(bank_root, config, machines, given, detached)
     embedders = None
-    kinds = {m: ray_get_stats(actors[0]) for m, actors in banks.items()}
     frames = {s["features"] == "frames" for s in kinds.values()}
     if with_embedders and len(frames) > 1:
         raise BankError(f"{bank_root}: banks of clip and frame detectors mixed ({kinds}); serve one kind at a time")
@@ -111,25 +148,27 @@ def _router(bank_root: str | Path, config: RunConfig, machines=None, with_embedd
 
 def score_streams(bank_root: str | Path, config: RunConfig, out_dir: str | Path, *,
                   roots: Sequence[str | Path] = (), clips: str | Path | None = None,
-                  machine: str | None = None) -> list[Result]:
+                  machine: str | None = None, given: Iterable[str] = ()) -> list[Result]:
     """Score clips as streams through the bank actors saved under ``bank_root`` (``asd-ray run`` writes
-    ``<out>/banks``); every clip ends up in ``streams.csv`` or in ``rejects.csv`` with its reason."""
+    ``<out>/banks``); every clip ends up in ``streams.csv`` or in ``rejects.csv`` with its reason.
+    ``given``: the config keys the user set (``config.given_keys``); score-time settings among them
+    (``bank.k``, ``bank.metric`` ...) override what the banks were saved with."""
     requests, skipped = stream_requests(roots, clips, machine)
     if not requests:
         raise ValueError(f"no clips to score ({len(skipped)} skipped)")
-    router = _router(bank_root, config, with_embedders=True)
+    router = fleet_router(bank_root, config, with_embedders=True, given=given)
     results = asyncio.run(router.score(requests))
     write_stream_results(out_dir, results, skipped)
     return results
 
 
 def simulate(bank_root: str | Path, config: RunConfig, out_dir: str | Path | None = None, *, streams: int = 1000,
-             rate_hz: float = 5.0, seconds: float = 10.0, seed: int = 0) -> FleetStats:
+             rate_hz: float = 5.0, seconds: float = 10.0, seed: int = 0, given: Iterable[str] = ()) -> FleetStats:
     """A simulated fleet over the saved banks: queries are bank members plus noise (embeddings pre-computed)."""
     from asd_ray.distributed.fleet import simulate_fleet
 
     rng = np.random.default_rng(seed)
-    router = _router(bank_root, config)
+    router = fleet_router(bank_root, config, given=given)
     pools = {}
     for machine in router.banks:
         bank = load_detector(Path(bank_root) / machine)

@@ -83,6 +83,12 @@ def calibrate(train_scores: np.ndarray, threshold_quantile: float = 0.9) -> Cali
     return Calibration(lo=float(s.min()), hi=float(s.max()), threshold=gamma_threshold(s, threshold_quantile))
 
 
+def output_threshold(calibration: Calibration, minmax: bool = True) -> float:
+    """A calibration's decision threshold on the scale of the final scores (min-max scaled like them, or raw)."""
+    c = calibration
+    return float(minmax_scale(np.array([c.threshold]), c.lo, c.hi)[0]) if minmax else c.threshold
+
+
 class StreamPostprocessor:
     """Post-processing of one stream's raw scores as they arrive, clip by clip.
 
@@ -96,6 +102,11 @@ class StreamPostprocessor:
         self.calibration = calibration
         self.minmax = minmax
         self.recent: deque[float] = deque(maxlen=max(1, median_window))
+
+    @property
+    def threshold(self) -> float:
+        """The decision threshold on the scale of ``push``'s scores."""
+        return output_threshold(self.calibration, self.minmax)
 
     def push(self, raw: float) -> tuple[float, int]:
         """One clip's raw score -> (final score, decision 0/1)."""

@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
-from asd_ray.bank.memory_bank import DomainAwareBank, MemoryBank, smote
+from asd_ray.bank.memory_bank import BankError, DomainAwareBank, MemoryBank, smote
 from asd_ray.bank.pooling import PooledBank, pool_clip
-from asd_ray.detectors import FusionDetector, combine, load_detector, znormalise
+from asd_ray.detectors import FusionDetector, combine, configure_detector, load_detector, znormalise
 
 
 def _line(*xs):
@@ -110,3 +110,34 @@ def test_fusion_refuses_members_of_different_features():
 
     with pytest.raises(ConfigError, match="same features"):
         FusionDetector([MemoryBank(), LocalFeatureBank()])
+
+
+def test_configure_equals_fitting_with_the_setting(tmp_path):
+    """A saved bank given another k or metric at score time scores exactly as one fitted with them."""
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((60, 8)).astype(np.float32)
+    domains = ["source"] * 50 + ["target"] * 10
+    q = rng.standard_normal((7, 8)).astype(np.float32)
+    for cls, kw in ((MemoryBank, {}), (MemoryBank, {"density": True}), (DomainAwareBank, {"density": True})):
+        saved = load_detector(cls(k=3, **kw).fit(x, domains=domains).save(tmp_path / cls.kind))
+        for setting in ({"k": 5}, {"metric": "cosine"}, {"k": 2, "metric": "cosine"}):
+            fitted = cls(**{"k": 3, **kw, **setting}).fit(x, domains=domains)
+            configured = load_detector(tmp_path / cls.kind).configure(**setting)
+            np.testing.assert_allclose(configured.score(q), fitted.score(q), rtol=1e-6)
+            np.testing.assert_allclose(configured.loo_scores(), fitted.loo_scores(), rtol=1e-6)
+        assert saved.score_settings() == {"k": 3, "metric": "euclidean"}
+    with pytest.raises(BankError, match="cannot score euclidean"):
+        MemoryBank(metric="cosine").fit(x).configure(metric="euclidean")
+
+
+def test_configure_detector_reports_where_each_setting_came_from(tmp_path):
+    rng = np.random.default_rng(4)
+    clips = [rng.standard_normal((20, 5)).astype(np.float32) for _ in range(12)]
+    fusion = FusionDetector([PooledBank(k=1), PooledBank(pooling="mean", k=1)], combine="max").fit(clips)
+    loaded = load_detector(fusion.save(tmp_path / "fusion"))
+    used = configure_detector(loaded, {"pooled.k": 3, "bank.k": 7})
+    assert used == {"member_0.pooled.k": (3, "config"), "member_0.bank.metric": ("euclidean", "saved bank"),
+                    "member_1.pooled.k": (3, "config"), "member_1.bank.metric": ("euclidean", "saved bank"),
+                    "fusion.combine": ("max", "saved bank")}  # bank.k is the knn bank's: no member takes it
+    refit = FusionDetector([PooledBank(k=3), PooledBank(pooling="mean", k=3)], combine="max").fit(clips)
+    np.testing.assert_allclose(loaded.score(clips[:4]), refit.score(clips[:4]), rtol=1e-6)

@@ -98,3 +98,14 @@ def test_trim_removes_silent_ends_but_keeps_minimum():
 def test_max_seconds_cuts(make_wav, make_tone):
     clip = preprocess_clip(make_wav("long.wav", make_tone(seconds=3.0)), max_seconds=2.0, trim=False)
     assert len(clip.waveform) == 32_000 and "cut" in clip.flags
+
+
+def test_a_sound_files_bytes_preprocess_like_its_path(make_wav, make_tone):
+    path = make_wav("clip.wav", make_tone(seconds=2.0, rate=22_050), rate=22_050)
+    from_path, from_bytes = preprocess_clip(path), preprocess_clip(path.read_bytes())
+    np.testing.assert_array_equal(from_bytes.waveform, from_path.waveform)
+    assert from_bytes.flags == from_path.flags
+    with pytest.raises(ClipError, match=r"audio body \(5 bytes\): cannot decode"):
+        preprocess_clip(b"RIFF!")
+    with pytest.raises(ClipError, match=r"audio body \(0 bytes\): cannot decode"):
+        preprocess_clip(b"")

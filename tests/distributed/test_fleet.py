@@ -11,7 +11,8 @@ from asd_ray.bank.memory_bank import MemoryBank
 from asd_ray.detectors import load_detector
 from asd_ray.config import FleetConfig, PostConfig, RunConfig, load_config
 from asd_ray.detect import reference_run
-from asd_ray.distributed.fleet import Request, Router, actor_name, score_requests, start_banks
+from asd_ray.distributed.fleet import (BAD_INPUT, UNKNOWN_MACHINE, Request, Router, actor_name, score_requests,
+                                       start_banks)
 from asd_ray.distributed.streams import score_streams
 from asd_ray.scoring.postprocess import StreamPostprocessor, calibrate
 from tiny import TINY
@@ -79,6 +80,32 @@ def test_add_changes_scores_and_persists(fleet, ray_local):
     assert load_detector(bank_root / "fan").size == 305  # persisted: a restart reloads it
 
 
+def test_add_recalibrates_running_streams(fleet):
+    """Normals added mid-stream re-calibrate that stream too; results carry the threshold and bank version."""
+    banks, actors, _, _ = fleet
+    router = Router(actors)
+    q, new = _queries(3), _queries(40, seed=11, shift=1.0)
+    before = score_requests(router, [Request("fan", "line", embedding=e) for e in q])
+    assert router.add("fan", new, [f"n{i}" for i in range(40)])["added"] == 40
+    after = score_requests(router, [Request("fan", "line", embedding=e) for e in q])
+    bank = banks["fan"].add(new, [f"n{i}" for i in range(40)])
+    stream = StreamPostprocessor(calibrate(bank.loo_scores()))
+    assert [(r.score, r.decision) for r in after] == [stream.push(s) for s in bank.score(q)]
+    assert after[0].threshold == stream.threshold != before[0].threshold
+    assert after[0].bank_version != before[0].bank_version != ""
+
+
+def test_a_second_router_follows_normals_added_through_the_first(fleet):
+    """Serve replicas each hold a router: one that did not take the /normals request catches up by version."""
+    _, actors, _, _ = fleet
+    first, second = Router(actors), Router(actors)
+    first.add("valve", _queries(30, seed=12, shift=1.0), [f"n{i}" for i in range(30)])
+    assert asyncio.run(second.follow_versions()) == ["valve"]
+    assert second.calibrations["valve"] == first.calibrations["valve"]
+    assert second.stats["valve"]["version"] == first.stats["valve"]["version"]
+    assert asyncio.run(second.follow_versions()) == []
+
+
 def test_killed_bank_actor_loses_no_request(fleet, ray_local):
     banks, actors, _, _ = fleet
     q = _queries(2000, seed=5)
@@ -110,6 +137,7 @@ def test_unknown_machine_and_bad_embedding_do_not_disturb_others(fleet):
     results = score_requests(router, requests)
     assert "no bank for machine 'nope'" in results[1].error and "fan" in results[1].error
     assert "size 10" in results[2].error and "finite: False" in results[4].error
+    assert [r.failure for r in results] == ["", UNKNOWN_MACHINE, BAD_INPUT, "", BAD_INPUT, ""]
     ok = [0, 3, 5]
     assert all(not results[i].error and results[i].score is not None for i in ok)
     np.testing.assert_allclose([results[0].raw_score, results[5].raw_score], banks["fan"].score(q[[0, 5]]), rtol=1e-6)
@@ -193,3 +221,37 @@ def test_local_feature_bank_actors_score_like_the_library(ray_local, tiny_corpus
         router.add("valve", mats[0], ["x"])
     for machine in ref.results:
         ray_local.kill(ray_local.get_actor(actor_name(machine), namespace=config.fleet.namespace), no_restart=True)
+
+
+def test_config_k_changes_fleet_scores_as_it_changes_run_scores(ray_local, tiny_corpus, tmp_path, caplog):
+    """`serve-fleet --set bank.k=5` over banks saved with k = 3 scores as `asd-ray run --set bank.k=5` does,
+    and says which settings came from the config and which from the saved bank."""
+    from asd_ray.cli import main
+
+    namespace = f"t-{uuid.uuid4().hex[:8]}"
+    base = ["detector=knn", f"fleet.namespace={namespace}"]
+    k3 = reference_run([tiny_corpus], load_config(RunConfig, None, base), tmp_path / "k3")
+    k5 = reference_run([tiny_corpus], load_config(RunConfig, None, base + ["bank.k=5"]), tmp_path / "k5")
+    caplog.set_level("INFO", logger="asd_ray")
+    sets = [a for kv in base + ["bank.k=5", "bank.density=true"] for a in ("--set", kv)]
+    assert main(["serve-fleet", "--banks", str(tmp_path / "k3" / "banks"), "--data", str(tiny_corpus),
+                 "--out", str(tmp_path / "fleet"), *sets]) == 0
+    with open(tmp_path / "fleet" / "streams.csv") as fh:
+        rows = {(r["machine"], r["clip"].rsplit("/", 1)[1]): r for r in csv.DictReader(fh)}
+    for machine, res in k5.results.items():
+        got = np.array([float(rows[machine, f]["raw_score"]) for f in res.filenames])
+        np.testing.assert_allclose(got, res.raw_scores, rtol=1e-6)
+        assert not np.allclose(got, k3.results[machine].raw_scores, rtol=1e-3)  # k = 5 did change them
+        assert [int(rows[machine, f]["decision"]) for f in res.filenames] == res.decisions.tolist()
+    log = caplog.text
+    assert "bank.k=5 (config)" in log and "bank.metric=euclidean (saved bank)" in log
+    assert "post.median_window=1 (default)" in log
+    assert "not applied: bank.density, detector (fixed when the banks were fitted" in log
+    for machine in k5.results:
+        ray_local.kill(ray_local.get_actor(actor_name(machine), namespace=namespace), no_restart=True)
+
+
+def test_banks_running_with_other_settings_are_an_error(fleet):
+    _, _, namespace, bank_root = fleet
+    with pytest.raises(Exception, match="already runs .* with settings \\{\\}.*use another fleet.namespace"):
+        start_banks(bank_root, namespace=namespace, settings={"bank.k": 5})

@@ -1,0 +1,12 @@
+"""`ray job submit ... -- python jobs/serve.py --banks DIR [--set serve.port=8000 ...]`: the HTTP scoring service.
+
+Deploys the Ray Serve application over the banks (asd-ray serve) and returns; the service keeps running on
+the cluster until `serve shutdown` (or `--block` keeps the job running with it).
+"""
+
+import sys
+
+from asd_ray.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(["serve", *sys.argv[1:]]))

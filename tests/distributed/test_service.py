@@ -1,0 +1,213 @@
+"""The HTTP scoring service on Ray Serve (`asd-ray serve`): scores equal to the library's, every bad request
+answered with its status and reason, the token, /normals persisted across a bank actor restart.
+
+Serve is started once for the module (through the CLI, with `--set` overrides) and shut down after.
+"""
+
+import io
+import json
+import socket
+import time
+import urllib.error
+import urllib.request
+import uuid
+from types import SimpleNamespace
+from urllib.parse import urlencode
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from asd_ray.cli import main
+from asd_ray.config import RunConfig, load_config
+from asd_ray.data.audio import preprocess_clip
+from asd_ray.data.layout import discover
+from asd_ray.detect import reference_run
+from asd_ray.detectors import load_detector
+from asd_ray.distributed.fleet import actor_name
+from asd_ray.models.backbones import load_backbone
+from asd_ray.scoring.postprocess import StreamPostprocessor, calibrate
+
+TOKEN = "s3cret-token"
+LIMIT = 200_000  # serve.max_body_bytes here: a 2 s 16 kHz 16-bit clip is 64 kB
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def service(ray_session, tiny_corpus, tmp_path_factory):
+    """Banks saved by a k = 3 run of the tiny corpus, served with --set bank.k=4 and a causal median of 3."""
+    root = tmp_path_factory.mktemp("serve")
+    namespace, port = f"t-{uuid.uuid4().hex[:8]}", _free_port()
+    base = ["detector=knn", f"fleet.namespace={namespace}"]
+    reference_run([tiny_corpus], load_config(RunConfig, None, base), root / "run")
+    sets = base + ["bank.k=4", "post.median_window=3", f"serve.port={port}", f"serve.token={TOKEN}",
+                   f"serve.max_body_bytes={LIMIT}", "serve.timeout_s=60", f"serve.app_name=test-{namespace}"]
+    assert main(["serve", "--banks", str(root / "run" / "banks"), *[a for kv in sets for a in ("--set", kv)]]) == 0
+    test_clips = sorted((r for r in discover([tiny_corpus]) if r.split == "test"), key=lambda r: r.filename)
+    yield SimpleNamespace(url=f"http://127.0.0.1:{port}", banks=root / "run" / "banks", namespace=namespace,
+                          config=load_config(RunConfig, None, sets), clips=test_clips)
+    from ray import serve
+
+    serve.shutdown()
+    for machine in ("ToyCar", "valve", "ToyPet"):
+        try:
+            ray_session.kill(ray_session.get_actor(actor_name(machine), namespace=namespace), no_restart=True)
+        except ValueError:
+            pass
+
+
+def http(service, method, path, body=None, content_type=None, token=TOKEN, **params):
+    """-> (status, decoded JSON answer)."""
+    url = service.url + path + ("?" + urlencode(params) if params else "")
+    request = urllib.request.Request(url, data=body, method=method)
+    if content_type:
+        request.add_header("Content-Type", content_type)
+    if token:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=120) as answer:
+            return answer.status, json.loads(answer.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+def _clips(service, machine):
+    return [r for r in service.clips if r.machine == machine]
+
+
+def _embedding(path) -> np.ndarray:
+    backbone = load_backbone(backbone="logmel")
+    return backbone.embed([preprocess_clip(path).waveform])[0].astype(np.float32)
+
+
+def test_scores_clips_and_embeddings_like_the_library(service):
+    """WAV bodies and float32 bodies of one stream: raw scores equal the saved bank's (with k = 4 from --set),
+    scores and decisions equal the same causal post-processing."""
+    bank = load_detector(service.banks / "ToyCar").configure(k=4)
+    stream = StreamPostprocessor(calibrate(bank.loo_scores(), 0.9), median_window=3)
+    clips = _clips(service, "ToyCar")[:6]
+    for i, clip in enumerate(clips):
+        e = _embedding(clip.path)
+        raw = float(bank.score(e[None])[0])
+        if i % 2:
+            status, got = http(service, "POST", "/score", e.tobytes(), "application/octet-stream", machine="ToyCar",
+                               stream="line-1", clip=clip.filename, dim=e.shape[0])
+        else:
+            with open(clip.path, "rb") as fh:
+                status, got = http(service, "POST", "/score", fh.read(), "audio/wav", machine="ToyCar",
+                                   stream="line-1", clip=clip.filename)
+        assert status == 200, got
+        score, decision = stream.push(raw)
+        assert got["raw_score"] == pytest.approx(raw, rel=1e-6)
+        assert got["score"] == pytest.approx(score, rel=1e-6) and got["decision"] == decision
+        assert got["threshold"] == pytest.approx(stream.threshold) and got["clip"] == clip.filename
+        assert got["bank_version"] and got["machine"] == "ToyCar" and got["stream"] == "line-1"
+    status, machines = http(service, "GET", "/machines")
+    assert status == 200 and machines["machines"]["ToyCar"]["settings"]["bank.k"] == {"value": 4, "from": "config"}
+    assert machines["machines"]["ToyCar"]["settings"]["bank.metric"] == {"value": "euclidean", "from": "saved bank"}
+
+
+def _wav(samples, rate=16_000) -> bytes:
+    out = io.BytesIO()
+    sf.write(out, samples, rate, format="WAV", subtype="PCM_16")
+    return out.getvalue()
+
+
+def test_every_bad_request_gets_its_status_and_reason(service):
+    e = np.ones(256, np.float32)
+    tone = 0.1 * np.sin(np.arange(32_000) / 5.0)
+    cases = [
+        (dict(machine="pump", stream="s"), e.tobytes(), "application/octet-stream", 404, "no bank for machine 'pump'"),
+        (dict(stream="s"), e.tobytes(), "application/octet-stream", 400, "missing query parameter 'machine'"),
+        (dict(machine="ToyCar"), e.tobytes(), "application/octet-stream", 400, "missing query parameter 'stream'"),
+        (dict(machine="ToyCar", stream="s"), b"", "audio/wav", 400, "empty body"),
+        (dict(machine="ToyCar", stream="s"), b"RIFF....WAVEjunk", "audio/wav", 422, "cannot decode"),
+        (dict(machine="ToyCar", stream="s"), _wav(np.zeros(0)), "audio/wav", 422, "empty: no samples"),
+        (dict(machine="ToyCar", stream="s"), _wav(tone[:4000]), "audio/wav", 422, "too short"),
+        (dict(machine="ToyCar", stream="s", dim=10), e[:10].tobytes(), "application/octet-stream", 422,
+         "embedding of size 10"),
+        (dict(machine="ToyCar", stream="s", dim=256), np.full(256, np.nan, np.float32).tobytes(),
+         "application/octet-stream", 422, "finite: False"),
+        (dict(machine="ToyCar", stream="s", dim=256), e.tobytes()[:-2], "application/octet-stream", 422,
+         "not a whole number of float32 rows"),
+        (dict(machine="ToyCar", stream="s"), e.tobytes(), "application/octet-stream", 400, "needs the query parameter 'dim'"),
+        (dict(machine="ToyCar", stream="s", dim="x"), e.tobytes(), "application/octet-stream", 400, "dim='x'"),
+        (dict(machine="ToyCar", stream="s"), b"x" * (LIMIT + 1), "audio/wav", 413, "over the limit"),
+        (dict(machine="ToyCar", stream="s"), b"{}", "application/json", 415, "Content-Type application/json"),
+    ]
+    pid = http(service, "GET", "/healthz")[1]["replica_pid"]
+    for params, body, kind, status, reason in cases:
+        got_status, got = http(service, "POST", "/score", body, kind, **params)
+        assert (got_status, reason in got.get("error", "")) == (status, True), (params, kind, got_status, got)
+    assert http(service, "GET", "/nowhere")[0] == 404
+    assert http(service, "GET", "/score")[0] == 405
+    assert http(service, "POST", "/normals", e.tobytes(), "application/octet-stream", machine="ToyCar", dim=256)[1] \
+        == {"error": "missing query parameter 'clip'"}
+    status, got = http(service, "POST", "/normals", e[:10].tobytes(), "application/octet-stream", machine="ToyCar",
+                       clip="c", dim=10)
+    assert status == 422 and "dimension 10 does not match the bank's 256" in got["error"], got
+    status, got = http(service, "POST", "/normals", b"RIFF....WAVEjunk", "audio/wav", machine="ToyCar", clip="c")
+    assert status == 422 and "cannot decode" in got["error"], got
+    status, health = http(service, "GET", "/healthz")
+    assert status == 200 and health["replica_pid"] == pid  # the same replica answered all of them
+    assert health["banks"] == {"ToyCar": "ok", "ToyPet": "ok", "valve": "ok"}
+    assert health["by_status"]["/score 413"] >= 1 and health["errors"] >= len(cases)
+
+
+def test_the_token_is_checked_on_every_request(service):
+    for method, path in (("GET", "/healthz"), ("GET", "/machines"), ("POST", "/score"), ("GET", "/nowhere")):
+        assert http(service, method, path, token=None) == (401, {"error": "missing bearer token (Authorization: "
+                                                                          "Bearer <token>)"})
+        assert http(service, method, path, token="wrong") == (401, {"error": "wrong bearer token"})
+    assert http(service, "GET", "/healthz")[0] == 200
+
+
+def test_normals_persist_and_survive_a_bank_actor_restart(service, ray_session):
+    """A target normal posted to /normals is in the bank (on disk before the reply), once only, and still
+    there after the bank actor is killed and restarted."""
+    clips = _clips(service, "valve")
+    extra, probe = clips[0], clips[1]
+    with open(extra.path, "rb") as fh:
+        wav = fh.read()
+    before = load_detector(service.banks / "valve")
+    status, added = http(service, "POST", "/normals", wav, "audio/wav", machine="valve", clip="extra-1")
+    assert status == 200 and added["added"] is True and added["size"] == before.size + 1, added
+    on_disk = load_detector(service.banks / "valve")
+    assert on_disk.size == before.size + 1 and on_disk.ids[-1] == "extra-1"
+    assert http(service, "POST", "/normals", wav, "audio/wav", machine="valve", clip="extra-1")[1]["added"] is False
+    assert load_detector(service.banks / "valve").size == before.size + 1  # idempotent by clip id
+
+    expected = float(on_disk.configure(k=4).score(_embedding(probe.path)[None])[0])
+    e = _embedding(probe.path)
+    params = dict(machine="valve", stream="after-add", dim=e.shape[0])
+    status, got = http(service, "POST", "/score", e.tobytes(), "application/octet-stream", **params)
+    assert status == 200 and got["raw_score"] == pytest.approx(expected, rel=1e-6)
+    assert got["bank_version"] == added["bank_version"]
+
+    actor = ray_session.get_actor(actor_name("valve"), namespace=service.namespace)
+    pid = ray_session.get(actor.stats.remote())["pid"]
+    ray_session.kill(actor, no_restart=False)
+    status, got = http(service, "POST", "/score", e.tobytes(), "application/octet-stream", **params)
+    assert status == 200 and got["raw_score"] == pytest.approx(expected, rel=1e-6)  # reloaded from disk
+    stats = ray_session.get(actor.stats.remote())
+    assert stats["pid"] != pid and stats["size"] == before.size + 1 and stats["version"] == added["bank_version"]
+
+
+def test_counters_reach_rays_prometheus_endpoint(service, ray_session):
+    """The replica's request counters and latencies, exported by Ray (names prefixed ray_) within seconds."""
+    port = ray_session._private.worker.global_worker.node.metrics_export_port
+    wanted = ("ray_asd_ray_requests_total", "ray_asd_ray_request_errors_total", "ray_asd_ray_request_seconds_bucket")
+    deadline, found = time.time() + 60, set()
+    while time.time() < deadline and len(found) < len(wanted):
+        http(service, "GET", "/healthz")
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as answer:
+            text = answer.read().decode()
+        found = {name for name in wanted for line in text.splitlines()
+                 if line.startswith(name + "{") and 'route="/score"' in line}
+        time.sleep(2)
+    assert found == set(wanted)
