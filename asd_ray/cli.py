@@ -221,7 +221,7 @@ def cmd_run(args) -> int:
         print(format_metrics(report.metrics))
     t = report.timings
     print(f"time: discover {t['discover']:.1f} s, embed {t['embed']:.1f} s ({report.clips_embedded / max(t['embed'], 1e-9):.0f} "
-          f"clips/s), banks and scoring {t['fit_score']:.1f} s, report {t.get('report', 0.0):.1f} s")
+          f"clips/s), banks and scoring {t['fit_score']:.1f} s, report {t['report']:.1f} s")
     print(f"official CSVs, metrics.json and report.md in {args.out}")
     return 0
 

@@ -57,13 +57,13 @@ def frames_batch(batch: dict[str, np.ndarray], **features: object) -> dict[str, 
 def ray_frames_embedder(config: RunConfig, warm: Sequence = ()) -> Embedder:
     """Ray Data pre-processing + log-mel matrices of every clip (held in memory, no cache: a run's detectors
     need them all)."""
-    then, cpus = pipeline_tasks(config)
+    then, cpus, batch_size = pipeline_tasks(config)
 
     def embedder(records: Sequence[ClipRecord]):
         await_warm(warm)
         by_path = {r.path: r for r in records}
         rows = []
-        for row in preprocessed([{"path": r.path} for r in records], config.preprocess, batch_size=FRAME_BATCH,
+        for row in preprocessed([{"path": r.path} for r in records], config.preprocess, batch_size=batch_size,
                                   num_cpus=cpus, then=then).iter_rows():
             rows.append(row)
             advance()
@@ -109,19 +109,21 @@ def embedder_for(config: RunConfig, warm: Sequence = ()) -> Embedder:
 FRAME_BATCH = 16  # clips per task of the log-mel frame pipeline
 
 
-def pipeline_tasks(config: RunConfig) -> tuple[list[Stage], float]:
-    """What the pre-processing tasks of ``config``'s Ray embedder run after ``preprocess_batch``, and their CPUs."""
+def pipeline_tasks(config: RunConfig) -> tuple[list[Stage], float, int]:
+    """What the pre-processing tasks of ``config``'s Ray embedder run after ``preprocess_batch``, their CPUs and
+    their clips per batch."""
     if detector_features(config) == "clip":
-        return clip_tasks(config.embed, use_gpu=gpu_wanted(config.ray.use_gpu, config.embed.device),
-                          preprocess_cpus=config.ray.preprocess_cpus)
-    return [(frames_batch, frame_feature_kwargs(config))], task_cpus(config.ray.preprocess_cpus, beside_cpu_actor=False)
+        then, cpus = clip_tasks(config.embed, use_gpu=gpu_wanted(config.ray.use_gpu, config.embed.device),
+                                preprocess_cpus=config.ray.preprocess_cpus)
+        return then, cpus, config.embed.batch_size
+    return ([(frames_batch, frame_feature_kwargs(config))],
+            task_cpus(config.ray.preprocess_cpus, beside_cpu_actor=False), FRAME_BATCH)
 
 
 def warm_pipeline(config: RunConfig) -> list:
-    """``warm_workers`` for ``config``'s embedding pipeline (its refs; nobody needs to wait for them)."""
-    then, cpus = pipeline_tasks(config)
-    batch = config.embed.batch_size if detector_features(config) == "clip" else FRAME_BATCH
-    return warm_workers(config.preprocess, then, batch_size=batch, num_cpus=cpus)
+    """``warm_workers`` for ``config``'s embedding pipeline: the tasks' refs, which its embedder awaits."""
+    then, cpus, batch_size = pipeline_tasks(config)
+    return warm_workers(config.preprocess, then, batch_size=batch_size, num_cpus=cpus)
 
 
 def ray_run(roots: Sequence[str | Path], config: RunConfig, out_dir: str | Path | None = None,

@@ -155,16 +155,16 @@ def leave_one_out_auc(labels: Sequence[int], scores: Sequence[float], max_fpr: f
     n_pos, n_neg = pos.sum(), neg.sum()
     if min(n_pos, n_neg) < 2:
         raise MetricError(f"leave-one-out AUCs need 2+ anomalies and 2+ normals, got {n_pos:.0f} and {n_neg:.0f}")
-    tp_above, fp_above = np.cumsum(pos) - pos, np.cumsum(neg) - neg
-    if max_fpr is None:
-        u = float(np.sum(neg * (tp_above + pos / 2)))  # anomaly-normal pairs ranked right, ties half
-        drop_pos = (u - (n_neg - fp_above - neg) - neg / 2) / ((n_pos - 1) * n_neg)
-        drop_neg = (u - tp_above - pos / 2) / (n_pos * (n_neg - 1))
-        return np.where(y == 1, drop_pos[group], drop_neg[group])
+    # ROC point k counts the anomalies (tp) and normals (fp) of the groups before k: scored above group k
     tp, fp = np.concatenate([[0.0], np.cumsum(pos)]), np.concatenate([[0.0], np.cumsum(neg)])
-    # ROC point k counts the groups before k; the curve is read up to point `stop`, the first past max_fpr (or
-    # an earlier one when a normal is left out). A clip left out of a group g >= stop moves only points > g,
-    # none of them read: its value depends on its class alone (the denominators).
+    if max_fpr is None:
+        u = float(np.sum(neg * (tp[:-1] + pos / 2)))  # anomaly-normal pairs ranked right, ties half
+        drop_pos = (u - (n_neg - fp[:-1] - neg) - neg / 2) / ((n_pos - 1) * n_neg)
+        drop_neg = (u - tp[:-1] - pos / 2) / (n_pos * (n_neg - 1))
+        return np.where(y == 1, drop_pos[group], drop_neg[group])
+    # The curve is read up to point `stop`, the first past max_fpr (or an earlier one when a normal is left
+    # out). A clip left out of a group g >= stop moves only points > g, none of them read: its value depends
+    # on its class alone (the denominators).
     stop = int(np.searchsorted(fp / n_neg, max_fpr, side="right"))
     out = np.empty((2, len(pos)))
     out[1, stop:] = _partial_auc(tp, fp, n_pos - 1, n_neg, max_fpr)
