@@ -12,7 +12,9 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-RAY = str(Path(sys.executable).with_name("ray"))
+# The ray CLI of the interpreter running the tests (its console script may live in another bin folder,
+# e.g. a virtualenv over the system site-packages).
+RAY = [sys.executable, "-m", "ray.scripts.scripts"]
 
 
 def _free_ports(n):
@@ -32,7 +34,7 @@ def ray_head(tmp_path):
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
     log = open(tmp_path / "head.log", "w")
     head = subprocess.Popen(
-        [RAY, "start", "--head", "--block", f"--port={gcs}", "--include-dashboard=true", f"--dashboard-port={dash}",
+        [*RAY, "start", "--head", "--block", f"--port={gcs}", "--include-dashboard=true", f"--dashboard-port={dash}",
          f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}",
          f"--ray-client-server-port={client}", f"--metrics-export-port={metrics}",
          f"--runtime-env-agent-port={runtime_env}", "--num-cpus=2"],
@@ -40,7 +42,7 @@ def ray_head(tmp_path):
     address = f"http://127.0.0.1:{dash}"
     try:
         deadline = time.time() + 90
-        while subprocess.run([RAY, "job", "list", "--address", address], env=env, capture_output=True).returncode:
+        while subprocess.run([*RAY, "job", "list", "--address", address], env=env, capture_output=True).returncode:
             assert head.poll() is None and time.time() < deadline, (tmp_path / "head.log").read_text()[-2000:]
             time.sleep(1)
         yield address, env
@@ -57,7 +59,7 @@ def ray_head(tmp_path):
 def test_ray_job_submit_runs_the_main_job(ray_head, tiny_corpus, tmp_path):
     address, env = ray_head
     out = tmp_path / "job-out"
-    cmd = [RAY, "job", "submit", "--address", address, "--working-dir", str(REPO),
+    cmd = [*RAY, "job", "submit", "--address", address, "--working-dir", str(REPO),
            "--runtime-env-json", json.dumps({"env_vars": {"RAY_AUTH_MODE": "disabled"}}), "--",
            sys.executable, "jobs/run.py", "--data", str(tiny_corpus), "--out", str(out),
            "--set", f"ray.cache_dir={tmp_path / 'cache'}"]
