@@ -220,7 +220,8 @@ def cmd_run(args) -> int:
     if report.metrics:
         print(format_metrics(report.metrics))
     t = report.timings
-    print(f"time: discover {t['discover']:.1f} s, embed {t['embed']:.1f} s ({report.clips_embedded / max(t['embed'], 1e-9):.0f} "
+    warm = f"Ray workers' warm-up {t['warm_up']:.1f} s, " if "warm_up" in t else ""
+    print(f"time: discover {t['discover']:.1f} s, {warm}embed {t['embed']:.1f} s ({report.clips_embedded / max(t['embed'], 1e-9):.0f} "
           f"clips/s), banks and scoring {t['fit_score']:.1f} s, report {t['report']:.1f} s")
     print(f"official CSVs, metrics.json and report.md in {args.out}")
     return 0

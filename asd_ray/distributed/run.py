@@ -16,8 +16,8 @@ from asd_ray.config import RunConfig
 from asd_ray.data.layout import ClipRecord
 from asd_ray.detect import Embedder, MachineMap, features_key, frame_feature_kwargs, run_detection, shared
 from asd_ray.detectors import detector_features
-from asd_ray.distributed.embed import (EmbeddingTable, Stage, await_warm, batch_waveforms, clip_tasks, embed_corpus,
-                                       object_array, preprocessed, task_cpus, warm_workers)
+from asd_ray.distributed.embed import (EmbeddingTable, Stage, await_warm, clip_tasks, embed_corpus, frames_batch,
+                                       preprocessed, task_cpus, warm_workers)
 from asd_ray.distributed.session import ensure_ray, gpu_wanted
 from asd_ray.progress import advance
 from asd_ray.results import Reject, RunReport
@@ -32,50 +32,39 @@ def embed_table(records, config: RunConfig) -> EmbeddingTable:
                         preprocess_cpus=config.ray.preprocess_cpus)
 
 
-def ray_embedder(config: RunConfig, warm: Sequence = ()) -> Embedder:
+def ray_embedder(config: RunConfig) -> Embedder:
     def embedder(records):
-        await_warm(warm)
         table = embed_table(records, config)
         return table.embeddings, table.records, [Reject.of(r) for r in table.rejects], table.flags
 
     return embedder
 
 
-def frames_batch(batch: dict[str, np.ndarray], **features: object) -> dict[str, np.ndarray]:
-    """Ray Data map after ``preprocess_batch``: waveforms -> flattened log-mel matrices and their frame counts."""
-    from asd_ray.models.frames import LogMelFrames
-
-    extractor = LogMelFrames(**features)
-    mats = [extractor.embed([w])[0] if not e else np.zeros((0, 0), np.float32)
-            for w, e in zip(batch_waveforms(batch), batch["error"])]
-    out = {k: v for k, v in batch.items() if k not in ("samples", "length")}
-    out["frames"] = np.array([m.shape[0] for m in mats], dtype=np.int64)
-    out["logmel"] = object_array([m.ravel() for m in mats])
-    return out
-
-
-def ray_frames_embedder(config: RunConfig, warm: Sequence = ()) -> Embedder:
+def ray_frames_embedder(config: RunConfig) -> Embedder:
     """Ray Data pre-processing + log-mel matrices of every clip (held in memory, no cache: a run's detectors
     need them all)."""
     then, cpus, batch_size = pipeline_tasks(config)
 
     def embedder(records: Sequence[ClipRecord]):
-        await_warm(warm)
         by_path = {r.path: r for r in records}
-        rows = []
-        for row in preprocessed([{"path": r.path} for r in records], config.preprocess, batch_size=batch_size,
-                                  num_cpus=cpus, then=then).iter_rows():
-            rows.append(row)
-            advance()
+        rows = {}  # path -> (error, flags, log-mel matrix); whole blocks at a time, not row by row
+        ds = preprocessed([{"path": r.path} for r in records], config.preprocess, batch_size=batch_size,
+                          num_cpus=cpus, then=then)
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            for path, error, flag, n, mel in zip(batch["path"], batch["error"], batch["flags"], batch["frames"],
+                                                  batch["logmel"]):
+                rows[str(path)] = (error, flag, np.asarray(mel, dtype=np.float32).reshape(int(n), config.frames.n_mels))
+            advance(len(batch["path"]))
         feats, kept, rejects, flags = [], [], [], []
-        for row in sorted(rows, key=lambda r: r["path"]):
-            rec = by_path[row["path"]]
-            if row["error"]:
-                rejects.append(Reject(rec.path, rec.machine, row["error"]))
+        for path in sorted(rows):
+            error, flag, mel = rows[path]
+            rec = by_path[path]
+            if error:
+                rejects.append(Reject(rec.path, rec.machine, error))
                 continue
-            feats.append(np.asarray(row["logmel"], dtype=np.float32).reshape(int(row["frames"]), config.frames.n_mels))
+            feats.append(mel)
             kept.append(rec)
-            flags.append([f for f in row["flags"].split(";") if f])
+            flags.append([f for f in flag.split(";") if f])
         return feats, kept, rejects, flags
 
     return embedder
@@ -101,9 +90,9 @@ def ray_task_map(num_cpus: float, num_gpus: float = 0) -> MachineMap:
     return machine_map
 
 
-def embedder_for(config: RunConfig, warm: Sequence = ()) -> Embedder:
-    """The Ray embedder of the features ``config.detector`` eats (after the ``warm_pipeline`` tasks ``warm``)."""
-    return (ray_embedder if detector_features(config) == "clip" else ray_frames_embedder)(config, warm)
+def embedder_for(config: RunConfig) -> Embedder:
+    """The Ray embedder of the features ``config.detector`` eats."""
+    return (ray_embedder if detector_features(config) == "clip" else ray_frames_embedder)(config)
 
 
 FRAME_BATCH = 16  # clips per task of the log-mel frame pipeline
@@ -121,7 +110,8 @@ def pipeline_tasks(config: RunConfig) -> tuple[list[Stage], float, int]:
 
 
 def warm_pipeline(config: RunConfig) -> list:
-    """``warm_workers`` for ``config``'s embedding pipeline: the tasks' refs, which its embedder awaits."""
+    """``warm_workers`` for ``config``'s embedding pipeline: the tasks' refs, which ``ray_run`` awaits before
+    the pipeline starts."""
     then, cpus, batch_size = pipeline_tasks(config)
     return warm_workers(config.preprocess, then, batch_size=batch_size, num_cpus=cpus)
 
@@ -136,10 +126,10 @@ def ray_run(roots: Sequence[str | Path], config: RunConfig, out_dir: str | Path 
     """
     ensure_ray(num_cpus=config.ray.num_cpus or None)
     warm = warm_pipeline(config)  # worker imports overlap discovery; a cached run wastes a second of idle CPUs
-    embedder = shared(embedder_for(config, warm), feature_cache, features_key(config))
+    embedder = shared(embedder_for(config), feature_cache, features_key(config))
     if detector_features(config) == "clip":
-        return run_detection(roots, config, embedder, out_dir, machines)
+        return run_detection(roots, config, embedder, out_dir, machines, warm_up=lambda: await_warm(warm))
     gpu = gpu_wanted(config.ray.use_gpu) and (config.detector.startswith("ae-") or config.detector == "fusion")
     return run_detection(roots, config, embedder, out_dir, machines,
                          machine_map=ray_task_map(config.ray.detector_cpus, 1 if gpu else 0),
-                         device="cuda" if gpu else "cpu")
+                         device="cuda" if gpu else "cpu", warm_up=lambda: await_warm(warm))
