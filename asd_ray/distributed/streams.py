@@ -16,7 +16,7 @@ import numpy as np
 
 from asd_ray.bank.memory_bank import BankError
 from asd_ray.config import RunConfig
-from asd_ray.data.layout import discover
+from asd_ray.data.layout import discover, not_a_file
 from asd_ray.detectors import SCORE_SETTINGS, fit_time_keys, given_score_settings, load_detector
 from asd_ray.distributed.fleet import (FleetStats, Request, Result, Router, start_banks, start_embedders,
                                        start_frame_embedders)
@@ -35,7 +35,8 @@ def stream_requests(roots: Sequence[str | Path] = (), clips: str | Path | None =
 
     ``roots``: DCASE roots; each machine's test clips form one stream (``<machine>_section_<ss>``) in
     file-name order. ``clips``: a folder of incoming clips of ``machine``, one stream named after the
-    folder, in file-name order; files that are not audio are listed, not dropped.
+    folder, in file-name order. Every other entry of a test folder or of ``clips`` is listed with the reason,
+    not dropped: files that are not audio, sub-folders (one named like a clip too), dangling links.
     """
     requests, skipped = [], []
     if roots:
@@ -50,11 +51,14 @@ def stream_requests(roots: Sequence[str | Path] = (), clips: str | Path | None =
             raise FileNotFoundError(f"clip folder not found: {folder}")
         if not machine:
             raise ValueError("--clips needs --machine: the machine type whose bank scores them")
-        for f in sorted(p for p in folder.iterdir() if p.is_file()):
-            if f.suffix.lower() in AUDIO_SUFFIXES:
-                requests.append(Request(machine, folder.name, path=str(f)))
+        for f in sorted(folder.iterdir()):
+            if f.suffix.lower() not in AUDIO_SUFFIXES:
+                what = "a folder" if f.is_dir() else f"not an audio file ({f.suffix or 'no suffix'})"
+                skipped.append(Reject(str(f), machine, what))
+            elif reason := not_a_file(f):
+                skipped.append(Reject(str(f), machine, reason))
             else:
-                skipped.append(Reject(str(f), machine, f"not an audio file ({f.suffix or 'no suffix'})"))
+                requests.append(Request(machine, folder.name, path=str(f)))
     return requests, skipped
 
 
