@@ -124,6 +124,9 @@ def _add_serve(sub):
     p.add_argument("--block", action="store_true",
                    help="keep this command running after deploying on a running Ray (a Ray this command starts "
                         "itself always runs until Ctrl-C)")
+    p.add_argument("--stop", action="store_true",
+                   help="instead: stop the service running over --banks on the running Ray (its application, "
+                        "Serve when nothing else runs on it, its bank actors); same --set serve.app_name, fleet.*")
     _add_config_args(p)
 
 
@@ -306,6 +309,18 @@ def cmd_serve(args) -> int:
                  *([f"serve.port={args.port}"] if args.port else [])]
     config = run_config(args.config, overrides)
     given = given_keys(args.config, overrides)
+    if args.stop:
+        import ray
+
+        if not ray.is_initialized() and not os.environ.get("RAY_ADDRESS"):
+            raise ConfigError("serve --stop acts on the Ray the service runs on: run it under ray job submit, or "
+                              "set RAY_ADDRESS (auto: a ray start cluster on this machine)")
+        service.start_ray(config)
+        done = service.stop(args.banks, config)
+        print(f"scoring service {config.serve.app_name!r}: application {done['application']}"
+              f"{', Serve stopped' if done['serve_stopped'] else ''}; bank actors stopped: "
+              f"{', '.join(done['banks']) or 'none running'}")
+        return 0
     started = service.start_ray(config)
     # the banks load and take the settings, or the error now; detached, they outlive this command on a cluster
     streams.fleet_banks(args.banks, config, given=given, detached=True)
