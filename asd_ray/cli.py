@@ -108,7 +108,8 @@ def _add_serve_fleet(sub):
     p.add_argument("--clips", type=Path, help="a folder of incoming clips of --machine, one stream")
     p.add_argument("--machine", help="machine type of the clips in --clips")
     p.add_argument("--simulate", type=int, default=0, metavar="STREAMS",
-                   help="instead: a simulated fleet of this many streams (pre-computed embeddings)")
+                   help="instead: a simulated fleet of this many streams, features computed beforehand: of the test "
+                        "clips of --data (needed for frame detectors such as fusion), else clip-bank members")
     p.add_argument("--rate", type=float, default=5.0, help="clips per second per simulated stream")
     p.add_argument("--seconds", type=float, default=10.0, help="length of the simulation")
     p.add_argument("--out", type=Path, default=Path("runs/fleet"))
@@ -289,7 +290,7 @@ def cmd_serve_fleet(args) -> int:
     given = given_keys(args.config, args.overrides)  # score-time settings given here override the saved banks'
     if args.simulate:
         stats = streams.simulate(args.banks, config, args.out, streams=args.simulate, rate_hz=args.rate,
-                                 seconds=args.seconds, given=given)
+                                 seconds=args.seconds, given=given, roots=args.data)
         print(json.dumps(dataclasses.asdict(stats)))
         return 0
     if not args.data and args.clips is None:

@@ -246,6 +246,30 @@ def test_local_feature_bank_actors_score_like_the_library(ray_local, tiny_corpus
         ray_local.kill(ray_local.get_actor(actor_name(machine), namespace=config.fleet.namespace), no_restart=True)
 
 
+def test_a_simulated_fleet_of_the_default_frame_detector_sends_real_test_clips(ray_local, tiny_corpus, tmp_path):
+    """serve-fleet --simulate over fusion banks (log-mel frames): the queries are the log-mel matrices of the
+    roots' test clips, and every simulated request is scored as the batch run scored that clip."""
+    from asd_ray.bank.memory_bank import BankError
+    from asd_ray.distributed.streams import simulate
+
+    config = load_config(RunConfig, None, [f"fleet.namespace=t-{uuid.uuid4().hex[:8]}", "fleet.max_batch=8"])
+    assert config.detector == "fusion"
+    ref = reference_run([tiny_corpus], config, tmp_path / "ref", ["ToyCar", "valve"])
+    with pytest.raises(BankError, match="give --data ROOT"):
+        simulate(tmp_path / "ref" / "banks", config, streams=2, rate_hz=1, seconds=1)
+    stats = simulate(tmp_path / "ref" / "banks", config, tmp_path / "sim", streams=4, rate_hz=2, seconds=2,
+                     roots=[tiny_corpus])
+    assert (stats.requests, stats.errors) == (16, 0)
+    with open(tmp_path / "sim" / "streams.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 16 and {r["machine"] for r in rows} == {"ToyCar", "valve"}
+    for r in rows:  # each is one of the machine's test clips, scored exactly as the batch run scored it
+        batch = ref.results[r["machine"]].raw_scores
+        assert np.min(np.abs(batch - float(r["raw_score"])) / np.abs(batch)) < 1e-6, r
+    for machine in ref.results:
+        ray_local.kill(ray_local.get_actor(actor_name(machine), namespace=config.fleet.namespace), no_restart=True)
+
+
 def test_config_k_changes_fleet_scores_as_it_changes_run_scores(ray_local, tiny_corpus, tmp_path, caplog):
     """`serve-fleet --set bank.k=5` over banks saved with k = 3 scores as `asd-ray run --set bank.k=5` does,
     and says which settings came from the config and which from the saved bank."""
