@@ -108,7 +108,8 @@ def _add_serve_fleet(sub):
     p.add_argument("--clips", type=Path, help="a folder of incoming clips of --machine, one stream")
     p.add_argument("--machine", help="machine type of the clips in --clips")
     p.add_argument("--simulate", type=int, default=0, metavar="STREAMS",
-                   help="instead: a simulated fleet of this many streams (pre-computed embeddings)")
+                   help="instead: a simulated fleet of this many streams, features computed beforehand: of the test "
+                        "clips of --data (needed for frame detectors such as fusion), else clip-bank members")
     p.add_argument("--rate", type=float, default=5.0, help="clips per second per simulated stream")
     p.add_argument("--seconds", type=float, default=10.0, help="length of the simulation")
     p.add_argument("--out", type=Path, default=Path("runs/fleet"))
@@ -124,6 +125,9 @@ def _add_serve(sub):
     p.add_argument("--block", action="store_true",
                    help="keep this command running after deploying on a running Ray (a Ray this command starts "
                         "itself always runs until Ctrl-C)")
+    p.add_argument("--stop", action="store_true",
+                   help="instead: stop the service running over --banks on the running Ray (its application, "
+                        "Serve when nothing else runs on it, its bank actors); same --set serve.app_name, fleet.*")
     _add_config_args(p)
 
 
@@ -151,6 +155,8 @@ def _add_embed(sub):
     p.add_argument("--data", nargs="+", type=Path, required=True)
     p.add_argument("--backbone", help=BACKBONE_HELP)
     p.add_argument("--machines", nargs="*")
+    p.add_argument("--out", type=Path, default=Path("runs/embed"),
+                   help="folder for run.log, rejects.csv and unused.csv (the embeddings go to ray.cache_dir)")
     _add_config_args(p)
 
 
@@ -285,7 +291,7 @@ def cmd_serve_fleet(args) -> int:
     given = given_keys(args.config, args.overrides)  # score-time settings given here override the saved banks'
     if args.simulate:
         stats = streams.simulate(args.banks, config, args.out, streams=args.simulate, rate_hz=args.rate,
-                                 seconds=args.seconds, given=given)
+                                 seconds=args.seconds, given=given, roots=args.data)
         print(json.dumps(dataclasses.asdict(stats)))
         return 0
     if not args.data and args.clips is None:
@@ -305,6 +311,18 @@ def cmd_serve(args) -> int:
                  *([f"serve.port={args.port}"] if args.port else [])]
     config = run_config(args.config, overrides)
     given = given_keys(args.config, overrides)
+    if args.stop:
+        import ray
+
+        if not ray.is_initialized() and not os.environ.get("RAY_ADDRESS"):
+            raise ConfigError("serve --stop acts on the Ray the service runs on: run it under ray job submit, or "
+                              "set RAY_ADDRESS (auto: a ray start cluster on this machine)")
+        service.start_ray(config)
+        done = service.stop(args.banks, config)
+        print(f"scoring service {config.serve.app_name!r}: application {done['application']}"
+              f"{', Serve stopped' if done['serve_stopped'] else ''}; bank actors stopped: "
+              f"{', '.join(done['banks']) or 'none running'}")
+        return 0
     started = service.start_ray(config)
     # the banks load and take the settings, or the error now; detached, they outlive this command on a cluster
     streams.fleet_banks(args.banks, config, given=given, detached=True)
@@ -323,15 +341,28 @@ def cmd_serve(args) -> int:
     return 0
 
 
+def finetune_config(args) -> RunConfig:
+    """The fine-tuning run's config, named (``finetune-<time>`` unless ``finetune.name`` is given) once per
+    command: its folder, where run.log goes, is known before Ray starts."""
+    if getattr(args, "finetune_config", None) is None:
+        from asd_ray.distributed.finetune import default_run_name
+
+        flags = ([f"finetune.init={args.init}"] if args.init else []) + \
+            ([f"finetune.workers={args.workers}"] if args.workers else []) + (["finetune.use_gpu=yes"] if args.gpu else [])
+        config = run_config(args.config, [*args.overrides, *flags])
+        if not config.finetune.name:
+            config = dataclasses.replace(config, finetune=dataclasses.replace(config.finetune, name=default_run_name()))
+        args.finetune_config = config
+    return args.finetune_config
+
+
 def cmd_finetune(args) -> int:
     from asd_ray.distributed.finetune import finetune
 
-    flags = ([f"finetune.init={args.init}"] if args.init else []) + \
-        ([f"finetune.workers={args.workers}"] if args.workers else []) + (["finetune.use_gpu=yes"] if args.gpu else [])
-    config = run_config(args.config, [*args.overrides, *flags])
-    result = finetune(args.data, config, args.machines)
+    result = finetune(args.data, finetune_config(args), args.machines)
     last = result.steps[-1] if result.steps else {}
-    print(f"fine-tuned on {result.clips} clips ({len(result.rejects)} rejected, listed in {result.run_dir}/finetune.json); "
+    print(f"fine-tuned on {result.clips} clips ({len(result.rejects)} rejected, {len(result.unused)} not used; "
+          f"each listed with its reason in {result.run_dir}/finetune.json); "
           f"last step {last.get('step')}: loss {last.get('loss')}, collapse monitor {last.get('collapse_std')}")
     print(f"backbone checkpoint: {result.checkpoint}  (asd-ray run --backbone {result.checkpoint})")
     return 0
@@ -351,13 +382,18 @@ def cmd_embed(args) -> int:
     from asd_ray.detect import plan_records
     from asd_ray.distributed.run import embed_table
     from asd_ray.distributed.session import ensure_ray
+    from asd_ray.results import Reject
+    from asd_ray.scoring.files import write_rows
 
     config = run_config(args.config, args.overrides, args.backbone)
     ensure_ray(num_cpus=config.ray.num_cpus or None)
     used, unused = plan_records(discover(args.data, args.machines, normals_only_roots=config.normals_only_roots))
     table = embed_table(used, config)
-    print(f"{len(table.records)} clips embedded, {len(table.rejects)} rejected, {len(unused)} not used; "
-          f"Parquet at {table.path}{' (from the cache)' if table.from_cache else ''}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    for name, rows in (("rejects.csv", [Reject.of(r) for r in table.rejects]), ("unused.csv", unused)):
+        write_rows(args.out / name, [("path", "reason")] + [(x.path, x.reason) for x in rows])
+    print(f"{len(table.records)} clips embedded, {len(table.rejects)} rejected, {len(unused)} not used "
+          f"(see {args.out}/rejects.csv, unused.csv); Parquet at {table.path}{' (from the cache)' if table.from_cache else ''}")
     return 0
 
 
@@ -367,8 +403,13 @@ COMMANDS = {"synth": cmd_synth, "run": cmd_run, "evaluate": cmd_evaluate, "serve
 
 
 def log_file(args) -> Path | None:
-    """Where a command that runs on Ray writes the log lines of Ray and asd-ray: ``<out>/run.log``."""
-    if args.command in ("run", "compare", "sweep", "serve-fleet") and not getattr(args, "local", False):
+    """Where a command that runs on Ray writes the log lines of Ray and asd-ray: ``<out>/run.log``, and for
+    ``finetune`` ``run.log`` in the run's folder (``finetune.storage_path/name``)."""
+    if args.command == "finetune":
+        from asd_ray.distributed.finetune import run_dir
+
+        return run_dir(finetune_config(args).finetune) / "run.log"
+    if args.command in ("run", "compare", "sweep", "serve-fleet", "embed") and not getattr(args, "local", False):
         return args.out / "run.log"
     return None
 
@@ -383,12 +424,12 @@ def main(argv: list[str] | None = None) -> int:
     from asd_ray.progress import bars_on
     from asd_ray.scoring.metrics import MetricError
 
-    path = log_file(args)
-    if path is not None:
-        from asd_ray.distributed.session import route_logs
-
-        route_logs(path, args.verbose)
     try:
+        path = log_file(args)
+        if path is not None:
+            from asd_ray.distributed.session import route_logs
+
+            route_logs(path, args.verbose)
         with bars_on():
             code = COMMANDS[args.command](args)
     except (ConfigError, LayoutError, MetricError, BankError, BackboneError, FileNotFoundError, ValueError) as err:

@@ -1,7 +1,8 @@
 """`ray job submit ... -- python jobs/serve.py --banks DIR [--set serve.port=8000 ...]`: the HTTP scoring service.
 
 Deploys the Ray Serve application over the banks (asd-ray serve) and returns; the service keeps running on
-the cluster until `serve shutdown` (or `--block` keeps the job running with it).
+the cluster until `python jobs/serve.py --banks DIR --stop` (the same `--set` values) stops it and its bank
+actors (or `--block` keeps the job running with it).
 """
 
 import sys

@@ -11,7 +11,7 @@ import soundfile as sf
 
 from asd_ray.data.synth import generate_corpus
 
-from tiny import TINY, save_tiny_encoder
+from tiny import NOT_FILES, TINY, save_tiny_encoder
 
 
 @pytest.fixture(scope="session")
@@ -22,7 +22,8 @@ def tiny_corpus(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def corpus_with_bad_clips(tiny_corpus, tmp_path_factory):
-    """The tiny corpus plus one bad clip of each kind among ToyCar's train and test clips."""
+    """The tiny corpus plus one bad clip of each kind among ToyCar's train and test clips, and in each of the two
+    folders a directory named like a clip and a dangling symbolic link (``NOT_FILES``)."""
     root = tmp_path_factory.mktemp("bad") / "data"
     shutil.copytree(tiny_corpus, root)
     train = root / "dev_data/raw/ToyCar/train"
@@ -32,6 +33,12 @@ def corpus_with_bad_clips(tiny_corpus, tmp_path_factory):
     good = sorted(test.glob("section_00_target_test_anomaly_*"))[0].read_bytes()
     (test / "section_00_target_test_anomaly_0901_spd_99_mic_2.wav").write_bytes(good[:40])
     (train / "clip recorded tuesday.wav").write_bytes(good)
+    for name, reason in NOT_FILES.items():
+        entry = (train if "_train_" in name else test) / name
+        if "directory" in reason:
+            entry.mkdir()
+        else:
+            entry.symlink_to(root / "gone" / name)
     return root
 
 

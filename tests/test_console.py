@@ -1,23 +1,82 @@
-"""What `asd-ray run` prints: a bar per stage and a summary on the console, Ray's own lines in run.log only."""
+"""What the commands on Ray print: a bar per stage and a summary on the console, Ray's own lines (and the output
+of its worker processes) in run.log only, errors on the console; -v shows everything."""
 
+import json
 import os
 import subprocess
 import sys
 
+from asd_ray.distributed.session import worker_output_is_error
+
+# RAY_ADDRESS=local: a Ray of its own, whatever else runs on this machine
+ENV = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "RAY_ADDRESS": "local"}
+
+
+def asd_ray(*args):
+    done = subprocess.run([sys.executable, "-m", "asd_ray.cli", *map(str, args)], env=ENV, capture_output=True,
+                          text=True, timeout=400)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done
+
+
+def assert_quiet(console: str) -> None:
+    assert " INFO " not in console and "WARNING" not in console and "streaming_executor" not in console
+
 
 def test_run_console_shows_stage_bars_and_a_summary_and_sends_ray_lines_to_the_run_log(tiny_corpus, tmp_path):
     out = tmp_path / "run"
-    # RAY_ADDRESS=local: a Ray of its own, whatever else runs on this machine
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "RAY_ADDRESS": "local"}
-    done = subprocess.run([sys.executable, "-m", "asd_ray.cli", "run", "--data", str(tiny_corpus), "--out", str(out),
-                           "--machines", "valve", "--detector", "knn", "--set", f"ray.cache_dir={tmp_path / 'cache'}"],
-                          env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
+    done = asd_ray("run", "--data", tiny_corpus, "--out", out, "--machines", "valve", "--detector", "knn",
+                   "--set", f"ray.cache_dir={tmp_path / 'cache'}")
     for name in ("discover", "embed", "banks", "scoring", "report"):
         assert name in done.stderr
     assert "100%" in done.stderr and "clip/s" in done.stderr
     assert "official score" in done.stdout and "time: discover" in done.stdout and "run.log" in done.stdout
-    console = done.stdout + done.stderr
-    assert " INFO " not in console and "WARNING" not in console and "streaming_executor" not in console
+    assert_quiet(done.stdout + done.stderr)
     ray_lines = (out / "run.log").read_text()
     assert "Started a local Ray instance" in ray_lines and "Starting execution of Dataset" in ray_lines
+
+
+def test_embed_sends_ray_lines_to_its_run_log_and_verbose_shows_them(tiny_corpus, tmp_path):
+    common = ["--data", tiny_corpus, "--machines", "valve", "--set", f"ray.cache_dir={tmp_path / 'cache'}"]
+    done = asd_ray("embed", "--out", tmp_path / "quiet", *common)
+    assert "36 clips embedded, 0 rejected, 2 not used" in done.stdout
+    assert f"{tmp_path / 'quiet' / 'run.log'}" in done.stdout
+    assert_quiet(done.stdout + done.stderr)
+    ray_lines = (tmp_path / "quiet" / "run.log").read_text()
+    assert "Started a local Ray instance" in ray_lines and "Starting execution of Dataset" in ray_lines
+    assert "supplemental clip: not part of a bank" in (tmp_path / "quiet" / "unused.csv").read_text()
+
+    loud = asd_ray("-v", "embed", "--out", tmp_path / "verbose", *common)  # the cache answers this time
+    assert "Started a local Ray instance" in loud.stderr and "not embedding again" in loud.stderr
+    assert "Started a local Ray instance" in (tmp_path / "verbose" / "run.log").read_text()
+
+
+def test_finetune_sends_ray_train_output_to_the_run_folders_log(tiny_corpus, tiny_hubert, tmp_path):
+    """Ray Train's controller and workers print from their own processes: their lines go to run.log too."""
+    done = asd_ray("finetune", "--data", tiny_corpus, "--machines", "valve", "--init", tiny_hubert, "--workers", 1,
+                   *[a for kv in ("finetune.epochs=1", "finetune.batch_size=4", "finetune.crop_seconds=1.0",
+                                  "finetune.heldout_clips=2", "finetune.worker_cpus=0.5",
+                                  f"finetune.storage_path={tmp_path / 'store'}") for a in ("--set", kv)])
+    console = done.stdout + done.stderr
+    assert "fine-tuned on 14 clips (0 rejected, 21 not used" in done.stdout
+    assert_quiet(console)
+    assert "TrainController" not in console and "RayTrainWorker" not in console and "core_worker" not in console
+    (run_dir,) = (tmp_path / "store").iterdir()  # named finetune-<time> by the command, before Ray started
+    assert f"{run_dir / 'run.log'}" in done.stdout
+    ray_lines = (run_dir / "run.log").read_text()
+    assert "Started a local Ray instance" in ray_lines and "(TrainController pid=" in ray_lines
+    assert "(RayTrainWorker pid=" in ray_lines
+    assert json.loads((run_dir / "finetune.json").read_text())["counts"]["trained_on"] == 14
+
+
+def test_worker_output_reaches_the_console_only_when_it_reports_an_error():
+    assert worker_output_is_error(["Exception in thread Monitor:", "Traceback (most recent call last):",
+                                   '  File "x.py", line 1, in run', "ConnectionError: no"])
+    assert worker_output_is_error(["2026-11-25 17:56:04,529\tERROR worker.py:12 -- a task failed"])
+    assert worker_output_is_error(["[2026-11-25 17:56:04,529 E 20525 20557] task_manager.cc:1: Task failed"])
+    assert not worker_output_is_error(["Requesting resources: {'CPU': 0.5} * 1",
+                                       "Setting up process group for: env:// [rank=0, world_size=1]"])
+    assert not worker_output_is_error([  # Ray's notice at level E on a clean run (ray-project/ray#53727)
+        "[2026-11-25 17:56:04,529 E 20525 20557] core_worker.cc:2465: Actor with class name: 'PreemptionWatcher' "
+        "and ID: '2d4d' has constructor arguments in the object store and max_restarts > 0. If the arguments in "
+        "the object store go out of scope or are lost, the actor restart will fail."])

@@ -13,7 +13,7 @@ from asd_ray.cli import main
 from asd_ray.config import RunConfig, load_config
 from asd_ray.data.layout import LayoutError, ground_truth_paths
 from asd_ray.detect import reference_run
-from tiny import TINY
+from tiny import NOT_FILES, TINY, entries_named_like_clips
 
 
 def test_reference_run_writes_official_files(tiny_corpus, tmp_path):
@@ -84,7 +84,12 @@ def test_bad_clips_are_rejected_with_reasons_and_counts_reconcile(corpus_with_ba
     assert "cannot decode" in reasons["section_00_target_test_anomaly_0901_spd_99_mic_2.wav"]
     unused = {u.path.rsplit("/", 1)[1]: u.reason for u in report.unused}
     assert "matches no DCASE naming form" in unused["clip recorded tuesday.wav"]
+    for name, reason in NOT_FILES.items():  # a directory named like a clip, a dangling link: listed, not lost
+        assert reason in unused[name]
+    assert report.clips_in == entries_named_like_clips(corpus_with_bad_clips)
     assert report.clips_in == report.clips_embedded + len(report.rejects) + len(report.unused)
+    unused_csv = (tmp_path / "unused.csv").read_text()
+    assert all(name in unused_csv for name in NOT_FILES)
     assert len(report.results["ToyCar"].filenames) == 4 * TINY["test_per_cell"]  # the good clips are scored
     rejects_csv = (tmp_path / "rejects.csv").read_text()
     assert "section_00_source_test_normal_0900_spd_99_mic_1.wav" in rejects_csv

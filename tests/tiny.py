@@ -1,8 +1,23 @@
-"""What the tests share: the sizes of the tiny synthetic corpus (conftest builds it) and tiny randomly initialised
-audio encoders of every backbone family, saved with ``save_pretrained`` next to their feature extractors."""
+"""What the tests share: the sizes of the tiny synthetic corpus (conftest builds it), the entries of its copy with
+bad clips that are no files, and tiny randomly initialised audio encoders of every backbone family, saved with
+``save_pretrained`` next to their feature extractors."""
+
+import os
 
 TINY = {"dev_machines": ("ToyCar", "valve"), "eval_machines": ("ToyPet",), "train_source": 12,
         "train_target": 4, "test_per_cell": 5, "supplemental": 1, "seconds": 2.0, "seed": 7}
+
+# Entries of corpus_with_bad_clips that are named like clips but are no files: {file name: words of its reason}.
+NOT_FILES = {"section_00_source_test_normal_0902_spd_99_mic_1.wav": "a directory named like a clip",
+             "section_00_source_test_normal_0903_spd_99_mic_1.wav": "broken symbolic link",
+             "section_00_source_train_normal_0902_spd_99_mic_1.wav": "a directory named like a clip",
+             "section_00_source_train_normal_0903_spd_99_mic_1.wav": "broken symbolic link"}
+
+
+def entries_named_like_clips(root) -> int:
+    """Every entry under ``root`` named *.wav, whatever it is (file, directory, dangling link)."""
+    return sum(1 for _, dirs, files in os.walk(root) for name in dirs + files if name.lower().endswith(".wav"))
+
 
 # The backbone families by model_type (asd_ray.models.encoders.FAMILIES); the spectrogram ones use 1 s windows.
 FAMILIES = ("hubert", "wav2vec2", "wavlm", "data2vec-audio", "audio-spectrogram-transformer", "whisper", "clap",

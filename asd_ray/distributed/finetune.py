@@ -73,6 +73,32 @@ def augment_batch(batch: dict[str, np.ndarray], *, noise_paths: Sequence[str], p
     return {"waveform": np.stack(out) if out else np.zeros((0, samples), np.float32)}
 
 
+def plan_finetune(records: Sequence[ClipRecord]) -> tuple[list[ClipRecord], list[str], list[dict]]:
+    """What fine-tuning takes of a corpus: (normal train clips, paths of noise-only supplemental clips for the
+    augmentation, every other entry with the reason it is not used: nothing found on disk goes unlisted)."""
+    train, noise, unused = [], [], []
+    for r in records:
+        if r.is_normal_train:
+            train.append(r)
+        elif r.kind == "noise" and not r.parse_error:
+            noise.append(r.path)
+        else:
+            reason = (r.parse_error or ("test clip: fine-tuning learns from normal train clips" if r.split == "test"
+                                        else "supplemental clip: not a train clip" if r.split == "supplemental"
+                                        else "train clip not known to be normal"))
+            unused.append({"path": r.path, "machine": r.machine, "reason": reason})
+    return train, noise, unused
+
+
+def default_run_name() -> str:
+    return time.strftime("finetune-%Y%m%d-%H%M%S")
+
+
+def run_dir(finetune: FinetuneConfig) -> Path:
+    """The run's folder: ``storage_path/name`` (``finetune-<time>`` when no name is given)."""
+    return Path(finetune.storage_path).expanduser().resolve() / (finetune.name or default_run_name())
+
+
 def check_clips(records: Sequence[ClipRecord], preprocess: PreprocessConfig) -> tuple[list[ClipRecord], list[dict]]:
     """One Ray Data pass that pre-processes every clip: (usable records, rejects with their reason)."""
     got = (preprocessed([{"path": r.path} for r in records], preprocess, batch_size=16, num_cpus=0.5)
@@ -237,8 +263,9 @@ class FinetuneResult:
     run_dir: Path
     metrics: dict
     steps: list[dict]
-    rejects: list[dict]
+    rejects: list[dict]  # normal train clips that failed pre-processing, with the reason
     clips: int
+    unused: list[dict] = dataclasses.field(default_factory=list)  # every other entry, with the reason
 
 
 def read_steps(path: str | Path) -> list[dict]:
@@ -249,7 +276,9 @@ def read_steps(path: str | Path) -> list[dict]:
 def finetune(roots: Sequence[str | Path], config: RunConfig, machines: Iterable[str] | None = None) -> FinetuneResult:
     """Fine-tune ``config.finetune.init`` on the normal train clips of ``roots`` with Ray Train.
 
-    Joins or starts Ray. The run lives under ``storage_path/name``; the same name resumes it. A checkpoint of a
+    Joins or starts Ray. The run lives under ``storage_path/name``; the same name resumes it. ``finetune.json``
+    there counts every entry found (trained on, held out, rejected, noise for augmentation, unused) and lists the
+    rejected and unused ones with their reasons. A checkpoint of a
     family without masked prediction (a spectrogram model) is a ``BackboneError`` before anything starts.
     """
     import ray
@@ -262,8 +291,7 @@ def finetune(roots: Sequence[str | Path], config: RunConfig, machines: Iterable[
     ensure_ray(num_cpus=config.ray.num_cpus or None)
     ft, pre = config.finetune, config.preprocess
     records = discover(roots, machines, normals_only_roots=config.normals_only_roots)
-    train = [r for r in records if r.is_normal_train]
-    noise = [r.path for r in records if r.kind == "noise"]
+    train, noise, unused = plan_finetune(records)
     if len(train) < ft.heldout_clips + ft.workers * ft.batch_size:
         raise ValueError(f"{len(train)} normal train clips: too few for {ft.workers} workers x batch "
                          f"{ft.batch_size} plus {ft.heldout_clips} held out")
@@ -278,11 +306,10 @@ def finetune(roots: Sequence[str | Path], config: RunConfig, machines: Iterable[
     if steps_per_epoch < 1:
         raise ValueError(f"{len(fit)} usable training clips: not one batch of {ft.batch_size} per worker")
     use_gpu = gpu_wanted(ft.use_gpu)
-    name = ft.name or time.strftime("finetune-%Y%m%d-%H%M%S")
-    storage = Path(ft.storage_path).expanduser().resolve()
-    run_dir = storage / name
-    run_dir.mkdir(parents=True, exist_ok=True)
-    log_path = run_dir / "steps.jsonl"
+    folder = run_dir(ft)
+    name, storage = folder.name, folder.parent
+    folder.mkdir(parents=True, exist_ok=True)
+    log_path = folder / "steps.jsonl"
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"finetune": dataclasses.asdict(ft), "total_steps": steps_per_epoch * ft.epochs,
@@ -297,10 +324,13 @@ def finetune(roots: Sequence[str | Path], config: RunConfig, machines: Iterable[
     result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError(f"fine-tuning {name} ended without a checkpoint: {result.error}")
-    unused = [{"path": r.path, "machine": r.machine, "reason": r.parse_error} for r in records if r.parse_error]
+    counts = {"entries": len(records), "trained_on": len(fit), "heldout": len(held), "rejected": len(rejects),
+              "noise_clips": len(noise), "unused": len(unused)}
+    if counts["entries"] != sum(v for k, v in counts.items() if k != "entries"):
+        raise RuntimeError(f"clip accounting broken: {counts}")
     summary = {"checkpoint": result.checkpoint.path, "clips": len(fit), "heldout": len(held), "noise_clips": len(noise),
-               "rejected": rejects, "unused": unused, "steps_per_epoch": steps_per_epoch, "metrics": result.metrics,
-               "config": dataclasses.asdict(ft)}
-    (run_dir / "finetune.json").write_text(json.dumps(summary, indent=2, default=str))
-    return FinetuneResult(checkpoint=Path(result.checkpoint.path), run_dir=run_dir, metrics=result.metrics or {},
-                          steps=read_steps(log_path), rejects=rejects, clips=len(fit))
+               "counts": counts, "rejected": rejects, "unused": unused, "steps_per_epoch": steps_per_epoch,
+               "metrics": result.metrics, "config": dataclasses.asdict(ft)}
+    (folder / "finetune.json").write_text(json.dumps(summary, indent=2, default=str))
+    return FinetuneResult(checkpoint=Path(result.checkpoint.path), run_dir=folder, metrics=result.metrics or {},
+                          steps=read_steps(log_path), rejects=rejects, clips=len(fit), unused=unused)

@@ -487,10 +487,11 @@ class FleetStats:
     latency_p99_ms: float
 
 
-async def simulate_fleet(router: Router, pools: dict[str, np.ndarray], *, streams: int, rate_hz: float,
+async def simulate_fleet(router: Router, pools: dict[str, Sequence], *, streams: int, rate_hz: float,
                          seconds: float, seed: int = 0) -> tuple[FleetStats, list[Result]]:
-    """``streams`` machine streams (machine types round-robin over ``pools``), each sending one clip
-    embedding (drawn from its machine's pool) every ``1 / rate_hz`` s at its own phase, open loop, for
+    """``streams`` machine streams (machine types round-robin over ``pools``), each sending one clip's features
+    (drawn from its machine's pool: an (n x dim) array of clip embeddings, or a list of (T x n_mels) log-mel
+    matrices for frame detectors) every ``1 / rate_hz`` s at its own phase, open loop, for
     ``seconds``. Latency runs from a request's scheduled time to its result, so a scheduler falling
     behind shows up in it."""
     rng = np.random.default_rng(seed)

@@ -41,7 +41,7 @@ import numpy as np
 
 from asd_ray.bank.memory_bank import BankError
 from asd_ray.config import RunConfig
-from asd_ray.distributed.fleet import BAD_INPUT, UNAVAILABLE, UNKNOWN_MACHINE, Request
+from asd_ray.distributed.fleet import BAD_INPUT, UNAVAILABLE, UNKNOWN_MACHINE, Request, actor_name
 from asd_ray.scoring.postprocess import output_threshold
 
 log = logging.getLogger(__name__)
@@ -212,7 +212,8 @@ class ScoringService:
         result = await self._answer(self.router.submit(Request(machine, stream, **await self._features(request))),
                                     machine)
         if result.error:
-            raise HttpError(FAILURE_STATUS[result.failure], result.error)
+            retry = " (a bank or embedding actor failed: retry)" if result.failure == UNAVAILABLE else ""
+            raise HttpError(FAILURE_STATUS[result.failure], result.error + retry)
         return {"machine": machine, "stream": stream, "clip": request.query_params.get("clip"),
                 "raw_score": result.raw_score, "score": result.score, "decision": result.decision,
                 "threshold": result.threshold, "bank_version": result.bank_version}
@@ -343,6 +344,35 @@ def deploy(bank_root: str | Path, config: RunConfig, given: Iterable[str] = ()) 
                                   logging_config={"enable_access_log": s.access_log})
     app = deployment.bind(str(Path(bank_root).expanduser().resolve()), config, sorted(given))
     serve.run(app, name=s.app_name, route_prefix="/")
+
+
+def stop(bank_root: str | Path, config: RunConfig) -> dict:
+    """Stop the service deployed over the banks saved under ``bank_root``: delete its Serve application
+    (``serve.app_name``), stop Serve when no other application runs on it, and kill the service's detached bank
+    actors (``fleet.namespace``, ``fleet.replicas`` per machine). Ray must be running.
+    -> {"application": deleted or not running, "serve_stopped": bool, "banks": [actor names killed]}."""
+    import ray
+    from ray import serve
+
+    running = serve.status().applications
+    app = config.serve.app_name
+    if app in running:
+        serve.delete(app)
+    stopped = not set(running) - {app}
+    if stopped and running:
+        serve.shutdown()  # no other application: its controller and HTTP proxies go too
+    root = Path(bank_root).expanduser().resolve()
+    killed = []
+    for machine in sorted(d.name for d in root.iterdir() if (d / "bank.json").is_file()) if root.is_dir() else []:
+        for r in range(config.fleet.replicas):
+            try:
+                actor = ray.get_actor(actor_name(machine, r), namespace=config.fleet.namespace)
+            except ValueError:  # not running (never started, or stopped already)
+                continue
+            ray.kill(actor, no_restart=True)
+            killed.append(actor_name(machine, r))
+    return {"application": "deleted" if app in running else "not running", "serve_stopped": stopped and bool(running),
+            "banks": killed}
 
 
 def replica_urls(app_name: str, host: str = "127.0.0.1") -> list[str]:

@@ -4,9 +4,20 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from pathlib import Path
 
 log = logging.getLogger(__name__)
+
+# Set by ``route_logs``: the run.log handler and whether the console shows everything; ``ensure_ray`` then sends
+# the output of Ray's worker processes (actors, tasks, Ray Train's controller and workers) the same way.
+_routing: dict = {}
+# A batch of worker output reaches the console (without -v) when a line of it reads as an error: a traceback,
+# an ERROR or CRITICAL log line, a C++ log line of level E or F.
+_ERROR_LINE = re.compile(r"Traceback \(most recent call last\)|\b(ERROR|CRITICAL)\b|^\[[^\]]* [EF] \d+ \d+\]")
+# Lines Ray logs at level E that report no failure (https://github.com/ray-project/ray/issues/53727: a notice
+# that an actor's restart would need its constructor arguments): run.log only.
+_NOT_ERRORS = ("has constructor arguments in the object store and max_restarts > 0",)
 
 
 def ensure_ray(num_cpus: int | None = None) -> bool:
@@ -20,12 +31,14 @@ def ensure_ray(num_cpus: int | None = None) -> bool:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=True)
+        _route_worker_output()
         log.info("joined the Ray cluster at %s", os.environ["RAY_ADDRESS"])
         return False
     num_cpus = num_cpus or os.cpu_count()
     # address="local": a Ray of its own even when a `ray start` cluster runs on this machine (plain ray.init()
     # would join that one and refuse num_cpus); RAY_ADDRESS=auto joins it instead.
     ray.init(address="local", include_dashboard=False, num_cpus=num_cpus)
+    _route_worker_output()
     log.info("started a local Ray with %s CPUs", num_cpus)
     return True
 
@@ -60,3 +73,38 @@ def route_logs(path: Path, verbose: bool = False) -> None:
             if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
                 handler.setLevel(logging.INFO if verbose else logging.ERROR)
         logger.addHandler(to_file)
+    workers = logging.getLogger("asd_ray.worker_output")  # run.log only: the console gets Ray's own printing
+    workers.propagate = False
+    workers.setLevel(logging.INFO)
+    workers.addHandler(to_file)
+    _routing.update(logger=workers, verbose=verbose)
+
+
+def worker_output_is_error(lines: list[str]) -> bool:
+    """Whether a batch of a worker's output lines reports a failure (see ``_ERROR_LINE``, ``_NOT_ERRORS``)."""
+    return any(_ERROR_LINE.search(line) and not any(n in line for n in _NOT_ERRORS) for line in lines)
+
+
+def _route_worker_output() -> None:
+    """After ``ray.init`` in a process whose logs ``route_logs`` routed: the output of Ray's worker processes,
+    which the driver prints as it arrives, goes into run.log; on the console only batches that report an error
+    (everything with ``verbose``)."""
+    if not _routing:
+        return
+    # Ray 2.60 has no public switch for the driver's printing of worker output: its handler is wrapped here.
+    from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+
+    printers = [h for name, h in dispatcher.handlers if name == "ray_print_logs"]
+    if not printers:  # log_to_driver off: nothing reaches this process
+        return
+    to_console, to_file, verbose = printers[0], _routing["logger"], _routing["verbose"]
+
+    def handle(data: dict) -> None:
+        source = data.get("actor_name") or data.get("task_name") or "worker"
+        for line in data.get("lines", []):
+            to_file.info("(%s pid=%s) %s", source, data.get("pid"), line)
+        if verbose or worker_output_is_error(data.get("lines", [])):
+            to_console(data)
+
+    dispatcher.remove_handler("ray_print_logs")
+    dispatcher.add_handler("ray_print_logs", handle)  # the name Ray removes it by at shutdown

@@ -16,7 +16,7 @@ import numpy as np
 
 from asd_ray.bank.memory_bank import BankError
 from asd_ray.config import RunConfig
-from asd_ray.data.layout import discover
+from asd_ray.data.layout import discover, not_a_file
 from asd_ray.detectors import SCORE_SETTINGS, fit_time_keys, given_score_settings, load_detector
 from asd_ray.distributed.fleet import (FleetStats, Request, Result, Router, start_banks, start_embedders,
                                        start_frame_embedders)
@@ -35,7 +35,8 @@ def stream_requests(roots: Sequence[str | Path] = (), clips: str | Path | None =
 
     ``roots``: DCASE roots; each machine's test clips form one stream (``<machine>_section_<ss>``) in
     file-name order. ``clips``: a folder of incoming clips of ``machine``, one stream named after the
-    folder, in file-name order; files that are not audio are listed, not dropped.
+    folder, in file-name order. Every other entry of a test folder or of ``clips`` is listed with the reason,
+    not dropped: files that are not audio, sub-folders (one named like a clip too), dangling links.
     """
     requests, skipped = [], []
     if roots:
@@ -50,11 +51,14 @@ def stream_requests(roots: Sequence[str | Path] = (), clips: str | Path | None =
             raise FileNotFoundError(f"clip folder not found: {folder}")
         if not machine:
             raise ValueError("--clips needs --machine: the machine type whose bank scores them")
-        for f in sorted(p for p in folder.iterdir() if p.is_file()):
-            if f.suffix.lower() in AUDIO_SUFFIXES:
-                requests.append(Request(machine, folder.name, path=str(f)))
+        for f in sorted(folder.iterdir()):
+            if f.suffix.lower() not in AUDIO_SUFFIXES:
+                what = "a folder" if f.is_dir() else f"not an audio file ({f.suffix or 'no suffix'})"
+                skipped.append(Reject(str(f), machine, what))
+            elif reason := not_a_file(f):
+                skipped.append(Reject(str(f), machine, reason))
             else:
-                skipped.append(Reject(str(f), machine, f"not an audio file ({f.suffix or 'no suffix'})"))
+                requests.append(Request(machine, folder.name, path=str(f)))
     return requests, skipped
 
 
@@ -162,23 +166,64 @@ def score_streams(bank_root: str | Path, config: RunConfig, out_dir: str | Path,
     return results
 
 
+QUERY_CLIPS = 50  # test clips per machine whose features a simulation draws its queries from
+
+
+def query_pools(router: Router, roots: Sequence[str | Path], clips_per_machine: int = QUERY_CLIPS
+                ) -> tuple[dict[str, list], list[Reject]]:
+    """The features of up to ``clips_per_machine`` test clips (file-name order) of each machine of the fleet in
+    ``roots``, computed by the router's embedding actors before a simulation (clip embeddings, or log-mel matrices
+    for frame detectors). -> ({machine: [features]}, clips left out with the reason)."""
+    requests, skipped = stream_requests(roots)
+    chosen: dict[str, list[str]] = {}
+    for r in requests:
+        if r.machine in router.banks and len(chosen.setdefault(r.machine, [])) < clips_per_machine:
+            chosen[r.machine].append(r.path)
+    missing = sorted(set(router.banks) - set(chosen))
+    if missing:
+        raise ValueError(f"no test clips for {missing} under {[str(r) for r in roots]}: a simulation draws its "
+                         f"queries from each machine's test clips")
+
+    async def embed_all() -> list:
+        return await asyncio.gather(*[router.embed(p) for paths in chosen.values() for p in paths])
+
+    outcomes = iter(asyncio.run(embed_all()))
+    pools: dict[str, list] = {}
+    for machine, paths in chosen.items():
+        for path, (features, reason) in zip(paths, outcomes):
+            if reason:
+                skipped.append(Reject(path, machine, reason))
+            else:
+                pools.setdefault(machine, []).append(features)
+    return pools, skipped
+
+
 def simulate(bank_root: str | Path, config: RunConfig, out_dir: str | Path | None = None, *, streams: int = 1000,
-             rate_hz: float = 5.0, seconds: float = 10.0, seed: int = 0, given: Iterable[str] = ()) -> FleetStats:
-    """A simulated fleet over the saved banks: queries are bank members plus noise (embeddings pre-computed)."""
+             rate_hz: float = 5.0, seconds: float = 10.0, seed: int = 0, given: Iterable[str] = (),
+             roots: Sequence[str | Path] = ()) -> FleetStats:
+    """A simulated fleet over the saved banks, its queries' features computed before it starts: with ``roots``,
+    those of real test clips of each machine (``query_pools``: log-mel matrices for frame detectors such as the
+    default ``fusion``, clip embeddings otherwise); without, clip-bank members plus noise (frame detectors need
+    ``roots``)."""
     from asd_ray.distributed.fleet import simulate_fleet
 
     rng = np.random.default_rng(seed)
-    router = fleet_router(bank_root, config, given=given)
-    pools = {}
-    for machine in router.banks:
-        bank = load_detector(Path(bank_root) / machine)
-        if not hasattr(bank, "members") or bank.features != "clip":
-            raise BankError(f"simulate draws queries from clip-bank members; {machine} holds a {bank.kind}")
-        members = bank.members()
-        pools[machine] = (members + 0.05 * members.std() * rng.standard_normal(members.shape)).astype(np.float32)
+    router = fleet_router(bank_root, config, with_embedders=bool(roots), given=given)
+    skipped: list[Reject] = []
+    if roots:
+        pools, skipped = query_pools(router, roots)
+    else:
+        pools = {}
+        for machine in router.banks:
+            bank = load_detector(Path(bank_root) / machine)
+            if not hasattr(bank, "members") or bank.features != "clip":
+                raise BankError(f"{machine} holds a {bank.kind}, which eats log-mel frames: give --data ROOT, whose "
+                                f"test clips are the simulation's queries (without, they are clip-bank members)")
+            members = bank.members()
+            pools[machine] = (members + 0.05 * members.std() * rng.standard_normal(members.shape)).astype(np.float32)
     stats, results = asyncio.run(simulate_fleet(router, pools, streams=streams, rate_hz=rate_hz,
                                                 seconds=seconds, seed=seed))
     if out_dir is not None:
-        write_stream_results(out_dir, results)
+        write_stream_results(out_dir, results, skipped)
         (Path(out_dir) / "fleet_stats.json").write_text(json.dumps(dataclasses.asdict(stats), indent=2))
     return stats

@@ -1,6 +1,8 @@
 """Ray Train DDP fine-tuning on 2 CPU workers: the loss falls, no collapse, a worker killed mid-run is
-survived by resuming from the last checkpoint, and the final checkpoint is a backbone."""
+survived by resuming from the last checkpoint, the final checkpoint is a backbone, and every entry of the
+corpus (bad clips, a directory named like a clip, a dangling link) is counted with its reason."""
 
+import json
 import os
 import signal
 import threading
@@ -12,6 +14,7 @@ import numpy as np
 from asd_ray.config import RunConfig, load_config
 from asd_ray.distributed.finetune import finetune
 from asd_ray.models.backbones import load_backbone
+from tiny import NOT_FILES, entries_named_like_clips
 
 
 def _train_worker_pids():
@@ -35,7 +38,8 @@ def _kill_a_worker_after_first_checkpoint(run_dir, killed: list, stop: threading
         time.sleep(0.02)
 
 
-def test_finetune_learns_survives_a_killed_worker_and_gives_a_backbone(ray_local, tiny_corpus, tiny_hubert, tmp_path):
+def test_finetune_learns_survives_a_killed_worker_and_gives_a_backbone(ray_local, corpus_with_bad_clips, tiny_hubert,
+                                                                       tmp_path):
     name = f"ft-{uuid.uuid4().hex[:8]}"
     config = load_config(RunConfig, None, [
         f"finetune.init={tiny_hubert}", "finetune.workers=2", "finetune.worker_cpus=0.5", "finetune.epochs=4",
@@ -47,7 +51,7 @@ def test_finetune_learns_survives_a_killed_worker_and_gives_a_backbone(ray_local
                               args=(tmp_path / "store" / name, killed, stop), daemon=True)
     killer.start()
     try:
-        result = finetune([tiny_corpus], config)
+        result = finetune([corpus_with_bad_clips], config)
     finally:
         stop.set()
     assert killed, "no training worker was killed: the fault was not injected"
@@ -65,4 +69,13 @@ def test_finetune_learns_survives_a_killed_worker_and_gives_a_backbone(ray_local
     backbone = load_backbone(str(result.checkpoint), device="cpu")
     emb = backbone.embed([np.random.default_rng(0).standard_normal(16000).astype(np.float32)])
     assert emb.shape == (1, 32) and np.isfinite(emb).all()
-    assert (result.run_dir / "finetune.json").is_file()
+    summary = json.loads((result.run_dir / "finetune.json").read_text())
+    counts = summary["counts"]
+    assert counts["entries"] == entries_named_like_clips(corpus_with_bad_clips)
+    assert counts["entries"] == sum(v for k, v in counts.items() if k != "entries")
+    assert counts["trained_on"] == result.clips and counts["rejected"] == 1
+    assert "cannot decode" in summary["rejected"][0]["reason"]  # the corrupt train clip
+    unused = {u["path"].rsplit("/", 1)[1]: u["reason"] for u in summary["unused"]}
+    for name, reason in NOT_FILES.items():  # in the train folder and in the test folder: listed, not lost
+        assert reason in unused[name]
+    assert "matches no DCASE naming form" in unused["clip recorded tuesday.wav"]

@@ -3,9 +3,11 @@
 import asyncio
 import csv
 import uuid
+from pathlib import Path
 
 import numpy as np
 import pytest
+import soundfile as sf
 
 from asd_ray.bank.memory_bank import MemoryBank
 from asd_ray.detectors import load_detector
@@ -13,9 +15,9 @@ from asd_ray.config import FleetConfig, PostConfig, RunConfig, load_config
 from asd_ray.detect import reference_run
 from asd_ray.distributed.fleet import (BAD_INPUT, UNKNOWN_MACHINE, Request, Router, actor_name, score_requests,
                                        start_banks)
-from asd_ray.distributed.streams import score_streams
+from asd_ray.distributed.streams import score_streams, stream_requests
 from asd_ray.scoring.postprocess import StreamPostprocessor, calibrate
-from tiny import TINY
+from tiny import NOT_FILES, TINY
 
 DIM = 48
 
@@ -164,14 +166,35 @@ def test_clip_streams_equal_the_batch_run(ray_local, corpus_with_bad_clips, tmp_
         rejects = {row["path"].rsplit("/", 1)[1]: row["reason"] for row in csv.DictReader(fh)}
     assert "section_00_source_test_normal_0900_spd_99_mic_1.wav" in rejects  # the empty test clip
     assert "section_00_target_test_anomaly_0901_spd_99_mic_2.wav" in rejects  # the truncated one
+    for name, reason in NOT_FILES.items():  # the test folder's directory named like a clip, its dangling link
+        assert "_train_" in name or reason in rejects[name]
     with open(tmp_path / "fleet" / "streams.csv") as fh:
         rows = list(csv.DictReader(fh))
     n_test = 4 * TINY["test_per_cell"] * 3
-    assert len(rows) + len(rejects) == n_test + 2
+    assert len(rows) + len(rejects) == n_test + 2 + 2
     assert (tmp_path / "fleet" / "anomaly_score_valve_section_00_test.csv").is_file()
     ray = ray_local
     for machine in ref.results:
         ray.kill(ray.get_actor(actor_name(machine), namespace=config.fleet.namespace), no_restart=True)
+
+
+def test_every_entry_of_a_clip_folder_is_a_request_or_listed_with_its_reason(tmp_path, make_tone):
+    """serve-fleet --clips: sub-folders (one named like a clip), dangling links and other files are listed."""
+    folder = tmp_path / "fan-line-3"
+    folder.mkdir()
+    for i in range(3):
+        sf.write(str(folder / f"clip_{i}.wav"), make_tone(), 16_000)
+    (folder / "clip_3.wav").mkdir()
+    (folder / "clip_4.wav").symlink_to(tmp_path / "gone.wav")
+    (folder / "notes.txt").write_text("x")
+    (folder / "archive").mkdir()
+    requests, skipped = stream_requests(clips=folder, machine="fan")
+    assert [Path(r.path).name for r in requests] == ["clip_0.wav", "clip_1.wav", "clip_2.wav"]
+    assert {r.machine for r in requests} == {"fan"} and {r.stream_id for r in requests} == {"fan-line-3"}
+    reasons = {Path(s.path).name: s.reason for s in skipped}
+    assert reasons == {"clip_3.wav": "a directory named like a clip, not a sound file",
+                       "clip_4.wav": f"broken symbolic link (points to {tmp_path / 'gone.wav'})",
+                       "notes.txt": "not an audio file (.txt)", "archive": "a folder"}
 
 
 def test_replicas_share_the_load_and_every_add(ray_local, tmp_path):
@@ -219,6 +242,30 @@ def test_local_feature_bank_actors_score_like_the_library(ray_local, tiny_corpus
     assert "(frames x 128) matrices" in got[3].error
     with pytest.raises(Exception, match="takes no added normals"):
         router.add("valve", mats[0], ["x"])
+    for machine in ref.results:
+        ray_local.kill(ray_local.get_actor(actor_name(machine), namespace=config.fleet.namespace), no_restart=True)
+
+
+def test_a_simulated_fleet_of_the_default_frame_detector_sends_real_test_clips(ray_local, tiny_corpus, tmp_path):
+    """serve-fleet --simulate over fusion banks (log-mel frames): the queries are the log-mel matrices of the
+    roots' test clips, and every simulated request is scored as the batch run scored that clip."""
+    from asd_ray.bank.memory_bank import BankError
+    from asd_ray.distributed.streams import simulate
+
+    config = load_config(RunConfig, None, [f"fleet.namespace=t-{uuid.uuid4().hex[:8]}", "fleet.max_batch=8"])
+    assert config.detector == "fusion"
+    ref = reference_run([tiny_corpus], config, tmp_path / "ref", ["ToyCar", "valve"])
+    with pytest.raises(BankError, match="give --data ROOT"):
+        simulate(tmp_path / "ref" / "banks", config, streams=2, rate_hz=1, seconds=1)
+    stats = simulate(tmp_path / "ref" / "banks", config, tmp_path / "sim", streams=4, rate_hz=2, seconds=2,
+                     roots=[tiny_corpus])
+    assert (stats.requests, stats.errors) == (16, 0)
+    with open(tmp_path / "sim" / "streams.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 16 and {r["machine"] for r in rows} == {"ToyCar", "valve"}
+    for r in rows:  # each is one of the machine's test clips, scored exactly as the batch run scored it
+        batch = ref.results[r["machine"]].raw_scores
+        assert np.min(np.abs(batch - float(r["raw_score"])) / np.abs(batch)) < 1e-6, r
     for machine in ref.results:
         ray_local.kill(ray_local.get_actor(actor_name(machine), namespace=config.fleet.namespace), no_restart=True)
 

@@ -1,4 +1,5 @@
-"""`ray job submit` of jobs/run.py to a local head this test starts (and stops): the job writes the official CSVs."""
+"""`ray job submit` to a local head these tests start (and stop): jobs/run.py writes the official CSVs;
+jobs/serve.py deploys the HTTP scoring service, which answers, and stops it again."""
 
 import json
 import os
@@ -7,9 +8,20 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
+import uuid
 from pathlib import Path
 
+import numpy as np
 import pytest
+
+from asd_ray.config import RunConfig, load_config
+from asd_ray.data.audio import preprocess_clip
+from asd_ray.data.layout import discover
+from asd_ray.detect import reference_run
+from asd_ray.detectors import load_detector
+from asd_ray.models.backbones import load_backbone
 
 REPO = Path(__file__).resolve().parents[2]
 # The ray CLI of the interpreter running the tests (its console script may live in another bin folder,
@@ -27,9 +39,11 @@ def _free_ports(n):
     return ports
 
 
-@pytest.fixture
-def ray_head(tmp_path):
-    """A second Ray (head + dashboard with the Jobs server) in its own process group, killed with it after."""
+@pytest.fixture(scope="module")
+def ray_head(tmp_path_factory):
+    """A second Ray (head + dashboard with the Jobs server) in its own process group, killed with it after; the
+    tests of this module share it (a head starts in tens of seconds on 2 cores)."""
+    tmp_path = tmp_path_factory.mktemp("head")
     gcs, dash, agent, agent_grpc, client, metrics, runtime_env = _free_ports(7)
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
     log = open(tmp_path / "head.log", "w")
@@ -55,18 +69,78 @@ def ray_head(tmp_path):
             current.unlink()
 
 
-@pytest.mark.timeout(400)
-def test_ray_job_submit_runs_the_main_job(ray_head, tiny_corpus, tmp_path):
+def submit(ray_head, *job, timeout=300) -> str:
+    """``ray job submit`` of ``job`` (run by the tests' interpreter) with this repository as its working dir;
+    -> what the job printed. Fails unless the job succeeded."""
     address, env = ray_head
-    out = tmp_path / "job-out"
     cmd = [*RAY, "job", "submit", "--address", address, "--working-dir", str(REPO),
            "--runtime-env-json", json.dumps({"env_vars": {"RAY_AUTH_MODE": "disabled"}}), "--",
-           sys.executable, "jobs/run.py", "--data", str(tiny_corpus), "--out", str(out),
-           "--set", f"ray.cache_dir={tmp_path / 'cache'}"]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+           sys.executable, *map(str, job)]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "succeeded" in done.stdout + done.stderr
+    return done.stdout + done.stderr
+
+
+@pytest.mark.timeout(400)
+def test_ray_job_submit_runs_the_main_job(ray_head, tiny_corpus, tmp_path):
+    out = tmp_path / "job-out"
+    submit(ray_head, "jobs/run.py", "--data", tiny_corpus, "--out", out, "--set", f"ray.cache_dir={tmp_path / 'cache'}")
     for machine in ("ToyCar", "valve", "ToyPet"):
         assert (out / f"anomaly_score_{machine}_section_00_test.csv").is_file()
         assert (out / f"decision_result_{machine}_section_00_test.csv").is_file()
     assert json.loads((out / "metrics.json").read_text())["official_score"] > 0
+
+
+def _get(url, body=None, content_type=None):
+    """-> (status, decoded JSON answer) of a GET, or of a POST when ``body`` is given."""
+    request = urllib.request.Request(url, data=body, method="POST" if body is not None else "GET")
+    if content_type:
+        request.add_header("Content-Type", content_type)
+    try:
+        with urllib.request.urlopen(request, timeout=60) as answer:
+            return answer.status, json.loads(answer.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+def _alive_actors(ray_head, name: str) -> list[dict]:
+    address, env = ray_head
+    done = subprocess.run([*RAY, "list", "actors", "--address", address, "--filter", f"name={name}",
+                           "--filter", "state=ALIVE", "--format", "json"], env=env, capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return [] if done.stdout.startswith("No resource") else json.loads(done.stdout)  # its answer when none match
+
+
+@pytest.mark.timeout(500)
+def test_ray_job_submit_runs_the_scoring_service_which_answers_and_stops(ray_head, tiny_corpus, tmp_path):
+    """jobs/serve.py deploys the service over one machine's banks (1 replica) and returns; /healthz and a
+    /score of a WAV body answer over HTTP with the saved bank's score; jobs/serve.py --stop takes the
+    application, Serve and the bank actors down."""
+    config = load_config(RunConfig, None, ["detector=knn"])
+    reference_run([tiny_corpus], config, tmp_path / "run", ["valve"])
+    banks = tmp_path / "run" / "banks"
+    (port,) = _free_ports(1)
+    namespace = f"job-{uuid.uuid4().hex[:8]}"
+    sets = [a for kv in (f"serve.port={port}", f"fleet.namespace={namespace}", f"serve.app_name={namespace}",
+                         "serve.replicas=1", "ray.embed_actors=1") for a in ("--set", kv)]
+    printed = submit(ray_head, "jobs/serve.py", "--banks", banks, *sets)
+    assert f"scoring service '{namespace}' at http://127.0.0.1:{port}" in printed
+
+    url = f"http://127.0.0.1:{port}"
+    status, health = _get(url + "/healthz")
+    assert status == 200 and health["banks"] == {"valve": "ok"}, health
+    clip = sorted(r.path for r in discover([tiny_corpus], ["valve"]) if r.split == "test")[0]
+    status, got = _get(url + "/score?machine=valve&stream=line-1", Path(clip).read_bytes(), "audio/wav")
+    assert status == 200, got
+    embedding = load_backbone(backbone="logmel").embed([preprocess_clip(clip).waveform])[0].astype(np.float32)
+    assert got["raw_score"] == pytest.approx(float(load_detector(banks / "valve").score(embedding[None])[0]), rel=1e-6)
+    assert len(_alive_actors(ray_head, "bank:valve")) == 1
+
+    printed = submit(ray_head, "jobs/serve.py", "--banks", banks, "--stop", *sets)
+    assert f"scoring service '{namespace}': application deleted, Serve stopped; bank actors stopped: bank:valve" \
+        in printed
+    with pytest.raises(urllib.error.URLError):  # nothing listens on the port any more
+        _get(url + "/healthz")
+    assert _alive_actors(ray_head, "bank:valve") == []

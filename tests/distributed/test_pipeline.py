@@ -8,7 +8,7 @@ from asd_ray.data.layout import discover
 from asd_ray.detect import plan_records, reference_run
 from asd_ray.distributed.embed import embed_corpus
 from asd_ray.distributed.run import ray_run
-from tiny import TINY
+from tiny import NOT_FILES, TINY, entries_named_like_clips
 
 
 def _config(tmp_path, *extra):
@@ -43,6 +43,10 @@ def test_bad_clips_are_in_the_rejects_table_and_counts_reconcile(ray_local, tmp_
                           "section_00_source_test_normal_0900_spd_99_mic_1.wav",
                           "section_00_target_test_anomaly_0901_spd_99_mic_2.wav"}
     assert all("cannot decode" in reason for reason in names.values())
+    unused = {u.path.rsplit("/", 1)[1]: u.reason for u in report.unused}
+    for name, reason in NOT_FILES.items():  # a directory named like a clip, a dangling link: listed, not lost
+        assert reason in unused[name]
+    assert report.clips_in == entries_named_like_clips(root)
     assert report.clips_in == report.clips_embedded + len(report.rejects) + len(report.unused)
     assert len(report.results["ToyCar"].filenames) == 4 * TINY["test_per_cell"]
 

@@ -7,7 +7,9 @@ Serve is started once for the module (through the CLI, with `--set` overrides) a
 import io
 import json
 import socket
+import threading
 import time
+from collections import Counter
 import urllib.error
 import urllib.request
 import uuid
@@ -25,6 +27,7 @@ from asd_ray.data.layout import discover
 from asd_ray.detect import reference_run
 from asd_ray.detectors import load_detector
 from asd_ray.distributed.fleet import actor_name
+from asd_ray.distributed.service import stop
 from asd_ray.models.backbones import load_backbone
 from asd_ray.scoring.postprocess import StreamPostprocessor, calibrate
 
@@ -49,16 +52,10 @@ def service(ray_session, tiny_corpus, tmp_path_factory):
                    f"serve.max_body_bytes={LIMIT}", "serve.timeout_s=60", f"serve.app_name=test-{namespace}"]
     assert main(["serve", "--banks", str(root / "run" / "banks"), *[a for kv in sets for a in ("--set", kv)]]) == 0
     test_clips = sorted((r for r in discover([tiny_corpus]) if r.split == "test"), key=lambda r: r.filename)
+    config = load_config(RunConfig, None, sets)
     yield SimpleNamespace(url=f"http://127.0.0.1:{port}", banks=root / "run" / "banks", namespace=namespace,
-                          config=load_config(RunConfig, None, sets), clips=test_clips)
-    from ray import serve
-
-    serve.shutdown()
-    for machine in ("ToyCar", "valve", "ToyPet"):
-        try:
-            ray_session.kill(ray_session.get_actor(actor_name(machine), namespace=namespace), no_restart=True)
-        except ValueError:
-            pass
+                          config=config, clips=test_clips)
+    assert stop(root / "run" / "banks", config)["banks"] == [actor_name(m) for m in ("ToyCar", "ToyPet", "valve")]
 
 
 def http(service, method, path, body=None, content_type=None, token=TOKEN, **params):
@@ -73,7 +70,11 @@ def http(service, method, path, body=None, content_type=None, token=TOKEN, **par
         with urllib.request.urlopen(request, timeout=120) as answer:
             return answer.status, json.loads(answer.read())
     except urllib.error.HTTPError as err:
-        return err.code, json.loads(err.read())
+        body = err.read()
+        try:
+            return err.code, json.loads(body)
+        except ValueError:  # not the service's answer (Serve's own)
+            return err.code, {"not_json": body.decode(errors="replace")[:300]}
 
 
 def _clips(service, machine):
@@ -211,3 +212,65 @@ def test_counters_reach_rays_prometheus_endpoint(service, ray_session):
                  if line.startswith(name + "{") and 'route="/score"' in line}
         time.sleep(2)
     assert found == set(wanted)
+
+
+def test_a_bank_actor_and_the_replica_killed_under_load_lose_no_request(service, ray_session):
+    """Requests from 6 client threads while the ToyCar bank actor is killed (Ray restarts it) and then the
+    replica (Serve starts another). No request is lost: each ends with its score, equal to the library's. On
+    the way a request may be answered 503 with the service's reason (a bank that failed or did not answer in
+    time), or Serve's own plain 500 when its replica died with the request in flight (Serve's proxy does not
+    re-send it); the client re-sends both, up to 10 times, and both are counted. Nothing else comes back (no
+    500 of the service, no other status)."""
+    from ray.serve._private.constants import SERVE_NAMESPACE  # where Serve names its replica actors
+
+    bank = load_detector(service.banks / "ToyCar").configure(k=4)
+    queries = np.stack([_embedding(c.path) for c in _clips(service, "ToyCar")[:8]])
+    expected = bank.score(queries)
+    answers, per_thread = [], 30
+    resent: Counter = Counter()
+
+    def client(i: int) -> None:
+        for j in range(per_thread):
+            q = (i + j) % len(queries)
+            for attempt in range(10):
+                try:
+                    status, got = http(service, "POST", "/score", queries[q].tobytes(), "application/octet-stream",
+                                       machine="ToyCar", stream=f"load-{i}", dim=queries.shape[1])
+                except OSError as err:  # no answer at all
+                    status, got = None, {"error": f"{type(err).__name__}: {err}"}
+                if status == 503:
+                    resent[f"503: {got.get('error', 'NO REASON')[:60]}"] += 1
+                elif status == 500 and "not_json" in got:
+                    resent["Serve's 500: its replica died with the request"] += 1
+                else:
+                    break
+                time.sleep(0.2)
+            answers.append((q, status, got, attempt))
+
+    bank_actor = ray_session.get_actor(actor_name("ToyCar"), namespace=service.namespace)
+    bank_pid = ray_session.get(bank_actor.stats.remote())["pid"]
+    replica = http(service, "GET", "/healthz")[1]
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for kill, after in ((lambda: ray_session.kill(bank_actor, no_restart=False), 30),
+                        (lambda: ray_session.kill(ray_session.get_actor(replica["replica"], namespace=SERVE_NAMESPACE),
+                                                  no_restart=False), 90)):
+        deadline = time.time() + 120
+        while len(answers) < after and time.time() < deadline:
+            time.sleep(0.01)
+        assert len(answers) >= after, answers[-3:]
+        kill()
+    for t in threads:
+        t.join(timeout=300)
+
+    assert len(answers) == 6 * per_thread
+    lost = [a for a in answers if a[1] != 200]
+    assert not lost, (resent, lost[:5])  # every request ended with a score
+    assert not any("NO REASON" in kind for kind in resent), resent  # a 503 says why
+    for q, _, got, _ in answers:
+        assert got["raw_score"] == pytest.approx(float(expected[q]), rel=1e-6)
+    assert ray_session.get(bank_actor.stats.remote())["pid"] != bank_pid  # the kills happened
+    assert http(service, "GET", "/healthz")[1]["replica_pid"] != replica["replica_pid"]
+    print(f"bank actor and replica killed under load: {len(answers)} requests, all answered with a score; "
+          f"re-sent: {dict(resent) or 'none'}")
