@@ -342,17 +342,29 @@ def features_key(config: RunConfig) -> tuple:
 
 
 def shared(embedder: Embedder, cache: dict | None, key: tuple) -> Embedder:
-    """``embedder`` that answers from ``cache`` (by ``key`` and the records asked for) once it has run."""
+    """``embedder`` that answers from ``cache`` (per ``key``, clip by clip) and embeds only the clips it has not
+    seen (a run that also takes the noise-only supplemental clips embeds just those)."""
     if cache is None:
         return embedder
 
     def cached(records):
-        k = (key, tuple(r.path for r in records))
-        if k not in cache:
-            cache[k] = embedder(records)
-        else:
-            advance(len(records))
-        return cache[k]
+        store = cache.setdefault(key, {})  # path -> (feature, record, flags), or the clip's Reject
+        missing = [r for r in records if r.path not in store]
+        if missing:
+            features, kept, rejects, flags = embedder(missing)
+            for i, (r, f) in enumerate(zip(kept, flags)):
+                store[r.path] = (features[i], r, f)
+            for x in rejects:
+                x = Reject.of(x)
+                store[x.path] = x
+        advance(len(records) - len(missing))
+        got = [store[r.path] for r in records]
+        rows = [g for g in got if not isinstance(g, Reject)]
+        rejects = [g for g in got if isinstance(g, Reject)]
+        features = [g[0] for g in rows]
+        if key[0] == "clip":
+            features = np.stack(features) if features else np.zeros((0, 0), np.float32)
+        return features, [g[1] for g in rows], rejects, [g[2] for g in rows]
 
     return cached
 
