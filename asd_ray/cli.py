@@ -73,6 +73,7 @@ DETECTORS = {
     "local": ["detector=local"],
     "fusion": ["detector=fusion"],  # local + pooled, z-normalised by their train scores, max
     "fusion-mean": ["detector=fusion", "fusion.combine=mean"],
+    "fusion-noise": ["detector=fusion", "supplemental.noise_profile=true"],  # minus each machine's noise profile
     "ae-mse": ["detector=ae-mse"],
     "ae-maha": ["detector=ae-maha"],
 }

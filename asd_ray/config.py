@@ -122,6 +122,18 @@ class FusionConfig:
 
 
 @dataclass(frozen=True)
+class SupplementalConfig:
+    """Supplemental clips (DCASE 2025: noise-only and clean-machine clips of some machines, mostly source domain)."""
+
+    # frame detectors: each machine's noise-only clips' mean mel power, at a clip's own noise level, subtracted
+    # from its frames before the detector (bank/noise.py); machines without noise-only clips are left as they are
+    noise_profile: bool = False
+    floor_db: float = -13.0  # the subtraction keeps at least this much of a bin's power (dB)
+    time_quantile: float = 0.1  # a band's floor in a clip: this quantile of its frames
+    band_quantile: float = 0.05  # the clip's noise offset: this quantile over bands of (floor - profile)
+
+
+@dataclass(frozen=True)
 class PostConfig:
     """Post-processing and decisions (SPEC §4)."""
 
@@ -245,6 +257,7 @@ class RunConfig:
     pooled: PooledConfig = field(default_factory=PooledConfig)
     local: LocalConfig = field(default_factory=LocalConfig)
     fusion: FusionConfig = field(default_factory=FusionConfig)
+    supplemental: SupplementalConfig = field(default_factory=SupplementalConfig)
     ae: AEConfig = field(default_factory=AEConfig)
     # knn: clip k-NN bank over the backbone's embeddings (SPEC §4); pooled: clip k-NN bank over pooled log-mel
     # frames; local: local-feature bank over log-mel windows; ae-mse / ae-maha: the AE baseline's two scores;

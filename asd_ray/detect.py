@@ -41,14 +41,18 @@ if TYPE_CHECKING:  # torch is imported where a backbone is loaded: a Ray driver 
 Features = Any  # an (n x dim) float32 array of clip embeddings, or a list of n (T_i x n_mels) log-mel matrices
 
 
-def plan_records(records: Iterable[ClipRecord]) -> tuple[list[ClipRecord], list[Reject]]:
-    """Split a corpus into clips the detector embeds (normal train clips, test clips) and unused ones with a reason."""
+def plan_records(records: Iterable[ClipRecord], noise: bool = False) -> tuple[list[ClipRecord], list[Reject]]:
+    """Split a corpus into clips the detector embeds (normal train clips, test clips; with ``noise``, the
+    noise-only supplemental clips too) and unused ones with a reason."""
     used, unused = [], []
     for r in records:
         if r.parse_error:
             unused.append(Reject(r.path, r.machine, r.parse_error))
+        elif r.split == "supplemental" and noise and r.kind == "noise":
+            used.append(r)
         elif r.split == "supplemental":
-            unused.append(Reject(r.path, r.machine, "supplemental clip: not part of a bank"))
+            why = "supplemental clip: not part of a bank" + ("" if noise else " (supplemental.noise_profile is off)")
+            unused.append(Reject(r.path, r.machine, why))
         elif r.split == "train" and r.label != "normal":
             unused.append(Reject(r.path, r.machine, "train clip not known to be normal"))
         else:
@@ -101,12 +105,14 @@ def take(features: Features, rows: Sequence[int]) -> Features:
 
 @dataclass
 class MachineSplit:
-    """One machine's rows: normal train clips (bank / model) and test clips in file-name (stream) order."""
+    """One machine's rows: normal train clips (bank / model), test clips in file-name (stream) order and
+    noise-only supplemental clips (embedded only with ``supplemental.noise_profile``)."""
 
     machine: str
     section: str
     train: list[int]
     test: list[int]
+    noise: list[int] = dataclasses.field(default_factory=list)
 
 
 def machine_splits(records: Sequence[ClipRecord], unscored: list[Reject] | None = None) -> list[MachineSplit]:
@@ -127,7 +133,8 @@ def machine_splits(records: Sequence[ClipRecord], unscored: list[Reject] | None 
                 raise MetricError(reason)
             unscored.extend(Reject(records[i].path, machine, reason) for i in test)
             continue
-        splits.append(MachineSplit(machine, records[test[0]].section, train, test))
+        noise = [i for i in idx if records[i].split == "supplemental" and records[i].kind == "noise"]
+        splits.append(MachineSplit(machine, records[test[0]].section, train, test, noise))
     return splits
 
 
@@ -140,10 +147,11 @@ class FittedMachine:
     train_scores: np.ndarray
 
 
-def fit_machine(detector: Detector, train: Features, ids: list[str], domains: list[str], test: Features
-                ) -> FittedMachine:
-    """Fit ``detector`` on one machine's normal train features and score its test features (a job of ``MachineMap``)."""
-    detector.fit(train, ids, domains=domains)
+def fit_machine(detector: Detector, train: Features, ids: list[str], domains: list[str], test: Features,
+                noise: Features | None = None) -> FittedMachine:
+    """Fit ``detector`` on one machine's normal train features and score its test features (a job of ``MachineMap``);
+    a detector that ``uses_noise`` also gets the machine's noise-only supplemental clips."""
+    detector.fit(train, ids, domains=domains, **({"noise": noise} if getattr(detector, "uses_noise", False) else {}))
     return FittedMachine(detector, detector.score(test), detector.loo_scores())
 
 
@@ -182,7 +190,7 @@ def detect(features: Features, records: Sequence[ClipRecord], *, detector: Calla
     """
     splits = machine_splits(records, unscored)
     jobs = [(detector(), take(features, s.train), [records[i].filename for i in s.train],
-             [records[i].domain for i in s.train], take(features, s.test)) for s in splits]
+             [records[i].domain for i in s.train], take(features, s.test), take(features, s.noise)) for s in splits]
     with stage("banks", total=len(jobs), unit="machine"):
         fitted = machine_map(fit_machine, jobs)
     results = {}
@@ -276,7 +284,7 @@ def run_detection(roots: Sequence[str | Path], config: RunConfig, embedder: Embe
     eval_list = read_eval_list(config.eval_list) if config.eval_list else None  # a bad path fails before any work
     with stage("discover"):
         records = discover(roots, machines, normals_only_roots=config.normals_only_roots)
-        used, unused = plan_records(records)
+        used, unused = plan_records(records, noise=uses_noise(config))
         advance(len(records))
     t1 = time.perf_counter()
     if warm_up is not None:
@@ -309,6 +317,11 @@ def run_detection(roots: Sequence[str | Path], config: RunConfig, embedder: Embe
     return report
 
 
+def uses_noise(config: RunConfig) -> bool:
+    """Whether the run's detector takes the noise-only supplemental clips (so they must be embedded)."""
+    return bool(getattr(make_detector(config), "uses_noise", False))
+
+
 def frame_feature_kwargs(config: RunConfig) -> dict:
     """``LogMelFrames`` keywords of a frame-eating detector; a ``min_seconds`` too short for one window of
     the detector's frames is a config error up front (otherwise the shortest clips would stop training or
@@ -335,17 +348,29 @@ def features_key(config: RunConfig) -> tuple:
 
 
 def shared(embedder: Embedder, cache: dict | None, key: tuple) -> Embedder:
-    """``embedder`` that answers from ``cache`` (by ``key`` and the records asked for) once it has run."""
+    """``embedder`` that answers from ``cache`` (per ``key``, clip by clip) and embeds only the clips it has not
+    seen (a run that also takes the noise-only supplemental clips embeds just those)."""
     if cache is None:
         return embedder
 
     def cached(records):
-        k = (key, tuple(r.path for r in records))
-        if k not in cache:
-            cache[k] = embedder(records)
-        else:
-            advance(len(records))
-        return cache[k]
+        store = cache.setdefault(key, {})  # path -> (feature, record, flags), or the clip's Reject
+        missing = [r for r in records if r.path not in store]
+        if missing:
+            features, kept, rejects, flags = embedder(missing)
+            for i, (r, f) in enumerate(zip(kept, flags)):
+                store[r.path] = (features[i], r, f)
+            for x in rejects:
+                x = Reject.of(x)
+                store[x.path] = x
+        advance(len(records) - len(missing))
+        got = [store[r.path] for r in records]
+        rows = [g for g in got if not isinstance(g, Reject)]
+        rejects = [g for g in got if isinstance(g, Reject)]
+        features = [g[0] for g in rows]
+        if key[0] == "clip":
+            features = np.stack(features) if features else np.zeros((0, 0), np.float32)
+        return features, [g[1] for g in rows], rejects, [g[2] for g in rows]
 
     return cached
 

@@ -14,6 +14,9 @@ The detectors (``detector`` in the config):
 - ``ae-mse`` / ``ae-maha``: the DCASE AE baseline (``models/autoencoder.py``);
 - ``fusion``: several of these on the same features, each z-normalised by its own leave-one-out train
   scores, combined (``FusionDetector``).
+With ``supplemental.noise_profile``, a frame detector is wrapped in ``NoiseRemovedDetector``: its ``fit`` also
+takes the machine's noise-only supplemental clips (``noise=``; detectors that take them say so with
+``uses_noise``) and every clip's frames lose that noise profile before the inner detector sees them.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import numpy as np
 
 from asd_ray.bank.local_bank import LocalFeatureBank
 from asd_ray.bank.memory_bank import STRATEGIES, BankError, DomainAwareBank, MemoryBank, _read_meta, _write_meta
+from asd_ray.bank.noise import noise_profile, subtract_noise
 from asd_ray.bank.pooling import PooledBank
 from asd_ray.config import ConfigError, RunConfig
 
@@ -156,7 +160,70 @@ class FusionDetector:
                    combine=meta["combine"])
 
 
-KINDS = {c.kind: c for c in (MemoryBank, DomainAwareBank, PooledBank, LocalFeatureBank, FusionDetector)}
+class NoiseRemovedDetector:
+    """A frame detector whose clips lose their machine's noise profile first (``bank/noise.py``): ``fit`` takes
+    the machine's noise-only clips as ``noise`` (T_i x n_mels dB each); without any, clips pass unchanged (DCASE
+    gives supplemental clips for some machines only). Keywords are ``SupplementalConfig``'s."""
+
+    kind = "NoiseRemovedDetector"
+    features = "frames"
+    uses_noise = True
+
+    def __init__(self, inner: Detector, *, floor_db: float = -13.0, time_quantile: float = 0.1,
+                 band_quantile: float = 0.05):
+        if inner.features != "frames":
+            raise ConfigError(f"supplemental.noise_profile applies to frame detectors, not to {inner.kind}")
+        self.inner = inner
+        self.params = {"floor_db": floor_db, "time_quantile": time_quantile, "band_quantile": band_quantile}
+        self.profile: np.ndarray | None = None  # (n_mels,) dB; None: no noise-only clips, clips unchanged
+
+    @property
+    def size(self) -> int:
+        return self.inner.size
+
+    @property
+    def dim(self) -> int | None:
+        return getattr(self.inner, "dim", None)
+
+    def transform(self, clips: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """Each (T x n_mels) dB clip with the noise profile subtracted (unchanged without a profile)."""
+        if self.profile is None:
+            return list(clips)
+        return [subtract_noise(c, self.profile, **self.params) for c in clips]
+
+    def fit(self, features, ids=None, *, domains=None, noise: Sequence[np.ndarray] | None = None
+            ) -> "NoiseRemovedDetector":
+        self.profile = noise_profile(noise) if noise is not None and len(noise) else None
+        self.inner.fit(self.transform(features), ids, domains=domains)
+        return self
+
+    def score(self, features) -> np.ndarray:
+        return self.inner.score(self.transform(features))
+
+    def loo_scores(self) -> np.ndarray:
+        return self.inner.loo_scores()
+
+    def loo_ids(self) -> list[str]:
+        return self.inner.loo_ids()
+
+    def save(self, directory: str | Path) -> Path:
+        d = _write_meta(directory, self.kind, **self.params,
+                        profile=None if self.profile is None else self.profile.tolist())
+        self.inner.save(d / "inner")
+        return d
+
+    @classmethod
+    def load(cls, directory: str | Path, **kwargs) -> "NoiseRemovedDetector":
+        d = Path(directory)
+        meta = _read_meta(d, cls.kind)
+        out = cls(load_detector(d / "inner", **kwargs), **{k: meta[k] for k in ("floor_db", "time_quantile",
+                                                                               "band_quantile")})
+        out.profile = None if meta["profile"] is None else np.asarray(meta["profile"], dtype=np.float64)
+        return out
+
+
+KINDS = {c.kind: c for c in (MemoryBank, DomainAwareBank, PooledBank, LocalFeatureBank, FusionDetector,
+                             NoiseRemovedDetector)}
 
 
 def load_detector(directory: str | Path, *, faiss_threads: int = 1, device: str = "cpu") -> Detector:
@@ -185,7 +252,7 @@ SCORE_SETTINGS = {
 }
 
 # Config sections and keys that describe how a detector is fitted: a saved one keeps what it was fitted with.
-FIT_SECTIONS = ("bank", "pooled", "local", "fusion", "ae")
+FIT_SECTIONS = ("bank", "pooled", "local", "fusion", "ae", "supplemental")
 
 
 def given_score_settings(config: RunConfig, given: Iterable[str]) -> dict[str, Any]:
@@ -208,6 +275,8 @@ def configure_detector(detector: Detector, settings: dict[str, Any]) -> dict[str
     Returns each score-time setting of the detector as {key: (value in use, "config" or "saved bank")};
     a fusion's members are reported under ``member_<i>.<key>``.
     """
+    if isinstance(detector, NoiseRemovedDetector):
+        return configure_detector(detector.inner, settings)
     out: dict[str, tuple[Any, str]] = {}
     for i, member in enumerate(detector.members if isinstance(detector, FusionDetector) else []):
         out.update({f"member_{i}.{k}": v for k, v in configure_detector(member, settings).items()})
@@ -236,8 +305,16 @@ def detector_features(config: RunConfig) -> str:
 
 
 def make_detector(config: RunConfig, name: str | None = None, *, device: str = "cpu") -> Detector:
-    """An unfitted detector of kind ``name`` (default ``config.detector``), keywords from the config's sections."""
-    name = name or config.detector
+    """An unfitted detector of kind ``name`` (default ``config.detector``), keywords from the config's sections;
+    with ``supplemental.noise_profile``, a frame detector comes wrapped in ``NoiseRemovedDetector`` (a fusion as a
+    whole: its members see the same cleaned frames)."""
+    if name is None:
+        detector = make_detector(config, config.detector, device=device)
+        sup = config.supplemental
+        if sup.noise_profile and detector.features == "frames":
+            return NoiseRemovedDetector(detector, floor_db=sup.floor_db, time_quantile=sup.time_quantile,
+                                        band_quantile=sup.band_quantile)
+        return detector
     if name == "knn":
         bank = dataclasses.asdict(config.bank)
         return STRATEGIES[bank.pop("strategy")](**bank)
