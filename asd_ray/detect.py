@@ -319,7 +319,7 @@ def run_detection(roots: Sequence[str | Path], config: RunConfig, embedder: Embe
 
 def uses_noise(config: RunConfig) -> bool:
     """Whether the run's detector takes the noise-only supplemental clips (so they must be embedded)."""
-    return bool(getattr(make_detector(config), "uses_noise", False))
+    return config.supplemental.noise_profile and detector_features(config) == "frames"  # as make_detector wraps
 
 
 def frame_feature_kwargs(config: RunConfig) -> dict:

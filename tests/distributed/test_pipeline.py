@@ -15,9 +15,10 @@ def _config(tmp_path, *extra):
     return load_config(RunConfig, None, [f"ray.cache_dir={tmp_path / 'cache'}", *extra])
 
 
-@pytest.mark.parametrize("detector", ["knn", "fusion"])
+@pytest.mark.parametrize("detector", ["knn", "fusion", "fusion+noise"])
 def test_ray_run_equals_reference_run(ray_local, tiny_corpus, tmp_path, detector):
-    config = _config(tmp_path, f"detector={detector}")
+    noise = ["supplemental.noise_profile=true"] if detector.endswith("+noise") else []
+    config = _config(tmp_path, f"detector={detector.removesuffix('+noise')}", *noise)
     ref = reference_run([tiny_corpus], config, tmp_path / "ref")
     got = ray_run([tiny_corpus], config, tmp_path / "ray")
     assert set(got.results) == set(ref.results) == {"ToyCar", "valve", "ToyPet"}
