@@ -380,19 +380,17 @@ def cmd_sweep(args) -> int:
 
 
 def cmd_embed(args) -> int:
-    from asd_ray.detect import plan_records
+    from asd_ray.detect import plan_records, write_reasons
     from asd_ray.distributed.run import embed_table
     from asd_ray.distributed.session import ensure_ray
     from asd_ray.results import Reject
-    from asd_ray.scoring.files import write_rows
 
     config = run_config(args.config, args.overrides, args.backbone)
     ensure_ray(num_cpus=config.ray.num_cpus or None)
     used, unused = plan_records(discover(args.data, args.machines, normals_only_roots=config.normals_only_roots))
     table = embed_table(used, config)
     args.out.mkdir(parents=True, exist_ok=True)
-    for name, rows in (("rejects.csv", [Reject.of(r) for r in table.rejects]), ("unused.csv", unused)):
-        write_rows(args.out / name, [("path", "reason")] + [(x.path, x.reason) for x in rows])
+    write_reasons(args.out, {"rejects.csv": [Reject.of(r) for r in table.rejects], "unused.csv": unused})
     print(f"{len(table.records)} clips embedded, {len(table.rejects)} rejected, {len(unused)} not used "
           f"(see {args.out}/rejects.csv, unused.csv); Parquet at {table.path}{' (from the cache)' if table.from_cache else ''}")
     return 0

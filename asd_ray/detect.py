@@ -231,15 +231,19 @@ def evaluate_results(results: dict[str, MachineResult], truth: dict) -> dict | N
     return {**metrics, "excluded_test_clips": excluded}
 
 
+def write_reasons(out: Path, tables: dict[str, Sequence[Reject]]) -> None:
+    """Each ``{file name: clips}`` table as ``out/<file name>``: a ``path,reason`` header and a row per clip."""
+    for name, rows in tables.items():
+        write_rows(out / name, [("path", "reason")] + [(x.path, x.reason) for x in rows])
+
+
 def write_outputs(report: RunReport, out_dir: str | Path, config: RunConfig) -> Path:
     """Official CSVs per machine, rejects.csv / unused.csv / unscored.csv, metrics.json and the config used."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     for r in report.results.values():
         write_results(out, r.machine, r.filenames, r.scores, r.decisions, r.section)
-    for name, rows in (("rejects.csv", report.rejects), ("unused.csv", report.unused),
-                       ("unscored.csv", report.unscored)):
-        write_rows(out / name, [("path", "reason")] + [(x.path, x.reason) for x in rows])
+    write_reasons(out, {"rejects.csv": report.rejects, "unused.csv": report.unused, "unscored.csv": report.unscored})
     body = {**(report.metrics or {"official_score": None, "machines": {}, "splits": {}}),
             "counts": {"clips_in": report.clips_in, "embedded": report.clips_embedded,
                        "rejected": len(report.rejects), "unused": len(report.unused),
@@ -319,7 +323,7 @@ def run_detection(roots: Sequence[str | Path], config: RunConfig, embedder: Embe
 
 def uses_noise(config: RunConfig) -> bool:
     """Whether the run's detector takes the noise-only supplemental clips (so they must be embedded)."""
-    return config.supplemental.noise_profile and detector_features(config) == "frames"  # as make_detector wraps
+    return bool(getattr(make_detector(config), "uses_noise", False))
 
 
 def frame_feature_kwargs(config: RunConfig) -> dict:

@@ -330,9 +330,9 @@ def embedding_dataset(rows: list[dict], *, embed: EmbedConfig, preprocess: Prepr
 
 def await_warm(refs: Sequence) -> None:
     """Wait for the ``warm_workers`` tasks before a pipeline starts. Started while they still hold the CPUs, a
-    pipeline runs ONE task until that task's first block is out (Ray Data sizes a stage's share of the
-    cluster from its first output) and that task may land on a new, cold worker: on 2 loaded cores the stage
-    then ran one task for its first 10 s. A failed warm-up is logged; the pipeline reports real errors."""
+    pipeline runs ONE task until its autoscaling coordinator has reserved the cluster's CPUs for it (see
+    ``prompt_ray_data``), and that task may land on a new, cold worker: on 2 loaded cores the stage then ran one
+    task for its first 10 s. A failed warm-up is logged; the pipeline reports real errors."""
     import ray
 
     for reason in ray.get(list(refs)):

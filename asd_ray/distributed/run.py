@@ -127,9 +127,9 @@ def ray_run(roots: Sequence[str | Path], config: RunConfig, out_dir: str | Path 
     ensure_ray(num_cpus=config.ray.num_cpus or None)
     warm = warm_pipeline(config)  # worker imports overlap discovery; a cached run wastes a second of idle CPUs
     embedder = shared(embedder_for(config), feature_cache, features_key(config))
-    if detector_features(config) == "clip":
-        return run_detection(roots, config, embedder, out_dir, machines, warm_up=lambda: await_warm(warm))
-    gpu = gpu_wanted(config.ray.use_gpu) and (config.detector.startswith("ae-") or config.detector == "fusion")
-    return run_detection(roots, config, embedder, out_dir, machines,
-                         machine_map=ray_task_map(config.ray.detector_cpus, 1 if gpu else 0),
-                         device="cuda" if gpu else "cpu", warm_up=lambda: await_warm(warm))
+    fitting = {}  # clip-embedding detectors: fitted in the driver (light)
+    if detector_features(config) == "frames":
+        gpu = gpu_wanted(config.ray.use_gpu) and (config.detector.startswith("ae-") or config.detector == "fusion")
+        fitting = {"machine_map": ray_task_map(config.ray.detector_cpus, 1 if gpu else 0),
+                   "device": "cuda" if gpu else "cpu"}
+    return run_detection(roots, config, embedder, out_dir, machines, warm_up=lambda: await_warm(warm), **fitting)
