@@ -418,10 +418,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger().handlers[0].setLevel(logging.DEBUG if args.verbose else logging.WARNING)
     log.setLevel(logging.DEBUG if args.verbose else logging.INFO)
-    from asd_ray.bank.memory_bank import BankError
-    from asd_ray.models.backbones import BackboneError
+    from asd_ray.errors import BackboneError, BankError, MetricError
     from asd_ray.progress import bars_on
-    from asd_ray.scoring.metrics import MetricError
 
     try:
         path = log_file(args)

@@ -19,11 +19,9 @@ from typing import Sequence
 import faiss
 import numpy as np
 
+from asd_ray.errors import BankError  # noqa: F401 - defined there, raised and re-exported here
+
 METRICS = ("euclidean", "cosine")
-
-
-class BankError(RuntimeError):
-    """A bank used before it was fitted, or given input it cannot take."""
 
 
 def _as_matrix(x: np.ndarray, dim: int | None, what: str) -> np.ndarray:

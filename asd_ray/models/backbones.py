@@ -19,12 +19,9 @@ import numpy as np
 import torch
 
 from asd_ray.data.audio import pad_waveforms
+from asd_ray.errors import BackboneError  # noqa: F401 - defined there, raised and re-exported here
 
 SAMPLE_RATE = 16_000
-
-
-class BackboneError(RuntimeError):
-    """A backbone that cannot be loaded or run, naming the checkpoint."""
 
 
 def pool_frames(frames: torch.Tensor, frame_lengths: torch.Tensor, *, l2_normalise: bool, pooling: str

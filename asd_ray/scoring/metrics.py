@@ -20,6 +20,8 @@ import numpy as np
 from scipy.stats import hmean, t as student_t
 from sklearn.metrics import roc_auc_score
 
+from asd_ray.errors import MetricError  # noqa: F401 - defined there, raised and re-exported here
+
 MAX_FPR = 0.1
 EPS = sys.float_info.epsilon  # the evaluator's floor under every value it takes an h-mean of, and under divisors
 SPLITS = ("dev_data", "eval_data")  # a split's name is its folder under a DCASE root
@@ -33,10 +35,6 @@ EVALUATOR_COLUMNS = {
     "f1_source": "F1 score (source)", "f1_target": "F1 score (target)",
 }
 DECISION_KEYS = tuple(k for k in EVALUATOR_COLUMNS if k.split("_")[0] in ("precision", "recall", "f1"))
-
-
-class MetricError(ValueError):
-    """Inputs the official metrics cannot be computed from."""
 
 
 def floored_hmean(values: Sequence[float]) -> float:
