@@ -275,14 +275,15 @@ Embedder = Callable[[Sequence[ClipRecord]], tuple[Features, list[ClipRecord], li
 def run_detection(roots: Sequence[str | Path], config: RunConfig, embedder: Embedder,
                   out_dir: str | Path | None = None, machines: Iterable[str] | None = None,
                   machine_map: MachineMap = local_map, device: str = "cpu",
-                  warm_up: Callable[[], None] | None = None) -> RunReport:
+                  warm_up: Callable[[Sequence[ClipRecord]], None] | None = None) -> RunReport:
     """Discover a corpus, embed it with ``embedder``, detect, evaluate; write outputs when ``out_dir`` is set.
 
     ``embedder(records)`` returns what ``embed_records`` returns, in the features ``config.detector`` eats;
     the reference run embeds in this process, the Ray pipeline on a cluster, and everything else is this
-    one function. ``machine_map`` fits the per-machine detectors (an AE on ``device``). ``warm_up`` (the Ray
-    run's: waiting for its warm workers) runs after discovery and is timed on its own (``timings["warm_up"]``),
-    as the reference run's imports and backbone loading are not part of its embedding time either.
+    one function. ``machine_map`` fits the per-machine detectors (an AE on ``device``). ``warm_up(records)``
+    (the Ray run's: starting its embedding actors for the clips to embed, waiting for its warm workers) runs after
+    discovery and is timed on its own (``timings["warm_up"]``), as the reference run's imports and backbone
+    loading are not part of its embedding time either.
     """
     t0 = time.perf_counter()
     eval_list = read_eval_list(config.eval_list) if config.eval_list else None  # a bad path fails before any work
@@ -292,7 +293,7 @@ def run_detection(roots: Sequence[str | Path], config: RunConfig, embedder: Embe
         advance(len(records))
     t1 = time.perf_counter()
     if warm_up is not None:
-        warm_up()
+        warm_up(used)
     tw, t1 = time.perf_counter() - t1, time.perf_counter()
     with stage("embed", total=len(used)):
         features, kept, rejects, flags = embedder(used)

@@ -1,4 +1,5 @@
-"""Ray Data embedding pipeline: CPU tasks pre-process, an actor pool embeds, Parquet holds the result.
+"""Embedding pipeline: Ray Data's CPU tasks pre-process, embedding actors started ahead of it embed (or the
+tasks themselves, for the weight-free log-mel backbone), Parquet holds the result.
 
 The Parquet folder is keyed by the content that decides an embedding (backbone and its files,
 embedding and pre-processing parameters, each input file's path, size and mtime): a second run over
@@ -18,7 +19,7 @@ import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -122,6 +123,133 @@ class EmbedBatch:
         out = {k: v for k, v in batch.items() if k not in ("samples", "length")}
         out["embedding"] = emb
         return out
+
+
+def _block_batch(block, start: int | None, end: int | None) -> dict[str, np.ndarray]:
+    """A Ray Data block (rows ``start``:``end``, or all) as a numpy batch, without copying its tensor columns."""
+    from ray.data.block import BlockAccessor
+
+    acc = BlockAccessor.for_block(block)
+    if start is not None:
+        acc = BlockAccessor.for_block(acc.slice(start, end, copy=False))
+    return acc.to_batch_format("numpy")
+
+
+def joined(batches: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Batches after ``preprocess_batch`` (padded to different widths) -> one batch padded to its longest clip."""
+    if len(batches) == 1:
+        return batches[0]
+    out = {k: np.concatenate([b[k] for b in batches]) for k in batches[0] if k not in ("samples", "length")}
+    out["samples"], out["length"] = pad_waveforms([w for b in batches for w in batch_waveforms(b)])
+    return out
+
+
+class EmbeddingActor:
+    """A Ray actor around one ``EmbedBatch``: embeds the pre-processed blocks of a Ray Data pipeline that the
+    driver hands it by reference (``EmbeddingPool``), ``batch_size`` clips per forward pass.
+
+    Its constructor also runs one small forward pass: the first one sets up the device's kernels and libraries
+    (2.3 s for HuBERT-Base on an H100), which is then done while the pipeline starts, not on its first batch."""
+
+    def __init__(self, **embed: object):
+        self.embedder = EmbedBatch(**embed)
+        self.batch_size = int(embed.get("batch_size") or 16)
+        noise = 0.01 * np.random.default_rng(0).standard_normal((2, 16_000)).astype(np.float32)
+        self.embedder.backbone.embed_padded(noise, np.array([16_000, 12_000]))
+
+    def ready(self) -> int:
+        """The actor's process id, once its backbone is loaded and warm."""
+        return os.getpid()
+
+    def embed_blocks(self, slices: Sequence[tuple[int, int] | None], *blocks) -> "pyarrow.Table":
+        """Blocks after ``preprocess_batch`` (Ray resolves the driver's references; ``slices[i]``: the rows of
+        block i this bundle holds, None for all) -> one Arrow table of their rows with ``embedding``
+        (n x dim float32) in place of ``samples`` and ``length``."""
+        from ray.data.block import BlockAccessor
+
+        batch = joined([_block_batch(b, *(s or (None, None))) for b, s in zip(blocks, slices)])
+        n = len(batch["path"])
+        parts = [self.embedder({k: v[i:i + self.batch_size] for k, v in batch.items()})
+                 for i in range(0, n, self.batch_size)]
+        out = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+        return BlockAccessor.batch_to_block(out)
+
+
+class EmbeddingPool:
+    """Embedding actors started ahead of the pipeline that feeds them, fed the pre-processed blocks of a Ray Data
+    dataset by reference (the driver never touches a waveform), ``calls_per_actor`` calls in flight per actor.
+
+    Why not Ray Data's own actor pool: it starts its actors when the dataset executes and cannot be handed
+    started ones, so an actor's start (torch, transformers, the checkpoint, CUDA, a first forward pass: 17 s on
+    the H100 node) ran after Ray's start, the discovery and the planning, on the run's critical path, and again
+    for every pipeline of the same driver. Started as soon as a run knows it must embed, it overlaps them and
+    the pre-processing; kept open, it serves every pipeline of its driver. With two calls running at once per
+    actor (threads), one batch's host work overlaps the other's forward pass; a third waits queued.
+
+    Actors that die are restarted and their calls re-sent (twice); ``close`` ends them."""
+
+    def __init__(self, embed: EmbedConfig, *, use_gpu: bool, num_actors: int = 1, actor_cpus: float = 0.5,
+                 calls_per_actor: int = 3):
+        import ray
+        import ray.data
+
+        self.backbone = embed.backbone
+        self.calls_per_actor = max(1, calls_per_actor)
+        opts = {"num_gpus": 1} if use_gpu else {"num_cpus": actor_cpus}
+        # Scheduled as Ray Data schedules its own actors (SPREAD unless set): never inside the placement group of
+        # the task that starts them (a Ray Tune trial's bundle holds a fraction of a CPU, for its driver only).
+        opts["scheduling_strategy"] = ray.data.DataContext.get_current().scheduling_strategy
+        actor = ray.remote(EmbeddingActor).options(max_concurrency=2, max_restarts=2, max_task_retries=2, **opts)
+        self.actors = [actor.remote(**actor_embed_kwargs(embed, use_gpu)) for _ in range(max(1, num_actors))]
+
+    def ready(self) -> list[int]:
+        """Wait until every actor has loaded its backbone: their process ids (a failed start raises here)."""
+        return self._get([a.ready.remote() for a in self.actors])
+
+    def _get(self, refs):
+        import ray
+
+        try:
+            return ray.get(refs)
+        except ray.exceptions.ActorDiedError as err:
+            from asd_ray.errors import BackboneError
+
+            raise BackboneError(f"an embedding actor for {self.backbone} could not start or died: {err}") from None
+
+    def embed(self, bundles: Iterable) -> Iterator["pyarrow.Table"]:
+        """Ray Data ref bundles (``Dataset.iter_internal_ref_bundles`` after ``preprocess_batch``) -> their rows
+        embedded, one Arrow table per bundle, in the order they finish. Pulls a bundle only while an actor has
+        room, so Ray Data's back-pressure holds the pre-processing back when the actors are the slower stage."""
+        import ray
+
+        pending: dict = {}  # call's ref -> actor index
+        load = [0] * len(self.actors)
+
+        def collect(wait: bool) -> list:
+            done, _ = ray.wait(list(pending), num_returns=1 if wait else len(pending), timeout=None if wait else 0)
+            for ref in done:
+                load[pending.pop(ref)] -= 1
+            return self._get(done) if done else []
+
+        for bundle in bundles:
+            while len(pending) >= self.calls_per_actor * len(self.actors):
+                yield from collect(wait=True)
+            refs = list(bundle.block_refs)
+            slices = [None if s is None else (s.start_offset, s.end_offset)
+                      for s in (bundle.slices or [None] * len(refs))]
+            i = load.index(min(load))
+            pending[self.actors[i].embed_blocks.remote(slices, *refs)] = i
+            load[i] += 1
+            yield from collect(wait=False)
+        while pending:
+            yield from collect(wait=True)
+
+    def close(self) -> None:
+        import ray
+
+        for actor in self.actors:
+            ray.kill(actor)
+        self.actors = []
 
 
 def actor_embed_kwargs(embed: EmbedConfig, use_gpu: bool) -> dict:
@@ -307,25 +435,21 @@ def warm_workers(preprocess: PreprocessConfig, then: Sequence[Stage] = (), *, ba
     return [task.remote(stages, preprocess.sample_rate) for _ in range(count)]
 
 
-def embedding_dataset(rows: list[dict], *, embed: EmbedConfig, preprocess: PreprocessConfig, num_actors: int,
-                      actor_cpus: float, use_gpu: bool, preprocess_cpus: float = 0.0):
-    """The lazy Ray Data plan of ``embed_corpus``: pre-processing tasks, then the embedding actor pool;
-    rows come out with ``embedding`` (and ``flags``, ``error``) instead of samples.
+def embedded_tables(rows: list[dict], *, embed: EmbedConfig, preprocess: PreprocessConfig,
+                    pool: EmbeddingPool | None, use_gpu: bool, preprocess_cpus: float = 0.0) -> Iterator:
+    """The embedding pipeline over ``rows`` (dicts with at least ``path``): Arrow tables of the rows with
+    ``embedding`` (and ``flags``, ``error``) instead of samples, as they come.
 
-    The weight-free ``logmel`` backbone has nothing to load and runs on the CPU: it embeds inside the
-    pre-processing tasks (fused with them), so no waveform crosses the object store and no actor is needed."""
-    import ray
-
+    Ray Data's pre-processing tasks feed ``pool``'s actors. The weight-free ``logmel`` backbone has nothing to
+    load and runs on the CPU: it embeds inside the pre-processing tasks (fused with them), so no waveform
+    crosses the object store and no actor is needed (``pool`` may be None)."""
     then, cpus = clip_tasks(embed, use_gpu=use_gpu, preprocess_cpus=preprocess_cpus)
     ds = preprocessed(rows, preprocess, batch_size=embed.batch_size, num_cpus=cpus, then=then)
     if then:
-        return ds
-    # Two calls at once per actor: the next batch's host work overlaps this one's forward pass.
-    pool = ray.data.ActorPoolStrategy(size=num_actors, max_concurrent_calls_per_actor=2,
-                                      enable_true_multi_threading=True)
-    return ds.map_batches(EmbedBatch, fn_constructor_kwargs=actor_embed_kwargs(embed, use_gpu),
-                          batch_size=embed.batch_size, compute=pool, zero_copy_batch=True,
-                          **({"num_gpus": 1} if use_gpu else {"num_cpus": actor_cpus}))
+        return ds.iter_batches(batch_size=None, batch_format="pyarrow")
+    if pool is None:
+        raise ValueError(f"embedding with {embed.backbone} needs an EmbeddingPool")
+    return pool.embed(ds.iter_internal_ref_bundles())
 
 
 def await_warm(refs: Sequence) -> None:
@@ -368,20 +492,44 @@ def embed_in_task(batch: dict[str, np.ndarray], **embed: object) -> dict[str, np
     return _task_embedder(tuple(sorted(embed.items())))(batch)
 
 
+def cache_folder(records: Sequence[ClipRecord], embed: EmbedConfig, preprocess: PreprocessConfig,
+                 cache_dir: str | Path) -> Path:
+    """Where ``embed_corpus`` keeps the embeddings of ``records``: complete when it holds ``_COMPLETE``."""
+    return Path(cache_dir).expanduser().resolve() / cache_key(records, embed, preprocess)
+
+
+def needs_actors(embed: EmbedConfig) -> bool:
+    """Whether ``embed``'s backbone embeds in actors (every backbone with weights; ``logmel`` runs in the tasks)."""
+    return not clip_tasks(embed, use_gpu=False)[0]
+
+
+def embedding_pool(records: Sequence[ClipRecord], *, embed: EmbedConfig, preprocess: PreprocessConfig,
+                   cache_dir: str | Path, num_actors: int = 1, actor_cpus: float = 0.5,
+                   use_gpu: bool | None = None) -> EmbeddingPool | None:
+    """The actors ``embed_corpus`` will need for ``records``, started now without waiting; None when the cache
+    holds their embeddings or the backbone embeds inside the pre-processing tasks."""
+    if not needs_actors(embed) or (cache_folder(records, embed, preprocess, cache_dir) / "_COMPLETE").is_file():
+        return None
+    if use_gpu is None:
+        use_gpu = gpu_wanted("auto", embed.device)
+    return EmbeddingPool(embed, use_gpu=use_gpu, num_actors=num_actors, actor_cpus=actor_cpus)
+
+
 def embed_corpus(records: Sequence[ClipRecord], *, embed: EmbedConfig, preprocess: PreprocessConfig,
                  cache_dir: str | Path, num_actors: int = 1, actor_cpus: float = 0.5,
-                 use_gpu: bool | None = None, preprocess_cpus: float = 0.0) -> EmbeddingTable:
+                 use_gpu: bool | None = None, preprocess_cpus: float = 0.0,
+                 pool: EmbeddingPool | None = None) -> EmbeddingTable:
     """Pre-process and embed ``records`` with Ray Data on the connected Ray cluster.
 
     CPU tasks of ``preprocess_cpus`` each (0: half a CPU beside CPU embedding actors, one otherwise) decode and
-    pre-process; ``num_actors`` embedding actors (``num_gpus=1`` each when ``use_gpu``, else ``actor_cpus``
-    CPUs so that read tasks keep running) embed whole padded batches; the result lands as
-    Parquet under ``cache_dir/<content key>`` and is reused by the next call with the same key.
+    pre-process; the actors of ``pool`` embed whole padded batches (without a pool, ``num_actors`` actors are
+    started for this call and ended after it: ``num_gpus=1`` each when ``use_gpu``, else ``actor_cpus`` CPUs so
+    that the tasks keep running); the result lands as Parquet under ``cache_dir/<content key>`` and is reused
+    by the next call with the same key.
     """
     import pyarrow.parquet as pq
 
-    key = cache_key(records, embed, preprocess)
-    out = Path(cache_dir).expanduser().resolve() / key
+    out = cache_folder(records, embed, preprocess, cache_dir)
     done = out / "_COMPLETE"
     if done.is_file():
         log.info("embeddings cached at %s: not embedding again", out)
@@ -393,15 +541,22 @@ def embed_corpus(records: Sequence[ClipRecord], *, embed: EmbedConfig, preproces
     rows = sorted((r.to_row() for r in records), key=lambda r: (_file_identity(r["path"])[1], r["path"]))
     if not rows:
         raise ValueError("embed_corpus: no clips to embed")
-    ds = embedding_dataset(rows, embed=embed, preprocess=preprocess, num_actors=num_actors, actor_cpus=actor_cpus,
-                           use_gpu=use_gpu, preprocess_cpus=preprocess_cpus)
+    own = pool is None and needs_actors(embed)
+    if own:
+        pool = EmbeddingPool(embed, use_gpu=use_gpu, num_actors=num_actors, actor_cpus=actor_cpus)
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)  # a run that died half-way
     tmp.mkdir(parents=True)
-    # Written here, block by block as they arrive (embeddings are small): the driver sees the progress.
-    for i, block in enumerate(ds.iter_batches(batch_size=None, batch_format="pyarrow")):
-        pq.write_table(block, tmp / f"part-{i:05d}.parquet")
-        advance(block.num_rows)
+    try:
+        tables = embedded_tables(rows, embed=embed, preprocess=preprocess, pool=pool, use_gpu=use_gpu,
+                                 preprocess_cpus=preprocess_cpus)
+        # Written here, block by block as they arrive (embeddings are small): the driver sees the progress.
+        for i, block in enumerate(tables):
+            pq.write_table(block, tmp / f"part-{i:05d}.parquet")
+            advance(block.num_rows)
+    finally:
+        if own:
+            pool.close()
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     done.write_text(json.dumps({"clips": len(rows), "backbone": embed.backbone}))

@@ -16,25 +16,31 @@ from asd_ray.config import RunConfig
 from asd_ray.data.layout import ClipRecord
 from asd_ray.detect import Embedder, MachineMap, features_key, frame_feature_kwargs, run_detection, shared
 from asd_ray.detectors import detector_features
-from asd_ray.distributed.embed import (EmbeddingTable, Stage, await_warm, clip_tasks, embed_corpus, frames_batch,
-                                       preprocessed, task_cpus, warm_workers)
+from asd_ray.distributed.embed import (EmbeddingPool, EmbeddingTable, Stage, await_warm, clip_tasks, embed_corpus,
+                                       embedding_pool, frames_batch, preprocessed, task_cpus, warm_workers)
 from asd_ray.distributed.session import ensure_ray, gpu_wanted
 from asd_ray.progress import advance
 from asd_ray.results import Reject, RunReport
 
 
-def embed_table(records, config: RunConfig) -> EmbeddingTable:
+def pool_settings(config: RunConfig) -> dict:
+    """``config``'s embedding, pre-processing and Ray knobs as the keywords of ``embedding_pool``."""
+    return {"embed": config.embed, "preprocess": config.preprocess, "cache_dir": config.ray.cache_dir,
+            "num_actors": config.ray.embed_actors, "actor_cpus": config.ray.actor_cpus,
+            "use_gpu": gpu_wanted(config.ray.use_gpu, config.embed.device)}
+
+
+def embed_table(records, config: RunConfig, pool: EmbeddingPool | None = None) -> EmbeddingTable:
     """The Ray Data pipeline over ``records`` with ``config``'s embedding, pre-processing and Ray knobs
-    (read back from the Parquet cache when it holds them already)."""
-    return embed_corpus(records, embed=config.embed, preprocess=config.preprocess, cache_dir=config.ray.cache_dir,
-                        num_actors=config.ray.embed_actors, actor_cpus=config.ray.actor_cpus,
-                        use_gpu=gpu_wanted(config.ray.use_gpu, config.embed.device),
-                        preprocess_cpus=config.ray.preprocess_cpus)
+    (read back from the Parquet cache when it holds them already), its actors ``pool``'s when given."""
+    return embed_corpus(records, **pool_settings(config), preprocess_cpus=config.ray.preprocess_cpus, pool=pool)
 
 
-def ray_embedder(config: RunConfig) -> Embedder:
+def ray_embedder(config: RunConfig, pools: list | None = None) -> Embedder:
+    """The Ray embedder of clip embeddings; the first of ``pools`` (started by the run's warm-up), when there is
+    one, holds its actors."""
     def embedder(records):
-        table = embed_table(records, config)
+        table = embed_table(records, config, pools[0] if pools else None)
         return table.embeddings, table.records, [Reject.of(r) for r in table.rejects], table.flags
 
     return embedder
@@ -90,9 +96,9 @@ def ray_task_map(num_cpus: float, num_gpus: float = 0) -> MachineMap:
     return machine_map
 
 
-def embedder_for(config: RunConfig) -> Embedder:
-    """The Ray embedder of the features ``config.detector`` eats."""
-    return (ray_embedder if detector_features(config) == "clip" else ray_frames_embedder)(config)
+def embedder_for(config: RunConfig, pools: list | None = None) -> Embedder:
+    """The Ray embedder of the features ``config.detector`` eats (clip embeddings: by ``pools``' actors)."""
+    return ray_embedder(config, pools) if detector_features(config) == "clip" else ray_frames_embedder(config)
 
 
 FRAME_BATCH = 16  # clips per task of the log-mel frame pipeline
@@ -120,16 +126,31 @@ def ray_run(roots: Sequence[str | Path], config: RunConfig, out_dir: str | Path 
             machines: Iterable[str] | None = None, feature_cache: dict | None = None) -> RunReport:
     """Embed the corpus with Ray Data (clip embeddings: cached Parquet), then fit, score, decide, evaluate, write.
 
-    Joins the Ray at ``RAY_ADDRESS`` or the running session, else starts a local one. Clip-embedding
-    detectors are fitted in the driver (light); frame detectors in one Ray task per machine. With
-    ``feature_cache`` (a dict kept by the caller), runs of several detectors share their features.
+    Joins the Ray at ``RAY_ADDRESS`` or the running session, else starts a local one. As soon as discovery has
+    found clips to embed, the embedding actors start (their imports, checkpoint and first forward pass overlap
+    the workers' warm-up and the pipeline's start) and they are ended with the run. Clip-embedding detectors
+    are fitted in the driver (light); frame detectors in one Ray task per machine. With ``feature_cache`` (a
+    dict kept by the caller), runs of several detectors share their features.
     """
     ensure_ray(num_cpus=config.ray.num_cpus or None)
     warm = warm_pipeline(config)  # worker imports overlap discovery; a cached run wastes a second of idle CPUs
-    embedder = shared(embedder_for(config), feature_cache, features_key(config))
+    pools: list[EmbeddingPool] = []
+    shared_already = feature_cache is not None and features_key(config) in feature_cache
+
+    def warm_up(records: Sequence[ClipRecord]) -> None:
+        if detector_features(config) == "clip" and not shared_already:
+            pool = embedding_pool(records, **pool_settings(config))
+            pools.extend([pool] if pool else [])
+        await_warm(warm)
+
+    embedder = shared(embedder_for(config, pools), feature_cache, features_key(config))
     fitting = {}  # clip-embedding detectors: fitted in the driver (light)
     if detector_features(config) == "frames":
         gpu = gpu_wanted(config.ray.use_gpu) and (config.detector.startswith("ae-") or config.detector == "fusion")
         fitting = {"machine_map": ray_task_map(config.ray.detector_cpus, 1 if gpu else 0),
                    "device": "cuda" if gpu else "cpu"}
-    return run_detection(roots, config, embedder, out_dir, machines, warm_up=lambda: await_warm(warm), **fitting)
+    try:
+        return run_detection(roots, config, embedder, out_dir, machines, warm_up=warm_up, **fitting)
+    finally:
+        for pool in pools:
+            pool.close()

@@ -82,31 +82,84 @@ def test_ae_baseline_on_ray_trains_one_task_per_machine(ray_local, tiny_corpus, 
         np.testing.assert_allclose(got.results[m].raw_scores, r.raw_scores, rtol=1e-9)
 
 
-def test_preprocessing_runs_in_tasks_of_its_own_not_fused_into_the_embedding_actor(ray_local, tiny_corpus,
-                                                                                   tiny_hubert):
-    from asd_ray.distributed.embed import embedding_dataset
+def test_preprocessing_tasks_feed_embedding_actors_started_before_the_pipeline(ray_local, tiny_corpus,
+                                                                              tiny_hubert, tmp_path):
+    """The pool's actors are started (and warm) before any pipeline runs, and every pipeline of the driver uses
+    those same processes; Ray Data runs only the pre-processing, in tasks of its own."""
+    import ray
+
+    from asd_ray.distributed.embed import EmbeddingPool, embedded_tables
 
     records, _ = plan_records(discover([tiny_corpus], ["valve"]))
-    config = load_config(RunConfig, None, [f"embed.backbone={tiny_hubert}", "embed.device=cpu"])
-    ds = embedding_dataset([r.to_row() for r in records[:8]], embed=config.embed, preprocess=config.preprocess,
-                           num_actors=1, actor_cpus=0.5, use_gpu=False)
-    rows = ds.take_all()
-    stats = ds.stats()
-    assert len(rows) == 8 and all(len(r["embedding"]) == 32 for r in rows)
-    assert "MapBatches(preprocess_batch)->" not in stats  # a fused stage would be named after both maps
-    assert "MapBatches(preprocess_batch)" in stats and "MapBatches(EmbedBatch)" in stats
+    config = load_config(RunConfig, None, [f"embed.backbone={tiny_hubert}", "embed.device=cpu", "embed.batch_size=3"])
+    pool = EmbeddingPool(config.embed, use_gpu=False, num_actors=1, actor_cpus=0.5)
+    try:
+        [pid] = pool.ready()
+        rows = [r.to_row() for r in records[:8]]
+        tables = list(embedded_tables(rows, embed=config.embed, preprocess=config.preprocess, pool=pool, use_gpu=False))
+        assert sum(t.num_rows for t in tables) == 8 and all(t.num_rows <= 3 for t in tables)
+        got = {p: e for t in tables for p, e in zip(t.column("path").to_pylist(), t.column("embedding").to_pylist())}
+        assert set(got) == {r["path"] for r in rows} and all(len(e) == 32 for e in got.values())
+        table = embed_corpus(records[:8], embed=config.embed, preprocess=config.preprocess,
+                             cache_dir=tmp_path / "c", pool=pool)  # a second pipeline: the same actor
+        assert pool.ready() == [pid] and not table.rejects and len(table.records) == 8
+        np.testing.assert_allclose(table.embeddings, [got[r.path] for r in table.records], rtol=1e-6)
+        assert ray.get(pool.actors[0].ready.remote()) == pid
+    finally:
+        pool.close()
+
+
+def test_ray_run_starts_its_embedding_actors_before_the_pipeline_and_ends_them(ray_local, tiny_corpus, tiny_hubert,
+                                                                              tmp_path, monkeypatch):
+    """The run starts the actors as soon as discovery has found clips to embed (before Ray Data plans anything),
+    feeds the pipeline to those very actors, ends them with the run, and starts none when the cache holds it all."""
+    import ray
+
+    from asd_ray.distributed import embed as embed_module
+    from asd_ray.distributed import run as run_module
+
+    events, actors = [], []
+    make_pool, preprocessed = run_module.embedding_pool, embed_module.preprocessed
+
+    def spy_pool(*args, **kwargs):
+        pool = make_pool(*args, **kwargs)
+        events.append("pool" if pool else "no pool")
+        actors.extend(pool.actors if pool else [])
+        return pool
+
+    def spy_pipeline(*args, **kwargs):
+        events.append("pipeline")
+        return preprocessed(*args, **kwargs)
+
+    monkeypatch.setattr(run_module, "embedding_pool", spy_pool)
+    monkeypatch.setattr(embed_module, "preprocessed", spy_pipeline)
+    started = []
+
+    class CountedPool(embed_module.EmbeddingPool):
+        def __init__(self, *args, **kwargs):
+            started.append(self)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(embed_module, "EmbeddingPool", CountedPool)
+    config = _config(tmp_path, f"embed.backbone={tiny_hubert}", "embed.device=cpu", "detector=knn")
+    first = ray_run([tiny_corpus], config, machines=["valve"])
+    assert events == ["pool", "pipeline"] and len(actors) == 1 and len(started) == 1  # the pipeline took that pool
+    with pytest.raises(ray.exceptions.RayActorError):  # ended with the run
+        ray.get(actors[0].ready.remote(), timeout=60)
+    second = ray_run([tiny_corpus], config, machines=["valve"])  # cached embeddings: no actor, no pipeline
+    assert events == ["pool", "pipeline", "no pool"]
+    np.testing.assert_allclose(second.results["valve"].raw_scores, first.results["valve"].raw_scores, rtol=1e-6)
 
 
 def test_weight_free_logmel_embeds_inside_the_preprocessing_tasks(ray_local, tiny_corpus):
-    from asd_ray.distributed.embed import embedding_dataset
+    from asd_ray.distributed.embed import embedded_tables
 
     records, _ = plan_records(discover([tiny_corpus], ["valve"]))
     config = load_config(RunConfig, None, [])
-    ds = embedding_dataset([r.to_row() for r in records[:8]], embed=config.embed, preprocess=config.preprocess,
-                           num_actors=1, actor_cpus=0.5, use_gpu=False)
-    rows = ds.take_all()
-    assert len(rows) == 8 and all(len(r["embedding"]) == 256 for r in rows)
-    assert "MapBatches(preprocess_batch)->MapBatches(embed_in_task)" in ds.stats()  # one task stage, no actor
+    tables = list(embedded_tables([r.to_row() for r in records[:8]], embed=config.embed,
+                                  preprocess=config.preprocess, pool=None, use_gpu=False))
+    assert sum(t.num_rows for t in tables) == 8
+    assert all(len(e) == 256 for t in tables for e in t.column("embedding").to_pylist())
 
 
 @pytest.mark.parametrize("family", ["hubert", "audio-spectrogram-transformer"])
