@@ -237,8 +237,10 @@ def write_reasons(out: Path, tables: dict[str, Sequence[Reject]]) -> None:
         write_rows(out / name, [("path", "reason")] + [(x.path, x.reason) for x in rows])
 
 
-def write_outputs(report: RunReport, out_dir: str | Path, config: RunConfig) -> Path:
-    """Official CSVs per machine, rejects.csv / unused.csv / unscored.csv, metrics.json and the config used."""
+def write_outputs(report: RunReport, out_dir: str | Path, config: RunConfig, plot_map: MachineMap | None = None
+                  ) -> Path:
+    """Official CSVs per machine, rejects.csv / unused.csv / unscored.csv, metrics.json, the config used and
+    report.md with its plots (drawn by ``plot_map``, in this process by default)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     for r in report.results.values():
@@ -258,7 +260,7 @@ def write_outputs(report: RunReport, out_dir: str | Path, config: RunConfig) -> 
     if report.metrics:  # what the official evaluator would write for this folder, per split
         write_evaluator_results(out, report.metrics, out.resolve().name)
     save_config(config, out / "config.yaml")
-    write_report(report, out, config)
+    write_report(report, out, config, plot_map)
     return out
 
 
@@ -275,12 +277,14 @@ Embedder = Callable[[Sequence[ClipRecord]], tuple[Features, list[ClipRecord], li
 def run_detection(roots: Sequence[str | Path], config: RunConfig, embedder: Embedder,
                   out_dir: str | Path | None = None, machines: Iterable[str] | None = None,
                   machine_map: MachineMap = local_map, device: str = "cpu",
-                  warm_up: Callable[[Sequence[ClipRecord]], None] | None = None) -> RunReport:
+                  warm_up: Callable[[Sequence[ClipRecord]], None] | None = None,
+                  plot_map: MachineMap | None = None) -> RunReport:
     """Discover a corpus, embed it with ``embedder``, detect, evaluate; write outputs when ``out_dir`` is set.
 
     ``embedder(records)`` returns what ``embed_records`` returns, in the features ``config.detector`` eats;
     the reference run embeds in this process, the Ray pipeline on a cluster, and everything else is this
-    one function. ``machine_map`` fits the per-machine detectors (an AE on ``device``). ``warm_up(records)``
+    one function. ``machine_map`` fits the per-machine detectors (an AE on ``device``), ``plot_map`` draws
+    the report's plots (both: in this process by default). ``warm_up(records)``
     (the Ray run's: starting its embedding actors for the clips to embed, waiting for its warm workers) runs after
     discovery and is timed on its own (``timings["warm_up"]``), as the reference run's imports and backbone
     loading are not part of its embedding time either.
@@ -315,7 +319,7 @@ def run_detection(roots: Sequence[str | Path], config: RunConfig, embedder: Embe
     if out_dir is not None:
         t4 = time.perf_counter()
         with stage("report", total=1, unit="run"):
-            write_outputs(report, out_dir, config)
+            write_outputs(report, out_dir, config, plot_map)
             advance()
         report.timings["report"] = time.perf_counter() - t4
         log.info("outputs and report written in %.1f s", report.timings["report"])

@@ -5,13 +5,21 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
+from typing import Callable
+
 import numpy as np
 
 from asd_ray.results import RunReport
 from asd_ray.scoring.metrics import DECISION_KEYS, EVALUATOR_COLUMNS, SPLITS
 
 
-def _plots(machine: str, filenames, scores, truth: dict, out: Path) -> list[str]:
+def plot_png(machine: str, filenames, scores, truth: dict) -> bytes | None:
+    """One machine's ROC curves (per domain) and score histograms as PNG bytes; None without known labels.
+
+    Returns the bytes rather than writing a file, so that a run can draw its machines in parallel tasks on any
+    node (each plot is a few tenths of a second, matplotlib's import most of a second more)."""
+    import io
+
     import matplotlib
 
     matplotlib.use("Agg")
@@ -20,7 +28,7 @@ def _plots(machine: str, filenames, scores, truth: dict, out: Path) -> list[str]
 
     known = [(truth[f][0], truth[f][1], s) for f, s in zip(filenames, scores) if f in truth]
     if not known:
-        return []
+        return None
     y = np.array([k[0] for k in known])
     d = np.array([k[1] for k in known])
     s = np.array([k[2] for k in known])
@@ -43,10 +51,14 @@ def _plots(machine: str, filenames, scores, truth: dict, out: Path) -> list[str]
     ax_hist.set(xlabel="anomaly score", ylabel="clips", title=f"{machine}: scores")
     ax_hist.legend(fontsize=8)
     fig.subplots_adjust(left=0.07, right=0.98, bottom=0.13, top=0.92, wspace=0.22)  # tight_layout: a quarter of the time
-    name = f"plot_{machine}.png"
-    fig.savefig(out / name, dpi=90)
+    png = io.BytesIO()
+    fig.savefig(png, dpi=90, format="png")
     plt.close(fig)
-    return [name]
+    return png.getvalue()
+
+
+def _in_turn(fn: Callable, jobs: list[tuple]) -> list:
+    return [fn(*args) for args in jobs]
 
 
 def headline_line(metrics: dict) -> str:
@@ -83,8 +95,10 @@ def split_lines(name: str, split: dict, results: dict | None = None, system: str
     return lines + [""]
 
 
-def write_report(report: RunReport, out: Path, config) -> Path:
-    """Write ``report.md`` (and one PNG per machine with known labels) into ``out``."""
+def write_report(report: RunReport, out: Path, config, plot_map: Callable[[Callable, list[tuple]], list] = None
+                 ) -> Path:
+    """Write ``report.md`` (and one PNG per machine with known labels) into ``out``; ``plot_map(fn, jobs)`` draws
+    them (in this process by default; a Ray run's draws them in parallel tasks)."""
     lines = ["# asd-ray report", ""]
     m = report.metrics
     if m:
@@ -110,9 +124,13 @@ def write_report(report: RunReport, out: Path, config) -> Path:
     lines += ["## Timings (s)", "", " · ".join(f"{k} {v:.1f}" for k, v in report.timings.items()), "",
               "## Config", "", "```json", json.dumps(dataclasses.asdict(config), indent=1), "```", "",
               "## Plots", ""]
-    for name, r in report.results.items():
-        for png in _plots(name, r.filenames, r.scores, report.truth.get(name, {}), out):
-            lines.append(f"![{name}]({png})")
+    names = list(report.results)
+    jobs = [(name, report.results[name].filenames, report.results[name].scores, report.truth.get(name, {}))
+            for name in names]
+    for name, png in zip(names, (plot_map or _in_turn)(plot_png, jobs)):
+        if png is not None:
+            (out / f"plot_{name}.png").write_bytes(png)
+            lines.append(f"![{name}](plot_{name}.png)")
     path = out / "report.md"
     path.write_text("\n".join(lines) + "\n")
     return path

@@ -35,8 +35,10 @@ def test_run_console_shows_stage_bars_and_a_summary_and_sends_ray_lines_to_the_r
     done = asd_ray("run", "--data", tiny_corpus, "--out", out, "--machines", "valve", "--detector", "knn",
                    "--set", f"ray.cache_dir={tmp_path / 'cache'}", python=("-X", "importtime"))
     modules, stderr = imported(done)
-    # the driver of a Ray run never needs torch (seconds of its start on a GPU node, before Ray is up)
-    assert "ray.data" in modules and "sklearn" in modules and "torch" not in modules
+    # the driver of a Ray run never needs torch (seconds of its start on a GPU node, before Ray is up), and the
+    # report's plots are drawn in Ray tasks
+    assert "ray.data" in modules and "sklearn" in modules and "torch" not in modules and "matplotlib" not in modules
+    assert (out / "plot_valve.png").read_bytes().startswith(b"\x89PNG") and "(plot_valve.png)" in (out / "report.md").read_text()
     for name in ("discover", "embed", "banks", "scoring", "report"):
         assert name in stderr
     assert "100%" in stderr and "clip/s" in stderr

@@ -17,7 +17,8 @@ from asd_ray.data.layout import ClipRecord
 from asd_ray.detect import Embedder, MachineMap, features_key, frame_feature_kwargs, run_detection, shared
 from asd_ray.detectors import detector_features
 from asd_ray.distributed.embed import (EmbeddingPool, EmbeddingTable, Stage, await_warm, clip_tasks, embed_corpus,
-                                       embedding_pool, frames_batch, preprocessed, task_cpus, warm_workers)
+                                       embedding_pool, frames_batch, needs_actors, preprocessed, task_cpus,
+                                       warm_workers)
 from asd_ray.distributed.session import ensure_ray, gpu_wanted
 from asd_ray.progress import advance
 from asd_ray.results import Reject, RunReport
@@ -80,8 +81,9 @@ def _apply(fn: Callable, *args):
     return fn(*args)
 
 
-def ray_task_map(num_cpus: float, num_gpus: float = 0) -> MachineMap:
-    """``map`` over Ray tasks: one task per job, all in flight at once (``fn`` may be a partial)."""
+def ray_task_map(num_cpus: float, num_gpus: float = 0, progress: bool = True) -> MachineMap:
+    """``map`` over Ray tasks: one task per job, all in flight at once (``fn`` may be a partial); each finished
+    job advances the stage's bar when ``progress``."""
     import ray
 
     def machine_map(fn: Callable, jobs: list[tuple]) -> list:
@@ -90,7 +92,7 @@ def ray_task_map(num_cpus: float, num_gpus: float = 0) -> MachineMap:
         pending = refs
         while pending:
             done, pending = ray.wait(pending, num_returns=1)
-            advance(len(done))
+            advance(len(done) if progress else 0)
         return ray.get(refs)
 
     return machine_map
@@ -133,14 +135,20 @@ def ray_run(roots: Sequence[str | Path], config: RunConfig, out_dir: str | Path 
     dict kept by the caller), runs of several detectors share their features.
     """
     ensure_ray(num_cpus=config.ray.num_cpus or None)
-    warm = warm_pipeline(config)  # worker imports overlap discovery; a cached run wastes a second of idle CPUs
     pools: list[EmbeddingPool] = []
-    shared_already = feature_cache is not None and features_key(config) in feature_cache
+    actors = (detector_features(config) == "clip" and needs_actors(config.embed)
+              and not (feature_cache is not None and features_key(config) in feature_cache))
+    # Worker imports overlap discovery; a cached run wastes a second of idle CPUs. With embedding actors to
+    # start, the warm-up starts after them (after discovery): an actor then takes one of the idle worker
+    # processes Ray starts with the driver, saving its process start (Ray never gives an actor a worker that
+    # has run a task).
+    warm = [] if actors else warm_pipeline(config)
 
     def warm_up(records: Sequence[ClipRecord]) -> None:
-        if detector_features(config) == "clip" and not shared_already:
+        if actors:
             pool = embedding_pool(records, **pool_settings(config))
             pools.extend([pool] if pool else [])
+            warm.extend(warm_pipeline(config))
         await_warm(warm)
 
     embedder = shared(embedder_for(config, pools), feature_cache, features_key(config))
@@ -149,8 +157,10 @@ def ray_run(roots: Sequence[str | Path], config: RunConfig, out_dir: str | Path 
         gpu = gpu_wanted(config.ray.use_gpu) and (config.detector.startswith("ae-") or config.detector == "fusion")
         fitting = {"machine_map": ray_task_map(config.ray.detector_cpus, 1 if gpu else 0),
                    "device": "cuda" if gpu else "cpu"}
+    # the report's plots in parallel tasks (a machine's plot is a few tenths of a second; 15 machines took 5 s)
+    plots = ray_task_map(1, progress=False)
     try:
-        return run_detection(roots, config, embedder, out_dir, machines, warm_up=warm_up, **fitting)
+        return run_detection(roots, config, embedder, out_dir, machines, warm_up=warm_up, plot_map=plots, **fitting)
     finally:
         for pool in pools:
             pool.close()

@@ -31,6 +31,8 @@ def test_ray_run_equals_reference_run(ray_local, tiny_corpus, tmp_path, detector
         assert len((tmp_path / "ray" / f"decision_result_{m}_section_00_test.csv").read_text().splitlines()) == len(rows)
     assert got.metrics["official_score"] == pytest.approx(ref.metrics["official_score"], rel=1e-9)
     assert (tmp_path / "ray" / "report.md").read_text().count("| ToyCar |") == 1
+    for m in ref.results:  # drawn in Ray tasks, written by the driver
+        assert (tmp_path / "ray" / f"plot_{m}.png").read_bytes() == (tmp_path / "ref" / f"plot_{m}.png").read_bytes()
     # the Ray run's wait for its warm workers is timed apart from its embedding stage; the reference has none
     assert got.timings["warm_up"] >= 0 and "warm_up" not in ref.timings
     assert got.timings["embed"] > 0 and got.timings["discover"] >= 0
