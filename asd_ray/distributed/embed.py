@@ -503,18 +503,6 @@ def needs_actors(embed: EmbedConfig) -> bool:
     return not clip_tasks(embed, use_gpu=False)[0]
 
 
-def embedding_pool(records: Sequence[ClipRecord], *, embed: EmbedConfig, preprocess: PreprocessConfig,
-                   cache_dir: str | Path, num_actors: int = 1, actor_cpus: float = 0.5,
-                   use_gpu: bool | None = None) -> EmbeddingPool | None:
-    """The actors ``embed_corpus`` will need for ``records``, started now without waiting; None when the cache
-    holds their embeddings or the backbone embeds inside the pre-processing tasks."""
-    if not needs_actors(embed) or (cache_folder(records, embed, preprocess, cache_dir) / "_COMPLETE").is_file():
-        return None
-    if use_gpu is None:
-        use_gpu = gpu_wanted("auto", embed.device)
-    return EmbeddingPool(embed, use_gpu=use_gpu, num_actors=num_actors, actor_cpus=actor_cpus)
-
-
 def embed_corpus(records: Sequence[ClipRecord], *, embed: EmbedConfig, preprocess: PreprocessConfig,
                  cache_dir: str | Path, num_actors: int = 1, actor_cpus: float = 0.5,
                  use_gpu: bool | None = None, preprocess_cpus: float = 0.0,

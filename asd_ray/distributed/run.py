@@ -16,25 +16,25 @@ from asd_ray.config import RunConfig
 from asd_ray.data.layout import ClipRecord
 from asd_ray.detect import Embedder, MachineMap, features_key, frame_feature_kwargs, run_detection, shared
 from asd_ray.detectors import detector_features
-from asd_ray.distributed.embed import (EmbeddingPool, EmbeddingTable, Stage, await_warm, clip_tasks, embed_corpus,
-                                       embedding_pool, frames_batch, needs_actors, preprocessed, task_cpus,
-                                       warm_workers)
+from asd_ray.distributed.embed import (EmbeddingPool, EmbeddingTable, Stage, await_warm, cache_folder, clip_tasks,
+                                       embed_corpus, frames_batch, needs_actors, preprocessed, task_cpus, warm_workers)
 from asd_ray.distributed.session import ensure_ray, gpu_wanted
 from asd_ray.progress import advance
 from asd_ray.results import Reject, RunReport
 
 
-def pool_settings(config: RunConfig) -> dict:
-    """``config``'s embedding, pre-processing and Ray knobs as the keywords of ``embedding_pool``."""
-    return {"embed": config.embed, "preprocess": config.preprocess, "cache_dir": config.ray.cache_dir,
-            "num_actors": config.ray.embed_actors, "actor_cpus": config.ray.actor_cpus,
-            "use_gpu": gpu_wanted(config.ray.use_gpu, config.embed.device)}
-
-
 def embed_table(records, config: RunConfig, pool: EmbeddingPool | None = None) -> EmbeddingTable:
     """The Ray Data pipeline over ``records`` with ``config``'s embedding, pre-processing and Ray knobs
     (read back from the Parquet cache when it holds them already), its actors ``pool``'s when given."""
-    return embed_corpus(records, **pool_settings(config), preprocess_cpus=config.ray.preprocess_cpus, pool=pool)
+    return embed_corpus(records, embed=config.embed, preprocess=config.preprocess, cache_dir=config.ray.cache_dir,
+                        num_actors=config.ray.embed_actors, actor_cpus=config.ray.actor_cpus,
+                        use_gpu=gpu_wanted(config.ray.use_gpu, config.embed.device),
+                        preprocess_cpus=config.ray.preprocess_cpus, pool=pool)
+
+
+def is_cached(records: Sequence[ClipRecord], config: RunConfig) -> bool:
+    """Whether the Parquet cache holds the clip embeddings of ``records`` under ``config``."""
+    return (cache_folder(records, config.embed, config.preprocess, config.ray.cache_dir) / "_COMPLETE").is_file()
 
 
 def ray_embedder(config: RunConfig, pools: list | None = None) -> Embedder:
@@ -128,27 +128,26 @@ def ray_run(roots: Sequence[str | Path], config: RunConfig, out_dir: str | Path 
             machines: Iterable[str] | None = None, feature_cache: dict | None = None) -> RunReport:
     """Embed the corpus with Ray Data (clip embeddings: cached Parquet), then fit, score, decide, evaluate, write.
 
-    Joins the Ray at ``RAY_ADDRESS`` or the running session, else starts a local one. As soon as discovery has
-    found clips to embed, the embedding actors start (their imports, checkpoint and first forward pass overlap
-    the workers' warm-up and the pipeline's start) and they are ended with the run. Clip-embedding detectors
+    Joins the Ray at ``RAY_ADDRESS`` or the running session, else starts a local one. The embedding actors
+    start right after (their imports, checkpoint and first forward pass overlap discovery, the workers' warm-up
+    and the pipeline's start) and are ended with the run, or after discovery when the cache holds every clip. Clip-embedding detectors
     are fitted in the driver (light); frame detectors in one Ray task per machine. With ``feature_cache`` (a
     dict kept by the caller), runs of several detectors share their features.
     """
     ensure_ray(num_cpus=config.ray.num_cpus or None)
     pools: list[EmbeddingPool] = []
-    actors = (detector_features(config) == "clip" and needs_actors(config.embed)
-              and not (feature_cache is not None and features_key(config) in feature_cache))
-    # Worker imports overlap discovery; a cached run wastes a second of idle CPUs. With embedding actors to
-    # start, the warm-up starts after them (after discovery): an actor then takes one of the idle worker
-    # processes Ray starts with the driver, saving its process start (Ray never gives an actor a worker that
-    # has run a task).
-    warm = [] if actors else warm_pipeline(config)
+    if (detector_features(config) == "clip" and needs_actors(config.embed)
+            and not (feature_cache is not None and features_key(config) in feature_cache)):
+        # Started before discovery, on the chance that the cache misses (ended after it if it does not), and
+        # before the warm-up tasks: an actor then takes one of the idle worker processes Ray starts with the
+        # driver, saving its process start (Ray never gives an actor a worker that has run a task).
+        pools.append(EmbeddingPool(config.embed, use_gpu=gpu_wanted(config.ray.use_gpu, config.embed.device),
+                                   num_actors=config.ray.embed_actors, actor_cpus=config.ray.actor_cpus))
+    warm = warm_pipeline(config)  # worker imports overlap discovery; a cached run wastes a second of idle CPUs
 
     def warm_up(records: Sequence[ClipRecord]) -> None:
-        if actors:
-            pool = embedding_pool(records, **pool_settings(config))
-            pools.extend([pool] if pool else [])
-            warm.extend(warm_pipeline(config))
+        if pools and is_cached(records, config):
+            pools.pop().close()
         await_warm(warm)
 
     embedder = shared(embedder_for(config, pools), feature_cache, features_key(config))

@@ -113,43 +113,46 @@ def test_preprocessing_tasks_feed_embedding_actors_started_before_the_pipeline(r
 
 def test_ray_run_starts_its_embedding_actors_before_the_pipeline_and_ends_them(ray_local, tiny_corpus, tiny_hubert,
                                                                               tmp_path, monkeypatch):
-    """The run starts the actors as soon as discovery has found clips to embed (before Ray Data plans anything),
-    feeds the pipeline to those very actors, ends them with the run, and starts none when the cache holds it all."""
+    """The run starts the actors before discovery (before Ray Data plans anything), feeds the pipeline to those
+    very actors and ends them with the run; when the cache holds every clip, it ends them after discovery."""
     import ray
 
+    from asd_ray import detect
     from asd_ray.distributed import embed as embed_module
     from asd_ray.distributed import run as run_module
 
-    events, actors = [], []
-    make_pool, preprocessed = run_module.embedding_pool, embed_module.preprocessed
+    events, pools = [], []
 
-    def spy_pool(*args, **kwargs):
-        pool = make_pool(*args, **kwargs)
-        events.append("pool" if pool else "no pool")
-        actors.extend(pool.actors if pool else [])
-        return pool
+    class WatchedPool(embed_module.EmbeddingPool):
+        def __init__(self, *args, **kwargs):
+            events.append("pool")
+            pools.append(self)
+            super().__init__(*args, **kwargs)
+            self.started = list(self.actors)
+
+    preprocessed, discover_ = embed_module.preprocessed, detect.discover
 
     def spy_pipeline(*args, **kwargs):
         events.append("pipeline")
         return preprocessed(*args, **kwargs)
 
-    monkeypatch.setattr(run_module, "embedding_pool", spy_pool)
+    def spy_discover(*args, **kwargs):
+        events.append("discover")
+        return discover_(*args, **kwargs)
+
+    for module in (run_module, embed_module):  # the run's pool, and any embed_corpus would start of its own
+        monkeypatch.setattr(module, "EmbeddingPool", WatchedPool)
     monkeypatch.setattr(embed_module, "preprocessed", spy_pipeline)
-    started = []
-
-    class CountedPool(embed_module.EmbeddingPool):
-        def __init__(self, *args, **kwargs):
-            started.append(self)
-            super().__init__(*args, **kwargs)
-
-    monkeypatch.setattr(embed_module, "EmbeddingPool", CountedPool)
+    monkeypatch.setattr(detect, "discover", spy_discover)
     config = _config(tmp_path, f"embed.backbone={tiny_hubert}", "embed.device=cpu", "detector=knn")
     first = ray_run([tiny_corpus], config, machines=["valve"])
-    assert events == ["pool", "pipeline"] and len(actors) == 1 and len(started) == 1  # the pipeline took that pool
-    with pytest.raises(ray.exceptions.RayActorError):  # ended with the run
-        ray.get(actors[0].ready.remote(), timeout=60)
-    second = ray_run([tiny_corpus], config, machines=["valve"])  # cached embeddings: no actor, no pipeline
-    assert events == ["pool", "pipeline", "no pool"]
+    assert events == ["pool", "discover", "pipeline"]  # one pool, and the pipeline took it
+    second = ray_run([tiny_corpus], config, machines=["valve"])  # cached embeddings: no pipeline
+    assert events == ["pool", "discover", "pipeline", "pool", "discover"]
+    for pool in pools:  # closed: after the first run, and after the second's discovery
+        assert pool.actors == [] and len(pool.started) == 1
+        with pytest.raises(ray.exceptions.RayActorError):
+            ray.get(pool.started[0].ready.remote(), timeout=60)
     np.testing.assert_allclose(second.results["valve"].raw_scores, first.results["valve"].raw_scores, rtol=1e-6)
 
 
