@@ -91,9 +91,7 @@ def task_memory(batch_size: int, preprocess: PreprocessConfig) -> int:
     decoded, normalised and padded float32 copies of ``batch_size`` clips of ``max_seconds`` (20 s when
     uncapped; DCASE clips are 6-18 s).
 
-    Ray schedules with it (no node takes more tasks than its memory holds) and, being a remote argument the
-    embedding actors lack, it keeps Ray Data from fusing the pre-processing into the actor stage (it fuses
-    stages whose remote arguments match: on a CPU node every clip would be decoded inside the one actor)."""
+    Ray schedules with it: no node takes more tasks than its memory holds."""
     seconds = preprocess.max_seconds or 20.0
     return 512 * 2**20 + int(3 * 4 * batch_size * seconds * preprocess.sample_rate)
 
@@ -201,6 +199,9 @@ class EmbeddingPool:
         opts["scheduling_strategy"] = ray.data.DataContext.get_current().scheduling_strategy
         actor = ray.remote(EmbeddingActor).options(max_concurrency=2, max_restarts=2, max_task_retries=2, **opts)
         self.actors = [actor.remote(**actor_embed_kwargs(embed, use_gpu)) for _ in range(max(1, num_actors))]
+        # each actor's start, awaited by ``embed`` before it gets work: one that cannot be scheduled (a second
+        # actor on a one-GPU node) must not hold bundles while the others could embed them
+        self.started = {a.ready.remote(): a for a in self.actors}
 
     def ready(self) -> list[int]:
         """Wait until every actor has loaded its backbone: their process ids (a failed start raises here)."""
@@ -211,45 +212,65 @@ class EmbeddingPool:
 
         try:
             return ray.get(refs)
-        except ray.exceptions.ActorDiedError as err:
+        except ray.exceptions.RayActorError as err:
             from asd_ray.errors import BackboneError
 
-            raise BackboneError(f"an embedding actor for {self.backbone} could not start or died: {err}") from None
+            # the creation task's traceback is in the message: its last line says why
+            why = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+            raise BackboneError(f"an embedding actor for {self.backbone} could not start or died: {why}") from None
 
     def embed(self, bundles: Iterable) -> Iterator["pyarrow.Table"]:
         """Ray Data ref bundles (``Dataset.iter_internal_ref_bundles`` after ``preprocess_batch``) -> their rows
-        embedded, one Arrow table per bundle, in the order they finish. Pulls a bundle only while an actor has
-        room, so Ray Data's back-pressure holds the pre-processing back when the actors are the slower stage."""
+        embedded, one Arrow table per bundle, in the order they finish. Pulls a bundle only while a started actor
+        has room, so Ray Data's back-pressure holds the pre-processing back when the actors are the slower stage."""
         import ray
 
         pending: dict = {}  # call's ref -> actor index
         load = [0] * len(self.actors)
+        ready = {i for i, ref in enumerate(self.started) if ref in self._done_starts()}
 
         def collect(wait: bool) -> list:
-            done, _ = ray.wait(list(pending), num_returns=1 if wait else len(pending), timeout=None if wait else 0)
+            starting = [ref for i, ref in enumerate(self.started) if i not in ready]
+            refs = list(pending) + starting
+            done, _ = ray.wait(refs, num_returns=1 if wait else len(refs), timeout=None if wait else 0)
+            results = []
             for ref in done:
-                load[pending.pop(ref)] -= 1
-            return self._get(done) if done else []
+                if ref in pending:
+                    load[pending.pop(ref)] -= 1
+                    results.append(ref)
+                else:
+                    self._get([ref])  # raises if the actor could not start
+                    ready.add(list(self.started).index(ref))
+            return self._get(results) if results else []
 
-        for bundle in bundles:
-            while len(pending) >= self.calls_per_actor * len(self.actors):
+        try:
+            for bundle in bundles:
+                while not ready or len(pending) >= self.calls_per_actor * len(ready):
+                    yield from collect(wait=True)
+                refs = list(bundle.block_refs)
+                slices = [None if s is None else (s.start_offset, s.end_offset)
+                          for s in (bundle.slices or [None] * len(refs))]
+                i = min(ready, key=lambda j: load[j])
+                pending[self.actors[i].embed_blocks.remote(slices, *refs)] = i
+                load[i] += 1
+                yield from collect(wait=False)
+            while pending:
                 yield from collect(wait=True)
-            refs = list(bundle.block_refs)
-            slices = [None if s is None else (s.start_offset, s.end_offset)
-                      for s in (bundle.slices or [None] * len(refs))]
-            i = load.index(min(load))
-            pending[self.actors[i].embed_blocks.remote(slices, *refs)] = i
-            load[i] += 1
-            yield from collect(wait=False)
-        while pending:
-            yield from collect(wait=True)
+        finally:
+            del bundles  # an abandoned iterator shuts Ray Data's executor down
+
+    def _done_starts(self) -> set:
+        import ray
+
+        done, _ = ray.wait(list(self.started), num_returns=len(self.started), timeout=0)
+        return set(done)
 
     def close(self) -> None:
         import ray
 
         for actor in self.actors:
             ray.kill(actor)
-        self.actors = []
+        self.actors, self.started = [], {}
 
 
 def actor_embed_kwargs(embed: EmbedConfig, use_gpu: bool) -> dict:

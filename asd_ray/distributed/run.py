@@ -41,7 +41,11 @@ def ray_embedder(config: RunConfig, pools: list | None = None) -> Embedder:
     """The Ray embedder of clip embeddings; the first of ``pools`` (started by the run's warm-up), when there is
     one, holds its actors."""
     def embedder(records):
-        table = embed_table(records, config, pools[0] if pools else None)
+        try:
+            table = embed_table(records, config, pools[0] if pools else None)
+        finally:  # the actors' CPUs or GPUs back for what follows (banks, the plots' tasks) as soon as embedding ends
+            while pools:
+                pools.pop().close()
         return table.embeddings, table.records, [Reject.of(r) for r in table.rejects], table.flags
 
     return embedder

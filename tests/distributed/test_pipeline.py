@@ -111,6 +111,37 @@ def test_preprocessing_tasks_feed_embedding_actors_started_before_the_pipeline(r
         pool.close()
 
 
+def test_pool_embeds_with_the_actors_that_started_when_another_cannot_be_scheduled(ray_local, tiny_corpus,
+                                                                                   tiny_hubert):
+    """Two actors of 1.5 CPUs on a 2-CPU Ray (as two GPU actors on a one-GPU node): the one that started embeds
+    everything; none of the work waits on the one that never will."""
+    from asd_ray.distributed.embed import EmbeddingPool, embedded_tables
+
+    records, _ = plan_records(discover([tiny_corpus], ["valve"]))
+    config = load_config(RunConfig, None, [f"embed.backbone={tiny_hubert}", "embed.device=cpu", "embed.batch_size=4"])
+    pool = EmbeddingPool(config.embed, use_gpu=False, num_actors=2, actor_cpus=1.5)
+    try:
+        tables = list(embedded_tables([r.to_row() for r in records[:12]], embed=config.embed,
+                                      preprocess=config.preprocess, pool=pool, use_gpu=False))
+        assert sum(t.num_rows for t in tables) == 12
+    finally:
+        pool.close()
+
+
+def test_an_actor_that_cannot_load_its_backbone_fails_the_pool_in_one_line(ray_local, tmp_path):
+    from asd_ray.distributed.embed import EmbeddingPool
+    from asd_ray.errors import BackboneError
+
+    config = load_config(RunConfig, None, [f"embed.backbone={tmp_path / 'missing'}", "embed.device=cpu"])
+    pool = EmbeddingPool(config.embed, use_gpu=False)
+    try:
+        with pytest.raises(BackboneError) as err:
+            pool.ready()
+        assert "missing" in str(err.value) and "\n" not in str(err.value) and "Traceback" not in str(err.value)
+    finally:
+        pool.close()
+
+
 def test_ray_run_starts_its_embedding_actors_before_the_pipeline_and_ends_them(ray_local, tiny_corpus, tiny_hubert,
                                                                               tmp_path, monkeypatch):
     """The run starts the actors before discovery (before Ray Data plans anything), feeds the pipeline to those
@@ -128,7 +159,7 @@ def test_ray_run_starts_its_embedding_actors_before_the_pipeline_and_ends_them(r
             events.append("pool")
             pools.append(self)
             super().__init__(*args, **kwargs)
-            self.started = list(self.actors)
+            self.handles = list(self.actors)
 
     preprocessed, discover_ = embed_module.preprocessed, detect.discover
 
@@ -150,9 +181,9 @@ def test_ray_run_starts_its_embedding_actors_before_the_pipeline_and_ends_them(r
     second = ray_run([tiny_corpus], config, machines=["valve"])  # cached embeddings: no pipeline
     assert events == ["pool", "discover", "pipeline", "pool", "discover"]
     for pool in pools:  # closed: after the first run, and after the second's discovery
-        assert pool.actors == [] and len(pool.started) == 1
+        assert pool.actors == [] and len(pool.handles) == 1
         with pytest.raises(ray.exceptions.RayActorError):
-            ray.get(pool.started[0].ready.remote(), timeout=60)
+            ray.get(pool.handles[0].ready.remote(), timeout=60)
     np.testing.assert_allclose(second.results["valve"].raw_scores, first.results["valve"].raw_scores, rtol=1e-6)
 
 
