@@ -95,8 +95,8 @@ def split_lines(name: str, split: dict, results: dict | None = None, system: str
     return lines + [""]
 
 
-def write_report(report: RunReport, out: Path, config, plot_map: Callable[[Callable, list[tuple]], list] = None
-                 ) -> Path:
+def write_report(report: RunReport, out: Path, config,
+                 plot_map: Callable[[Callable, list[tuple]], list] | None = None) -> Path:
     """Write ``report.md`` (and one PNG per machine with known labels) into ``out``; ``plot_map(fn, jobs)`` draws
     them (in this process by default; a Ray run's draws them in parallel tasks)."""
     lines = ["# asd-ray report", ""]

@@ -201,11 +201,11 @@ class EmbeddingPool:
         self.actors = [actor.remote(**actor_embed_kwargs(embed, use_gpu)) for _ in range(max(1, num_actors))]
         # each actor's start, awaited by ``embed`` before it gets work: one that cannot be scheduled (a second
         # actor on a one-GPU node) must not hold bundles while the others could embed them
-        self.started = {a.ready.remote(): a for a in self.actors}
+        self.starts = [a.ready.remote() for a in self.actors]
 
     def ready(self) -> list[int]:
         """Wait until every actor has loaded its backbone: their process ids (a failed start raises here)."""
-        return self._get([a.ready.remote() for a in self.actors])
+        return self._get(self.starts)
 
     def _get(self, refs):
         import ray
@@ -227,20 +227,19 @@ class EmbeddingPool:
 
         pending: dict = {}  # call's ref -> actor index
         load = [0] * len(self.actors)
-        ready = {i for i, ref in enumerate(self.started) if ref in self._done_starts()}
+        starting = dict(zip(self.starts, range(len(self.actors))))  # start's ref -> actor index, until it is done
+        ready: set[int] = set()
 
         def collect(wait: bool) -> list:
-            starting = [ref for i, ref in enumerate(self.started) if i not in ready]
-            refs = list(pending) + starting
+            refs = list(pending) + list(starting)
             done, _ = ray.wait(refs, num_returns=1 if wait else len(refs), timeout=None if wait else 0)
-            results = []
             for ref in done:
-                if ref in pending:
-                    load[pending.pop(ref)] -= 1
-                    results.append(ref)
-                else:
+                if ref in starting:
                     self._get([ref])  # raises if the actor could not start
-                    ready.add(list(self.started).index(ref))
+                    ready.add(starting.pop(ref))
+            results = [ref for ref in done if ref in pending]
+            for ref in results:
+                load[pending.pop(ref)] -= 1
             return self._get(results) if results else []
 
         try:
@@ -259,18 +258,12 @@ class EmbeddingPool:
         finally:
             del bundles  # an abandoned iterator shuts Ray Data's executor down
 
-    def _done_starts(self) -> set:
-        import ray
-
-        done, _ = ray.wait(list(self.started), num_returns=len(self.started), timeout=0)
-        return set(done)
-
     def close(self) -> None:
         import ray
 
         for actor in self.actors:
             ray.kill(actor)
-        self.actors, self.started = [], {}
+        self.actors, self.starts = [], []
 
 
 def actor_embed_kwargs(embed: EmbedConfig, use_gpu: bool) -> dict:

@@ -134,9 +134,9 @@ def ray_run(roots: Sequence[str | Path], config: RunConfig, out_dir: str | Path 
 
     Joins the Ray at ``RAY_ADDRESS`` or the running session, else starts a local one. The embedding actors
     start right after (their imports, checkpoint and first forward pass overlap discovery, the workers' warm-up
-    and the pipeline's start) and are ended with the run, or after discovery when the cache holds every clip. Clip-embedding detectors
-    are fitted in the driver (light); frame detectors in one Ray task per machine. With ``feature_cache`` (a
-    dict kept by the caller), runs of several detectors share their features.
+    and the pipeline's start) and are ended once embedding is done, or after discovery when the cache holds
+    every clip. Clip-embedding detectors are fitted in the driver (light); frame detectors in one Ray task per
+    machine. With ``feature_cache`` (a dict kept by the caller), runs of several detectors share their features.
     """
     ensure_ray(num_cpus=config.ray.num_cpus or None)
     pools: list[EmbeddingPool] = []
@@ -147,22 +147,22 @@ def ray_run(roots: Sequence[str | Path], config: RunConfig, out_dir: str | Path 
         # driver, saving its process start (Ray never gives an actor a worker that has run a task).
         pools.append(EmbeddingPool(config.embed, use_gpu=gpu_wanted(config.ray.use_gpu, config.embed.device),
                                    num_actors=config.ray.embed_actors, actor_cpus=config.ray.actor_cpus))
-    warm = warm_pipeline(config)  # worker imports overlap discovery; a cached run wastes a second of idle CPUs
+    try:  # the pool ends with the run, whatever fails
+        warm = warm_pipeline(config)  # worker imports overlap discovery; a cached run wastes a second of idle CPUs
 
-    def warm_up(records: Sequence[ClipRecord]) -> None:
-        if pools and is_cached(records, config):
-            pools.pop().close()
-        await_warm(warm)
+        def warm_up(records: Sequence[ClipRecord]) -> None:
+            if pools and is_cached(records, config):
+                pools.pop().close()
+            await_warm(warm)
 
-    embedder = shared(embedder_for(config, pools), feature_cache, features_key(config))
-    fitting = {}  # clip-embedding detectors: fitted in the driver (light)
-    if detector_features(config) == "frames":
-        gpu = gpu_wanted(config.ray.use_gpu) and (config.detector.startswith("ae-") or config.detector == "fusion")
-        fitting = {"machine_map": ray_task_map(config.ray.detector_cpus, 1 if gpu else 0),
-                   "device": "cuda" if gpu else "cpu"}
-    # the report's plots in parallel tasks (a machine's plot is a few tenths of a second; 15 machines took 5 s)
-    plots = ray_task_map(1, progress=False)
-    try:
+        embedder = shared(embedder_for(config, pools), feature_cache, features_key(config))
+        fitting = {}  # clip-embedding detectors: fitted in the driver (light)
+        if detector_features(config) == "frames":
+            gpu = gpu_wanted(config.ray.use_gpu) and (config.detector.startswith("ae-") or config.detector == "fusion")
+            fitting = {"machine_map": ray_task_map(config.ray.detector_cpus, 1 if gpu else 0),
+                       "device": "cuda" if gpu else "cpu"}
+        # the report's plots in parallel tasks (a machine's plot is a few tenths of a second; 15 machines took 5 s)
+        plots = ray_task_map(1, progress=False)
         return run_detection(roots, config, embedder, out_dir, machines, warm_up=warm_up, plot_map=plots, **fitting)
     finally:
         for pool in pools:
