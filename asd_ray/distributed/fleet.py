@@ -25,6 +25,7 @@ import functools
 import gc
 import os
 import shutil
+import time
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -127,26 +128,61 @@ def start_banks(bank_root: str | Path, *, machines: Iterable[str] | None = None,
     if missing:
         raise FileNotFoundError(f"no saved bank for {missing} under {root} (banks there: {found})")
     remote = ray.remote(BankActor)
-    banks = {}
-    for machine in found:
-        if wanted is not None and machine not in wanted:
-            continue
-        banks[machine] = [
-            remote.options(name=actor_name(machine, r), namespace=namespace, get_if_exists=True, num_cpus=0,
-                           max_restarts=-1, max_task_retries=-1, max_concurrency=1,
-                           lifetime="detached" if detached else None)
-            .remote(machine, str(root / machine), faiss_threads, r == 0, dict(settings or {}))
-            for r in range(replicas)]
-    try:
-        stats = ray.get([a.stats.remote() for actors in banks.values() for a in actors])  # loaded, or the error now
-    except ray.exceptions.RayActorError as err:  # a bank that cannot be loaded or take the settings
-        raise BankError(f"a bank actor under {root} could not start: {err}") from None
+
+    def start(machine: str, r: int):
+        return (remote.options(name=actor_name(machine, r), namespace=namespace, get_if_exists=True, num_cpus=0,
+                               max_restarts=-1, max_task_retries=-1, max_concurrency=1,
+                               lifetime="detached" if detached else None)
+                .remote(machine, str(root / machine), faiss_threads, r == 0, dict(settings or {})))
+
+    banks = {machine: [start(machine, r) for r in range(replicas)]
+             for machine in found if wanted is None or machine in wanted}
+    stats = _started(banks, start, root, namespace)
     for s in stats:
         if s["bank_dir"] != str(root / s["machine"]) or s["requested"] != dict(settings or {}):
             raise BankError(f"{actor_name(s['machine'])} in namespace {namespace!r} already runs {s['bank_dir']} "
                             f"with settings {s['requested']}; asked for {root / s['machine']} with {settings or {}}: "
                             f"use another fleet.namespace, or stop that fleet first")
     return banks
+
+
+_OUT_OF_SCOPE = "all references to the actor were removed"  # Ray's words for an actor ended with its last handle
+_NAME_FREED_S = 10.0
+
+
+def _started(banks: dict[str, list], start: Callable, root: Path, namespace: str) -> list[dict]:
+    """Each bank actor's ``stats`` once it has loaded, or a ``BankError`` with the reason it cannot.
+
+    ``get_if_exists`` can hand back an actor that is being ended because the process that started it dropped its
+    last handle (``simulate`` twice in one driver, a router replaced): Ray keeps its name until it is dead. Such an
+    actor is started again once its name is free."""
+    import ray
+
+    stats = {}
+    for (machine, r), ref in [((m, r), a.stats.remote()) for m, actors in banks.items() for r, a in enumerate(actors)]:
+        for attempt in range(3):
+            try:
+                stats[machine, r] = ray.get(ref)
+                break
+            except ray.exceptions.RayActorError as err:  # a bank that cannot be loaded or take the settings
+                if _OUT_OF_SCOPE not in str(err) or attempt == 2:
+                    raise BankError(f"a bank actor under {root} could not start: {err}") from None
+            _await_name_freed(actor_name(machine, r), namespace)
+            banks[machine][r] = start(machine, r)
+            ref = banks[machine][r].stats.remote()
+    return list(stats.values())
+
+
+def _await_name_freed(name: str, namespace: str) -> None:
+    import ray
+
+    deadline = time.monotonic() + _NAME_FREED_S
+    while time.monotonic() < deadline:
+        try:
+            ray.get_actor(name, namespace=namespace)
+        except ValueError:  # no live actor holds the name
+            return
+        time.sleep(0.05)
 
 
 class ClipEmbedder:

@@ -298,6 +298,22 @@ def test_config_k_changes_fleet_scores_as_it_changes_run_scores(ray_local, tiny_
         ray_local.kill(ray_local.get_actor(actor_name(machine), namespace=namespace), no_restart=True)
 
 
+def test_banks_started_again_right_after_their_handles_were_dropped(ray_local, tmp_path):
+    """A driver that drops its last handles (``simulate`` twice, a router replaced) and starts the same banks again:
+    ``get_if_exists`` may find the actors Ray is ending; they are started anew, not reported as dead."""
+    import gc
+
+    bank = MemoryBank(k=3).fit(np.random.default_rng(0).standard_normal((50, DIM)).astype(np.float32),
+                               [f"m{j}" for j in range(50)])
+    bank.save(tmp_path / "banks" / "fan")
+    namespace = f"test-{uuid.uuid4().hex[:8]}"
+    for _ in range(8):
+        start_banks(tmp_path / "banks", namespace=namespace)  # its handles dropped at once
+    actors = start_banks(tmp_path / "banks", namespace=namespace)
+    assert ray_local.get(actors["fan"][0].stats.remote())["size"] == 50
+    ray_local.kill(actors["fan"][0], no_restart=True)
+
+
 def test_banks_running_with_other_settings_are_an_error(fleet):
     _, _, namespace, bank_root = fleet
     with pytest.raises(Exception, match="already runs .* with settings \\{\\}.*use another fleet.namespace"):
