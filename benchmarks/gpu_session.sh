@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# One device call's worth of GPU figures (P5 first, then P1, the start probe, a second P5 and P4), each part
+# under its own time limit so that the whole stays inside BUDGET_S seconds and what ran comes back.
+# Results: $OUT/results.tgz (logs, JSON, run.log and metrics.json of each P5 run) and $OUT/summary.txt.
+# Setup first (see ../shared/tools/device-wheels.sh --with-faiss): carry .whl, then run this script.
+set -uo pipefail
+out=${OUT:-gpu-results}; work=/tmp/gpu-session; mkdir -p "$out" "$work"
+budget=${BUDGET_S:-500}
+export RAY_AUTH_MODE=disabled RAY_USAGE_STATS_ENABLED=0 PYTHONUNBUFFERED=1
+say() { echo "[$SECONDS s] $*" | tee -a "$work/summary.txt"; }
+left() { echo $((budget - SECONDS)); }
+part() {  # part NAME MAX_S COMMAND...: runs COMMAND under min(MAX_S, time left - 10)
+    local name=$1 max=$2; shift 2; local t=$(( $(left) - 10 )); (( t > max )) && t=$max
+    if (( t < 20 )); then say "$name skipped: ${t}s left"; return; fi
+    say "$name start (limit ${t}s)"; local t0=$SECONDS
+    timeout "$t" bash -c "$*" > "$work/$name.log" 2>&1; local rc=$?
+    say "$name rc=$rc in $((SECONDS - t0)) s"
+}
+{ nvidia-smi -L; nproc; python3 -c "import torch, transformers, ray, faiss; print(torch.__version__, transformers.__version__, ray.__version__, faiss.__version__)"; } > "$work/device.txt" 2>&1
+cat "$work/device.txt" | tee -a "$work/summary.txt"
+python3 -c "
+import torch; from transformers import HubertConfig, HubertModel
+torch.manual_seed(0); HubertModel(HubertConfig(layerdrop=0.0)).save_pretrained('/tmp/hubert-base-random')" 2>/dev/null
+say "model saved"
+p5() {  # p5 NAME CACHE: the main job on the DCASE-sized corpus with a random HuBERT-Base, fresh cache
+    echo "TIMEFORMAT='P5 wall s: %R'; time python3 -m asd_ray.cli run --data /tmp/p5 --out /tmp/$1 --detector knn \
+--backbone /tmp/hubert-base-random --set ray.cache_dir=/tmp/$2 --set embed.batch_size=128; \
+cp /tmp/$1/run.log $work/$1_run.log; cp /tmp/$1/metrics.json $work/$1_metrics.json"
+}
+part p5_synth 150 "python3 -m asd_ray.cli synth --out /tmp/p5 --workers $(nproc)"
+part p5a 150 "$(p5 p5a p5a_cache)"
+grep "P5 wall" "$work/p5a.log" | tee -a "$work/summary.txt"
+part p1 120 "python3 benchmarks/embed_throughput.py --clips 2048 --backbone hubert-base-random --device cuda --batch-size 128"
+grep -v " INFO \|WARNING" "$work/p1.log" | tail -22 >> "$work/summary.txt"
+part probe 60 "python3 benchmarks/startup_probe.py /tmp/hubert-base-random 2>/dev/null; python3 -X importtime -c 'import torch; from transformers.models.hubert import modeling_hubert' 2>&1 | sort -t'|' -k2 -n -r | head -25"
+part p5b 120 "$(p5 p5b p5b_cache)"
+grep "P5 wall" "$work/p5b.log" | tee -a "$work/summary.txt"
+part p4 120 "python3 benchmarks/finetune_throughput.py --gpu --steps 60 --batch-size 8 --json $work/p4.json"
+for f in "$work"/p5*_metrics.json; do python3 -c "import json,sys; m=json.load(open(sys.argv[1])); print(sys.argv[1], m['timings_s'], m['counts'])" "$f" >> "$work/summary.txt"; done
+[[ -f $work/p4.json ]] && cat "$work/p4.json" >> "$work/summary.txt"
+cp "$work/summary.txt" "$out/summary.txt"
+tar czf "$out/results.tgz" -C "$work" .
