@@ -23,7 +23,7 @@ import numpy as np
 from asd_ray.config import ConfigError, PostConfig, PreprocessConfig, RunConfig, save_config
 from asd_ray.data.audio import try_preprocess
 from asd_ray.data.layout import ClipRecord, discover
-from asd_ray.detectors import Detector, detector_features, make_detector
+from asd_ray.detectors import Detector, detector_features, features_key, make_detector
 from asd_ray.models.frames import LogMelFrames, frames_needed_seconds
 from asd_ray.progress import advance, stage
 from asd_ray.report import write_report
@@ -348,12 +348,6 @@ def frame_feature_kwargs(config: RunConfig) -> dict:
                           f"frames of hop {fr.hop_length}, so clips must be at least "
                           f"{frames_needed_seconds(context, fr.hop_length, sr):.3f} s; raise min_seconds")
     return {"sample_rate": sr, **dataclasses.asdict(fr)}
-
-
-def features_key(config: RunConfig) -> tuple:
-    """What a run's features depend on: equal keys, equal features (for sharing them between detectors)."""
-    kind = detector_features(config)
-    return kind, config.preprocess, config.embed if kind == "clip" else config.frames
 
 
 def shared(embedder: Embedder, cache: dict | None, key: tuple) -> Embedder:

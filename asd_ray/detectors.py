@@ -304,6 +304,12 @@ def detector_features(config: RunConfig) -> str:
     return make_detector(config).features
 
 
+def features_key(config: RunConfig) -> tuple:
+    """What a run's features depend on: equal keys, equal features (for sharing them between detectors)."""
+    kind = detector_features(config)
+    return kind, config.preprocess, config.embed if kind == "clip" else config.frames
+
+
 def make_detector(config: RunConfig, name: str | None = None, *, device: str = "cpu") -> Detector:
     """An unfitted detector of kind ``name`` (default ``config.detector``), keywords from the config's sections;
     with ``supplemental.noise_profile``, a frame detector comes wrapped in ``NoiseRemovedDetector`` (a fusion as a

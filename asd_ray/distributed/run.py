@@ -8,19 +8,25 @@ each when there is one).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Sequence
 
 import numpy as np
 
 from asd_ray.config import RunConfig
 from asd_ray.data.layout import ClipRecord
-from asd_ray.detect import Embedder, MachineMap, features_key, frame_feature_kwargs, run_detection, shared
-from asd_ray.detectors import detector_features
+from asd_ray.detectors import detector_features, features_key
 from asd_ray.distributed.embed import (EmbeddingPool, EmbeddingTable, Stage, await_warm, cache_folder, clip_tasks,
                                        embed_corpus, frames_batch, needs_actors, preprocessed, task_cpus, warm_workers)
-from asd_ray.distributed.session import ensure_ray, gpu_wanted
+from asd_ray.distributed.session import ensure_ray, gpu_wanted, route_ray_data
 from asd_ray.progress import advance
 from asd_ray.results import Reject, RunReport
+
+if TYPE_CHECKING:
+    from asd_ray.detect import Embedder, MachineMap
+
+# ``asd_ray.detect`` (scoring, the report: scikit-learn, pandas) and Ray Data are imported only once Ray and the
+# embedding actors have started: on a GPU node the driver's imports took 5.4 s before Ray began, and the actors'
+# start (their own imports, 11 s) could only follow.
 
 
 def embed_table(records, config: RunConfig, pool: EmbeddingPool | None = None) -> EmbeddingTable:
@@ -117,6 +123,8 @@ def pipeline_tasks(config: RunConfig) -> tuple[list[Stage], float, int]:
         then, cpus = clip_tasks(config.embed, use_gpu=gpu_wanted(config.ray.use_gpu, config.embed.device),
                                 preprocess_cpus=config.ray.preprocess_cpus)
         return then, cpus, config.embed.batch_size
+    from asd_ray.detect import frame_feature_kwargs
+
     return ([(frames_batch, frame_feature_kwargs(config))],
             task_cpus(config.ray.preprocess_cpus, beside_cpu_actor=False), FRAME_BATCH)
 
@@ -138,7 +146,7 @@ def ray_run(roots: Sequence[str | Path], config: RunConfig, out_dir: str | Path 
     every clip. Clip-embedding detectors are fitted in the driver (light); frame detectors in one Ray task per
     machine. With ``feature_cache`` (a dict kept by the caller), runs of several detectors share their features.
     """
-    ensure_ray(num_cpus=config.ray.num_cpus or None)
+    ensure_ray(num_cpus=config.ray.num_cpus or None, data_logs_now=False)
     pools: list[EmbeddingPool] = []
     if (detector_features(config) == "clip" and needs_actors(config.embed)
             and not (feature_cache is not None and features_key(config) in feature_cache)):
@@ -148,6 +156,9 @@ def ray_run(roots: Sequence[str | Path], config: RunConfig, out_dir: str | Path 
         pools.append(EmbeddingPool(config.embed, use_gpu=gpu_wanted(config.ray.use_gpu, config.embed.device),
                                    num_actors=config.ray.embed_actors, actor_cpus=config.ray.actor_cpus))
     try:  # the pool ends with the run, whatever fails
+        route_ray_data()
+        from asd_ray.detect import run_detection, shared
+
         warm = warm_pipeline(config)  # worker imports overlap discovery; a cached run wastes a second of idle CPUs
 
         def warm_up(records: Sequence[ClipRecord]) -> None:

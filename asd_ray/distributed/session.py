@@ -20,27 +20,33 @@ _ERROR_LINE = re.compile(r"Traceback \(most recent call last\)|\b(ERROR|CRITICAL
 _NOT_ERRORS = ("has constructor arguments in the object store and max_restarts > 0",)
 
 
-def ensure_ray(num_cpus: int | None = None) -> bool:
+def ensure_ray(num_cpus: int | None = None, *, data_logs_now: bool = True) -> bool:
     """Connect to Ray: the running session, the cluster at ``RAY_ADDRESS`` (``ray job submit`` sets it; ``auto``:
     a ``ray start`` cluster on this machine), or a new local one with ``num_cpus``. Returns True when this call
-    started a local Ray."""
+    started a local Ray.
+
+    Ray Data's log lines are routed too (``route_ray_data``, which imports Ray Data), unless ``data_logs_now`` is
+    False: a caller with something to start first (``ray_run``'s embedding actors) then calls it itself."""
     import ray
 
-    if ray.is_initialized():
-        return False
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=True)
-        _route_worker_output()
-        log.info("joined the Ray cluster at %s", os.environ["RAY_ADDRESS"])
-        return False
-    num_cpus = num_cpus or os.cpu_count()
-    # address="local": a Ray of its own even when a `ray start` cluster runs on this machine (plain ray.init()
-    # would join that one and refuse num_cpus); RAY_ADDRESS=auto joins it instead.
-    ray.init(address="local", include_dashboard=False, num_cpus=num_cpus)
-    _route_worker_output()
-    log.info("started a local Ray with %s CPUs", num_cpus)
-    return True
+    started = False
+    if not ray.is_initialized():
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+        if os.environ.get("RAY_ADDRESS"):
+            ray.init(log_to_driver=True)
+            _route_worker_output()
+            log.info("joined the Ray cluster at %s", os.environ["RAY_ADDRESS"])
+        else:
+            num_cpus = num_cpus or os.cpu_count()
+            # address="local": a Ray of its own even when a `ray start` cluster runs on this machine (plain
+            # ray.init() would join that one and refuse num_cpus); RAY_ADDRESS=auto joins it instead.
+            ray.init(address="local", include_dashboard=False, num_cpus=num_cpus)
+            _route_worker_output()
+            log.info("started a local Ray with %s CPUs", num_cpus)
+            started = True
+    if data_logs_now:
+        route_ray_data()
+    return started
 
 
 def gpu_wanted(setting: str = "auto", device: str = "auto") -> bool:
@@ -59,25 +65,39 @@ def route_logs(path: Path, verbose: bool = False) -> None:
     """The log lines of Ray, Ray Data and asd-ray of this process into ``path`` (a file of the run folder),
     and on the console only their errors (everything with ``verbose``). Ray Data's own progress lines and bars
     are off: the command draws one bar per stage. Call before Ray starts, so that its start-up lines go to the
-    file too."""
-    import ray.data  # its import sets up its loggers, which are adjusted here
-
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    file too. Ray Data's loggers are set up by its import, which takes seconds of a driver's start: they are
+    routed by ``route_ray_data`` (``ensure_ray`` calls it), after Ray has started."""
     path.parent.mkdir(parents=True, exist_ok=True)
     to_file = logging.FileHandler(path, encoding="utf-8")
     to_file.setLevel(logging.INFO)
     to_file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    for name in ("ray", "ray.data", "asd_ray"):
-        logger = logging.getLogger(name)
-        for handler in logger.handlers:
-            if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
-                handler.setLevel(logging.INFO if verbose else logging.ERROR)
-        logger.addHandler(to_file)
+    for name in ("ray", "asd_ray"):
+        _route_logger(name, to_file, verbose)
     workers = logging.getLogger("asd_ray.worker_output")  # run.log only: the console gets Ray's own printing
     workers.propagate = False
     workers.setLevel(logging.INFO)
     workers.addHandler(to_file)
-    _routing.update(logger=workers, verbose=verbose)
+    _routing.update(logger=workers, verbose=verbose, to_file=to_file, ray_data=False)
+
+
+def route_ray_data() -> None:
+    """Ray Data's log lines as ``route_logs`` routes Ray's (a no-op without it, or once done): imports Ray Data,
+    whose import sets up its loggers, and turns its progress bars off."""
+    if not _routing or _routing["ray_data"]:
+        return
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    _route_logger("ray.data", _routing["to_file"], _routing["verbose"])
+    _routing["ray_data"] = True
+
+
+def _route_logger(name: str, to_file: logging.Handler, verbose: bool) -> None:
+    logger = logging.getLogger(name)
+    for handler in logger.handlers:
+        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+            handler.setLevel(logging.INFO if verbose else logging.ERROR)
+    logger.addHandler(to_file)
 
 
 def worker_output_is_error(lines: list[str]) -> bool:
