@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# One device call's worth of GPU figures (P5 first, then P1, the start probe, a second P5 and P4), each part
-# under its own time limit so that the whole stays inside BUDGET_S seconds and what ran comes back.
+# One device call's worth of GPU figures (P5 first, then P1, the start probe, the forward pass's profile, a second
+# P5 and P4; PARTS="p5a profile p5b" runs only those), each part under its own time limit so that the whole stays
+# inside BUDGET_S seconds and what ran comes back.
 # Results: $OUT/results.tgz (logs, JSON, run.log and metrics.json of each P5 run) and $OUT/summary.txt.
 # Setup first (see ../shared/tools/device-wheels.sh --with-faiss): carry .whl, then run this script.
 set -uo pipefail
@@ -9,8 +10,10 @@ budget=${BUDGET_S:-500}
 export RAY_AUTH_MODE=disabled RAY_USAGE_STATS_ENABLED=0 PYTHONUNBUFFERED=1
 say() { echo "[$SECONDS s] $*" | tee -a "$work/summary.txt"; }
 left() { echo $((budget - SECONDS)); }
+parts=" ${PARTS:-p5a p1 probe profile p5old p5b p4} "
 part() {  # part NAME MAX_S COMMAND...: runs COMMAND under min(MAX_S, time left - 10)
     local name=$1 max=$2; shift 2; local t=$(( $(left) - 10 )); (( t > max )) && t=$max
+    if [[ $name != p5_synth && $parts != *" $name "* ]]; then return; fi
     if (( t < 20 )); then say "$name skipped: ${t}s left"; return; fi
     say "$name start (limit ${t}s)"; local t0=$SECONDS
     timeout "$t" bash -c "$*" > "$work/$name.log" 2>&1; local rc=$?
@@ -27,12 +30,17 @@ p5() {  # p5 NAME CACHE: the main job on the DCASE-sized corpus with a random Hu
 --backbone /tmp/hubert-base-random --set ray.cache_dir=/tmp/$2 --set embed.batch_size=128; \
 cp /tmp/$1/run.log $work/$1_run.log; cp /tmp/$1/metrics.json $work/$1_metrics.json"
 }
-part p5_synth 150 "python3 -m asd_ray.cli synth --out /tmp/p5 --workers $(nproc)"
+[[ $parts == *" p5"* ]] && part p5_synth 150 "python3 -m asd_ray.cli synth --out /tmp/p5 --workers $(nproc) ${SYNTH_ARGS:-}"
 part p5a 150 "$(p5 p5a p5a_cache)"
 grep "P5 wall" "$work/p5a.log" | tee -a "$work/summary.txt"
 part p1 120 "python3 benchmarks/embed_throughput.py --clips 2048 --backbone hubert-base-random --device cuda --batch-size 128"
 grep -v " INFO \|WARNING" "$work/p1.log" | tail -22 >> "$work/summary.txt"
 part probe 60 "python3 benchmarks/startup_probe.py /tmp/hubert-base-random 2>/dev/null; python3 -X importtime -c 'import torch; from transformers.models.hubert import modeling_hubert' 2>&1 | sort -t'|' -k2 -n -r | head -25"
+part profile 90 "python3 benchmarks/forward_profile.py /tmp/hubert-base-random --json $work/profile.json"
+# the same run with an older asd_ray (OLD_TGZ: a `git archive --format=tar.gz <commit> asd_ray`), same machine
+if [[ -n ${OLD_TGZ:-} ]]; then mkdir -p /tmp/old && tar xzf "$OLD_TGZ" -C /tmp/old; fi
+part p5old 120 "cd /tmp/old && export PYTHONPATH=/tmp/site:/tmp/old; $(p5 p5old p5old_cache)"
+grep "P5 wall" "$work/p5old.log" | tee -a "$work/summary.txt"
 part p5b 120 "$(p5 p5b p5b_cache)"
 grep "P5 wall" "$work/p5b.log" | tee -a "$work/summary.txt"
 part p4 120 "python3 benchmarks/finetune_throughput.py --gpu --steps 60 --batch-size 8 --json $work/p4.json"

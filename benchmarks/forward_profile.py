@@ -1,0 +1,101 @@
+"""Where a backbone's forward pass spends its GPU time, and what cuDNN autotuning or batch size would change
+(run by hand on a GPU machine; the embedding actor's steady rate is this forward's rate).
+
+    python benchmarks/forward_profile.py /path/to/checkpoint [--batch-size 128] [--seconds 10] [--json out.json]
+
+Measures ``Backbone.embed_padded`` on one batch of random clips, the way the embedding actor calls it:
+- ``off``: steady ms per batch as the actor runs it (no cuDNN autotuning);
+- the 15 operators with the most GPU time over two batches (``torch.profiler``), and the share of the
+  feature encoder's convolutions;
+- ``autotune``: the first batch with ``torch.backends.cudnn.benchmark`` on (the tuning), then steady;
+- ``double``: steady with twice the batch (autotuning off).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+
+def sync() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def steady_ms(fn, repeats: int) -> float:
+    sync()
+    t = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    sync()
+    return (time.perf_counter() - t) / repeats * 1000
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("checkpoint")
+    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--seconds", type=float, default=10.0)
+    ap.add_argument("--repeats", type=int, default=8)
+    ap.add_argument("--device", default="cuda", help="cpu: a smoke test of this script")
+    ap.add_argument("--json")
+    args = ap.parse_args()
+
+    import numpy as np
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from asd_ray.models.backbones import load_backbone
+
+    backbone = load_backbone(args.checkpoint, device=args.device)
+    n = int(args.seconds * 16_000)
+    clips = np.random.default_rng(0).standard_normal((2 * args.batch_size, n)).astype(np.float32)
+    lengths = np.full(2 * args.batch_size, n)
+    b = args.batch_size
+
+    def run(size: int = b):
+        backbone.embed_padded(clips[:size], lengths[:size])
+
+    out = {"checkpoint": args.checkpoint, "device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu", "batch_size": b,
+           "seconds": args.seconds}
+    run()
+    run()
+    out["off_ms"] = steady_ms(run, args.repeats)
+    out["off_clips_per_s"] = b / out["off_ms"] * 1000
+    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
+        run()
+        run()
+        sync()
+    events = prof.key_averages()
+    timed = "self_device_time_total" if args.device == "cuda" else "self_cpu_time_total"
+    total = max(sum(getattr(e, timed) for e in events), 1e-9)
+    top = sorted(events, key=lambda e: getattr(e, timed), reverse=True)[:15]
+    out["top_ops"] = [{"op": e.key[:90], "share": round(getattr(e, timed) / total, 3), "calls": e.count} for e in top]
+    conv = sum(getattr(e, timed) for e in events if any(w in e.key.lower() for w in ("conv", "implicit", "fprop")))
+    out["conv_share"] = round(conv / total, 3)
+    print(events.table(sort_by="self_cuda_time_total" if args.device == "cuda" else "self_cpu_time_total",
+                       row_limit=25))
+
+    torch.backends.cudnn.benchmark = True
+    t = time.perf_counter()
+    run()
+    sync()
+    out["autotune_first_batch_s"] = time.perf_counter() - t
+    out["autotune_ms"] = steady_ms(run, args.repeats)
+    out["autotune_clips_per_s"] = b / out["autotune_ms"] * 1000
+    torch.backends.cudnn.benchmark = False
+
+    run(2 * b)
+    out["double_ms"] = steady_ms(lambda: run(2 * b), max(2, args.repeats // 2))
+    out["double_clips_per_s"] = 2 * b / out["double_ms"] * 1000
+    print(json.dumps(out, indent=1))
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(out, fh, indent=1)
+
+
+if __name__ == "__main__":
+    main()
