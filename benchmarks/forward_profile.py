@@ -5,9 +5,12 @@
 
 Measures ``Backbone.embed_padded`` on one batch of random clips, the way the embedding actor calls it:
 - ``off``: steady ms per batch as the actor runs it (no cuDNN autotuning);
+- ``first_layer_by_conv``: the same with the first conv layer as cuDNN's convolution instead of a matrix product
+  (``encoders.single_channel_conv``, the GPU's path since 2026-11-26);
 - the 15 operators with the most GPU time over two batches (``torch.profiler``), and the share of the
-  feature encoder's convolutions;
-- ``autotune``: the first batch with ``torch.backends.cudnn.benchmark`` on (the tuning), then steady;
+  convolution kernels;
+- ``autotune``: the first batch with ``torch.backends.cudnn.benchmark`` on (the tuning), then steady, on a batch
+  8 clips smaller: a shape already run keeps the plan cuDNN chose for it without tuning;
 - ``double``: steady with twice the batch (autotuning off).
 """
 
@@ -48,6 +51,7 @@ def main() -> None:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
+    from asd_ray.models import encoders
     from asd_ray.models.backbones import load_backbone
 
     backbone = load_backbone(args.checkpoint, device=args.device)
@@ -65,6 +69,11 @@ def main() -> None:
     run()
     out["off_ms"] = steady_ms(run, args.repeats)
     out["off_clips_per_s"] = b / out["off_ms"] * 1000
+    by_matmul = encoders.windows_by_matmul
+    encoders.windows_by_matmul = lambda x: False
+    run()
+    out["first_layer_by_conv_ms"] = steady_ms(run, args.repeats)
+    encoders.windows_by_matmul = by_matmul
     with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
         run()
         run()
@@ -81,11 +90,11 @@ def main() -> None:
 
     torch.backends.cudnn.benchmark = True
     t = time.perf_counter()
-    run()
+    run(b - 8)
     sync()
     out["autotune_first_batch_s"] = time.perf_counter() - t
-    out["autotune_ms"] = steady_ms(run, args.repeats)
-    out["autotune_clips_per_s"] = b / out["autotune_ms"] * 1000
+    out["autotune_ms"] = steady_ms(lambda: run(b - 8), args.repeats)
+    out["autotune_clips_per_s"] = (b - 8) / out["autotune_ms"] * 1000
     torch.backends.cudnn.benchmark = False
 
     run(2 * b)

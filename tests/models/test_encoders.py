@@ -10,6 +10,7 @@ import torch
 
 from asd_ray.cli import main
 from asd_ray.models.backbones import BackboneError, load_backbone
+from asd_ray.models import encoders
 from asd_ray.models.encoders import FAMILIES, SpectrogramBackbone, check_finetunable, clip_windows
 from tiny import FAMILIES as TINY_FAMILIES, WAVEFORM_FAMILIES
 
@@ -35,6 +36,29 @@ def test_a_clip_embeds_alike_alone_and_in_a_mixed_length_batch(tiny_encoder, fam
         np.testing.assert_allclose(backbone.embed([clip])[0], got, atol=1e-5, rtol=0)
     assert batched.shape == (4, backbone.dim) and np.isfinite(batched).all()
     assert np.linalg.norm(batched[0] - batched[1]) > 1e-4  # clips differ, so do their embeddings
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_a_one_channel_convolution_as_a_matrix_product_equals_the_convolution(bias):
+    torch.manual_seed(0)
+    conv = torch.nn.Conv1d(1, 8, kernel_size=10, stride=5, bias=bias)
+    x = torch.randn(3, 1, 1003)
+    torch.testing.assert_close(encoders.single_channel_conv(conv, x), conv(x), atol=1e-6, rtol=1e-6)
+    padded = torch.nn.Conv1d(1, 8, kernel_size=10, stride=5, padding=2)  # not the plain case: the convolution itself
+    torch.testing.assert_close(encoders.single_channel_conv(padded, x), padded(x))
+
+
+def test_the_first_layer_as_a_matrix_product_embeds_as_the_convolution(tiny_hubert, monkeypatch):
+    """The GPU's path (``windows_by_matmul``) forced on the CPU: the same embeddings, one clip or a mixed batch."""
+    clips = _clips(16_000, 40_000, 23_456, 11_000)
+    backbone = load_backbone(str(tiny_hubert))
+    assert isinstance(backbone.model.feature_extractor.conv_layers[0], encoders.PaddingExactGroupNorm)
+    by_conv = backbone.embed(clips)
+    calls = []
+    monkeypatch.setattr(encoders, "windows_by_matmul", lambda x: calls.append(x.shape) or True)
+    np.testing.assert_allclose(backbone.embed(clips), by_conv, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(backbone.embed(clips[1:2])[0], by_conv[1], atol=1e-5, rtol=0)
+    assert len(calls) == 2
 
 
 @pytest.mark.parametrize("family", ["wav2vec2", "clap"])
