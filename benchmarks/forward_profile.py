@@ -11,7 +11,9 @@ Measures ``Backbone.embed_padded`` on one batch of random clips, the way the emb
   convolution kernels;
 - ``autotune``: the first batch with ``torch.backends.cudnn.benchmark`` on (the tuning), then steady, on a batch
   8 clips smaller: a shape already run keeps the plan cuDNN chose for it without tuning;
-- ``double``: steady with twice the batch (autotuning off).
+- ``double``: steady with twice the batch (autotuning off);
+- ``modules_ms``: GPU milliseconds of one batch per part of a waveform encoder (each conv layer of the feature
+  encoder, the positional convolution, the transformer layers together), timed with CUDA events around them.
 """
 
 from __future__ import annotations
@@ -35,6 +37,33 @@ def steady_ms(fn, repeats: int) -> float:
         fn()
     sync()
     return (time.perf_counter() - t) / repeats * 1000
+
+
+def module_ms(model, run) -> dict[str, float]:
+    """GPU milliseconds of one ``run()`` per part of a waveform encoder (CUDA events around each part)."""
+    import torch
+
+    parts = {f"conv{i}": m for i, m in enumerate(model.feature_extractor.conv_layers)}
+    parts["positional_conv"] = model.encoder.pos_conv_embed
+    parts.update({f"layer{i}": m for i, m in enumerate(model.encoder.layers)})
+    events: dict[str, list] = {name: [] for name in parts}
+    hooks = []
+    for name, module in parts.items():
+        def pre(_m, _a, name=name):
+            events[name].append([torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)])
+            events[name][-1][0].record()
+
+        def post(_m, _a, _o, name=name):
+            events[name][-1][1].record()
+
+        hooks += [module.register_forward_pre_hook(pre), module.register_forward_hook(post)]
+    run()
+    torch.cuda.synchronize()
+    for h in hooks:
+        h.remove()
+    ms = {name: round(sum(a.elapsed_time(b) for a, b in pairs), 2) for name, pairs in events.items()}
+    layers = sum(v for k, v in ms.items() if k.startswith("layer"))
+    return {**{k: v for k, v in ms.items() if not k.startswith("layer")}, "transformer_layers": round(layers, 2)}
 
 
 def main() -> None:
@@ -100,6 +129,8 @@ def main() -> None:
     run(2 * b)
     out["double_ms"] = steady_ms(lambda: run(2 * b), max(2, args.repeats // 2))
     out["double_clips_per_s"] = 2 * b / out["double_ms"] * 1000
+    if args.device == "cuda" and hasattr(backbone.model, "feature_extractor"):
+        out["modules_ms"] = module_ms(backbone.model, run)
     print(json.dumps(out, indent=1))
     if args.json:
         with open(args.json, "w") as fh:

@@ -135,7 +135,8 @@ def single_channel_conv(conv: torch.nn.Conv1d, x: torch.Tensor) -> torch.Tensor:
     """``conv(x)`` for a convolution of one input channel (a waveform encoder's first layer; B x 1 x T in, B x C x F
     out), computed as the product of the signal's windows (a strided view) with the kernels. cuDNN has no
     tensor-core kernel for one input channel: on an H100 (HuBERT-Base, bf16, 128 clips of 10 s) its CUDA-core
-    convolution kernels took half the batch's GPU time (``benchmarks/forward_profile.py``)."""
+    kernels took half of the batch's GPU time, shared by this layer and the grouped positional convolution (kernel
+    128), the two convolutions that did not run on tensor cores (``benchmarks/forward_profile.py``)."""
     plain = (conv.in_channels == 1 and conv.groups == 1 and conv.dilation == (1,) and conv.padding in ((0,), "valid")
              and x.dim() == 3)
     if not plain:
