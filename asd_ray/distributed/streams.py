@@ -198,6 +198,22 @@ def query_pools(router: Router, roots: Sequence[str | Path], clips_per_machine: 
     return pools, skipped
 
 
+def bank_members(bank_root: str | Path) -> dict[str, np.ndarray]:
+    """{machine: its clip bank's members} of every bank saved under ``bank_root``; a bank of another kind (one that
+    eats log-mel frames) is a ``BankError``: a simulation over it needs real clips for its queries."""
+    root = Path(bank_root).expanduser()
+    if not root.is_dir():
+        raise FileNotFoundError(f"bank folder not found: {root}")
+    members = {}
+    for folder in sorted(d for d in root.iterdir() if (d / "bank.json").is_file()):
+        bank = load_detector(folder)
+        if not hasattr(bank, "members") or bank.features != "clip":
+            raise BankError(f"{folder.name} holds a {bank.kind}, which eats log-mel frames: give --data ROOT, whose "
+                            f"test clips are the simulation's queries (without, they are clip-bank members)")
+        members[folder.name] = bank.members()
+    return members
+
+
 def simulate(bank_root: str | Path, config: RunConfig, out_dir: str | Path | None = None, *, streams: int = 1000,
              rate_hz: float = 5.0, seconds: float = 10.0, seed: int = 0, given: Iterable[str] = (),
              roots: Sequence[str | Path] = ()) -> FleetStats:
@@ -208,19 +224,14 @@ def simulate(bank_root: str | Path, config: RunConfig, out_dir: str | Path | Non
     from asd_ray.distributed.fleet import simulate_fleet
 
     rng = np.random.default_rng(seed)
+    members = {} if roots else bank_members(bank_root)  # before any actor starts: a frame bank needs roots
     router = fleet_router(bank_root, config, with_embedders=bool(roots), given=given)
     skipped: list[Reject] = []
     if roots:
         pools, skipped = query_pools(router, roots)
     else:
-        pools = {}
-        for machine in router.banks:
-            bank = load_detector(Path(bank_root) / machine)
-            if not hasattr(bank, "members") or bank.features != "clip":
-                raise BankError(f"{machine} holds a {bank.kind}, which eats log-mel frames: give --data ROOT, whose "
-                                f"test clips are the simulation's queries (without, they are clip-bank members)")
-            members = bank.members()
-            pools[machine] = (members + 0.05 * members.std() * rng.standard_normal(members.shape)).astype(np.float32)
+        pools = {machine: (m + 0.05 * m.std() * rng.standard_normal(m.shape)).astype(np.float32)
+                 for machine, m in members.items() if machine in router.banks}
     stats, results = asyncio.run(simulate_fleet(router, pools, streams=streams, rate_hz=rate_hz,
                                                 seconds=seconds, seed=seed))
     if out_dir is not None:

@@ -257,6 +257,8 @@ def test_a_simulated_fleet_of_the_default_frame_detector_sends_real_test_clips(r
     ref = reference_run([tiny_corpus], config, tmp_path / "ref", ["ToyCar", "valve"])
     with pytest.raises(BankError, match="give --data ROOT"):
         simulate(tmp_path / "ref" / "banks", config, streams=2, rate_hz=1, seconds=1)
+    with pytest.raises(ValueError):  # it failed before starting any bank actor
+        ray_local.get_actor(actor_name("ToyCar"), namespace=config.fleet.namespace)
     stats = simulate(tmp_path / "ref" / "banks", config, tmp_path / "sim", streams=4, rate_hz=2, seconds=2,
                      roots=[tiny_corpus])
     assert (stats.requests, stats.errors) == (16, 0)
@@ -296,6 +298,20 @@ def test_config_k_changes_fleet_scores_as_it_changes_run_scores(ray_local, tiny_
     assert "not applied: bank.density, detector (fixed when the banks were fitted" in log
     for machine in k5.results:
         ray_local.kill(ray_local.get_actor(actor_name(machine), namespace=namespace), no_restart=True)
+
+
+def test_a_simulated_fleet_of_clip_banks_queries_their_members_without_clips(fleet, tmp_path):
+    """serve-fleet --simulate without --data over clip banks: each machine's queries are its members plus noise."""
+    from asd_ray.distributed.streams import simulate
+
+    _, _, namespace, bank_root = fleet
+    config = load_config(RunConfig, None, [f"fleet.namespace={namespace}", "detector=knn"])
+    stats = simulate(bank_root, config, tmp_path / "sim", streams=2, rate_hz=2, seconds=1)
+    assert (stats.requests, stats.errors) == (4, 0)
+    with open(tmp_path / "sim" / "streams.csv") as fh:
+        assert {r["machine"] for r in csv.DictReader(fh)} <= {"fan", "valve"}
+    with pytest.raises(FileNotFoundError, match="bank folder not found"):
+        simulate(tmp_path / "no-banks", config, streams=1, rate_hz=1, seconds=1)
 
 
 def test_banks_started_again_right_after_their_handles_were_dropped(ray_local, tmp_path):
