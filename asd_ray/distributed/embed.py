@@ -189,14 +189,16 @@ class EmbeddingPool:
     def __init__(self, embed: EmbedConfig, *, use_gpu: bool, num_actors: int = 1, actor_cpus: float = 0.5,
                  calls_per_actor: int = 3):
         import ray
-        import ray.data
 
         self.backbone = embed.backbone
         self.calls_per_actor = max(1, calls_per_actor)
         opts = {"num_gpus": 1} if use_gpu else {"num_cpus": actor_cpus}
-        # Scheduled as Ray Data schedules its own actors (SPREAD unless set): never inside the placement group of
-        # the task that starts them (a Ray Tune trial's bundle holds a fraction of a CPU, for its driver only).
-        opts["scheduling_strategy"] = ray.data.DataContext.get_current().scheduling_strategy
+        # Scheduled as Ray Data schedules its own actors: never inside the placement group of the task that starts
+        # them (a Ray Tune trial's bundle holds a fraction of a CPU, for its driver only). Ray Data's setting when
+        # it is loaded; else its default, SPREAD (importing Ray Data here would put seconds before the actors'
+        # start: ``ray_run`` starts them first).
+        data = sys.modules.get("ray.data")
+        opts["scheduling_strategy"] = data.DataContext.get_current().scheduling_strategy if data else "SPREAD"
         actor = ray.remote(EmbeddingActor).options(max_concurrency=2, max_restarts=2, max_task_retries=2, **opts)
         self.actors = [actor.remote(**actor_embed_kwargs(embed, use_gpu)) for _ in range(max(1, num_actors))]
         # each actor's start, awaited by ``embed`` before it gets work: one that cannot be scheduled (a second

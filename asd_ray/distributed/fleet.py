@@ -154,8 +154,11 @@ def _started(banks: dict[str, list], start: Callable, root: Path, namespace: str
     """Each bank actor's ``stats`` once it has loaded, or a ``BankError`` with the reason it cannot.
 
     ``get_if_exists`` can hand back an actor that is being ended because the process that started it dropped its
-    last handle (``simulate`` twice in one driver, a router replaced): Ray keeps its name until it is dead. Such an
-    actor is started again once its name is free."""
+    last handle (two fleets started one after the other in one driver): Ray keeps its name until it is dead. Such an
+    actor is started again once its name is free. Not covered: an actor whose end begins after its ``stats``
+    answered (its later calls fail), and a handle got through ``get_if_exists`` does not keep alive an actor that
+    another handle started (Ray ties a non-detached actor's life to its creator's handles); ``detached`` fleets
+    have neither problem."""
     import ray
 
     stats = {}

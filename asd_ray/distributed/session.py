@@ -67,6 +67,8 @@ def route_logs(path: Path, verbose: bool = False) -> None:
     are off: the command draws one bar per stage. Call before Ray starts, so that its start-up lines go to the
     file too. Ray Data's loggers are set up by its import, which takes seconds of a driver's start: they are
     routed by ``route_ray_data`` (``ensure_ray`` calls it), after Ray has started."""
+    import ray  # noqa: F401 - its import adds the console handler of Ray's logger, turned down here
+
     path.parent.mkdir(parents=True, exist_ok=True)
     to_file = logging.FileHandler(path, encoding="utf-8")
     to_file.setLevel(logging.INFO)

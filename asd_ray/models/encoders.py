@@ -142,10 +142,10 @@ def single_channel_conv(conv: torch.nn.Conv1d, x: torch.Tensor) -> torch.Tensor:
     if not plain:
         return conv(x)
     windows = x[:, 0].unfold(-1, conv.kernel_size[0], conv.stride[0])  # B x F x kernel, no copy
-    h = torch.matmul(windows, conv.weight[:, 0].T)  # B x F x C
+    h = torch.matmul(conv.weight[:, 0], windows.transpose(1, 2))  # C x kernel @ B x kernel x F: B x C x F, contiguous
     if conv.bias is not None:
-        h = h + conv.bias
-    return h.transpose(1, 2).contiguous()
+        h += conv.bias.to(h.dtype)[:, None]  # in the product's dtype (bf16 under autocast, as the convolution's)
+    return h
 
 
 class PaddingExactGroupNorm(torch.nn.Module):

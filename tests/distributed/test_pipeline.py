@@ -297,3 +297,11 @@ def test_pipeline_tasks_run_side_by_side_on_every_cpu(ray_local):
     overlap = sum(max(0.0, min(e1, e2) - max(s1, s2)) for (s1, e1), (s2, e2) in zip(spans, spans[1:]))
     assert len({pid for pid, _, _ in rows}) == 2
     assert overlap > 0.5 * sum(e - s for s, e in spans) / 2  # most of the work ran two at a time
+
+
+def test_embedding_actors_take_ray_datas_default_scheduling_when_it_is_not_loaded():
+    """``EmbeddingPool`` reads Ray Data's scheduling strategy only when Ray Data is loaded (``ray_run`` starts the
+    actors before importing it) and otherwise assumes its default: that default must still be SPREAD."""
+    import ray.data
+
+    assert ray.data.DataContext().scheduling_strategy == "SPREAD"

@@ -46,6 +46,10 @@ def test_a_one_channel_convolution_as_a_matrix_product_equals_the_convolution(bi
     torch.testing.assert_close(encoders.single_channel_conv(conv, x), conv(x), atol=1e-6, rtol=1e-6)
     padded = torch.nn.Conv1d(1, 8, kernel_size=10, stride=5, padding=2)  # not the plain case: the convolution itself
     torch.testing.assert_close(encoders.single_channel_conv(padded, x), padded(x))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # as on a GPU: the convolution's dtype and values
+        by_conv, by_product = conv(x), encoders.single_channel_conv(conv, x)
+    assert by_product.dtype == by_conv.dtype == torch.bfloat16 and by_product.is_contiguous()
+    torch.testing.assert_close(by_product.float(), by_conv.float(), atol=0.05, rtol=0.02)
 
 
 def test_the_first_layer_as_a_matrix_product_embeds_as_the_convolution(tiny_hubert, monkeypatch):
