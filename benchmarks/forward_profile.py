@@ -14,6 +14,10 @@ Measures ``Backbone.embed_padded`` on one batch of random clips, the way the emb
 - ``double``: steady with twice the batch (autotuning off);
 - ``modules_ms``: GPU milliseconds of one batch per part of a waveform encoder (each conv layer of the feature
   encoder, the positional convolution, the transformer layers together), timed with CUDA events around them.
+
+``conv_share`` counts cuDNN's convolutions only: on a GPU the first layer is a matrix product now, outside it
+(``modules_ms``' conv0 times it either way). Every clip has the same length, so the padding-exact GroupNorm's
+masked path (batches of mixed lengths) is not measured here.
 """
 
 from __future__ import annotations

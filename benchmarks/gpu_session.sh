@@ -23,8 +23,8 @@ part() {  # part NAME MAX_S COMMAND...: runs COMMAND under min(MAX_S, time left 
 cat "$work/device.txt" | tee -a "$work/summary.txt"
 python3 -c "
 import torch; from transformers import HubertConfig, HubertModel
-torch.manual_seed(0); HubertModel(HubertConfig(layerdrop=0.0)).save_pretrained('/tmp/hubert-base-random')" 2>/dev/null
-say "model saved"
+torch.manual_seed(0); HubertModel(HubertConfig(layerdrop=0.0)).save_pretrained('/tmp/hubert-base-random')" 2>/dev/null \
+    && say "model saved" || say "model NOT saved: the parts that need it will fail"
 p5() {  # p5 NAME CACHE: the main job on the DCASE-sized corpus with a random HuBERT-Base, fresh cache
     echo "TIMEFORMAT='P5 wall s: %R'; time python3 -m asd_ray.cli run --data /tmp/p5 --out /tmp/$1 --detector knn \
 --backbone /tmp/hubert-base-random --set ray.cache_dir=/tmp/$2 --set embed.batch_size=128; \
@@ -32,19 +32,19 @@ cp /tmp/$1/run.log $work/$1_run.log; cp /tmp/$1/metrics.json $work/$1_metrics.js
 }
 [[ $parts == *" p5"* ]] && part p5_synth 150 "python3 -m asd_ray.cli synth --out /tmp/p5 --workers $(nproc) ${SYNTH_ARGS:-}"
 part p5a 150 "$(p5 p5a p5a_cache)"
-grep "P5 wall" "$work/p5a.log" | tee -a "$work/summary.txt"
+grep -s "P5 wall" "$work/p5a.log" | tee -a "$work/summary.txt"
 part p1 120 "python3 benchmarks/embed_throughput.py --clips 2048 --backbone hubert-base-random --device cuda --batch-size 128"
-grep -v " INFO \|WARNING" "$work/p1.log" | tail -22 >> "$work/summary.txt"
+grep -sv " INFO \|WARNING" "$work/p1.log" | tail -22 >> "$work/summary.txt"
 part probe 60 "python3 benchmarks/startup_probe.py /tmp/hubert-base-random 2>/dev/null; python3 -X importtime -c 'import torch; from transformers.models.hubert import modeling_hubert' 2>&1 | sort -t'|' -k2 -n -r | head -25"
 part profile 90 "python3 benchmarks/forward_profile.py /tmp/hubert-base-random --json $work/profile.json"
 # the same run with an older asd_ray (OLD_TGZ: a `git archive --format=tar.gz <commit> asd_ray`), same machine
-if [[ -n ${OLD_TGZ:-} ]]; then mkdir -p /tmp/old && tar xzf "$OLD_TGZ" -C /tmp/old; fi
+if [[ -n ${OLD_TGZ:-} ]]; then mkdir -p /tmp/old && tar xzf "$OLD_TGZ" -C /tmp/old; else parts=${parts/ p5old / }; fi
 part p5old 120 "cd /tmp/old && export PYTHONPATH=/tmp/site:/tmp/old; $(p5 p5old p5old_cache)"
-grep "P5 wall" "$work/p5old.log" | tee -a "$work/summary.txt"
+grep -s "P5 wall" "$work/p5old.log" | tee -a "$work/summary.txt"
 part p5b 120 "$(p5 p5b p5b_cache)"
-grep "P5 wall" "$work/p5b.log" | tee -a "$work/summary.txt"
+grep -s "P5 wall" "$work/p5b.log" | tee -a "$work/summary.txt"
 part p4 120 "python3 benchmarks/finetune_throughput.py --gpu --steps 60 --batch-size 8 --json $work/p4.json"
-for f in "$work"/p5*_metrics.json; do python3 -c "import json,sys; m=json.load(open(sys.argv[1])); print(sys.argv[1], m['timings_s'], m['counts'])" "$f" >> "$work/summary.txt"; done
+shopt -s nullglob; for f in "$work"/p5*_metrics.json; do python3 -c "import json,sys; m=json.load(open(sys.argv[1])); print(sys.argv[1], m['timings_s'], m['counts'])" "$f" >> "$work/summary.txt"; done
 [[ -f $work/p4.json ]] && cat "$work/p4.json" >> "$work/summary.txt"
 cp "$work/summary.txt" "$out/summary.txt"
 tar czf "$out/results.tgz" -C "$work" .
