@@ -3,7 +3,11 @@
 # P5 and P4; PARTS="p5a profile p5b" runs only those), each part under its own time limit so that the whole stays
 # inside BUDGET_S seconds and what ran comes back.
 # Results: $OUT/results.tgz (logs, JSON, run.log and metrics.json of each P5 run) and $OUT/summary.txt.
-# Setup first (see ../shared/tools/device-wheels.sh --with-faiss): carry .whl, then run this script.
+# Setup first (see ../shared/tools/device-wheels.sh --with-faiss): carry .whl, then run this script. With faiss the
+# wheels and the tree were just over the device tool's 64 MiB; dropping Ray Serve from the ray wheel (no part uses it)
+# made room:  python3 -c "import zipfile,sys; w=sys.argv[1]; z=zipfile.ZipFile(w); i=[x for x in z.infolist()
+#   if not x.filename.startswith('ray/serve/')]; d=[(x, z.read(x.filename)) for x in i]; z.close();
+#   o=zipfile.ZipFile(w, 'w', zipfile.ZIP_DEFLATED); [o.writestr(x, b) for x, b in d]; o.close()" .whl/ray-*.whl
 set -uo pipefail
 out=${OUT:-gpu-results}; work=/tmp/gpu-session; mkdir -p "$out" "$work"
 budget=${BUDGET_S:-500}
