@@ -5,8 +5,9 @@
 
 Measures ``Backbone.embed_padded`` on one batch of random clips, the way the embedding actor calls it:
 - ``off``: steady ms per batch as the actor runs it (no cuDNN autotuning);
-- ``first_layer_by_conv``: the same with the first conv layer as cuDNN's convolution instead of a matrix product
-  (``encoders.single_channel_conv``, the GPU's path since 2026-11-26);
+- ``first_layer_by_conv``, ``positional_by_conv``, ``all_by_conv``: the same with cuDNN's convolution instead of
+  the GPU's path for the first conv layer (a matrix product, ``encoders.single_channel_conv``), for the
+  positional convolution (by FFT, ``encoders.grouped_conv_by_fft``), for both (the code before 2026-11-26);
 - the 15 operators with the most GPU time over two batches (``torch.profiler``), and the share of the
   convolution kernels;
 - ``autotune``: the first batch with ``torch.backends.cudnn.benchmark`` on (the tuning), then steady, on a batch
@@ -15,8 +16,8 @@ Measures ``Backbone.embed_padded`` on one batch of random clips, the way the emb
 - ``modules_ms``: GPU milliseconds of one batch per part of a waveform encoder (each conv layer of the feature
   encoder, the positional convolution, the transformer layers together), timed with CUDA events around them.
 
-``conv_share`` counts cuDNN's convolutions only: on a GPU the first layer is a matrix product now, outside it
-(``modules_ms``' conv0 times it either way). Every clip has the same length, so the padding-exact GroupNorm's
+``conv_share`` counts cuDNN's convolutions only: on a GPU the first layer and the positional convolution are
+outside it now (``modules_ms`` times them either way). Every clip has the same length, so the padding-exact GroupNorm's
 masked path (batches of mixed lengths) is not measured here.
 """
 
@@ -102,11 +103,15 @@ def main() -> None:
     run()
     out["off_ms"] = steady_ms(run, args.repeats)
     out["off_clips_per_s"] = b / out["off_ms"] * 1000
-    by_matmul = encoders.windows_by_matmul
-    encoders.windows_by_matmul = lambda x: False
-    run()
-    out["first_layer_by_conv_ms"] = steady_ms(run, args.repeats)
-    encoders.windows_by_matmul = by_matmul
+    gpu_paths = {"first_layer": "windows_by_matmul", "positional": "long_kernel_by_fft"}
+    for name, switches in {**{n: [f] for n, f in gpu_paths.items()}, "all": list(gpu_paths.values())}.items():
+        saved = {f: getattr(encoders, f) for f in switches}  # cuDNN's convolution instead of the GPU path(s)
+        for f in switches:
+            setattr(encoders, f, lambda x: False)
+        run()
+        out[f"{name}_by_conv_ms"] = steady_ms(run, args.repeats)
+        for f, fn in saved.items():
+            setattr(encoders, f, fn)
     with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
         run()
         run()

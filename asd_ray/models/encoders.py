@@ -148,6 +148,60 @@ def single_channel_conv(conv: torch.nn.Conv1d, x: torch.Tensor) -> torch.Tensor:
     return h
 
 
+def long_kernel_by_fft(x: torch.Tensor) -> bool:
+    """Whether the positional convolution runs by FFT (``grouped_conv_by_fft``): on a GPU."""
+    return x.is_cuda
+
+
+def fft_size(n: int) -> int:
+    """The smallest length >= ``n`` whose only prime factors are 2, 3 and 5 (fast for cuFFT and pocketfft)."""
+    m = n
+    while True:
+        r = m
+        for f in (2, 3, 5):
+            while r % f == 0:
+                r //= f
+        if r == 1:
+            return m
+        m += 1
+
+
+def grouped_conv_by_fft(conv: torch.nn.Conv1d, x: torch.Tensor) -> torch.Tensor:
+    """``conv(x)`` (B x C x T, zero padding, stride 1) computed by FFT in float32, returned in the dtype the
+    convolution would have given (autocast's, or ``x``'s). For the transformer's positional convolution of HuBERT,
+    wav2vec2 and WavLM (Base: 768 channels in 16 groups, kernel 128): cuDNN ran it on CUDA cores, and its two
+    CUDA-core kernels took half of a batch's GPU time on an H100, shared with the first layer
+    (``single_channel_conv``). By FFT it is a few products of 48 x 48 matrices per frequency."""
+    if (conv.stride != (1,) or conv.dilation != (1,) or conv.padding_mode != "zeros" or isinstance(conv.padding, str)
+            or x.dim() != 3):
+        return conv(x)
+    out_dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+    k, pad, groups = conv.kernel_size[0], conv.padding[0], conv.groups
+    with torch.autocast(x.device.type, enabled=False):
+        w = conv.weight.float()  # C_out x C_in/groups x k (a weight-normed conv computes it here)
+        padded = x.shape[-1] + 2 * pad
+        size = fft_size(padded + k - 1)  # a linear, not circular, convolution
+        xf = torch.fft.rfft(torch.nn.functional.pad(x.float(), (pad, pad)), n=size)
+        wf = torch.fft.rfft(w.flip(-1), n=size)  # correlation = convolution with the flipped kernel
+        b, c_out, c_in = x.shape[0], w.shape[0], w.shape[1]
+        yf = torch.einsum("bgif,goif->bgof", xf.view(b, groups, c_in, -1), wf.view(groups, c_out // groups, c_in, -1))
+        y = torch.fft.irfft(yf.reshape(b, c_out, -1), n=size)[..., k - 1: padded]
+        if conv.bias is not None:
+            y = y + conv.bias.float()[:, None]
+    return y.to(out_dtype)
+
+
+class PositionalConvByFFT(torch.nn.Module):
+    """The transformer's positional convolution, by FFT on a GPU (``grouped_conv_by_fft``), as itself elsewhere."""
+
+    def __init__(self, conv: torch.nn.Conv1d):
+        super().__init__()
+        self.conv = conv
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return grouped_conv_by_fft(self.conv, x) if long_kernel_by_fft(x) else self.conv(x)
+
+
 class PaddingExactGroupNorm(torch.nn.Module):
     """The first layer of a GroupNorm feature encoder (conv -> GroupNorm over time -> activation) with each clip's
     GroupNorm statistics taken over its valid frames only, so zero padding cannot leak in.
@@ -221,6 +275,9 @@ class WaveformBackbone(EncoderBackbone):
         positional = getattr(model.encoder.pos_conv_embed, "layers", None)  # a stack (data2vec-audio), not one conv
         for i, conv in enumerate(positional or ()):
             positional[i] = PaddingExactPositionalConv(conv, self.lengths)
+        one = getattr(model.encoder.pos_conv_embed, "conv", None)  # HuBERT, wav2vec2, WavLM: one long grouped conv
+        if isinstance(one, torch.nn.Conv1d):
+            model.encoder.pos_conv_embed.conv = PositionalConvByFFT(one)
         return model
 
     def _host_tensor(self, batch):

@@ -52,17 +52,35 @@ def test_a_one_channel_convolution_as_a_matrix_product_equals_the_convolution(bi
     torch.testing.assert_close(by_product.float(), by_conv.float(), atol=0.05, rtol=0.02)
 
 
-def test_the_first_layer_as_a_matrix_product_embeds_as_the_convolution(tiny_hubert, monkeypatch):
-    """The GPU's path (``windows_by_matmul``) forced on the CPU: the same embeddings, one clip or a mixed batch."""
+@pytest.mark.parametrize("bias", [False, True])
+def test_a_grouped_convolution_by_fft_equals_the_convolution(bias):
+    torch.manual_seed(0)
+    conv = torch.nn.Conv1d(96, 96, kernel_size=32, padding=16, groups=16, bias=bias)
+    x = torch.randn(3, 37, 96).transpose(1, 2)  # B x C x T, not contiguous: as the encoder hands it over
+    with torch.no_grad():
+        torch.testing.assert_close(encoders.grouped_conv_by_fft(conv, x), conv(x), atol=1e-5, rtol=1e-5)
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # as on a GPU: the convolution's dtype, its values
+            by_conv, by_fft = conv(x), encoders.grouped_conv_by_fft(conv, x)
+    assert by_fft.dtype == by_conv.dtype == torch.bfloat16
+    torch.testing.assert_close(by_fft.float(), by_conv.float(), atol=0.05, rtol=0.02)
+    strided = torch.nn.Conv1d(96, 96, kernel_size=32, stride=2, groups=16)  # not its case: the convolution itself
+    torch.testing.assert_close(encoders.grouped_conv_by_fft(strided, x), strided(x))
+
+
+def test_the_gpu_paths_of_the_convolutions_embed_as_the_convolutions(tiny_hubert, monkeypatch):
+    """The GPU's paths forced on the CPU (the first layer as a matrix product, the positional convolution by FFT):
+    the same embeddings, one clip or a mixed batch."""
     clips = _clips(16_000, 40_000, 23_456, 11_000)
     backbone = load_backbone(str(tiny_hubert))
     assert isinstance(backbone.model.feature_extractor.conv_layers[0], encoders.PaddingExactGroupNorm)
+    assert isinstance(backbone.model.encoder.pos_conv_embed.conv, encoders.PositionalConvByFFT)
     by_conv = backbone.embed(clips)
     calls = []
-    monkeypatch.setattr(encoders, "windows_by_matmul", lambda x: calls.append(x.shape) or True)
+    monkeypatch.setattr(encoders, "windows_by_matmul", lambda x: calls.append("first") or True)
+    monkeypatch.setattr(encoders, "long_kernel_by_fft", lambda x: calls.append("positional") or True)
     np.testing.assert_allclose(backbone.embed(clips), by_conv, atol=1e-5, rtol=0)
     np.testing.assert_allclose(backbone.embed(clips[1:2])[0], by_conv[1], atol=1e-5, rtol=0)
-    assert len(calls) == 2
+    assert calls == ["first", "positional"] * 2
 
 
 @pytest.mark.parametrize("family", ["wav2vec2", "clap"])
