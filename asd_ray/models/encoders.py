@@ -180,7 +180,7 @@ def grouped_conv_by_fft(conv: torch.nn.Conv1d, x: torch.Tensor) -> torch.Tensor:
     with torch.autocast(x.device.type, enabled=False):
         w = conv.weight.float()  # C_out x C_in/groups x k (a weight-normed conv computes it here)
         padded = x.shape[-1] + 2 * pad
-        size = fft_size(padded + k - 1)  # a linear, not circular, convolution
+        size = fft_size(padded)  # the circular wrap-around reaches only outputs below k - 1, which are dropped
         xf = torch.fft.rfft(torch.nn.functional.pad(x.float(), (pad, pad)), n=size)
         wf = torch.fft.rfft(w.flip(-1), n=size)  # correlation = convolution with the flipped kernel
         b, c_out, c_in = x.shape[0], w.shape[0], w.shape[1]

@@ -56,6 +56,11 @@ def test_a_one_channel_convolution_as_a_matrix_product_equals_the_convolution(bi
 def test_a_grouped_convolution_by_fft_equals_the_convolution(bias):
     torch.manual_seed(0)
     conv = torch.nn.Conv1d(96, 96, kernel_size=32, padding=16, groups=16, bias=bias)
+    if bias:  # as HuBERT's: weight-normed (its scale not the direction's norm), a bias far from zero
+        conv = torch.nn.utils.parametrizations.weight_norm(conv, name="weight", dim=2)
+        with torch.no_grad():
+            conv.parametrizations.weight.original0.mul_(torch.rand_like(conv.parametrizations.weight.original0) + 0.5)
+            conv.bias.normal_()
     x = torch.randn(3, 37, 96).transpose(1, 2)  # B x C x T, not contiguous: as the encoder hands it over
     with torch.no_grad():
         torch.testing.assert_close(encoders.grouped_conv_by_fft(conv, x), conv(x), atol=1e-5, rtol=1e-5)
