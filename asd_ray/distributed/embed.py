@@ -191,6 +191,7 @@ class EmbeddingPool:
         import ray
 
         self.backbone = embed.backbone
+        self.config = embed
         self.calls_per_actor = max(1, calls_per_actor)
         opts = {"num_gpus": 1} if use_gpu else {"num_cpus": actor_cpus}
         # Scheduled as Ray Data schedules its own actors: never inside the placement group of the task that starts
@@ -220,6 +221,10 @@ class EmbeddingPool:
             # the creation task's traceback is in the message: its last line says why
             why = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
             raise BackboneError(f"an embedding actor for {self.backbone} could not start or died: {why}") from None
+
+    def serves(self, embed: EmbedConfig) -> bool:
+        """Whether the actors embed as ``embed`` asks (the batch size is the pipeline's: it may differ)."""
+        return dataclasses.replace(self.config, batch_size=embed.batch_size) == embed
 
     def embed(self, bundles: Iterable) -> Iterator["pyarrow.Table"]:
         """Ray Data ref bundles (``Dataset.iter_internal_ref_bundles`` after ``preprocess_batch``) -> their rows
@@ -545,6 +550,9 @@ def embed_corpus(records: Sequence[ClipRecord], *, embed: EmbedConfig, preproces
     rows = sorted((r.to_row() for r in records), key=lambda r: (_file_identity(r["path"])[1], r["path"]))
     if not rows:
         raise ValueError("embed_corpus: no clips to embed")
+    if pool is not None and needs_actors(embed) and not pool.serves(embed):
+        # its actors would embed with another backbone or settings, under this config's cache key
+        raise ValueError(f"embed_corpus: the embedding pool was started for {pool.config}, not for {embed}")
     own = pool is None and needs_actors(embed)
     if own:
         pool = EmbeddingPool(embed, use_gpu=use_gpu, num_actors=num_actors, actor_cpus=actor_cpus)

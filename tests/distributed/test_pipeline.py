@@ -1,5 +1,7 @@
 """The Ray Data pipeline end to end equals the single-process reference run; rejects reconcile; cache reuse."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -107,6 +109,9 @@ def test_preprocessing_tasks_feed_embedding_actors_started_before_the_pipeline(r
         assert pool.ready() == [pid] and not table.rejects and len(table.records) == 8
         np.testing.assert_allclose(table.embeddings, [got[r.path] for r in table.records], rtol=1e-6)
         assert ray.get(pool.actors[0].ready.remote()) == pid
+        other = dataclasses.replace(config.embed, layer="0")  # not what the actors embed: an error, not wrong rows
+        with pytest.raises(ValueError, match="embedding pool was started for"):
+            embed_corpus(records[:8], embed=other, preprocess=config.preprocess, cache_dir=tmp_path / "d", pool=pool)
     finally:
         pool.close()
 
