@@ -190,7 +190,6 @@ class EmbeddingPool:
                  calls_per_actor: int = 3):
         import ray
 
-        self.backbone = embed.backbone
         self.config = embed
         self.calls_per_actor = max(1, calls_per_actor)
         opts = {"num_gpus": 1} if use_gpu else {"num_cpus": actor_cpus}
@@ -220,7 +219,8 @@ class EmbeddingPool:
 
             # the creation task's traceback is in the message: its last line says why
             why = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
-            raise BackboneError(f"an embedding actor for {self.backbone} could not start or died: {why}") from None
+            raise BackboneError(f"an embedding actor for {self.config.backbone} could not start or died: {why}"
+                                ) from None
 
     def serves(self, embed: EmbedConfig) -> bool:
         """Whether the actors embed as ``embed`` asks (the batch size is the pipeline's: it may differ)."""

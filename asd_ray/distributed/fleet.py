@@ -104,6 +104,14 @@ class BankActor:
                 "bank_dir": str(self.bank_dir)}
 
 
+def saved_banks(bank_root: str | Path) -> tuple[Path, list[str]]:
+    """(the bank folder, the machines with a bank saved in it, sorted); a missing folder is a FileNotFoundError."""
+    root = Path(bank_root).expanduser().resolve()
+    if not root.is_dir():
+        raise FileNotFoundError(f"bank folder not found: {root}")
+    return root, sorted(d.name for d in root.iterdir() if (d / "bank.json").is_file())
+
+
 def start_banks(bank_root: str | Path, *, machines: Iterable[str] | None = None, replicas: int = 1,
                 namespace: str = "asd-ray", faiss_threads: int = 1,
                 settings: dict[str, Any] | None = None, detached: bool = False) -> dict[str, list]:
@@ -119,11 +127,8 @@ def start_banks(bank_root: str | Path, *, machines: Iterable[str] | None = None,
     """
     import ray
 
-    root = Path(bank_root).expanduser().resolve()
-    if not root.is_dir():
-        raise FileNotFoundError(f"bank folder not found: {root}")
+    root, found = saved_banks(bank_root)
     wanted = set(machines) if machines is not None else None
-    found = sorted(d.name for d in root.iterdir() if (d / "bank.json").is_file())
     missing = sorted(wanted - set(found)) if wanted else []
     if missing:
         raise FileNotFoundError(f"no saved bank for {missing} under {root} (banks there: {found})")

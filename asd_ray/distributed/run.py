@@ -147,8 +147,9 @@ def ray_run(roots: Sequence[str | Path], config: RunConfig, out_dir: str | Path 
     machine. With ``feature_cache`` (a dict kept by the caller), runs of several detectors share their features.
     """
     ensure_ray(num_cpus=config.ray.num_cpus or None, data_logs_now=False)
+    kind = detector_features(config)
     pools: list[EmbeddingPool] = []
-    if (detector_features(config) == "clip" and needs_actors(config.embed)
+    if (kind == "clip" and needs_actors(config.embed)
             and not (feature_cache is not None and features_key(config) in feature_cache)):
         # Started before discovery, on the chance that the cache misses (ended after it if it does not), and
         # before the warm-up tasks: an actor then takes one of the idle worker processes Ray starts with the
@@ -168,7 +169,7 @@ def ray_run(roots: Sequence[str | Path], config: RunConfig, out_dir: str | Path 
 
         embedder = shared(embedder_for(config, pools), feature_cache, features_key(config))
         fitting = {}  # clip-embedding detectors: fitted in the driver (light)
-        if detector_features(config) == "frames":
+        if kind == "frames":
             gpu = gpu_wanted(config.ray.use_gpu) and (config.detector.startswith("ae-") or config.detector == "fusion")
             fitting = {"machine_map": ray_task_map(config.ray.detector_cpus, 1 if gpu else 0),
                        "device": "cuda" if gpu else "cpu"}

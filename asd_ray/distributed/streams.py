@@ -18,7 +18,7 @@ from asd_ray.bank.memory_bank import BankError
 from asd_ray.config import RunConfig
 from asd_ray.data.layout import discover, not_a_file
 from asd_ray.detectors import SCORE_SETTINGS, fit_time_keys, given_score_settings, load_detector
-from asd_ray.distributed.fleet import (FleetStats, Request, Result, Router, start_banks, start_embedders,
+from asd_ray.distributed.fleet import (FleetStats, Request, Result, Router, saved_banks, start_banks, start_embedders,
                                        start_frame_embedders)
 from asd_ray.results import Reject
 from asd_ray.distributed.session import ensure_ray, gpu_wanted
@@ -201,16 +201,14 @@ def query_pools(router: Router, roots: Sequence[str | Path], clips_per_machine: 
 def bank_members(bank_root: str | Path) -> dict[str, np.ndarray]:
     """{machine: its clip bank's members} of every bank saved under ``bank_root``; a bank of another kind (one that
     eats log-mel frames) is a ``BankError``: a simulation over it needs real clips for its queries."""
-    root = Path(bank_root).expanduser()
-    if not root.is_dir():
-        raise FileNotFoundError(f"bank folder not found: {root}")
+    root, machines = saved_banks(bank_root)
     members = {}
-    for folder in sorted(d for d in root.iterdir() if (d / "bank.json").is_file()):
-        bank = load_detector(folder)
+    for machine in machines:
+        bank = load_detector(root / machine)
         if not hasattr(bank, "members") or bank.features != "clip":
-            raise BankError(f"{folder.name} holds a {bank.kind}, which eats log-mel frames: give --data ROOT, whose "
+            raise BankError(f"{machine} holds a {bank.kind}, which eats log-mel frames: give --data ROOT, whose "
                             f"test clips are the simulation's queries (without, they are clip-bank members)")
-        members[folder.name] = bank.members()
+        members[machine] = bank.members()
     return members
 
 

@@ -315,10 +315,8 @@ def test_a_simulated_fleet_of_clip_banks_queries_their_members_without_clips(fle
 
 
 def test_banks_started_again_right_after_their_handles_were_dropped(ray_local, tmp_path):
-    """A driver that drops its last handles (``simulate`` twice, a router replaced) and starts the same banks again:
-    ``get_if_exists`` may find the actors Ray is ending; they are started anew, not reported as dead."""
-    import gc
-
+    """A driver that drops its last handles (two fleets started one after the other) and starts the same banks
+    again: ``get_if_exists`` may find the actors Ray is ending; they are started anew, not reported as dead."""
     bank = MemoryBank(k=3).fit(np.random.default_rng(0).standard_normal((50, DIM)).astype(np.float32),
                                [f"m{j}" for j in range(50)])
     bank.save(tmp_path / "banks" / "fan")
