@@ -149,7 +149,6 @@ class RayConfig:
     num_cpus: int = 0  # CPUs of a Ray this command starts itself; 0 = all of this machine's
     embed_actors: int = 1  # embedding actors (one GPU each on GPU nodes)
     actor_cpus: float = 0.5  # CPUs per embedding actor without GPU: fractional, so read tasks never starve
-    gpu_actor_cpus: float = 1.0  # CPUs per GPU embedding actor (its host side); never the Ray's last CPU
     preprocess_cpus: float = 0.0  # CPUs per pre-processing task; 0 = 1 beside GPU actors, 0.5 otherwise
     use_gpu: Literal["auto", "yes", "no"] = "auto"
     cache_dir: str = "~/.cache/asd-ray/embeddings"  # Parquet embeddings, keyed by content

@@ -64,7 +64,6 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--actors", type=int, default=1)
     ap.add_argument("--actor-cpus", type=float, default=0.5)
-    ap.add_argument("--gpu-actor-cpus", type=float, default=1.0)
     ap.add_argument("--skip-p1", action="store_true")
     args = ap.parse_args()
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -106,8 +105,7 @@ def main() -> None:
         t = time.perf_counter()
         pool = None  # the weight-free logmel backbone embeds inside the pre-processing tasks
         if needs_actors(embed):
-            pool = EmbeddingPool(embed, use_gpu=use_gpu, num_actors=args.actors, actor_cpus=args.actor_cpus,
-                                 gpu_actor_cpus=args.gpu_actor_cpus)
+            pool = EmbeddingPool(embed, use_gpu=use_gpu, num_actors=args.actors, actor_cpus=args.actor_cpus)
             pool.ready()
         pool_start = time.perf_counter() - t
         # the pipeline's own first-call costs out of the measurement: a tiny run, then a fresh cache for the real one

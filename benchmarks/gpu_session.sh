@@ -1,8 +1,7 @@
 #!/usr/bin/env bash
-# One device call's worth of GPU figures (P5 four times: p5a and p5b as configured, p5z and p5zb with
-# ray.gpu_actor_cpus=0, the embedding actor holding no CPU of its own; then P1, the start probe, the forward pass's
-# profile, P5 of an older checkout and P4; PARTS="p5a profile p5b" runs only those), each part under its own
-# time limit so that the whole stays inside BUDGET_S seconds and what ran comes back.
+# One device call's worth of GPU figures (P5 first, then P1, the start probe, the forward pass's profile, a second
+# P5 and P4; PARTS="p5a profile p5b" runs only those), each part under its own time limit so that the whole stays
+# inside BUDGET_S seconds and what ran comes back.
 # Results: $OUT/results.tgz (logs, JSON, run.log and metrics.json of each P5 run) and $OUT/summary.txt.
 # Setup first (see ../shared/tools/device-wheels.sh --with-faiss): carry .whl, then run this script. With faiss the
 # wheels and the tree were just over the device tool's 64 MiB; dropping Ray Serve from the ray wheel (no part uses it)
@@ -30,20 +29,14 @@ python3 -c "
 import torch; from transformers import HubertConfig, HubertModel
 torch.manual_seed(0); HubertModel(HubertConfig(layerdrop=0.0)).save_pretrained('/tmp/hubert-base-random')" 2>/dev/null \
     && say "model saved" || say "model NOT saved: the parts that need it will fail"
-p5() {  # p5 NAME CACHE [--set ...]: the main job on the DCASE-sized corpus with a random HuBERT-Base, fresh cache
+p5() {  # p5 NAME CACHE: the main job on the DCASE-sized corpus with a random HuBERT-Base, fresh cache
     echo "TIMEFORMAT='P5 wall s: %R'; time python3 -m asd_ray.cli run --data /tmp/p5 --out /tmp/$1 --detector knn \
---backbone /tmp/hubert-base-random --set ray.cache_dir=/tmp/$2 --set embed.batch_size=128 ${*:3}; \
+--backbone /tmp/hubert-base-random --set ray.cache_dir=/tmp/$2 --set embed.batch_size=128; \
 cp /tmp/$1/run.log $work/$1_run.log; cp /tmp/$1/metrics.json $work/$1_metrics.json"
 }
 [[ $parts == *" p5"* ]] && part p5_synth 150 "python3 -m asd_ray.cli synth --out /tmp/p5 --workers $(nproc) ${SYNTH_ARGS:-}"
 part p5a 150 "$(p5 p5a p5a_cache)"
 grep -s "P5 wall" "$work/p5a.log" | tee -a "$work/summary.txt"
-part p5z 120 "$(p5 p5z p5z_cache --set ray.gpu_actor_cpus=0)"
-grep -s "P5 wall" "$work/p5z.log" | tee -a "$work/summary.txt"
-part p5b 120 "$(p5 p5b p5b_cache)"
-grep -s "P5 wall" "$work/p5b.log" | tee -a "$work/summary.txt"
-part p5zb 120 "$(p5 p5zb p5zb_cache --set ray.gpu_actor_cpus=0)"
-grep -s "P5 wall" "$work/p5zb.log" | tee -a "$work/summary.txt"
 part p1 120 "python3 benchmarks/embed_throughput.py --clips 2048 --backbone hubert-base-random --device cuda --batch-size 128"
 grep -sv " INFO \|WARNING" "$work/p1.log" | tail -22 >> "$work/summary.txt"
 part probe 60 "python3 benchmarks/startup_probe.py /tmp/hubert-base-random 2>/dev/null; python3 -X importtime -c 'import torch; from transformers.models.hubert import modeling_hubert' 2>&1 | sort -t'|' -k2 -n -r | head -25"
@@ -52,6 +45,8 @@ part profile 90 "python3 benchmarks/forward_profile.py /tmp/hubert-base-random -
 if [[ -n ${OLD_TGZ:-} ]]; then mkdir -p /tmp/old && tar xzf "$OLD_TGZ" -C /tmp/old; else parts=${parts/ p5old / }; fi
 part p5old 120 "cd /tmp/old && export PYTHONPATH=/tmp/site:/tmp/old; $(p5 p5old p5old_cache)"
 grep -s "P5 wall" "$work/p5old.log" | tee -a "$work/summary.txt"
+part p5b 120 "$(p5 p5b p5b_cache)"
+grep -s "P5 wall" "$work/p5b.log" | tee -a "$work/summary.txt"
 part p4 120 "python3 benchmarks/finetune_throughput.py --gpu --steps 60 --batch-size 8 --json $work/p4.json"
 shopt -s nullglob; for f in "$work"/p5*_metrics.json; do python3 -c "import json,sys; m=json.load(open(sys.argv[1])); print(sys.argv[1], m['timings_s'], m['counts'])" "$f" >> "$work/summary.txt"; done
 [[ -f $work/p4.json ]] && cat "$work/p4.json" >> "$work/summary.txt"

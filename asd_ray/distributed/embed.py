@@ -14,7 +14,6 @@ import functools
 import hashlib
 import json
 import logging
-import math
 import os
 import shutil
 import sys
@@ -188,14 +187,12 @@ class EmbeddingPool:
     Actors that die are restarted and their calls re-sent (twice); ``close`` ends them."""
 
     def __init__(self, embed: EmbedConfig, *, use_gpu: bool, num_actors: int = 1, actor_cpus: float = 0.5,
-                 gpu_actor_cpus: float = 1.0, calls_per_actor: int = 3):
+                 calls_per_actor: int = 3):
         import ray
 
         self.config = embed
         self.calls_per_actor = max(1, calls_per_actor)
-        num_actors = max(1, num_actors)
-        opts = actor_resources(use_gpu, actor_cpus=actor_cpus, gpu_actor_cpus=gpu_actor_cpus,
-                               num_actors=num_actors, ray_cpus=ray.cluster_resources().get("CPU", 0.0))
+        opts = {"num_gpus": 1} if use_gpu else {"num_cpus": actor_cpus}
         # Scheduled as Ray Data schedules its own actors: never inside the placement group of the task that starts
         # them (a Ray Tune trial's bundle holds a fraction of a CPU, for its driver only). Ray Data's setting when
         # it is loaded; else its default, SPREAD (importing Ray Data here would put seconds before the actors'
@@ -203,7 +200,7 @@ class EmbeddingPool:
         data = sys.modules.get("ray.data")
         opts["scheduling_strategy"] = data.DataContext.get_current().scheduling_strategy if data else "SPREAD"
         actor = ray.remote(EmbeddingActor).options(max_concurrency=2, max_restarts=2, max_task_retries=2, **opts)
-        self.actors = [actor.remote(**actor_embed_kwargs(embed, use_gpu)) for _ in range(num_actors)]
+        self.actors = [actor.remote(**actor_embed_kwargs(embed, use_gpu)) for _ in range(max(1, num_actors))]
         # each actor's start, awaited by ``embed`` before it gets work: one that cannot be scheduled (a second
         # actor on a one-GPU node) must not hold bundles while the others could embed them
         self.starts = [a.ready.remote() for a in self.actors]
@@ -274,21 +271,6 @@ class EmbeddingPool:
         for actor in self.actors:
             ray.kill(actor)
         self.actors, self.starts = [], []
-
-
-def actor_resources(use_gpu: bool, *, actor_cpus: float, gpu_actor_cpus: float, num_actors: int,
-                    ray_cpus: float) -> dict[str, float]:
-    """Ray resources of one embedding actor: ``actor_cpus`` CPUs without a GPU; with one, a GPU and
-    ``gpu_actor_cpus`` CPUs for its host side (blocks to padded arrays, copies to the device, the forward pass's
-    kernel launches), as the Ray's CPUs allow while one stays for the pre-processing tasks that feed them.
-
-    Without CPUs of its own a GPU actor's two threads share the cores with as many pre-processing tasks as the
-    node has cores (one CPU each beside a GPU actor)."""
-    if not use_gpu:
-        return {"num_cpus": actor_cpus}
-    cpus = min(max(0.0, gpu_actor_cpus), max(0.0, (ray_cpus - 1) / num_actors))
-    # Ray takes whole numbers above one CPU and four decimals below
-    return {"num_gpus": 1, "num_cpus": float(math.floor(cpus)) if cpus >= 1 else math.floor(cpus * 1e4) / 1e4}
 
 
 def actor_embed_kwargs(embed: EmbedConfig, use_gpu: bool) -> dict:
@@ -543,15 +525,15 @@ def needs_actors(embed: EmbedConfig) -> bool:
 
 
 def embed_corpus(records: Sequence[ClipRecord], *, embed: EmbedConfig, preprocess: PreprocessConfig,
-                 cache_dir: str | Path, num_actors: int = 1, actor_cpus: float = 0.5, gpu_actor_cpus: float = 1.0,
+                 cache_dir: str | Path, num_actors: int = 1, actor_cpus: float = 0.5,
                  use_gpu: bool | None = None, preprocess_cpus: float = 0.0,
                  pool: EmbeddingPool | None = None) -> EmbeddingTable:
     """Pre-process and embed ``records`` with Ray Data on the connected Ray cluster.
 
     CPU tasks of ``preprocess_cpus`` each (0: half a CPU beside CPU embedding actors, one otherwise) decode and
     pre-process; the actors of ``pool`` embed whole padded batches (without a pool, ``num_actors`` actors are
-    started for this call and ended after it: ``num_gpus=1`` and ``gpu_actor_cpus`` CPUs each when ``use_gpu``
-    (``actor_resources``), else ``actor_cpus`` CPUs so that the tasks keep running); the result lands as Parquet under ``cache_dir/<content key>`` and is reused
+    started for this call and ended after it: ``num_gpus=1`` each when ``use_gpu``, else ``actor_cpus`` CPUs so
+    that the tasks keep running); the result lands as Parquet under ``cache_dir/<content key>`` and is reused
     by the next call with the same key.
     """
     import pyarrow.parquet as pq
@@ -573,8 +555,7 @@ def embed_corpus(records: Sequence[ClipRecord], *, embed: EmbedConfig, preproces
         raise ValueError(f"embed_corpus: the embedding pool was started for {pool.config}, not for {embed}")
     own = pool is None and needs_actors(embed)
     if own:
-        pool = EmbeddingPool(embed, use_gpu=use_gpu, num_actors=num_actors, actor_cpus=actor_cpus,
-                             gpu_actor_cpus=gpu_actor_cpus)
+        pool = EmbeddingPool(embed, use_gpu=use_gpu, num_actors=num_actors, actor_cpus=actor_cpus)
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)  # a run that died half-way
     tmp.mkdir(parents=True)

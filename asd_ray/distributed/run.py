@@ -34,7 +34,6 @@ def embed_table(records, config: RunConfig, pool: EmbeddingPool | None = None) -
     (read back from the Parquet cache when it holds them already), its actors ``pool``'s when given."""
     return embed_corpus(records, embed=config.embed, preprocess=config.preprocess, cache_dir=config.ray.cache_dir,
                         num_actors=config.ray.embed_actors, actor_cpus=config.ray.actor_cpus,
-                        gpu_actor_cpus=config.ray.gpu_actor_cpus,
                         use_gpu=gpu_wanted(config.ray.use_gpu, config.embed.device),
                         preprocess_cpus=config.ray.preprocess_cpus, pool=pool)
 
@@ -156,8 +155,7 @@ def ray_run(roots: Sequence[str | Path], config: RunConfig, out_dir: str | Path 
         # before the warm-up tasks: an actor then takes one of the idle worker processes Ray starts with the
         # driver, saving its process start (Ray never gives an actor a worker that has run a task).
         pools.append(EmbeddingPool(config.embed, use_gpu=gpu_wanted(config.ray.use_gpu, config.embed.device),
-                                   num_actors=config.ray.embed_actors, actor_cpus=config.ray.actor_cpus,
-                                   gpu_actor_cpus=config.ray.gpu_actor_cpus))
+                                   num_actors=config.ray.embed_actors, actor_cpus=config.ray.actor_cpus))
     try:  # the pool ends with the run, whatever fails
         route_ray_data()
         from asd_ray.detect import run_detection, shared

@@ -274,24 +274,6 @@ def test_tasks_take_half_a_cpu_only_beside_embedding_actors_on_the_cpus():
     assert clip_tasks(hubert, use_gpu=False, preprocess_cpus=0.25) == ([], 0.25)
 
 
-def test_a_gpu_embedding_actor_holds_cpus_for_its_host_side_but_never_the_last_one():
-    from asd_ray.distributed.embed import actor_resources
-
-    def res(use_gpu, ray_cpus, num_actors=1, gpu_actor_cpus=1.0):
-        return actor_resources(use_gpu, actor_cpus=0.5, gpu_actor_cpus=gpu_actor_cpus, num_actors=num_actors,
-                               ray_cpus=ray_cpus)
-
-    assert res(False, 16) == {"num_cpus": 0.5}
-    assert res(True, 16) == {"num_gpus": 1, "num_cpus": 1.0}
-    assert res(True, 16, gpu_actor_cpus=0) == {"num_gpus": 1, "num_cpus": 0.0}  # the old scheduling, on request
-    assert res(True, 2) == {"num_gpus": 1, "num_cpus": 1.0}
-    assert res(True, 1) == {"num_gpus": 1, "num_cpus": 0.0}  # the one CPU stays for the pre-processing
-    assert res(True, 3, num_actors=4) == {"num_gpus": 1, "num_cpus": 0.5}  # four actors share what two CPUs leave
-    assert res(True, 64, num_actors=8, gpu_actor_cpus=2) == {"num_gpus": 1, "num_cpus": 2.0}
-    assert res(True, 4, num_actors=2, gpu_actor_cpus=2) == {"num_gpus": 1, "num_cpus": 1.0}  # Ray refuses 1.5
-    assert res(True, 2, num_actors=3) == {"num_gpus": 1, "num_cpus": 0.3333}
-
-
 def test_pipeline_tasks_run_side_by_side_on_every_cpu(ray_local):
     """Ray Data's executor noticed a finished task up to 0.1 s late and the CPUs it may use up to a second late;
     with tasks this short each next task went to the worker that had just finished, and the two CPUs' tasks ran
