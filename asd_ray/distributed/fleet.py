@@ -104,12 +104,20 @@ class BankActor:
                 "bank_dir": str(self.bank_dir)}
 
 
-def saved_banks(bank_root: str | Path) -> tuple[Path, list[str]]:
-    """(the bank folder, the machines with a bank saved in it, sorted); a missing folder is a FileNotFoundError."""
+def saved_banks(bank_root: str | Path, *, empty_ok: bool = False) -> tuple[Path, list[str]]:
+    """(the bank folder, the machines with a bank saved in it, sorted). A missing folder is a FileNotFoundError,
+    and so is one without a bank unless ``empty_ok`` (a fleet over it would serve nothing: most often the run's
+    folder given for its ``banks/``)."""
     root = Path(bank_root).expanduser().resolve()
     if not root.is_dir():
         raise FileNotFoundError(f"bank folder not found: {root}")
-    return root, sorted(d.name for d in root.iterdir() if (d / "bank.json").is_file())
+    machines = sorted(d.name for d in root.iterdir() if (d / "bank.json").is_file())
+    if not machines and not empty_ok:
+        inner = root / "banks"
+        hint = (f": did you mean {inner}?" if inner.is_dir() and any((d / "bank.json").is_file() for d in inner.iterdir())
+                else " (asd-ray run saves them to <out>/banks: a folder per machine holding its bank.json)")
+        raise FileNotFoundError(f"no saved bank in {root}{hint}")
+    return root, machines
 
 
 def start_banks(bank_root: str | Path, *, machines: Iterable[str] | None = None, replicas: int = 1,

@@ -41,7 +41,7 @@ import numpy as np
 
 from asd_ray.bank.memory_bank import BankError
 from asd_ray.config import RunConfig
-from asd_ray.distributed.fleet import BAD_INPUT, UNAVAILABLE, UNKNOWN_MACHINE, Request, actor_name
+from asd_ray.distributed.fleet import BAD_INPUT, UNAVAILABLE, UNKNOWN_MACHINE, Request, actor_name, saved_banks
 from asd_ray.scoring.postprocess import output_threshold
 
 log = logging.getLogger(__name__)
@@ -361,9 +361,12 @@ def stop(bank_root: str | Path, config: RunConfig) -> dict:
     stopped = not set(running) - {app}
     if stopped and running:
         serve.shutdown()  # no other application: its controller and HTTP proxies go too
-    root = Path(bank_root).expanduser().resolve()
+    try:  # the banks' folder may be gone since; the application still goes
+        machines = saved_banks(bank_root, empty_ok=True)[1]
+    except FileNotFoundError:
+        machines = []
     killed = []
-    for machine in sorted(d.name for d in root.iterdir() if (d / "bank.json").is_file()) if root.is_dir() else []:
+    for machine in machines:
         for r in range(config.fleet.replicas):
             try:
                 actor = ray.get_actor(actor_name(machine, r), namespace=config.fleet.namespace)

@@ -332,3 +332,27 @@ def test_banks_running_with_other_settings_are_an_error(fleet):
     _, _, namespace, bank_root = fleet
     with pytest.raises(Exception, match="already runs .* with settings \\{\\}.*use another fleet.namespace"):
         start_banks(bank_root, namespace=namespace, settings={"bank.k": 5})
+
+
+@pytest.mark.parametrize("command", [["serve"], ["serve-fleet", "--simulate", "2"]])
+def test_a_folder_without_banks_is_an_error_before_ray_starts(command, tmp_path, monkeypatch, capsys):
+    """The run's folder given for its banks/ (a fleet over it would serve nothing), an empty folder and a missing
+    one: each a one-line error naming the folder, and Ray is not started for it."""
+    from asd_ray.cli import main
+    from asd_ray.distributed import service, session
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("Ray started")
+
+    monkeypatch.setattr(service, "start_ray", no_ray)
+    monkeypatch.setattr(session, "ensure_ray", no_ray)
+    bank = MemoryBank(k=3).fit(np.random.default_rng(0).standard_normal((20, DIM)).astype(np.float32),
+                               [f"m{j}" for j in range(20)])
+    bank.save(tmp_path / "run" / "banks" / "fan")
+    (tmp_path / "empty").mkdir()
+    for folder, says in [(tmp_path / "run", f"no saved bank in {tmp_path / 'run'}: did you mean "
+                                            f"{tmp_path / 'run' / 'banks'}?"),
+                         (tmp_path / "empty", f"no saved bank in {tmp_path / 'empty'} (asd-ray run saves them"),
+                         (tmp_path / "gone", f"bank folder not found: {tmp_path / 'gone'}")]:
+        assert main([*command[:1], "--banks", str(folder), *command[1:]]) == 2
+        assert says in capsys.readouterr().err
