@@ -49,7 +49,7 @@ class EmbedConfig:
     hop_length: int = 512
     batch_size: int = 16
     device: str = "auto"  # "auto", "cpu", "cuda"
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: fp32 on CPU, bf16 on GPUs that have it, else fp16
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,7 @@ from asd_ray.data.audio import try_preprocess
 from asd_ray.data.layout import discover
 from asd_ray.data.synth import generate_corpus
 from asd_ray.distributed.finetune import augmentation
+from asd_ray.models.backbones import native_bf16
 from asd_ray.models.finetune import MaskedPrediction, augment, crop_or_tile, prepare_student
 
 
@@ -61,7 +62,7 @@ def plain_loop(init: str, batches: list[np.ndarray], config: RunConfig, device: 
     mp = MaskedPrediction(student, teacher=ft.teacher, ema_decay=ft.ema_decay, mask_prob=ft.mask_prob,
                           mask_length=ft.mask_length)
     opt = torch.optim.AdamW(student.parameters(), lr=ft.lr, weight_decay=ft.weight_decay)
-    dtype = torch.bfloat16 if dev.type == "cuda" else None
+    dtype = torch.bfloat16 if native_bf16(dev) else None  # as the Ray Train loop's precision "auto" does
     stamps = []
     for b in batches:
         x = torch.from_numpy(b).to(dev)

@@ -148,6 +148,7 @@ def train_loop_per_worker(cfg: dict) -> None:
     import torch
     from transformers import AutoModel
 
+    from asd_ray.models.backbones import native_bf16
     from asd_ray.models.finetune import MaskedPrediction, prepare_student, warmup_cosine
 
     ft = FinetuneConfig(**cfg["finetune"])
@@ -173,7 +174,7 @@ def train_loop_per_worker(cfg: dict) -> None:
         sched.load_state_dict(state["scheduler"])
     step, start_epoch, done_in_epoch = state.get("step", 0), state.get("epoch", 0), state.get("batches_in_epoch", 0)
     heldout = torch.from_numpy(np.asarray(cfg["heldout"], dtype=np.float32)).to(device)
-    bf16 = device.type == "cuda" and (ft.precision == "bf16" or (ft.precision == "auto" and torch.cuda.is_bf16_supported()))
+    bf16 = device.type == "cuda" and (ft.precision == "bf16" or (ft.precision == "auto" and native_bf16(device)))
     dtype = torch.bfloat16 if bf16 else None
     shard = ray.train.get_dataset_shard("train")
     collapse = float("nan")

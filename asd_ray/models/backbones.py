@@ -48,11 +48,21 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` is a GPU that computes in bf16 itself (NVIDIA from Ampere on, compute capability 8; AMD).
+    Older ones such as the T4 (7.5) only emulate it, far slower than fp16 on their tensor cores;
+    ``torch.cuda.is_bf16_supported()`` counts the emulation as support."""
+    if device.type != "cuda":
+        return False
+    return bool(torch.version.hip) or torch.cuda.get_device_capability(device)[0] >= 8
+
+
 def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
-    """bf16 autocast on GPU by default, fp32 on CPU."""
+    """Autocast dtype of the embedding forward pass (None: fp32). ``auto``: fp32 on the CPU, bf16 on a GPU that
+    has it natively, fp16 on older GPUs (a T4)."""
     if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
         return None
-    if precision == "fp16":
+    if precision == "fp16" or (precision == "auto" and not native_bf16(device)):
         return torch.float16
     return torch.bfloat16
 

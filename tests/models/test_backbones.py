@@ -114,3 +114,21 @@ def test_missing_and_broken_checkpoints_name_the_path(tmp_path, tiny_hubert):
     (bert / "config.json").write_text(json.dumps({"model_type": "bert"}))
     with pytest.raises(BackboneError, match="bert"):
         load_backbone(str(bert))
+
+
+@pytest.mark.parametrize("capability, auto, finetune_bf16", [((7, 5), torch.float16, False),
+                                                             ((8, 0), torch.bfloat16, True),
+                                                             ((9, 0), torch.bfloat16, True)])
+def test_precision_auto_takes_bf16_only_where_the_gpu_has_it(monkeypatch, capability, auto, finetune_bf16):
+    """A T4 (7.5) emulates bf16 (``torch.cuda.is_bf16_supported()`` says yes): embedding there runs in fp16,
+    fine-tuning in fp32; Ampere and later in bf16. The CPU stays in fp32; an explicit precision is kept."""
+    from asd_ray.models.backbones import autocast_dtype, native_bf16
+
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    gpu = torch.device("cuda", 0)
+    assert autocast_dtype(gpu, "auto") == auto
+    assert native_bf16(gpu) is finetune_bf16
+    assert autocast_dtype(gpu, "bf16") == torch.bfloat16 and autocast_dtype(gpu, "fp16") == torch.float16
+    assert autocast_dtype(gpu, "fp32") is None
+    assert autocast_dtype(torch.device("cpu"), "auto") is None and native_bf16(torch.device("cpu")) is False
