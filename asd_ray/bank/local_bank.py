@@ -157,14 +157,22 @@ class LocalFeatureBank:
         cal = np.arange(len(clips))
         if p["calibration_clips"] and len(cal) > p["calibration_clips"]:
             cal = np.sort(rng.choice(len(clips), p["calibration_clips"], replace=False))
+        # leave-one-out raw scores by (bank, clip): a clip's score in its own domain's bank (the costly search:
+        # its own members are searched past) serves both its bank's scale and its calibration score
+        loo: dict[tuple[str, int], float] = {}
+
+        def loo_score(g: str, i: int) -> float:
+            if (g, i) not in loo:
+                loo[g, i] = self._bank_score(g, per_clip[i], leave_out=i)
+            return loo[g, i]
+
         for g, idx in groups.items():
             own = np.intersect1d(idx, cal) if len(np.intersect1d(idx, cal)) >= 2 else idx
-            s = np.array([self._bank_score(g, per_clip[i], leave_out=int(i)) for i in own])
+            s = np.array([loo_score(g, int(i)) for i in own])
             self.scales[g] = float(np.median(s)) if np.median(s) > 0 else 1.0
         ids = [str(i) for i in ids] if ids is not None else [str(i) for i in range(len(clips))]
         self.calibration_ids = [ids[i] for i in cal]
-        self.train_scores = np.array([min(self._bank_score(g, per_clip[i], leave_out=int(i)) / self.scales[g]
-                                          for g in self.banks) for i in cal])
+        self.train_scores = np.array([min(loo_score(g, int(i)) / self.scales[g] for g in self.banks) for i in cal])
         return self
 
     def _pca(self, clips: Sequence[np.ndarray], rng: np.random.Generator) -> np.ndarray:
@@ -193,14 +201,10 @@ class LocalFeatureBank:
         if leave_out is None:
             dist, _ = bank.search(windows, k)
         else:
-            owned = int((self.owners[group] == leave_out).sum())
-            if bank.size - owned < k:
+            owned = np.flatnonzero(self.owners[group] == leave_out)
+            if bank.size - len(owned) < k:
                 raise BankError(f"leave-one-out: the {group} bank has fewer than {k} members of other clips")
-            dist, idx = bank.search(windows, k + owned)
-            keep = self.owners[group][idx] != leave_out
-            # the first k hits of other clips, per window (there are at least k: owned were searched extra)
-            order = np.argsort(~keep, axis=1, kind="stable")[:, :k]
-            dist = np.take_along_axis(dist, order, axis=1)
+            dist, _ = bank.search(windows, k, exclude=owned)  # FAISS passes over the clip's own members
         return clip_score(dist.mean(axis=1), self.params["clip_score"], self.params["top_q"])
 
     def score(self, clips: Sequence[np.ndarray]) -> np.ndarray:

@@ -125,14 +125,23 @@ class MemoryBank:
         """The settings ``configure`` can change, as they are now."""
         return {"k": self.k, "metric": self.metric}
 
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """(m x dim) -> (m x k true distances ascending, m x k member indices); k is capped at the bank size."""
+    def search(self, queries: np.ndarray, k: int, exclude: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(m x dim) -> (m x k true distances ascending, m x k member indices); k is capped at the bank size (less
+        the members ``exclude`` lists: member indices FAISS passes over, as for a leave-one-out score)."""
         if self.index is None or self.size == 0:
             raise BankError("the bank is empty: fit() it with normal embeddings before scoring")
         q = self._prepare(_as_matrix(queries, self.dim, "score"))
-        k = min(k, self.size)
         faiss.omp_set_num_threads(self.faiss_threads)
-        sims, idx = self.index.search(q, k)
+        if exclude is not None and len(exclude):
+            exclude = np.unique(np.asarray(exclude, dtype=np.int64))
+            k = min(k, self.size - len(exclude))
+            if k < 1:
+                raise BankError(f"search: every one of the {self.size} members is excluded")
+            batch = faiss.IDSelectorBatch(exclude)  # kept referenced: IDSelectorNot holds a bare pointer to it
+            others = faiss.IDSelectorNot(batch)
+            sims, idx = self.index.search(q, k, params=faiss.SearchParameters(sel=others))
+        else:
+            sims, idx = self.index.search(q, min(k, self.size))
         if self.metric == "cosine":
             dist = np.clip(1.0 - sims, 0.0, 2.0)
         else:

@@ -86,3 +86,20 @@ def test_local_bank_refuses_bad_input():
     bank = LocalFeatureBank(**PLAIN, domain_norm=False).fit([np.zeros((3, 4), np.float32), np.ones((3, 4), np.float32)])
     with pytest.raises(BankError, match="matrix"):
         bank.score([np.zeros((3, 5), np.float32)])
+
+
+def test_leave_one_out_scores_equal_a_brute_force_search_over_the_other_clips_members():
+    rng = np.random.default_rng(5)
+    clips = [rng.standard_normal((30, 6)).astype(np.float32) + i % 3 for i in range(10)]
+    bank = LocalFeatureBank(context=2, bank_size=120, pca_dim=0, k=2, clip_score="topq", top_q=0.2,
+                            calibration_clips=0, domain_norm=True).fit(clips, domains=["source"] * 7 + ["target"] * 3)
+    expected = []
+    for i, clip in enumerate(clips):
+        w = bank.windows(clip)
+        per_bank = []
+        for g, b in bank.banks.items():
+            others = b.members()[bank.owners[g] != i]
+            d = np.sqrt(((w[:, None, :] - others[None, :, :]) ** 2).sum(-1))
+            per_bank.append(clip_score(np.sort(d, axis=1)[:, :2].mean(axis=1), "topq", 0.2) / bank.scales[g])
+        expected.append(min(per_bank))
+    np.testing.assert_allclose(bank.loo_scores(), expected, rtol=1e-5)
