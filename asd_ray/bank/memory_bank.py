@@ -134,11 +134,12 @@ class MemoryBank:
         faiss.omp_set_num_threads(self.faiss_threads)
         if exclude is not None and len(exclude):
             exclude = np.unique(np.asarray(exclude, dtype=np.int64))
+            if exclude[0] < 0 or exclude[-1] >= self.size:
+                raise BankError(f"search: exclude holds member indices outside 0..{self.size - 1}")
             k = min(k, self.size - len(exclude))
             if k < 1:
                 raise BankError(f"search: every one of the {self.size} members is excluded")
-            batch = faiss.IDSelectorBatch(exclude)  # kept referenced: IDSelectorNot holds a bare pointer to it
-            others = faiss.IDSelectorNot(batch)
+            others = faiss.IDSelectorNot(faiss.IDSelectorBatch(exclude))
             sims, idx = self.index.search(q, k, params=faiss.SearchParameters(sel=others))
         else:
             sims, idx = self.index.search(q, min(k, self.size))

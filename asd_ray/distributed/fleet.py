@@ -105,12 +105,16 @@ class BankActor:
 
 
 def saved_banks(bank_root: str | Path, *, empty_ok: bool = False) -> tuple[Path, list[str]]:
-    """(the bank folder, the machines with a bank saved in it, sorted). A missing folder is a FileNotFoundError,
-    and so is one without a bank unless ``empty_ok`` (a fleet over it would serve nothing: most often the run's
-    folder given for its ``banks/``)."""
+    """(the bank folder, the machines with a bank saved in it, sorted). A missing folder is a FileNotFoundError;
+    so are one machine's bank folder (its domain banks would pass for machines named source and target) and,
+    unless ``empty_ok``, a folder without a bank (a fleet over it would serve nothing: most often the run's
+    folder given for its ``banks/``). Every fleet, serve and stream command lists its banks here."""
     root = Path(bank_root).expanduser().resolve()
     if not root.is_dir():
         raise FileNotFoundError(f"bank folder not found: {root}")
+    if (root / "bank.json").is_file():
+        raise FileNotFoundError(f"{root} is one machine's bank: give the folder that holds a folder per machine "
+                                f"({root.parent}?)")
     machines = sorted(d.name for d in root.iterdir() if (d / "bank.json").is_file())
     if not machines and not empty_ok:
         inner = root / "banks"

@@ -106,3 +106,5 @@ def test_search_passes_over_the_excluded_members(metric):
     assert bank.search(q, 500, exclude=exclude)[0].shape == (30, 160)  # k capped at the members left
     with pytest.raises(BankError, match="excluded"):
         bank.search(q, 1, exclude=np.arange(200))
+    with pytest.raises(BankError, match="outside"):
+        bank.search(q, 1, exclude=np.array([3, 200]))

@@ -334,25 +334,31 @@ def test_banks_running_with_other_settings_are_an_error(fleet):
         start_banks(bank_root, namespace=namespace, settings={"bank.k": 5})
 
 
-@pytest.mark.parametrize("command", [["serve"], ["serve-fleet", "--simulate", "2"]])
+@pytest.mark.parametrize("command", [["serve"], ["serve-fleet", "--clips", "CLIPS", "--machine", "fan"],
+                                     ["serve-fleet", "--simulate", "2"]])
 def test_a_folder_without_banks_is_an_error_before_ray_starts(command, tmp_path, monkeypatch, capsys):
-    """The run's folder given for its banks/ (a fleet over it would serve nothing), an empty folder and a missing
-    one: each a one-line error naming the folder, and Ray is not started for it."""
+    """The run's folder given for its banks/ (a fleet over it would serve nothing), one machine's bank folder
+    (its domain banks would pass for machines), an empty folder and a missing one: each a one-line error naming
+    the folder, and Ray is not started for it."""
     from asd_ray.cli import main
-    from asd_ray.distributed import service, session
+    from asd_ray.distributed import service, session, streams
 
     def no_ray(*args, **kwargs):
         raise AssertionError("Ray started")
 
     monkeypatch.setattr(service, "start_ray", no_ray)
     monkeypatch.setattr(session, "ensure_ray", no_ray)
+    monkeypatch.setattr(streams, "ensure_ray", no_ray)
     bank = MemoryBank(k=3).fit(np.random.default_rng(0).standard_normal((20, DIM)).astype(np.float32),
                                [f"m{j}" for j in range(20)])
     bank.save(tmp_path / "run" / "banks" / "fan")
     (tmp_path / "empty").mkdir()
-    for folder, says in [(tmp_path / "run", f"no saved bank in {tmp_path / 'run'}: did you mean "
-                                            f"{tmp_path / 'run' / 'banks'}?"),
+    (tmp_path / "clips").mkdir()
+    args = [str(tmp_path / "clips") if a == "CLIPS" else a for a in command[1:]]
+    run, fan = tmp_path / "run", tmp_path / "run" / "banks" / "fan"
+    for folder, says in [(run, f"no saved bank in {run}: did you mean {run / 'banks'}?"),
+                         (fan, f"{fan} is one machine's bank: give the folder that holds a folder per machine"),
                          (tmp_path / "empty", f"no saved bank in {tmp_path / 'empty'} (asd-ray run saves them"),
                          (tmp_path / "gone", f"bank folder not found: {tmp_path / 'gone'}")]:
-        assert main([*command[:1], "--banks", str(folder), *command[1:]]) == 2
+        assert main([command[0], "--banks", str(folder), *args]) == 2
         assert says in capsys.readouterr().err
