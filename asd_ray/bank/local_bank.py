@@ -21,6 +21,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
+import faiss
 import numpy as np
 
 from asd_ray.bank.coreset import kcenter_coreset, kmeans_centroids, random_subset
@@ -71,6 +72,7 @@ class LocalFeatureBank:
                        "whiten": whiten,
                        "calibration_clips": calibration_clips, "seed": seed}
         self.faiss_threads = faiss_threads
+        self._centred: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # see _centred_members
         self.banks: dict[str, MemoryBank] = {}
         self.owners: dict[str, np.ndarray] = {}  # per bank: the train clip (index) each member came from; -1: none
         self.scales: dict[str, float] = {}
@@ -137,7 +139,7 @@ class LocalFeatureBank:
             if not groups:
                 raise BankError("fit: domain_norm needs at least 2 train clips in the source or the target domain")
         rng = np.random.default_rng(p["seed"])
-        self.banks, self.owners, self.scales = {}, {}, {}
+        self.banks, self.owners, self.scales, self._centred = {}, {}, {}, {}
         for g, idx in groups.items():
             owner = np.concatenate([np.full(len(per_clip[i]), i) for i in idx])
             pos = np.concatenate([np.arange(len(per_clip[i])) for i in idx])
@@ -196,15 +198,33 @@ class LocalFeatureBank:
             axes = axes / np.sqrt(np.maximum(values[order], 1e-12))
         return axes.astype(np.float32)
 
+    def _centred_members(self, group: str) -> tuple[np.ndarray, np.ndarray]:
+        """(the bank's members less their mean, that mean), kept after the first call."""
+        if group not in self._centred:
+            members = self.banks[group].members().astype(np.float32)
+            centre = members.mean(axis=0, dtype=np.float64).astype(np.float32)
+            self._centred[group] = (np.ascontiguousarray(members - centre), centre)
+        return self._centred[group]
+
     def _bank_score(self, group: str, windows: np.ndarray, leave_out: int | None = None) -> float:
-        bank, k = self.banks[group], self.params["k"]
-        if leave_out is None:
-            dist, _ = bank.search(windows, k)
-        else:
-            owned = np.flatnonzero(self.owners[group] == leave_out)
-            if bank.size - len(owned) < k:
+        """One clip's score against one bank: each window's mean distance to its k nearest members (with
+        ``leave_out``, those of other clips than that one), then ``clip_score`` over the windows.
+
+        All of a clip's windows against all members in one BLAS product (``faiss.pairwise_distances``): for a
+        few hundred windows FAISS's search takes its own kernels, 2.6 times slower here (10.3 against 3.9 ms
+        for 309 windows x 4,096 members x 128). Members and windows are centred on the members' mean first, so
+        the product's |x|^2 + |y|^2 - 2xy loses nothing to large norms."""
+        k = self.params["k"]
+        members, centre = self._centred_members(group)
+        faiss.omp_set_num_threads(self.faiss_threads)
+        d2 = faiss.pairwise_distances(np.ascontiguousarray(windows - centre, dtype=np.float32), members)
+        if leave_out is not None:
+            own = self.owners[group] == leave_out
+            if len(own) - int(own.sum()) < k:
                 raise BankError(f"leave-one-out: the {group} bank has fewer than {k} members of other clips")
-            dist, _ = bank.search(windows, k, exclude=owned)  # FAISS passes over the clip's own members
+            d2[:, own] = np.inf
+        nearest = d2.min(axis=1, keepdims=True) if k == 1 else np.partition(d2, k - 1, axis=1)[:, :k]
+        dist = np.sqrt(np.maximum(nearest, 0.0))
         return clip_score(dist.mean(axis=1), self.params["clip_score"], self.params["top_q"])
 
     def score(self, clips: Sequence[np.ndarray]) -> np.ndarray:

@@ -125,24 +125,14 @@ class MemoryBank:
         """The settings ``configure`` can change, as they are now."""
         return {"k": self.k, "metric": self.metric}
 
-    def search(self, queries: np.ndarray, k: int, exclude: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """(m x dim) -> (m x k true distances ascending, m x k member indices); k is capped at the bank size (less
-        the members ``exclude`` lists: member indices FAISS passes over, as for a leave-one-out score)."""
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(m x dim) -> (m x k true distances ascending, m x k member indices); k is capped at the bank size."""
         if self.index is None or self.size == 0:
             raise BankError("the bank is empty: fit() it with normal embeddings before scoring")
         q = self._prepare(_as_matrix(queries, self.dim, "score"))
+        k = min(k, self.size)
         faiss.omp_set_num_threads(self.faiss_threads)
-        if exclude is not None and len(exclude):
-            exclude = np.unique(np.asarray(exclude, dtype=np.int64))
-            if exclude[0] < 0 or exclude[-1] >= self.size:
-                raise BankError(f"search: exclude holds member indices outside 0..{self.size - 1}")
-            k = min(k, self.size - len(exclude))
-            if k < 1:
-                raise BankError(f"search: every one of the {self.size} members is excluded")
-            others = faiss.IDSelectorNot(faiss.IDSelectorBatch(exclude))
-            sims, idx = self.index.search(q, k, params=faiss.SearchParameters(sel=others))
-        else:
-            sims, idx = self.index.search(q, min(k, self.size))
+        sims, idx = self.index.search(q, k)
         if self.metric == "cosine":
             dist = np.clip(1.0 - sims, 0.0, 2.0)
         else:

@@ -103,3 +103,16 @@ def test_leave_one_out_scores_equal_a_brute_force_search_over_the_other_clips_me
             per_bank.append(clip_score(np.sort(d, axis=1)[:, :2].mean(axis=1), "topq", 0.2) / bank.scales[g])
         expected.append(min(per_bank))
     np.testing.assert_allclose(bank.loo_scores(), expected, rtol=1e-5)
+
+
+def test_scores_stay_exact_for_windows_far_from_the_origin():
+    """The window search is one BLAS product (|x|^2 + |y|^2 - 2xy): on windows centred on the members' mean, not
+    on raw ones whose norms dwarf their distances (here: offset 1,000, spread 0.1, no standardising or PCA)."""
+    rng = np.random.default_rng(7)
+    clips = [(1000 + 0.1 * rng.standard_normal((20, 6))).astype(np.float32) for _ in range(6)]
+    bank = LocalFeatureBank(context=1, standardise=False, pca_dim=0, k=1, clip_score="mean", bank_size=500,
+                            calibration_clips=0, domain_norm=False).fit(clips)
+    query = (1000 + 0.1 * rng.standard_normal((15, 6))).astype(np.float32)
+    members = bank.banks["all"].members().astype(np.float64)
+    d = np.sqrt(((query.astype(np.float64)[:, None, :] - members[None]) ** 2).sum(-1)).min(axis=1)
+    np.testing.assert_allclose(bank.score([query]), [d.mean() / bank.scales["all"]], rtol=1e-4)

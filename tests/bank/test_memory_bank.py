@@ -89,22 +89,3 @@ def test_domain_aware_scales_each_domain_and_takes_the_minimum(tmp_path):
     assert len(aware.loo_scores()) == 210
     loaded = load_detector(aware.save(tmp_path / "aware"))
     assert np.array_equal(loaded.score(q), aware.score(q))
-
-
-@pytest.mark.parametrize("metric", ["euclidean", "cosine"])
-def test_search_passes_over_the_excluded_members(metric):
-    rng = np.random.default_rng(3)
-    bank = MemoryBank(k=1, metric=metric).fit(rng.standard_normal((200, 16)).astype(np.float32))
-    q = rng.standard_normal((30, 16)).astype(np.float32)
-    exclude = rng.choice(200, 40, replace=False)
-    dist, idx = bank.search(q, 3, exclude=exclude)
-    wide_dist, wide_idx = bank.search(q, 200)
-    keep = ~np.isin(wide_idx, exclude)
-    expected = np.stack([row[k][:3] for row, k in zip(wide_dist, keep)])
-    assert not np.isin(idx, exclude).any()
-    np.testing.assert_allclose(dist, expected, rtol=1e-6, atol=1e-6)
-    assert bank.search(q, 500, exclude=exclude)[0].shape == (30, 160)  # k capped at the members left
-    with pytest.raises(BankError, match="excluded"):
-        bank.search(q, 1, exclude=np.arange(200))
-    with pytest.raises(BankError, match="outside"):
-        bank.search(q, 1, exclude=np.array([3, 200]))
