@@ -94,8 +94,9 @@ class LocalFeatureBank:
 
     @property
     def memory_bytes(self) -> int:
-        """Bytes of the stored members (float32), what a bank actor holds."""
-        return sum(b.size * b.dim * 4 for b in self.banks.values())
+        """Bytes a bank actor holds: the stored members (float32) and, once it has scored, their centred copies
+        (``_centred_members``)."""
+        return sum(b.size * b.dim * 4 for b in self.banks.values()) + sum(m.nbytes for m, _ in self._centred.values())
 
     def windows(self, clip: np.ndarray, stride: int | None = None) -> np.ndarray:
         """(T x n_mels) -> (W x context*n_mels) float32 windows, standardised as fitted."""

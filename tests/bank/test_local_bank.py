@@ -45,7 +45,7 @@ def test_bank_sizes_stay_within_bank_size():
         bank = LocalFeatureBank(context=3, bank_size=50, coreset=coreset, pca_dim=0, calibration_clips=0)
         bank.fit(clips, domains=["source"] * 10 + ["target"] * 2)
         assert {g: b.size for g, b in bank.banks.items()} == {"source": 50, "target": 50}
-        assert bank.memory_bytes == 100 * 24 * 4
+        assert bank.memory_bytes == 2 * 100 * 24 * 4  # the members, and their centred copies (fit has scored)
 
 
 def test_local_scores_by_hand():
