@@ -202,7 +202,7 @@ class LocalFeatureBank:
     def _centred_members(self, group: str) -> tuple[np.ndarray, np.ndarray]:
         """(the bank's members less their mean, that mean), kept after the first call."""
         if group not in self._centred:
-            members = self.banks[group].members().astype(np.float32)
+            members = self.banks[group].members()  # float32, reconstructed from the FAISS index
             centre = members.mean(axis=0, dtype=np.float64).astype(np.float32)
             self._centred[group] = (np.ascontiguousarray(members - centre), centre)
         return self._centred[group]
