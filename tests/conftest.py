@@ -3,7 +3,9 @@ Nothing touches the network."""
 
 from __future__ import annotations
 
+import os
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,6 +14,15 @@ import soundfile as sf
 from asd_ray.data.synth import generate_corpus
 
 from tiny import NOT_FILES, TINY, save_tiny_encoder
+
+CHECKOUT = Path(__file__).resolve().parents[1]
+
+
+def pytest_configure(config):
+    """The suite tests the checkout it lives in, whatever copy of asd_ray is installed: pyproject's ``pythonpath``
+    puts its root first on this process's path, and PYTHONPATH here on the path of Ray's worker processes and of
+    the commands the tests start."""
+    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(CHECKOUT), os.environ.get("PYTHONPATH")) if p)
 
 
 @pytest.fixture(scope="session")
