@@ -280,6 +280,10 @@ def cmd_evaluate(args) -> int:
         written = write_evaluator_results(args.out, metrics, args.scores.resolve().name)
         print(f"metrics.json{' and ' + ', '.join(str(p) for p in written) if written else ''} in {args.out}"
               + ("" if written else " (no decision_result_* files: no evaluator table)"))
+        for name, split in metrics["splits"].items():
+            if split.get("machines_without_decisions"):
+                print(f"{name}: no evaluator table: no decision_result_* file for "
+                      f"{', '.join(split['machines_without_decisions'])} (as the official evaluator, which skips it)")
     else:
         print(json.dumps(metrics))
     return 0

@@ -12,7 +12,7 @@ from sklearn.metrics import roc_auc_score
 from asd_ray.cli import main
 from asd_ray.data.layout import LayoutError, discover
 from asd_ray.data.synth import EVAL_LIST
-from asd_ray.scoring.files import (ClipTruth, evaluate_dir, evaluate_scores, ground_truth, read_eval_list, read_rows,
+from asd_ray.scoring.files import (ClipTruth, decision_path, evaluate_dir, evaluate_scores, ground_truth, read_eval_list, read_rows,
                                    score_path, write_evaluator_result, write_results)
 from asd_ray.scoring.metrics import (EVALUATOR_COLUMNS, MetricError, decision_metrics, jackknife, leave_one_out_auc,
                                      machine_metrics, official_score, score_ci95)
@@ -250,3 +250,24 @@ def test_ci95_line_is_the_evaluators_to_the_last_digit(seed):
     y = (rng.random(200) < 0.5).astype(int)
     s = rng.random(200) + 0.3 * y
     assert str(score_ci95(y, s)["official_score_ci95"]) == _evaluators_ci95(y, s)
+
+
+def test_a_missing_decision_file_drops_that_splits_table_only(tiny_corpus, tmp_path, capsys):
+    """As the official evaluator: a dev machine without its decision file -> no dev table, the eval one written,
+    and the message names the machine and the split."""
+    rng = np.random.default_rng(0)
+    test = [r for r in discover([tiny_corpus]) if r.split == "test"]
+    scores_dir = tmp_path / "mysystem"
+    for m in {r.machine for r in test}:
+        names = sorted(r.filename for r in test if r.machine == m)
+        write_results(scores_dir, m, names, rng.random(len(names)), rng.integers(0, 2, len(names)))
+    decision_path(scores_dir, "valve").unlink()
+    assert main(["evaluate", "--scores", str(scores_dir), "--data", str(tiny_corpus), "--out", str(tmp_path / "ev")]) == 0
+    printed = capsys.readouterr().out
+    assert "dev_data: no evaluator table: no decision_result_* file for valve" in printed
+    assert not (tmp_path / "ev" / "evaluator" / "dev_data").exists()
+    assert (tmp_path / "ev" / "evaluator" / "eval_data" / "mysystem_result.csv").is_file()
+    metrics = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert metrics["splits"]["dev_data"]["machines_without_decisions"] == ["valve"]
+    assert "f1_source" not in metrics["splits"]["dev_data"]["machines"]["ToyCar"]
+    assert "f1_source" in metrics["splits"]["eval_data"]["machines"]["ToyPet"]
