@@ -10,9 +10,10 @@ from scipy.stats import hmean
 from sklearn.metrics import roc_auc_score
 
 from asd_ray.cli import main
-from asd_ray.config import RunConfig, load_config
+from asd_ray.config import ConfigError, RunConfig, load_config
 from asd_ray.data.layout import LayoutError, ground_truth_paths
 from asd_ray.detect import reference_run
+from asd_ray.distributed.sweep import load_space
 from tiny import NOT_FILES, TINY, entries_named_like_clips
 
 
@@ -107,7 +108,7 @@ def test_domain_aware_option_runs_against_seed(tiny_corpus):
 
 def test_hubert_backbone_through_the_run(tiny_corpus, tiny_hubert, tmp_path, capsys):
     assert main(["run", "--data", str(tiny_corpus), "--backbone", str(tiny_hubert), "--out", str(tmp_path),
-                 "--machines", "valve", "--detector", "knn", "--set", "bank.metric=cosine", "--set", "post.median_window=3"]) == 0
+                 "--machines", "valve", "--detector", "knn", "--set", "bank.metric=cosine"]) == 0
     assert "official score" in capsys.readouterr().out
     assert (tmp_path / "anomaly_score_valve_section_00_test.csv").is_file()
     assert main(["run", "--data", str(tiny_corpus), "--out", str(tmp_path), "--set", "bank.k=zero"]) == 2
@@ -131,3 +132,16 @@ def test_a_backbone_checkpoint_with_a_frame_detector_is_a_clear_error(tiny_corpu
     assert main(["run", "--data", str(tiny_corpus), "--backbone", str(tiny_hubert), "--out", str(tmp_path),
                  "--detector", "fusion"]) == 2
     assert "only the knn detector embeds with a backbone" in capsys.readouterr().err
+
+
+def test_a_batch_run_refuses_the_median_filter(tiny_corpus, tmp_path, capsys):
+    """DCASE file names group a machine's test clips by domain and label: a median filter over them in that order
+    would smooth within labels. Batch runs and sweep spaces refuse it; streams keep it (test_fleet, test_service)."""
+    assert main(["run", "--local", "--data", str(tiny_corpus), "--out", str(tmp_path), "--machines", "valve",
+                 "--set", "post.median_window=3"]) == 2
+    assert "post.median_window=3: a batch run's test clips have no time order" in capsys.readouterr().err
+    assert not (tmp_path / "anomaly_score_valve_section_00_test.csv").exists()
+    space = tmp_path / "space.yaml"
+    space.write_text("grid:\n  bank.k: [1, 3]\n  post.median_window: [1, 3]\n")
+    with pytest.raises(ConfigError, match="median_window=3"):
+        load_space(space)
