@@ -217,9 +217,20 @@ def runner(local: bool):
     return ray_run
 
 
+def check_settings_read(config_path, overrides, configs: list[RunConfig]) -> None:
+    """A setting the user gave that none of the run's detectors reads is an error naming what applies instead."""
+    from asd_ray.detectors import unread_settings
+
+    unread = unread_settings(configs[0], given_keys(config_path, overrides), [c.detector for c in configs])
+    if unread:
+        raise ConfigError("; ".join(unread))
+
+
 def cmd_run(args) -> int:
-    config = run_config(args.config, [*args.overrides, *([f"detector={args.detector}"] if args.detector else [])],
-                        args.backbone)
+    overrides = [*args.overrides, *([f"detector={args.detector}"] if args.detector else [])]
+    config = run_config(args.config, overrides, args.backbone)
+    check_settings_read(args.config, [*overrides, *([f"embed.backbone={args.backbone}"] if args.backbone else [])],
+                        [config])
     roots = args.data or [demo_corpus(args.out)]
     report = runner(args.local)(roots, config, args.out, args.machines)
     print(f"clips: {report.clips_in} in, {report.clips_embedded} embedded, {len(report.rejects)} rejected, "
@@ -240,8 +251,9 @@ def cmd_compare(args) -> int:
     run = runner(args.local)
     roots = args.data or [demo_corpus(args.out)]
     reports, features = {}, {}  # detectors that eat the same features embed the corpus once
-    for name in args.detectors:
-        config = run_config(args.config, [*args.overrides, *DETECTORS[name]])
+    configs = {name: run_config(args.config, [*args.overrides, *DETECTORS[name]]) for name in args.detectors}
+    check_settings_read(args.config, args.overrides, list(configs.values()))
+    for name, config in configs.items():
         reports[name] = run(roots, config, args.out / name, args.machines, feature_cache=features)
         met = reports[name].metrics
         print(f"{name}: " + ("; ".join(f"{s} official score {v['official_score']:.4f}"

@@ -289,6 +289,55 @@ def configure_detector(detector: Detector, settings: dict[str, Any]) -> dict[str
     return out
 
 
+# The config each detector reads, by section (``bank``) or key (``bank.metric``); a fusion reads its members' too,
+# and a frame detector the ``supplemental`` section. Sections not named here (preprocess, post, ray ...) belong
+# to every run. ``unread_settings`` holds a user's settings against it.
+READS = {
+    "knn": ("bank", "embed"),
+    "pooled": ("pooled", "frames", "bank.metric", "bank.seed", "bank.faiss_threads", "embed.batch_size"),
+    "local": ("local", "frames", "embed.batch_size"),
+    "ae-mse": ("ae", "frames", "embed.batch_size"),
+    "ae-maha": ("ae", "frames", "embed.batch_size"),
+    "fusion": ("fusion",),
+}
+DETECTOR_SECTIONS = ("bank", "embed", "pooled", "local", "ae", "frames", "fusion", "supplemental")
+
+
+def settings_read(config: RunConfig, name: str) -> set[str]:
+    """The sections and keys that detector ``name`` reads under ``config`` (``READS``, a fusion's members too)."""
+    out = set(READS[name])
+    if name == "fusion":
+        for member in config.fusion.members:
+            out |= settings_read(config, member)
+    if "frames" in out:
+        out.add("supplemental")
+    return out
+
+
+def unread_settings(config: RunConfig, given: Iterable[str], names: Sequence[str]) -> list[str]:
+    """One line per setting among ``given`` (``config.given_keys``) that none of the detectors ``names`` reads,
+    naming the settings of the same name that do apply (``bank.k`` with ``fusion``: ``local.k`` / ``pooled.k``)
+    or else the detectors that read it."""
+    read = set().union(*(settings_read(config, n) for n in names))
+
+    def reads(key: str, keys: set[str]) -> bool:
+        return key in keys or key.split(".")[0] in keys
+
+    known = [f"{sec}.{f.name}" for sec in DETECTOR_SECTIONS for f in dataclasses.fields(getattr(config, sec))]
+    lines = []
+    for key in sorted(given):
+        if key.split(".")[0] not in DETECTOR_SECTIONS or reads(key, read):
+            continue
+        leaf = key.split(".")[-1]
+        instead = [k for k in known if k.endswith(f".{leaf}") and reads(k, read)]
+        readers = [n for n in READS if reads(key, settings_read(config, n))]
+        lines.append(f"{key} is not read by detector {', '.join(names)}: "
+                     + (f"use {' / '.join(instead)}" if instead else
+                        f"only {', '.join(readers)} read{'s' if len(readers) == 1 else ''} it" if readers else
+                        "no detector reads it"))
+    return lines
+
+
 def bank_version(directory: str | Path) -> str:
     """A short digest of every file of a saved detector: equal digests, equal banks (first-shot additions
     change it; a restart that reloads the same files does not)."""

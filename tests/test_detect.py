@@ -131,7 +131,7 @@ def test_machine_without_a_bank_is_listed_and_the_others_go_on(tiny_corpus, tmp_
 def test_a_backbone_checkpoint_with_a_frame_detector_is_a_clear_error(tiny_corpus, tiny_hubert, tmp_path, capsys):
     assert main(["run", "--data", str(tiny_corpus), "--backbone", str(tiny_hubert), "--out", str(tmp_path),
                  "--detector", "fusion"]) == 2
-    assert "only the knn detector embeds with a backbone" in capsys.readouterr().err
+    assert "embed.backbone is not read by detector fusion: only knn reads it" in capsys.readouterr().err
 
 
 def test_a_batch_run_refuses_the_median_filter(tiny_corpus, tmp_path, capsys):

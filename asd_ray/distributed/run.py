@@ -113,9 +113,6 @@ def embedder_for(config: RunConfig, pools: list | None = None) -> Embedder:
     return ray_embedder(config, pools) if detector_features(config) == "clip" else ray_frames_embedder(config)
 
 
-FRAME_BATCH = 16  # clips per task of the log-mel frame pipeline
-
-
 def pipeline_tasks(config: RunConfig) -> tuple[list[Stage], float, int]:
     """What the pre-processing tasks of ``config``'s Ray embedder run after ``preprocess_batch``, their CPUs and
     their clips per batch."""
@@ -126,7 +123,7 @@ def pipeline_tasks(config: RunConfig) -> tuple[list[Stage], float, int]:
     from asd_ray.detect import frame_feature_kwargs
 
     return ([(frames_batch, frame_feature_kwargs(config))],
-            task_cpus(config.ray.preprocess_cpus, beside_cpu_actor=False), FRAME_BATCH)
+            task_cpus(config.ray.preprocess_cpus, beside_cpu_actor=False), config.embed.batch_size)
 
 
 def warm_pipeline(config: RunConfig) -> list:
