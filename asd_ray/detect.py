@@ -31,7 +31,7 @@ from asd_ray.results import MachineResult, Reject, RunReport
 from asd_ray.scoring.files import (evaluate_scores, ground_truth, read_eval_list, write_evaluator_results,
                                    write_results, write_rows)
 from asd_ray.scoring.metrics import MetricError
-from asd_ray.scoring.postprocess import postprocess
+from asd_ray.scoring.postprocess import calibrate, postprocess
 
 log = logging.getLogger(__name__)
 
@@ -169,7 +169,9 @@ def local_map(fn: Callable, jobs: list[tuple]) -> list:
 def machine_result(split: MachineSplit, records: Sequence[ClipRecord], fitted: FittedMachine,
                    post: PostConfig) -> MachineResult:
     """Post-processing and decisions of one machine's raw test scores (threshold from its train scores)."""
-    scores, decisions, threshold = postprocess(fitted.test_scores, fitted.train_scores, **dataclasses.asdict(post))
+    check_batch_post(post)
+    calibration = calibrate(fitted.train_scores, post.threshold_quantile)
+    scores, decisions, threshold = postprocess(fitted.test_scores, calibration, minmax=post.minmax)
     det = fitted.detector
     return MachineResult(machine=split.machine, section=split.section,
                          filenames=[records[i].filename for i in split.test], raw_scores=fitted.test_scores,

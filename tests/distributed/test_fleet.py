@@ -292,6 +292,8 @@ def test_config_k_changes_fleet_scores_as_it_changes_run_scores(ray_local, tiny_
         np.testing.assert_allclose(got, res.raw_scores, rtol=1e-6)
         assert not np.allclose(got, k3.results[machine].raw_scores, rtol=1e-3)  # k = 5 did change them
         assert [int(rows[machine, f]["decision"]) for f in res.filenames] == res.decisions.tolist()
+        # and the final scores of the run's CSVs: one post-processor on the bank's calibration
+        np.testing.assert_allclose([float(rows[machine, f]["score"]) for f in res.filenames], res.scores, rtol=1e-6)
     log = caplog.text
     assert "bank.k=5 (config)" in log and "bank.metric=euclidean (saved bank)" in log
     assert "post.median_window=1 (default)" in log
