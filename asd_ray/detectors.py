@@ -34,7 +34,7 @@ from asd_ray.bank.local_bank import LocalFeatureBank
 from asd_ray.bank.memory_bank import STRATEGIES, BankError, DomainAwareBank, MemoryBank, _read_meta, _write_meta
 from asd_ray.bank.noise import noise_profile, subtract_noise
 from asd_ray.bank.pooling import PooledBank
-from asd_ray.config import ConfigError, RunConfig
+from asd_ray.config import ConfigError, FusionConfig, RunConfig
 
 
 class Detector(Protocol):
@@ -69,7 +69,7 @@ def znormalise(scores: np.ndarray, reference: np.ndarray) -> np.ndarray:
     return (np.asarray(scores, dtype=np.float64) - float(ref.mean())) / (sd if sd > 0 else 1.0)
 
 
-def combine(z: np.ndarray, how: str = "mean") -> np.ndarray:
+def combine(z: np.ndarray, how: str) -> np.ndarray:
     """(members x m) z-scores -> (m,) by ``min``, ``mean`` or ``max`` over members."""
     if how not in COMBINE:
         raise ValueError(f"fusion combine {how!r}: use one of {COMBINE}")
@@ -83,7 +83,7 @@ class FusionDetector:
 
     kind = "FusionDetector"
 
-    def __init__(self, members: Sequence[Detector], *, combine: str = "mean"):
+    def __init__(self, members: Sequence[Detector], *, combine: str = FusionConfig.combine):
         if not members:
             raise ConfigError("fusion needs at least one member detector")
         kinds = {m.features for m in members}

@@ -89,3 +89,21 @@ def test_embed_batch_size_sets_the_frame_pipelines_batches_too():
     from asd_ray.distributed.run import pipeline_tasks
 
     assert pipeline_tasks(load_config(RunConfig, None, ["detector=fusion", "embed.batch_size=4"]))[2] == 4
+
+
+def test_detector_classes_default_to_the_configs_defaults():
+    """The config is the one source of defaults: a class built without a setting behaves as the config's default."""
+    import dataclasses
+    import inspect
+
+    from asd_ray.bank.local_bank import LocalFeatureBank
+    from asd_ray.bank.memory_bank import DomainAwareBank, MemoryBank
+    from asd_ray.config import BankConfig, FusionConfig, LocalConfig
+    from asd_ray.detectors import FusionDetector
+
+    for cls, section in ((LocalFeatureBank, LocalConfig()), (MemoryBank, BankConfig()), (DomainAwareBank, BankConfig()),
+                         (FusionDetector, FusionConfig())):
+        params = inspect.signature(cls.__init__).parameters
+        for f in dataclasses.fields(section):
+            if f.name in params and params[f.name].default is not inspect.Parameter.empty:
+                assert params[f.name].default == getattr(section, f.name), (cls.__name__, f.name)

@@ -57,8 +57,8 @@ class LocalFeatureBank:
 
     def __init__(self, *, context: int = 5, stride: int = 1, standardise: bool = True, bank_size: int = 4096,
                  coreset: str = "kcenter", candidates: int = 32768, projection_dim: int = 128, k: int = 1,
-                 clip_score: str = "topq", top_q: float = 0.1, domain_norm: bool = True, pca_dim: int = 64,
-                 whiten: bool = False,
+                 clip_score: str = "topq", top_q: float = 0.1, domain_norm: bool = True, pca_dim: int = 128,
+                 whiten: bool = True,
                  calibration_clips: int = 200, seed: int = 0, faiss_threads: int = 1):
         if coreset not in CORESETS:
             raise BankError(f"coreset {coreset!r}: use one of {CORESETS}")
