@@ -1,4 +1,5 @@
-"""report.md with the per-machine table, ROC curves and score histograms (matplotlib PNGs). No ray here."""
+"""report.md with the per-machine table and its figures (``plots``: an overview of every machine, and per machine
+its ROC curves and score distributions); compare.md for several detectors. No ray here."""
 
 from __future__ import annotations
 
@@ -9,52 +10,9 @@ from typing import Callable
 
 import numpy as np
 
+from asd_ray.plots import compare_overview_png, compare_roc_png, machine_png, overview_png
 from asd_ray.results import RunReport
 from asd_ray.scoring.metrics import DECISION_KEYS, EVALUATOR_COLUMNS, SPLITS
-
-
-def plot_png(machine: str, filenames, scores, truth: dict) -> bytes | None:
-    """One machine's ROC curves (per domain) and score histograms as PNG bytes; None without known labels.
-
-    Returns the bytes rather than writing a file, so that a run can draw its machines in parallel tasks on any
-    node (each plot is a few tenths of a second, matplotlib's import most of a second more)."""
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from sklearn.metrics import roc_curve
-
-    known = [(truth[f][0], truth[f][1], s) for f, s in zip(filenames, scores) if f in truth]
-    if not known:
-        return None
-    y = np.array([k[0] for k in known])
-    d = np.array([k[1] for k in known])
-    s = np.array([k[2] for k in known])
-    fig, (ax_roc, ax_hist) = plt.subplots(1, 2, figsize=(10, 4))
-    for domain in ("source", "target"):
-        sel = (d == domain) | (y == 1)
-        if len(set(y[sel])) == 2:
-            fpr, tpr, _ = roc_curve(y[sel], s[sel])
-            ax_roc.plot(fpr, tpr, label=f"{domain} normals + all anomalies")
-    ax_roc.plot([0, 1], [0, 1], "k:", lw=0.8)
-    ax_roc.axvline(0.1, color="grey", lw=0.8, ls="--")
-    ax_roc.set(xlabel="false positive rate", ylabel="true positive rate", title=f"{machine}: ROC")
-    ax_roc.legend(loc="lower right", fontsize=8)
-    bins = np.linspace(s.min(), s.max() + 1e-9, 25)
-    for domain in ("source", "target"):
-        for label, name in ((0, "normal"), (1, "anomaly")):
-            sel = (d == domain) & (y == label)
-            if sel.any():
-                ax_hist.hist(s[sel], bins=bins, alpha=0.45, label=f"{domain} {name}")
-    ax_hist.set(xlabel="anomaly score", ylabel="clips", title=f"{machine}: scores")
-    ax_hist.legend(fontsize=8)
-    fig.subplots_adjust(left=0.07, right=0.98, bottom=0.13, top=0.92, wspace=0.22)  # tight_layout: a quarter of the time
-    png = io.BytesIO()
-    fig.savefig(png, dpi=90, format="png")
-    plt.close(fig)
-    return png.getvalue()
 
 
 def _in_turn(fn: Callable, jobs: list[tuple]) -> list:
@@ -103,6 +61,8 @@ def write_report(report: RunReport, out: Path, config,
     m = report.metrics
     if m:
         lines += [headline_line(m), ""]
+        (out / "overview.png").write_bytes(overview_png(m, title=f"asd-ray run: {out.resolve().name}"))
+        lines += ["![every machine: AUC source, AUC target, pAUC and h-mean](overview.png)", ""]
         for name, split in m["splits"].items():
             lines += split_lines(name, split, report.results, out.resolve().name)
         if m.get("excluded_test_clips"):
@@ -125,9 +85,9 @@ def write_report(report: RunReport, out: Path, config,
               "## Config", "", "```json", json.dumps(dataclasses.asdict(config), indent=1), "```", "",
               "## Plots", ""]
     names = list(report.results)
-    jobs = [(name, report.results[name].filenames, report.results[name].scores, report.truth.get(name, {}))
-            for name in names]
-    for name, png in zip(names, (plot_map or _in_turn)(plot_png, jobs)):
+    jobs = [(name, report.results[name].filenames, report.results[name].scores, report.truth.get(name, {}),
+             report.results[name].threshold) for name in names]
+    for name, png in zip(names, (plot_map or _in_turn)(machine_png, jobs)):
         if png is not None:
             (out / f"plot_{name}.png").write_bytes(png)
             lines.append(f"![{name}](plot_{name}.png)")
@@ -139,12 +99,6 @@ def write_report(report: RunReport, out: Path, config,
 def write_comparison(reports: dict[str, RunReport], out: Path) -> Path:
     """``compare.md`` / ``compare.json``: per split the official score of each detector, per machine and detector
     AUC_s, AUC_t, pAUC, h-mean; ``roc_<machine>.png`` with one ROC per detector (all test clips of the machine)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from sklearn.metrics import roc_curve
-
     out.mkdir(parents=True, exist_ok=True)
     names = list(reports)
     scored = {n: r.metrics for n, r in reports.items() if r.metrics}
@@ -173,22 +127,20 @@ def write_comparison(reports: dict[str, RunReport], out: Path) -> Path:
         cells = [f"{v['auc_source']:.3f} / {v['auc_target']:.3f} / {v['pauc']:.3f} / **{v['hmean']:.3f}**"
                  if (v := per_machine[n].get(machine, (None, None))[1]) else "—" for n in scored]
         lines.append(f"| {machine} | {split} | " + " | ".join(cells) + " |")
-    lines += [""]
+    headline = {n: m["official_score"] for n, m in scored.items()}
+    hmeans = {n: {mach: v["hmean"] for mach, (_, v) in per_machine[n].items()} for n in scored}
+    (out / "compare_overview.png").write_bytes(compare_overview_png(hmeans, headline))
+    lines += ["", "![h-mean of every detector on every machine](compare_overview.png)", ""]
     for machine in machines:
-        fig, ax = plt.subplots(figsize=(5, 4.5))
+        curves = {}
         for n in names:
             r, truth = reports[n].results.get(machine), reports[n].truth.get(machine, {})
             known = [(truth[f][0], s) for f, s in zip(r.filenames, r.scores) if f in truth] if r else []
             if len({k[0] for k in known}) == 2:
-                fpr, tpr, _ = roc_curve([k[0] for k in known], [k[1] for k in known])
-                ax.plot(fpr, tpr, label=f"{n} (h-mean {per_machine[n][machine][1]['hmean']:.3f})")
-        ax.plot([0, 1], [0, 1], "k:", lw=0.8)
-        ax.set(xlabel="false positive rate", ylabel="true positive rate", title=f"{machine}: ROC, all test clips")
-        ax.legend(loc="lower right", fontsize=8)
-        fig.tight_layout()
-        fig.savefig(out / f"roc_{machine}.png", dpi=90)
-        plt.close(fig)
-        lines.append(f"![{machine}](roc_{machine}.png)")
+                curves[n] = ([k[0] for k in known], [k[1] for k in known], per_machine[n][machine][1]["hmean"])
+        if curves:
+            (out / f"roc_{machine}.png").write_bytes(compare_roc_png(machine, curves))
+            lines.append(f"![{machine}](roc_{machine}.png)")
     (out / "compare.json").write_text(json.dumps(scored, indent=2))
     path = out / "compare.md"
     path.write_text("\n".join(lines) + "\n")
