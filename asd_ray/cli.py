@@ -29,6 +29,16 @@ def run_config(config_path, overrides, backbone=None) -> RunConfig:
     return load_config(RunConfig, config_path, overrides)
 
 
+def embedding_config(config_path, overrides, backbone=None) -> RunConfig:
+    """``run_config`` of a command that embeds: a backbone that cannot be opened here (a missing directory, a hub
+    id offline) is a one-line error now, not a traceback from every embedding actor once Ray has started."""
+    from asd_ray.models.hub import check_available
+
+    config = run_config(config_path, overrides, backbone)
+    check_available(config.embed.backbone)
+    return config
+
+
 def cmd_synth(args) -> int:
     from asd_ray.data.synth import generate_corpus
 
@@ -64,8 +74,9 @@ def runner(local: bool):
 
 
 def cmd_run(args) -> int:
-    config = run_config(args.config, [*args.overrides, *([f"detector={args.detector}"] if args.detector else [])],
-                        args.backbone)
+    config = embedding_config(args.config,
+                              [*args.overrides, *([f"detector={args.detector}"] if args.detector else [])],
+                              args.backbone)
     roots = args.data or [demo_corpus(args.out)]
     report = runner(args.local)(roots, config, args.out, args.machines)
     print(f"clips: {report.clips_in} in, {report.clips_embedded} embedded, {len(report.rejects)} rejected, "
@@ -84,6 +95,7 @@ def cmd_compare(args) -> int:
     from asd_ray.report import write_comparison
 
     names = detector_names(args.detectors)
+    embedding_config(args.config, args.overrides)
     run = runner(args.local)
     roots = args.data or [demo_corpus(args.out)]
     reports, features = {}, {}  # detectors that eat the same features embed the corpus once
@@ -236,7 +248,7 @@ def cmd_embed(args) -> int:
     from asd_ray.distributed.session import ensure_ray
     from asd_ray.results import Reject
 
-    config = run_config(args.config, args.overrides, args.backbone)
+    config = embedding_config(args.config, args.overrides, args.backbone)
     ensure_ray(num_cpus=config.ray.num_cpus or None)
     used, unused = plan_records(discover(args.data, args.machines, normals_only_roots=config.normals_only_roots))
     table = embed_table(used, config)

@@ -1,6 +1,8 @@
-"""The command line's conventions: --version, help and defaults of every option, compare's short default list."""
+"""The command line's conventions: --version, help and defaults of every option, compare's short default list,
+and a backbone that cannot be opened here reported in one line before Ray starts."""
 
 import argparse
+import os
 import subprocess
 import sys
 from importlib.metadata import version
@@ -10,6 +12,8 @@ import pytest
 
 from asd_ray.cli import build_parser, main
 from asd_ray.cli_args import DETECTORS, detector_names
+from asd_ray.errors import BackboneError
+from asd_ray.models.hub import check_available
 
 CHECKOUT = Path(__file__).resolve().parents[1]
 
@@ -61,3 +65,30 @@ def test_compare_runs_four_detectors_unless_told_all():
     assert detector_names(["knn", "pooled", "knn"]) == ["knn", "pooled"]
     with pytest.raises(SystemExit):
         build_parser().parse_args(["compare", "--detectors", "nearest"])
+
+
+def test_a_backbone_that_cannot_be_opened_here_is_one_line(tmp_path):
+    check_available("logmel")
+    with pytest.raises(BackboneError, match="checkpoint directory not found or has no config.json"):
+        check_available(str(tmp_path / "no-such-checkpoint"))
+    with pytest.raises(BackboneError, match="not found"):
+        check_available("runs/finetune/checkpoint")  # three parts: a path, never a hub id
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "config.json").write_text("{}")
+    check_available(str(tmp_path / "ckpt"))
+
+
+def test_an_offline_hub_id_fails_in_one_line_before_ray_starts(tiny_corpus, tmp_path):
+    """HF_HUB_OFFLINE=1 and an empty hub cache: the hub is never asked; the run stops before Ray starts (the
+    embedding actors used to print about 100 lines of traceback)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "RAY_ADDRESS": "local"}
+    done = subprocess.run([sys.executable, "-m", "asd_ray.cli", "run", "--data", str(tiny_corpus), "--machines",
+                           "valve", "--detector", "knn", "--backbone", "facebook/hubert-base-ls960",
+                           "--out", str(tmp_path / "run")], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr[-3000:]
+    assert lines[0].startswith("asd-ray run: error: embed.backbone=facebook/hubert-base-ls960 is a hub id that "
+                               "cannot be downloaded here")
+    assert "pass a local checkpoint directory instead (--backbone DIR" in lines[0]
+    assert not (tmp_path / "run" / "run.log").exists() or "Started a local Ray" not in (tmp_path / "run" / "run.log").read_text()
