@@ -122,7 +122,8 @@ def format_metrics(metrics: dict) -> str:
         for m, v in split["machines"].items():
             lines.append(f"{m:<14} {v['auc_source']:7.4f} {v['auc_target']:7.4f} {v['pauc']:7.4f} {v['hmean']:7.4f}"
                          + (f" {v['f1_source']:7.4f} {v['f1_target']:7.4f}" if f1 else ""))
-        ci = f" (ci95 {split['official_score_ci95']:.2g})" if "official_score_ci95" in split else ""
+        ci = (f" (the evaluator's jackknife ci95 of the pooled AUC and pAUC: {split['official_score_ci95']:.2g})"
+              if "official_score_ci95" in split else "")
         lines.append(f"{name} official score (h-mean over its machines): {split['official_score']:.4f}{ci}")
     lines.append(f"official score = the {metrics['headline_split']} score: {metrics['official_score']:.4f}")
     return "\n".join(lines)
