@@ -26,7 +26,7 @@ from asd_ray.data.layout import ClipRecord, discover
 from asd_ray.detectors import Detector, detector_features, features_key, make_detector
 from asd_ray.models.frames import LogMelFrames, frames_needed_seconds
 from asd_ray.progress import advance, stage
-from asd_ray.report import write_report
+from asd_ray.report import clip_counts, write_report
 from asd_ray.results import MachineResult, Reject, RunReport
 from asd_ray.scoring.files import (evaluate_scores, ground_truth, read_eval_list, write_evaluator_results,
                                    write_results, write_rows)
@@ -319,6 +319,7 @@ def run_detection(roots: Sequence[str | Path], config: RunConfig, embedder: Embe
                        timings={"discover": t1 - tw - t0, **({"warm_up": tw} if warm_up else {}), "embed": t2 - t1, "score_evaluate": time.perf_counter() - t2,
                                 "fit_score": t3 - t2})
     check_counts(report)
+    report.roots, report.clips = [str(r) for r in roots], clip_counts(kept)
     if out_dir is not None:
         t4 = time.perf_counter()
         with stage("report", total=1, unit="run"):
