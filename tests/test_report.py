@@ -5,6 +5,8 @@ that differ from the defaults, and the evaluator's ci95 said to be what it is.""
 import re
 from importlib.metadata import version
 
+from markdown_it import MarkdownIt
+
 from asd_ray.config import RunConfig, load_config
 from asd_ray.detect import reference_run
 from asd_ray.report import changed_settings, timing_lines
@@ -42,6 +44,15 @@ def test_report_header_compact_tables_and_changed_settings(tiny_corpus, tmp_path
     assert "| `bank.k` | `5` | `3` |" in settings and "| `detector` | `knn` | `fusion` |" in settings
     assert "preprocess" not in settings and "```json" not in text  # no dump of every default
     assert "fitting banks and scoring" in section(text, "Timings") and "fit_score" not in text
+
+    # rendered as a reader sees it: a title, tables that are tables, figures that exist
+    html = MarkdownIt("commonmark").enable("table").render(text)
+    assert html.startswith("<h1>asd-ray report: knn-k5</h1>")
+    assert "<th>machine</th>\n<th>AUC_s</th>\n<th>AUC_t</th>\n<th>pAUC</th>\n<th>h-mean</th>" in html
+    assert "<td>data</td>" in html and "|" not in re.sub(r"<code>.*?</code>", "", html.split("<h2>Settings</h2>")[0])
+    images = re.findall(r'<img src="([^"]+)"', html)
+    assert "overview.png" in images and "plot_ToyCar.png" in images
+    assert all((out / image).read_bytes().startswith(b"\x89PNG") for image in images)
 
 
 def test_changed_settings_and_timings_read_as_words():
