@@ -62,7 +62,8 @@ def test_two_runs_started_together_on_one_cache_folder_both_score_as_a_clean_run
     meet = tmp_path / "meet"
     meet.mkdir()
     cache = tmp_path / "cache"
-    runs = [subprocess.Popen([sys.executable, "-c", RACE, str(meet), *_run_args(tiny_corpus, tmp_path / f"run{i}", cache)],
+    runs = [subprocess.Popen([sys.executable, "-c", RACE, str(meet),
+                              *_run_args(tiny_corpus, tmp_path / f"run{i}", cache)],
                              env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in (0, 1)]
     done = [run.communicate(timeout=500) for run in runs]
     for run, (_, err) in zip(runs, done):
@@ -208,7 +209,8 @@ def test_folders_of_writers_that_ended_are_removed_and_those_of_running_ones_kep
     dead_pid = int(ended.stdout)
     cache = tmp_path / "cache"
     cache.mkdir()
-    names = {"dead": f"k1.partial-{_HOST}-{dead_pid}-0123abcd", "alive": f"k2.partial-{_HOST}-{os.getpid()}-0123abcd",
+    names = {"dead": f"k1.partial-{_HOST}-{dead_pid}-0123abcd",
+             "alive": f"k2.partial-{_HOST}-{os.getpid()}-0123abcd",
              "old": f"k3.partial-{_HOST}-{os.getpid()}-4567abcd", "other_host": "k4.partial-elsewhere-1-89abcdef",
              "old_style": "k5.partial", "moved_aside": f"k6.stale-{_HOST}-{dead_pid}-0123abcd", "cache": "k7"}
     for name in names.values():
