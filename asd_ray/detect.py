@@ -116,8 +116,9 @@ class MachineSplit:
 
 
 def machine_splits(records: Sequence[ClipRecord], unscored: list[Reject] | None = None) -> list[MachineSplit]:
-    """Rows per machine. A machine with test clips but fewer than 2 normal train clips cannot be modelled:
-    its test clips go to ``unscored`` with the reason (or, without ``unscored``, it is an error)."""
+    """Rows per machine. A machine with test clips but fewer than 2 normal train clips cannot be modelled: each
+    of its clips (test, train and noise-only) goes to ``unscored`` with the reason (or, without ``unscored``, it
+    is an error). So do the clips of a machine without test clips: no bank is fitted for it."""
     by_machine: dict[str, list[int]] = {}
     for i, r in enumerate(records):
         by_machine.setdefault(r.machine, []).append(i)
@@ -126,12 +127,16 @@ def machine_splits(records: Sequence[ClipRecord], unscored: list[Reject] | None 
         train = [i for i in idx if records[i].is_normal_train]
         test = sorted((i for i in idx if records[i].split == "test"), key=lambda i: records[i].filename)
         if not test:
+            if unscored is not None:
+                why = f"machine {machine}: no test clips to score, so no bank is fitted"
+                unscored.extend(Reject(records[i].path, machine, why) for i in idx)
             continue
         if len(train) < 2:
             reason = f"machine {machine}: {len(train)} usable normal train clip(s); a bank needs at least 2"
             if unscored is None:
                 raise MetricError(reason)
-            unscored.extend(Reject(records[i].path, machine, reason) for i in test)
+            unscored.extend(Reject(records[i].path, machine, reason)
+                            for i in test + [i for i in idx if records[i].split != "test"])
             continue
         noise = [i for i in idx if records[i].split == "supplemental" and records[i].kind == "noise"]
         splits.append(MachineSplit(machine, records[test[0]].section, train, test, noise))

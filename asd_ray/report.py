@@ -173,7 +173,7 @@ def write_report(report: RunReport, out: Path, config,
               f"(`rejects.csv`), {len(report.unused)} unused (`unused.csv`). Pre-processing flags: "
               f"{json.dumps(report.flags) if report.flags else 'none'}.", ""]
     if report.unscored:
-        lines += [f"{len(report.unscored)} embedded test clip(s) not scored (`unscored.csv`): "
+        lines += [f"{len(report.unscored)} embedded clip(s) of machines without a bank (`unscored.csv`): "
                   + "; ".join(sorted({u.reason for u in report.unscored})), ""]
     if report.rejects:
         lines += ["| rejected clip | reason |", "|---|---|"]

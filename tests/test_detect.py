@@ -1,6 +1,7 @@
 """The single-process reference run: official files, clip accounting with bad clips, bank strategies."""
 
 import csv
+import errno
 import json
 import shutil
 
@@ -121,13 +122,46 @@ def test_hubert_backbone_through_the_run(tiny_corpus, tiny_hubert, tmp_path, cap
 def test_machine_without_a_bank_is_listed_and_the_others_go_on(tiny_corpus, tmp_path):
     root = tmp_path / "data"
     shutil.copytree(tiny_corpus, root)
-    for p in list((root / "dev_data/raw/valve/train").iterdir())[1:]:
+    valve = root / "dev_data/raw/valve"
+    usable, *unreadable = sorted((valve / "train").iterdir())
+    for p in unreadable:
         p.write_bytes(b"")  # all but one valve train clip unreadable
+    shutil.copytree(valve / "train", root / "dev_data/raw/fan/train")  # a machine with train clips only
     report = reference_run([root], RunConfig(), tmp_path / "out")
     assert "valve" not in report.results and {"ToyCar", "ToyPet"} <= set(report.results)
-    assert len(report.unscored) == 4 * TINY["test_per_cell"]
-    assert "machine valve: 1 usable normal train clip(s)" in report.unscored[0].reason
-    assert "section_00_" in (tmp_path / "out/unscored.csv").read_text()
+    unscored = {u.path: u.reason for u in report.unscored}
+    # valve's test clips and its one usable train clip: embedded, scored nowhere, so listed with the reason
+    assert len(unscored) == 4 * TINY["test_per_cell"] + 1 + 1
+    assert unscored[str(usable)] == "machine valve: 1 usable normal train clip(s); a bank needs at least 2"
+    assert all(unscored[str(p)] == unscored[str(usable)] for p in (valve / "test").iterdir())
+    assert unscored[str(root / "dev_data/raw/fan/train" / usable.name)] == (
+        "machine fan: no test clips to score, so no bank is fitted")
+    table = (tmp_path / "out/unscored.csv").read_text()
+    assert str(usable) in table and "machine fan" in table
+    # every clip of a machine without a bank is listed somewhere, with its reason
+    listed = set(unscored) | {r.path for r in report.rejects} | {u.path for u in report.unused}
+    assert {str(p) for m in ("valve", "fan") for p in (root / "dev_data/raw" / m).rglob("*.wav")} <= listed
+    assert report.clips_in == report.clips_embedded + len(report.rejects) + len(report.unused)
+
+
+def test_a_clip_that_cannot_be_opened_for_lack_of_permission_is_rejected_saying_so(tiny_corpus, tmp_path,
+                                                                                    monkeypatch):
+    """Tests run as root, whom chmod 000 does not stop: the decoder's own open is refused for one clip instead,
+    as the kernel refuses it to a user without read permission."""
+    from asd_ray.data import audio
+
+    locked = str(sorted((tiny_corpus / "dev_data/raw/valve/train").iterdir())[0])
+
+    def refuse(path, *args, **kwargs):
+        if str(path) == locked:
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return open(path, *args, **kwargs)
+
+    monkeypatch.setattr(audio, "open", refuse, raising=False)
+    report = reference_run([tiny_corpus], load_config(RunConfig, None, ["detector=knn"]), tmp_path, ["valve"])
+    assert [(r.path, r.reason) for r in report.rejects] == [(locked, f"permission denied: {locked}")]
+    with open(tmp_path / "rejects.csv", newline="") as f:
+        assert list(csv.reader(f))[1:] == [[locked, f"permission denied: {locked}"]]
     assert report.clips_in == report.clips_embedded + len(report.rejects) + len(report.unused)
 
 
