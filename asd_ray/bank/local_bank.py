@@ -257,7 +257,7 @@ class LocalFeatureBank:
         if not self.banks:
             raise BankError("save: the bank is empty")
         d = write_meta(directory, self.kind, **self.params, n_mels=self.n_mels, scales=self.scales,
-                        calibration_ids=self.calibration_ids)
+                       calibration_ids=self.calibration_ids)
         for g, bank in self.banks.items():
             bank.save(d / g)
         np.savez(d / "calibration.npz", mean=self.mean, std=self.std, projection=self.projection,
