@@ -148,3 +148,16 @@ def test_serve_and_serve_fleet_refuse_a_corrupt_bank_in_one_line_before_ray_star
     assert err.count("\n") == 1 and "Traceback" not in err
     assert err.startswith(f"asd-ray {command[0]}: error: saved bank {folder.resolve()}: {file}: ")
     assert problem in err
+
+
+def test_a_bank_whose_train_scores_give_no_threshold_is_named_by_the_router(tmp_path):
+    """A sound bank whose leave-one-out train scores are all equal (duplicated normals): the fleet's calibration
+    names the bank folder, not only the gamma fit."""
+    from asd_ray.config import PostConfig
+    from asd_ray.distributed.fleet import BankError, Router
+
+    router = Router.__new__(Router)  # the calibration step alone, without bank actors
+    router.stats, router.post, router.calibrations, router.streams = {"fan": {"bank_dir": "/b/fan"}}, PostConfig(), {}, {}
+    with pytest.raises(BankError, match="saved bank /b/fan: no decision threshold from its leave-one-out train scores "
+                                        r"\(a gamma fit needs at least 3 distinct train scores"):
+        router._calibrate("fan", np.zeros(5))

@@ -393,7 +393,11 @@ class Router:
 
     def _calibrate(self, machine: str, loo_scores: np.ndarray) -> None:
         """The machine's calibration from its bank's leave-one-out scores, for its new and running streams."""
-        cal = self.calibrations[machine] = calibrate(loo_scores, self.post.threshold_quantile)
+        try:
+            cal = self.calibrations[machine] = calibrate(loo_scores, self.post.threshold_quantile)
+        except ValueError as err:  # e.g. all train scores equal: name the bank, not only the gamma fit
+            raise BankError(f"saved bank {self.stats[machine]['bank_dir']}: no decision threshold from its "
+                            f"leave-one-out train scores ({err})") from None
         for key, stream in self.streams.items():
             if key.split("/", 1)[0] == machine:
                 stream.calibration = cal
