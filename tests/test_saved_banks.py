@@ -161,3 +161,12 @@ def test_a_bank_whose_train_scores_give_no_threshold_is_named_by_the_router(tmp_
     with pytest.raises(BankError, match="saved bank /b/fan: no decision threshold from its leave-one-out train scores "
                                         r"\(a gamma fit needs at least 3 distinct train scores"):
         router._calibrate("fan", np.zeros(5))
+
+
+def test_banks_saved_before_format_versions_still_load(tmp_path):
+    folder = _clip_bank(tmp_path)
+    meta = json.loads((folder / "bank.json").read_text())
+    assert meta.pop("format") == 1
+    (folder / "bank.json").write_text(json.dumps(meta))
+    check_bank_folder(folder)
+    assert load_detector(folder).size == 30
