@@ -162,11 +162,11 @@ def cmd_evaluate(args) -> int:
 
 def cmd_serve_fleet(args) -> int:
     from asd_ray.distributed import streams
-    from asd_ray.distributed.fleet import saved_banks
+    from asd_ray.distributed.fleet import check_saved_banks
 
     config = run_config(args.config, args.overrides)
     given = given_keys(args.config, args.overrides)  # score-time settings given here override the saved banks'
-    saved_banks(args.banks)  # a missing or bank-less folder is an error before Ray starts
+    check_saved_banks(args.banks, n_mels=config.frames.n_mels)  # a missing folder or a bad bank: an error before Ray
     if args.simulate:
         stats = streams.simulate(args.banks, config, args.out, streams=args.simulate, rate_hz=args.rate,
                                  seconds=args.seconds, given=given, roots=args.data)
@@ -184,7 +184,7 @@ def cmd_serve_fleet(args) -> int:
 
 def cmd_serve(args) -> int:
     from asd_ray.distributed import service, streams
-    from asd_ray.distributed.fleet import saved_banks
+    from asd_ray.distributed.fleet import check_saved_banks
 
     overrides = [*args.overrides, *([f"serve.host={args.host}"] if args.host else []),
                  *([f"serve.port={args.port}"] if args.port else [])]
@@ -202,7 +202,7 @@ def cmd_serve(args) -> int:
               f"{', Serve stopped' if done['serve_stopped'] else ''}; bank actors stopped: "
               f"{', '.join(done['banks']) or 'none running'}")
         return 0
-    saved_banks(args.banks)  # a missing or bank-less folder is an error before Ray starts
+    check_saved_banks(args.banks, n_mels=config.frames.n_mels)  # a missing folder or a bad bank: an error before Ray
     started = service.start_ray(config)
     # the banks load and take the settings, or the error now; detached, they outlive this command on a cluster
     streams.fleet_banks(args.banks, config, given=given, detached=True)
