@@ -63,11 +63,14 @@ def test_a_grouped_convolution_by_fft_equals_the_convolution(bias):
             conv.bias.normal_()
     x = torch.randn(3, 37, 96).transpose(1, 2)  # B x C x T, not contiguous: as the encoder hands it over
     with torch.no_grad():
-        torch.testing.assert_close(encoders.grouped_conv_by_fft(conv, x), conv(x), atol=1e-5, rtol=1e-5)
+        exact = conv(x)
+        torch.testing.assert_close(encoders.grouped_conv_by_fft(conv, x), exact, atol=1e-5, rtol=1e-5)
         with torch.autocast("cpu", dtype=torch.bfloat16):  # as on a GPU: the convolution's dtype, its values
             by_conv, by_fft = conv(x), encoders.grouped_conv_by_fft(conv, x)
     assert by_fft.dtype == by_conv.dtype == torch.bfloat16
-    torch.testing.assert_close(by_fft.float(), by_conv.float(), atol=0.05, rtol=0.02)
+    # against the fp32 convolution at bf16's precision: the CPU's own bf16 grouped convolution is no reference,
+    # since oneDNN's kernel on CPUs with AMX (torch 2.11) is off by 2.3 here, against 0.007 without oneDNN
+    torch.testing.assert_close(by_fft.float(), exact, atol=0.05, rtol=0.02)
     strided = torch.nn.Conv1d(96, 96, kernel_size=32, stride=2, groups=16)  # not its case: the convolution itself
     torch.testing.assert_close(encoders.grouped_conv_by_fft(strided, x), strided(x))
 
