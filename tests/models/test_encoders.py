@@ -71,6 +71,9 @@ def test_a_grouped_convolution_by_fft_equals_the_convolution(bias):
     # against the fp32 convolution at bf16's precision: the CPU's own bf16 grouped convolution is no reference,
     # since oneDNN's kernel on CPUs with AMX (torch 2.11) is off by 2.3 here, against 0.007 without oneDNN
     torch.testing.assert_close(by_fft.float(), exact, atol=0.05, rtol=0.02)
+    assert not encoders.long_kernel_by_fft(x)  # fp32 on the CPU: the convolution
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert encoders.long_kernel_by_fft(x)  # bf16 on the CPU: by FFT, whatever the CPU's oneDNN does
     strided = torch.nn.Conv1d(96, 96, kernel_size=32, stride=2, groups=16)  # not its case: the convolution itself
     torch.testing.assert_close(encoders.grouped_conv_by_fft(strided, x), strided(x))
 
