@@ -157,7 +157,9 @@ def write_report(report: RunReport, out: Path, config,
         lines += [headline_line(m), ""]
     lines += header_lines(report, config)
     if m:
-        (out / "overview.png").write_bytes(overview_png(m, title=f"asd-ray run: {out.resolve().name}"))
+        # drawn by plot_map too: a Ray run's driver never imports matplotlib
+        overview = (plot_map or _in_turn)(overview_png, [(m, f"asd-ray run: {out.resolve().name}")])[0]
+        (out / "overview.png").write_bytes(overview)
         lines += ["![every machine: AUC source, AUC target, pAUC and h-mean](overview.png)", ""]
         for name, split in m["splits"].items():
             lines += split_lines(name, split, out.resolve().name)
