@@ -329,19 +329,11 @@ def prompt_ray_data(poll_s: float = COMPLETION_POLL_S, refresh_s: float = LIMITS
     - the resources an execution may use come from its autoscaling coordinator's reservation, read back at
       most once a second (``ResourceManager.GLOBAL_LIMITS_UPDATE_INTERVAL_S``); until then it runs one task.
 
-    Lowers each constant that exists (never raises one) and logs any it cannot find. Returns whether both
-    were there."""
-    from ray.data._internal.execution import resource_manager, streaming_executor_state
+    Lowers each constant that exists (never raises one) and logs any it cannot find (``private_apis``). Returns
+    whether both were there."""
+    from asd_ray.private_apis import lower_ray_data_constants
 
-    found = True
-    for owner, name, value in ((streaming_executor_state, "WAIT_FOR_TASK_COMPLETION_TIMEOUT_S", poll_s),
-                               (resource_manager.ResourceManager, "GLOBAL_LIMITS_UPDATE_INTERVAL_S", refresh_s)):
-        if not hasattr(owner, name):
-            log.info("Ray Data has no %s: left as it is", name)
-            found = False
-            continue
-        setattr(owner, name, min(value, getattr(owner, name)))
-    return found
+    return lower_ray_data_constants(poll_s, refresh_s)
 
 
 def preprocessed(rows: list[dict], preprocess: PreprocessConfig, *, batch_size: int, num_cpus: float,
@@ -385,15 +377,9 @@ def start_ray_data_actors() -> None:
     autoscaling coordinator) now, without waiting: their processes import Ray Data (about a second each) while
     the warm-up runs, instead of after the pipeline has started (its first task waited 1.1 s for them on 2
     cores). Creating an actor that exists already returns it; a Ray Data without these functions is left alone."""
-    try:
-        from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import (
-            get_or_create_autoscaling_coordinator)
-        from ray.data._internal.stats import get_or_create_stats_actor
-    except ImportError as err:
-        log.info("Ray Data's actors are not started early: %s", err)
-        return
-    get_or_create_stats_actor()
-    get_or_create_autoscaling_coordinator()
+    from asd_ray.private_apis import start_ray_data_actors as start
+
+    start()
 
 
 def warm_workers(preprocess: PreprocessConfig, then: Sequence[Stage] = (), *, batch_size: int,

@@ -382,10 +382,11 @@ def replica_urls(app_name: str, host: str = "127.0.0.1") -> list[str]:
     """With direct ingress, the address each replica serves HTTP on itself (``host``, as ``serve.host``),
     else the proxy's; empty when Serve cannot say."""
     import ray
-    from ray import serve
+
+    from asd_ray.private_apis import serve_controller
 
     try:  # Serve has no public call for this in 2.60; its own test utilities ask the controller the same way
-        controller = serve.context._get_global_client()._controller
+        controller = serve_controller()
         groups = ray.get(controller.get_target_groups.remote(app_name))
     except Exception:
         return []

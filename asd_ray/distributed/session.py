@@ -114,7 +114,9 @@ def _route_worker_output() -> None:
     if not _routing:
         return
     # Ray 2.60 has no public switch for the driver's printing of worker output: its handler is wrapped here.
-    from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+    from asd_ray.private_apis import worker_stdstream_dispatcher
+
+    dispatcher = worker_stdstream_dispatcher()
 
     printers = [h for name, h in dispatcher.handlers if name == "ray_print_logs"]
     if not printers:  # log_to_driver off: nothing reaches this process

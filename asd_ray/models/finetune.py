@@ -87,12 +87,12 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: int) -> float:
 def span_mask(batch: int, frames: int, mask_prob: float, mask_length: int, rng: np.random.Generator) -> torch.Tensor:
     """HuBERT's span mask (``_compute_mask_indices``): B x F bool, about ``mask_prob`` of the frames in
     spans of ``mask_length`` (at least one span per clip)."""
-    from transformers.models.hubert.modeling_hubert import _compute_mask_indices
+    from asd_ray.private_apis import hubert_span_mask
 
     state = np.random.get_state()  # transformers draws from numpy's global generator
     np.random.seed(int(rng.integers(0, 2**31 - 1)))
     try:
-        mask = _compute_mask_indices((batch, frames), mask_prob, mask_length, min_masks=1)
+        mask = hubert_span_mask((batch, frames), mask_prob, mask_length, min_masks=1)
     finally:
         np.random.set_state(state)
     return torch.from_numpy(mask)

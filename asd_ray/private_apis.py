@@ -1,0 +1,116 @@
+"""Every use of a private API of Ray or transformers, behind one door.
+
+Each function here reaches into a library's internals because its public API has no way to do the job (each says
+why). They were written against the releases in ``TESTED``; ``check_versions`` says when an installed release is
+another one, and ``tests/test_private_apis.py`` fails loudly when an upgrade moves or renames anything used here,
+so that an upgrade is a failing test, not a silent change of behaviour. Nothing is imported at import time.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from importlib.metadata import version
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+# package -> the release prefixes the private uses below were written and tested against
+TESTED = {"ray": ("2.60.",), "transformers": ("4.", "5.")}
+
+
+def check_versions() -> list[str]:
+    """One line per installed package whose release is not among ``TESTED`` (empty when all are)."""
+    lines = []
+    for package, prefixes in TESTED.items():
+        installed = version(package)
+        if not installed.startswith(prefixes):
+            lines.append(f"{package} {installed}: asd-ray's private uses of it were tested with {', '.join(prefixes)}"
+                         f"x only (asd_ray/private_apis.py); run tests/test_private_apis.py")
+    return lines
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_untested(package: str) -> None:
+    """Once per process and package: a warning when its release is not among ``TESTED``."""
+    for line in check_versions():
+        if line.startswith(package + " "):
+            log.warning("%s", line)
+
+
+def worker_stdstream_dispatcher() -> Any:
+    """Ray's dispatcher of worker output in the driver (``ray._private.ray_logging``): Ray 2.60 has no public
+    switch for where the driver prints its workers' output, so ``session`` wraps its ``ray_print_logs`` handler."""
+    _warn_untested("ray")
+    from ray._private.ray_logging import global_worker_stdstream_dispatcher
+
+    return global_worker_stdstream_dispatcher
+
+
+# Ray Data's scheduling constants that have no setting (see ``lower_ray_data_constants``): (module, owner, name)
+RAY_DATA_CONSTANTS = (
+    ("ray.data._internal.execution.streaming_executor_state", None, "WAIT_FOR_TASK_COMPLETION_TIMEOUT_S"),
+    ("ray.data._internal.execution.resource_manager", "ResourceManager", "GLOBAL_LIMITS_UPDATE_INTERVAL_S"),
+)
+
+
+def _constant_owner(module: str, owner: str | None) -> Any:
+    import importlib
+
+    mod = importlib.import_module(module)
+    return mod if owner is None else getattr(mod, owner)
+
+
+def lower_ray_data_constants(poll_s: float, refresh_s: float) -> bool:
+    """Lower (never raise) Ray Data's wait for task completion and its refresh of resource limits in this
+    driver's streaming executor to ``poll_s`` and ``refresh_s``; neither has a setting in Ray 2.60 (why it matters:
+    ``distributed.embed.prompt_ray_data``). A constant that is gone is logged and left. Returns whether both were
+    there."""
+    _warn_untested("ray")
+    found = True
+    for (module, owner_name, name), value in zip(RAY_DATA_CONSTANTS, (poll_s, refresh_s)):
+        try:
+            owner = _constant_owner(module, owner_name)
+        except (ImportError, AttributeError):
+            owner = None
+        if owner is None or not hasattr(owner, name):
+            log.info("Ray Data has no %s: left as it is", name)
+            found = False
+            continue
+        setattr(owner, name, min(value, getattr(owner, name)))
+    return found
+
+
+def start_ray_data_actors() -> bool:
+    """Create Ray Data's stats actor and autoscaling coordinator now (its private factories; creating one that
+    exists returns it): Ray Data makes them on a cluster's first execution, and their imports then delay the
+    pipeline's first task. Returns False, logged, where this Ray Data has no such factories."""
+    _warn_untested("ray")
+    try:
+        from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import (
+            get_or_create_autoscaling_coordinator)
+        from ray.data._internal.stats import get_or_create_stats_actor
+    except ImportError as err:
+        log.info("Ray Data's actors are not started early: %s", err)
+        return False
+    get_or_create_stats_actor()
+    get_or_create_autoscaling_coordinator()
+    return True
+
+
+def serve_controller() -> Any:
+    """Serve's controller actor (``serve.context._get_global_client()._controller``): Serve 2.60 has no public call
+    for the addresses its replicas listen on with direct ingress; its own test utilities ask the controller so."""
+    _warn_untested("ray")
+    from ray import serve
+
+    return serve.context._get_global_client()._controller
+
+
+def hubert_span_mask(shape: tuple[int, int], mask_prob: float, mask_length: int, min_masks: int = 1) -> Any:
+    """transformers' ``_compute_mask_indices`` (HuBERT's span masking, a private function of its modeling module):
+    a (batch x frames) bool numpy array. It draws from numpy's global generator."""
+    _warn_untested("transformers")
+    from transformers.models.hubert.modeling_hubert import _compute_mask_indices
+
+    return _compute_mask_indices(shape, mask_prob, mask_length, min_masks=min_masks)

@@ -1,0 +1,50 @@
+"""Every private Ray / transformers API that asd-ray uses lives in asd_ray/private_apis.py, and each still exists
+in the installed releases: an upgrade that moves one fails here, loudly, instead of changing behaviour."""
+
+import importlib
+import inspect
+import re
+from pathlib import Path
+
+import numpy as np
+
+from asd_ray import private_apis
+
+PACKAGE = Path(private_apis.__file__).parent
+PRIVATE = re.compile(r"\b(ray|transformers)\.[\w.]*\._?(_private|_internal)\b|_get_global_client|_compute_mask_indices"
+                     r"|from ray\._private|from ray\.data\._internal")
+
+
+def test_no_module_but_private_apis_reaches_into_ray_or_transformers_internals():
+    offenders = [f"{p.relative_to(PACKAGE.parent)}:{i}" for p in sorted(PACKAGE.rglob("*.py")) if p.name != "private_apis.py"
+                 for i, line in enumerate(p.read_text().splitlines(), 1)
+                 if PRIVATE.search(line.split("#")[0]) and not line.lstrip().startswith(('"""', "``"))]
+    assert offenders == []
+
+
+def test_the_installed_releases_are_the_tested_ones():
+    assert private_apis.check_versions() == []
+
+
+def test_every_private_name_used_still_exists():
+    dispatcher = private_apis.worker_stdstream_dispatcher()
+    assert hasattr(dispatcher, "handlers") and callable(dispatcher.add_handler) and callable(dispatcher.remove_handler)
+    for module, owner, name in private_apis.RAY_DATA_CONSTANTS:
+        holder = importlib.import_module(module)
+        holder = holder if owner is None else getattr(holder, owner)
+        assert isinstance(getattr(holder, name), (int, float)), (module, name)
+    from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import (  # noqa: F401
+        get_or_create_autoscaling_coordinator)
+    from ray.data._internal.stats import get_or_create_stats_actor  # noqa: F401
+    from ray.serve import context
+    from ray.serve._private.client import ServeControllerClient
+
+    assert callable(context._get_global_client)
+    assert "self._controller" in inspect.getsource(ServeControllerClient.__init__)
+    assert "get_target_groups" in inspect.getsource(importlib.import_module("ray.serve._private.controller"))
+
+
+def test_hubert_span_mask_is_a_boolean_mask_of_about_the_asked_share():
+    np.random.seed(0)
+    mask = private_apis.hubert_span_mask((8, 200), 0.3, 10)
+    assert mask.shape == (8, 200) and mask.dtype == bool and 0.15 < mask.mean() < 0.45
