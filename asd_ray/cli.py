@@ -123,6 +123,10 @@ def _add_serve(sub):
     p.add_argument("--banks", required=True, type=Path, help="saved banks, one folder per machine (asd-ray run writes <out>/banks)")
     p.add_argument("--host", help="address to listen on (= --set serve.host=; default 127.0.0.1)")
     p.add_argument("--port", type=int, help="port of Serve's HTTP proxy (= --set serve.port=)")
+    p.add_argument("--allow-unauthenticated-writes", action="store_true",
+                   help="without serve.token, let POST /normals change the banks anyway; only with a loopback "
+                        "--host (127.0.0.1), where only this machine's users reach it "
+                        "(= --set serve.allow_unauthenticated_writes=true)")
     p.add_argument("--block", action="store_true",
                    help="keep this command running after deploying on a running Ray (a Ray this command starts "
                         "itself always runs until Ctrl-C)")
@@ -310,9 +314,11 @@ def cmd_serve_fleet(args) -> int:
 def cmd_serve(args) -> int:
     from asd_ray.distributed import service, streams
     from asd_ray.distributed.fleet import saved_banks
+    from asd_ray.distributed.http_requests import check_write_access
 
     overrides = [*args.overrides, *([f"serve.host={args.host}"] if args.host else []),
-                 *([f"serve.port={args.port}"] if args.port else [])]
+                 *([f"serve.port={args.port}"] if args.port else []),
+                 *(["serve.allow_unauthenticated_writes=true"] if args.allow_unauthenticated_writes else [])]
     config = run_config(args.config, overrides)
     given = given_keys(args.config, overrides)
     if args.stop:
@@ -328,13 +334,19 @@ def cmd_serve(args) -> int:
               f"{', '.join(done['banks']) or 'none running'}")
         return 0
     saved_banks(args.banks)  # a missing or bank-less folder is an error before Ray starts
+    s = config.serve
+    try:
+        check_write_access(s.token, s.allow_unauthenticated_writes, s.host)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     started = service.start_ray(config)
     # the banks load and take the settings, or the error now; detached, they outlive this command on a cluster
     streams.fleet_banks(args.banks, config, given=given, detached=True)
     service.deploy(args.banks, config, given)
-    s = config.serve
+    writes = ("POST /normals refused without a token: set serve.token" if not s.allow_unauthenticated_writes else
+              "POST /normals open to every local user (--allow-unauthenticated-writes)")
     print(f"scoring service {s.app_name!r} at http://{s.host}:{s.port} (Serve's HTTP proxy); "
-          f"{'a bearer token is required' if s.token else 'no token required'}")
+          f"{'a bearer token is required' if s.token else 'no token required; ' + writes}")
     direct = [u for u in service.replica_urls(s.app_name, s.host) if not u.endswith(f":{s.port}")]
     if direct:
         print(f"replicas answer directly (Serve's direct ingress, the fast path) at {' '.join(direct)}")

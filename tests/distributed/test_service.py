@@ -58,14 +58,14 @@ def service(ray_session, tiny_corpus, tmp_path_factory):
     assert stop(root / "run" / "banks", config)["banks"] == [actor_name(m) for m in ("ToyCar", "ToyPet", "valve")]
 
 
-def http(service, method, path, body=None, content_type=None, token=TOKEN, **params):
+def http(service, method, path, body=None, content_type=None, token=TOKEN, authorization=None, **params):
     """-> (status, decoded JSON answer)."""
     url = service.url + path + ("?" + urlencode(params) if params else "")
     request = urllib.request.Request(url, data=body, method=method)
     if content_type:
         request.add_header("Content-Type", content_type)
-    if token:
-        request.add_header("Authorization", f"Bearer {token}")
+    if token or authorization:
+        request.add_header("Authorization", authorization or f"Bearer {token}")
     try:
         with urllib.request.urlopen(request, timeout=120) as answer:
             return answer.status, json.loads(answer.read())
@@ -119,19 +119,34 @@ def _wav(samples, rate=16_000) -> bytes:
     return out.getvalue()
 
 
+def _flac_of_silence(seconds: int) -> bytes:
+    out = io.BytesIO()
+    with sf.SoundFile(out, "w", samplerate=16_000, channels=1, format="FLAC", subtype="PCM_16") as f:
+        for _ in range(seconds):
+            f.write(np.zeros(16_000, np.int16))
+    return out.getvalue()
+
+
 def test_every_bad_request_gets_its_status_and_reason(service):
     e = np.ones(256, np.float32)
     tone = 0.1 * np.sin(np.arange(32_000) / 5.0)
+    long_flac = _flac_of_silence(61)  # a few kB: far under serve.max_body_bytes, over serve.max_audio_seconds
+    assert len(long_flac) < LIMIT // 10
     cases = [
         (dict(machine="pump", stream="s"), e.tobytes(), "application/octet-stream", 404, "no bank for machine 'pump'"),
         (dict(stream="s"), e.tobytes(), "application/octet-stream", 400, "missing query parameter 'machine'"),
         (dict(machine="ToyCar"), e.tobytes(), "application/octet-stream", 400, "missing query parameter 'stream'"),
         (dict(machine="ToyCar", stream="s"), b"", "audio/wav", 400, "empty body"),
-        (dict(machine="ToyCar", stream="s"), b"RIFF....WAVEjunk", "audio/wav", 422, "cannot decode"),
+        (dict(machine="ToyCar", stream="s"), b"RIFF....WAVEjunk", "audio/wav", 422,
+         "audio body: cannot decode: Error in WAV file. No 'data' chunk marker."),
+        (dict(machine="ToyCar", stream="s"), long_flac, "audio/flac", 422,
+         "more than the decode limit of 60 s (960000 frames at 16000 Hz x 1 channels): its header says 976000"),
         (dict(machine="ToyCar", stream="s"), _wav(np.zeros(0)), "audio/wav", 422, "empty: no samples"),
         (dict(machine="ToyCar", stream="s"), _wav(tone[:4000]), "audio/wav", 422, "too short"),
         (dict(machine="ToyCar", stream="s", dim=10), e[:10].tobytes(), "application/octet-stream", 422,
-         "embedding of size 10"),
+         "dim=10: the ToyCar bank takes rows of 256 float32 values"),
+        (dict(machine="ToyCar", stream="s", dim=1), e.tobytes(), "application/octet-stream", 422,
+         "dim=1: the ToyCar bank takes rows of 256 float32 values"),
         (dict(machine="ToyCar", stream="s", dim=256), np.full(256, np.nan, np.float32).tobytes(),
          "application/octet-stream", 422, "finite: False"),
         (dict(machine="ToyCar", stream="s", dim=256), e.tobytes()[:-2], "application/octet-stream", 422,
@@ -151,9 +166,11 @@ def test_every_bad_request_gets_its_status_and_reason(service):
         == {"error": "missing query parameter 'clip'"}
     status, got = http(service, "POST", "/normals", e[:10].tobytes(), "application/octet-stream", machine="ToyCar",
                        clip="c", dim=10)
-    assert status == 422 and "dimension 10 does not match the bank's 256" in got["error"], got
+    assert status == 422 and "dim=10: the ToyCar bank takes rows of 256" in got["error"], got
     status, got = http(service, "POST", "/normals", b"RIFF....WAVEjunk", "audio/wav", machine="ToyCar", clip="c")
-    assert status == 422 and "cannot decode" in got["error"], got
+    assert status == 422 and "cannot decode" in got["error"] and "object at 0x" not in got["error"], got
+    status, got = http(service, "POST", "/normals", long_flac, "audio/flac", machine="ToyCar", clip="c")
+    assert status == 422 and "more than the decode limit of 60 s" in got["error"], got
     status, health = http(service, "GET", "/healthz")
     assert status == 200 and health["replica_pid"] == pid  # the same replica answered all of them
     assert health["banks"] == {"ToyCar": "ok", "ToyPet": "ok", "valve": "ok"}
@@ -166,6 +183,9 @@ def test_the_token_is_checked_on_every_request(service):
                                                                           "Bearer <token>)"})
         assert http(service, method, path, token="wrong") == (401, {"error": "wrong bearer token"})
     assert http(service, "GET", "/healthz")[0] == 200
+    for scheme in ("bearer", "BEARER", "Bearer  "):  # RFC 7235: the scheme is case-insensitive
+        assert http(service, "GET", "/healthz", token=None, authorization=f"{scheme} {TOKEN}")[0] == 200, scheme
+    assert http(service, "GET", "/healthz", token=None, authorization=f"Basic {TOKEN}")[0] == 401
 
 
 def test_normals_persist_and_survive_a_bank_actor_restart(service, ray_session):
