@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import inspect
 import json
 import logging
 import os
@@ -97,6 +98,8 @@ class ScoringService:
 
         self.serve, self.minmax = config.serve, config.post.minmax
         # detached bank actors: they outlive any one replica (a replica killed takes none down with it)
+        if os.environ.get("RAY_SERVE_ENABLE_DIRECT_INGRESS") == "1":
+            keep_direct_port()
         self.router = fleet_router(bank_root, config, with_embedders=True, given=given, detached=True,
                                    decode_limit_s=config.serve.max_audio_seconds)
         self.access = Access(self.serve.token, self.serve.allow_unauthenticated_writes)
@@ -232,14 +235,50 @@ class ScoringService:
                 log.info("following bank versions: %s", err)
 
 
+def keep_direct_port() -> None:
+    """Let a restarted replica bind its predecessor's direct-ingress port again, so that a client's address
+    survives the restart. Called in the replica before Serve starts its HTTP server there.
+
+    Serve 2.60 binds that port without SO_REUSEADDR: the connections a killed replica held stay in TIME_WAIT
+    on it for a minute, its successor's bind fails, and Serve blocks the port for good and takes the next
+    (18801 -> 18802 -> 18803 over restarts; clients of the old address were refused). Serve's own flag for its
+    proxies (``enable_so_reuseport``: SO_REUSEADDR and SO_REUSEPORT) is turned on for the replica's server
+    too; Serve's port allocator still gives each live replica a port of its own. Serve internals: the test
+    that restarts a replica (tests/distributed/test_service.py) fails when an upgrade moves them."""
+    from ray.serve._private import replica
+
+    original = replica.start_asgi_http_server
+    if getattr(original, "keeps_port", False):
+        return
+    if "enable_so_reuseport" not in inspect.signature(original).parameters:
+        log.warning("Serve's start_asgi_http_server has no enable_so_reuseport (Ray %s): a restarted replica "
+                    "may answer on another direct port", ray_version())
+        return
+
+    def start(app, options, *, event_loop, enable_so_reuseport=False):
+        return original(app, options, event_loop=event_loop, enable_so_reuseport=True)
+
+    start.keeps_port = True
+    replica.start_asgi_http_server = start
+
+
+def ray_version() -> str:
+    import ray
+
+    return ray.__version__
+
+
 def direct_ingress_env(port: int) -> None:
     """Serve's direct ingress for a Ray started after this call (replicas on ``port + 1``, ``port + 2`` ...):
     Serve reads it from the environment of its processes, which a local Ray takes from its driver. The
     handlers also run on the replica's own event loop, not a second thread's (they never block it): about
-    0.07 ms less CPU per request here."""
+    0.07 ms less CPU per request here. A port a replica held is handed to its successor at once (Serve
+    otherwise quarantines it for its HAProxy mode, unused here, and the successor gets the next port) and
+    bound again (``keep_direct_port``): a replica's address survives its restart."""
     os.environ["RAY_SERVE_ENABLE_DIRECT_INGRESS"] = "1"
     os.environ["RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"] = str(port + 1)
     os.environ["RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT"] = str(port + 1 + 100)
+    os.environ["RAY_SERVE_PORT_QUARANTINE_S"] = "0"
     os.environ["RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD"] = "0"
     # A replica stopping keeps answering for this long (30 s by default) so that load balancers in front can
     # forget it; none is in front of a Ray this command starts, and Ctrl-C should not wait 30 s

@@ -294,3 +294,61 @@ def test_a_bank_actor_and_the_replica_killed_under_load_lose_no_request(service,
     assert http(service, "GET", "/healthz")[1]["replica_pid"] != replica["replica_pid"]
     print(f"bank actor and replica killed under load: {len(answers)} requests, all answered with a score; "
           f"re-sent: {dict(resent) or 'none'}")
+
+
+def test_a_restarted_replica_answers_on_the_direct_port_it_had(tmp_path):
+    """`asd-ray serve` starting its own Ray (direct ingress on): the replica's printed direct address is the
+    address of its successor after the replica process is killed (Serve moved it to the next port before:
+    clients of the old one were refused). Its own Ray, in a subprocess, stopped with SIGTERM at the end."""
+    import os
+    import re
+    import signal
+    import subprocess
+    import sys
+
+    from asd_ray.bank.memory_bank import MemoryBank
+
+    rng = np.random.default_rng(0)
+    MemoryBank(k=3).fit(rng.standard_normal((50, 16)).astype(np.float32), [f"m{i}" for i in range(50)]).save(
+        tmp_path / "banks" / "fan")
+    port, namespace = _free_port(), f"d-{uuid.uuid4().hex[:8]}"
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.Popen(
+        [sys.executable, "-u", "-c", "import sys; from asd_ray.cli import main; sys.exit(main())", "serve",
+         "--banks", str(tmp_path / "banks"), "--port", str(port), "--set", f"fleet.namespace={namespace}",
+         "--set", "ray.num_cpus=2", "--set", f"serve.token={TOKEN}"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True)
+    reader.start()
+    try:
+        deadline, direct = time.time() + 300, None
+        while direct is None and time.time() < deadline and proc.poll() is None:
+            found = [re.search(r"replicas answer directly .* at (http://\S+)", line) for line in list(lines)]
+            direct = next((m.group(1) for m in found if m), None)
+            time.sleep(1)
+        assert direct, "".join(lines[-30:])
+        at = SimpleNamespace(url=direct)
+        q = np.ones(16, np.float32).tobytes()
+        assert http(at, "POST", "/score", q, "application/octet-stream", machine="fan", stream="s", dim=16)[0] == 200
+        pid = http(at, "GET", "/healthz")[1]["replica_pid"]
+        os.kill(pid, signal.SIGKILL)
+        deadline, health = time.time() + 180, None
+        while time.time() < deadline:
+            try:
+                status, health = http(at, "GET", "/healthz")
+                if status == 200 and health["replica_pid"] != pid:
+                    break
+            except OSError:  # refused until the successor binds the port
+                pass
+            time.sleep(1)
+        assert health and health["replica_pid"] != pid, (health, "".join(lines[-30:]))
+        assert http(at, "POST", "/score", q, "application/octet-stream", machine="fan", stream="s", dim=16)[0] == 200
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=30)
