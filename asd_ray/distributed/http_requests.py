@@ -7,10 +7,13 @@ from __future__ import annotations
 
 import hmac
 import ipaddress
+import json
+import os
 
 import numpy as np
 
 EMBEDDING_TYPE = "application/octet-stream"
+BODY_LIMIT_ENV = "ASD_RAY_MAX_BODY_BYTES"  # the limit of BodyLimit in Serve's HTTP servers (body_limit_env)
 WRITE_ROUTES = {("POST", "/normals")}  # routes that change a bank
 
 
@@ -82,12 +85,17 @@ async def read_body(request, limit: int) -> bytes:
     length = request.headers.get("content-length", "")
     if length.isdigit() and int(length) > limit:
         raise HttpError(413, f"a body of {length} bytes is over the limit of {limit} (serve.max_body_bytes)")
+    from starlette.requests import ClientDisconnect
+
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise HttpError(413, f"a body of more than {limit} bytes is over the limit (serve.max_body_bytes)")
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise HttpError(413, f"a body of more than {limit} bytes is over the limit (serve.max_body_bytes)")
+            chunks.append(chunk)
+    except ClientDisconnect:  # the client went, or BodyLimit cut the body (and answers 413 itself)
+        raise HttpError(400, f"the body ended after {size} bytes: the connection closed") from None
     if not size:
         raise HttpError(400, "empty body: send a sound file (audio/wav) or a float32 embedding "
                              f"({EMBEDDING_TYPE} with ?dim=N)")
@@ -109,3 +117,71 @@ def embedding(body: bytes, dim: str | None, bank_dim: int, machine: str) -> np.n
         raise HttpError(422, f"a body of {len(body)} bytes is not a whole number of float32 rows of dim {dim} "
                              f"({row} bytes each)")
     return np.frombuffer(body, dtype="<f4").reshape(-1, int(dim))
+
+
+def _over_limit(limit: int, size: str) -> list[dict]:
+    body = json.dumps({"error": f"a body of {size} bytes is over the limit of {limit} (serve.max_body_bytes)"})
+    return [{"type": "http.response.start", "status": 413,
+             "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                         (b"connection", b"close")]},
+            {"type": "http.response.body", "body": body.encode()}]
+
+
+class BodyLimit:
+    """ASGI middleware for Serve's own HTTP servers (its proxy, and each replica's under direct ingress): a body
+    declared or found to be over ``limit`` bytes is answered 413 as soon as the limit is passed; no more of it
+    is read, and the application behind sees the client as gone (http.disconnect). Without it Serve's proxy
+    reads a chunked body whole into its queue, whatever the replica answers (200 MiB seen), and hands it on."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope.get("headers") or []).get(b"content-length", b"")
+        if length.isdigit() and int(length) > self.limit:
+            for message in _over_limit(self.limit, length.decode()):
+                await send(message)
+            return
+        state = {"size": 0, "over": False, "started": False}
+
+        async def limited_receive() -> dict:
+            if state["over"]:
+                return {"type": "http.disconnect"}
+            message = await receive()
+            if message["type"] == "http.request":
+                state["size"] += len(message.get("body", b""))
+                if state["size"] > self.limit:
+                    state["over"] = True
+                    return {"type": "http.disconnect"}
+            return message
+
+        async def guarded_send(message: dict) -> None:
+            if state["over"] and not state["started"]:
+                return  # the answer to a body cut short: the 413 goes instead
+            if message["type"] == "http.response.start":
+                state["started"] = True
+            await send(message)
+
+        await self.app(scope, limited_receive, guarded_send)
+        if state["over"] and not state["started"]:
+            for message in _over_limit(self.limit, f"more than {self.limit}"):
+                await send(message)
+
+
+def body_limit_env(max_body_bytes: int) -> None:
+    """``BodyLimit`` in Serve's HTTP servers of a Ray started after this call: Serve calls the function named
+    by RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH in each proxy and direct-ingress replica for their middlewares;
+    the limit travels in ASD_RAY_MAX_BODY_BYTES. A local Ray takes both from its driver's environment (on a
+    cluster: set them for ``ray start``)."""
+    os.environ["RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"] = f"{__name__}.serve_middlewares"
+    os.environ[BODY_LIMIT_ENV] = str(max_body_bytes)
+
+
+def serve_middlewares() -> list:
+    """The middlewares of Serve's HTTP servers (see ``body_limit_env``)."""
+    from starlette.middleware import Middleware
+
+    limit = int(os.environ.get(BODY_LIMIT_ENV) or 0)
+    return [Middleware(BodyLimit, limit=limit)] if limit > 0 else []

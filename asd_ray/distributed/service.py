@@ -44,8 +44,8 @@ import numpy as np
 from asd_ray.bank.memory_bank import BankError
 from asd_ray.config import RunConfig
 from asd_ray.distributed.fleet import BAD_INPUT, UNAVAILABLE, UNKNOWN_MACHINE, Request, actor_name, saved_banks
-from asd_ray.distributed.http_requests import (EMBEDDING_TYPE, Access, HttpError, check_write_access, content_kind,
-                                               embedding, param, read_body)
+from asd_ray.distributed.http_requests import (EMBEDDING_TYPE, Access, HttpError, body_limit_env, check_write_access,
+                                               content_kind, embedding, param, read_body)
 from asd_ray.scoring.postprocess import output_threshold
 
 log = logging.getLogger(__name__)
@@ -286,14 +286,17 @@ def direct_ingress_env(port: int) -> None:
 
 
 def start_ray(config: RunConfig) -> bool:
-    """``ensure_ray`` for the service; a local Ray that this call starts gets Serve's direct ingress when
-    ``serve.direct_ingress`` is on. Returns True when this call started Ray."""
+    """``ensure_ray`` for the service; a local Ray that this call starts gets ``serve.max_body_bytes`` enforced
+    in Serve's HTTP servers (``body_limit_env``), and Serve's direct ingress when ``serve.direct_ingress`` is on.
+    Returns True when this call started Ray."""
     import ray
 
     from asd_ray.distributed.session import ensure_ray
 
-    if config.serve.direct_ingress and not ray.is_initialized() and not os.environ.get("RAY_ADDRESS"):
-        direct_ingress_env(config.serve.port)
+    if not ray.is_initialized() and not os.environ.get("RAY_ADDRESS"):
+        body_limit_env(config.serve.max_body_bytes)
+        if config.serve.direct_ingress:
+            direct_ingress_env(config.serve.port)
     return ensure_ray(num_cpus=config.ray.num_cpus or None)
 
 

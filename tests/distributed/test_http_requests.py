@@ -66,3 +66,39 @@ def test_dim_must_be_the_banks():
         with pytest.raises(HttpError, match=f"dim={dim}: the fan bank takes rows of 256") as info:
             embedding(body, dim, 256, "fan")
         assert info.value.status == 422
+
+
+def test_body_limit_stops_reading_at_the_limit_and_answers_413():
+    """BodyLimit (Serve's proxy and direct-ingress servers): a chunked body is read no further than the first
+    chunk past the limit, the application sees a disconnect, the client gets 413; a declared length over the
+    limit is answered before any body is read; a body within it passes through whole."""
+    import asyncio
+
+    from asd_ray.distributed.http_requests import BodyLimit
+
+    async def run(headers, chunks: int):
+        pulled, sent, seen = [0], [], []
+
+        async def receive():
+            pulled[0] += 1
+            return {"type": "http.request", "body": b"x" * 1000, "more_body": pulled[0] < chunks}
+
+        async def send(message):
+            sent.append(message)
+
+        async def app(scope, receive, send):
+            while True:
+                message = await receive()
+                seen.append(message["type"])
+                if message["type"] == "http.disconnect" or not message.get("more_body"):
+                    break
+            await send({"type": "http.response.start", "status": 200 if seen[-1] != "http.disconnect" else 499})
+            await send({"type": "http.response.body", "body": b"ok"})
+
+        await BodyLimit(app, limit=5000)({"type": "http", "headers": headers}, receive, send)
+        return pulled[0], [m.get("status") for m in sent if m["type"] == "http.response.start"], seen
+
+    pulled, statuses, seen = asyncio.run(run([], chunks=10_000))
+    assert (pulled, statuses, seen[-1]) == (6, [413], "http.disconnect")
+    assert asyncio.run(run([(b"content-length", b"9000")], chunks=9))[:2] == (0, [413])
+    assert asyncio.run(run([], chunks=5))[:2] == (5, [200])

@@ -296,10 +296,38 @@ def test_a_bank_actor_and_the_replica_killed_under_load_lose_no_request(service,
           f"re-sent: {dict(resent) or 'none'}")
 
 
-def test_a_restarted_replica_answers_on_the_direct_port_it_had(tmp_path):
-    """`asd-ray serve` starting its own Ray (direct ingress on): the replica's printed direct address is the
-    address of its successor after the replica process is killed (Serve moved it to the next port before:
-    clients of the old one were refused). Its own Ray, in a subprocess, stopped with SIGTERM at the end."""
+def _chunked_upload(url: str, path: str, total: int, chunk: int = 64 * 1024) -> tuple[int | None, int]:
+    """POST a chunked body of up to ``total`` bytes, stopping as soon as the server answers or closes.
+    -> (the status answered, or None; bytes of body sent)."""
+    import select
+    from urllib.parse import urlsplit
+
+    u = urlsplit(url)
+    sock = socket.create_connection((u.hostname, u.port), timeout=30)
+    sock.sendall(f"POST {path} HTTP/1.1\r\nHost: {u.netloc}\r\nAuthorization: Bearer {TOKEN}\r\n"
+                 f"Content-Type: audio/wav\r\nTransfer-Encoding: chunked\r\n\r\n".encode())
+    sent, piece, answer = 0, f"{chunk:x}\r\n".encode() + b"\0" * chunk + b"\r\n", b""
+    try:
+        while sent < total and not select.select([sock], [], [], 0)[0]:
+            sock.sendall(piece)
+            sent += chunk
+        if sent >= total:
+            sock.sendall(b"0\r\n\r\n")
+        answer = sock.recv(65536)
+    except OSError:  # reset by a server that stopped reading
+        pass
+    finally:
+        sock.close()
+    return (int(answer.split()[1]) if answer.startswith(b"HTTP/") else None), sent
+
+
+def test_own_ray_bodies_cut_at_the_limit_and_a_restarted_replica_keeps_its_port(tmp_path):
+    """`asd-ray serve` starting its own Ray (direct ingress on), in a subprocess stopped with SIGTERM at the end.
+    - A chunked body far over serve.max_body_bytes is answered 413 once the limit is passed, through Serve's
+      proxy and on the replica's direct port alike, and no more of it is read than the socket buffers hold
+      (the proxy read all of it before: 64 MiB here, 200 MiB in the issue).
+    - The replica's printed direct address is the address of its successor after the replica process is
+      killed (Serve moved it to the next port before: clients of the old one were refused)."""
     import os
     import re
     import signal
@@ -317,7 +345,7 @@ def test_a_restarted_replica_answers_on_the_direct_port_it_had(tmp_path):
     proc = subprocess.Popen(
         [sys.executable, "-u", "-c", "import sys; from asd_ray.cli import main; sys.exit(main())", "serve",
          "--banks", str(tmp_path / "banks"), "--port", str(port), "--set", f"fleet.namespace={namespace}",
-         "--set", "ray.num_cpus=2", "--set", f"serve.token={TOKEN}"],
+         "--set", "ray.num_cpus=2", "--set", f"serve.token={TOKEN}", "--set", f"serve.max_body_bytes={LIMIT}"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True)
@@ -332,6 +360,18 @@ def test_a_restarted_replica_answers_on_the_direct_port_it_had(tmp_path):
         at = SimpleNamespace(url=direct)
         q = np.ones(16, np.float32).tobytes()
         assert http(at, "POST", "/score", q, "application/octet-stream", machine="fan", stream="s", dim=16)[0] == 200
+
+        total = 64 * 2**20
+        for url in (f"http://127.0.0.1:{port}", direct):
+            status, sent = _chunked_upload(url, "/score?machine=fan&stream=s", total)
+            print(f"chunked body to {url}: {sent} bytes sent, answered {status}")
+            assert sent < 16 * 2**20 and status in (413, None), (url, sent, status)
+            declared = http(SimpleNamespace(url=url), "POST", "/score", b"x" * (LIMIT + 1), "audio/wav",
+                            machine="fan", stream="s")
+            assert declared[0] == 413 and "over the limit" in declared[1]["error"], declared
+            assert http(SimpleNamespace(url=url), "POST", "/score", q, "application/octet-stream", machine="fan",
+                        stream="s", dim=16)[0] == 200  # and the servers go on
+
         pid = http(at, "GET", "/healthz")[1]["replica_pid"]
         os.kill(pid, signal.SIGKILL)
         deadline, health = time.time() + 180, None
