@@ -194,7 +194,9 @@ class ServeConfig:
     replicas: int = 1  # Serve replicas, each with its own router over the shared bank actors
     replica_cpus: float = 0.5  # CPUs reserved per replica (its HTTP parsing and router)
     max_ongoing_requests: int = 1024  # per replica; beyond, Serve answers 503
-    max_body_bytes: int = 16 * 2**20  # a larger body is answered 413 (a 10 s 16 kHz 16-bit WAV is 320 kB)
+    # A larger body is answered 413 (a 10 s 16 kHz 16-bit WAV is 320 kB); in a Ray that `asd-ray serve` starts,
+    # Serve's own HTTP servers stop reading a body there too (docs/service.md)
+    max_body_bytes: int = 16 * 2**20
     # A sound file longer than this is answered 422, refused while it is decoded (never more is read; a few kB
     # of FLAC can hold hours). DCASE clips are 6-18 s. 0: no limit.
     max_audio_seconds: float = 60.0
