@@ -1,7 +1,8 @@
 """What a chunked body far over `serve.max_body_bytes` costs the HTTP service: bytes read before the answer, and
 the memory (RSS) of Serve's proxy and of the replica before and 3 s after.
 
-    python benchmarks/serve_body_limit.py [--mib 200] [--limit-mib 16] [--port 18700] [--without-limit] [--json out.json]
+    python benchmarks/serve_body_limit.py [--mib 200] [--limit-mib 16] [--port 18700] [--without-limit]
+                                          [--json out.json]
 
 `asd-ray serve`'s way of starting a local Ray (2 CPUs; Serve's proxy and direct ingress), one 16-d bank. The
 body goes to the proxy's port as 64 KiB chunks (Transfer-Encoding: chunked, no length declared); the client
@@ -88,7 +89,8 @@ def main() -> None:
     proxy = next(a for a in ray.util.list_named_actors(all_namespaces=True) if "PROXY" in a["name"])
     proxy_pid = ray.get(ray.get_actor(proxy["name"], namespace=proxy["namespace"]).__ray_call__.remote(
         lambda self: os.getpid()))
-    health = urllib.request.Request(f"http://127.0.0.1:{args.port}/healthz", headers={"Authorization": f"Bearer {token}"})
+    health = urllib.request.Request(f"http://127.0.0.1:{args.port}/healthz",
+                                    headers={"Authorization": f"Bearer {token}"})
     replica_pid = json.loads(urllib.request.urlopen(health, timeout=60).read())["replica_pid"]
     before = rss_mib(proxy_pid), rss_mib(replica_pid)
     status, sent = chunked_upload("127.0.0.1", args.port, "/score?machine=fan&stream=s", args.mib * 2**20, token)

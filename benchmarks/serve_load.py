@@ -323,8 +323,8 @@ def main() -> None:
                                                                **load, during=kill_bank))
         print(json.dumps(out["fault_bank_actor_killed"]), flush=True)
         for path, urls in (("direct", fast), ("proxy", [proxy])):
-            out[f"fault_replica_restarted_{path}"] = replica_restart(urls, fast[0], embedding_requests(urls[0], queries),
-                                                                     {**load, "seconds": args.restart_seconds})
+            out[f"fault_replica_restarted_{path}"] = replica_restart(
+                urls, fast[0], embedding_requests(urls[0], queries), {**load, "seconds": args.restart_seconds})
             print(json.dumps(out[f"fault_replica_restarted_{path}"]), flush=True)
 
         service.deploy(banks, load_config(RunConfig, None, sets + ["serve.replicas=2"]))

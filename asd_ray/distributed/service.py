@@ -21,9 +21,9 @@ write without a token (above), 404 an unknown machine or route, 405 a wrong meth
 ``serve.max_body_bytes``, 415 a content type other than the two above, 422 content that cannot be scored
 (unreadable, empty or too short audio, audio longer than ``serve.max_audio_seconds`` (refused while it is
 decoded), a ``dim`` other than the bank's, an embedding of the wrong size), 503 a bank that failed or gave
-no score within ``serve.timeout_s`` (retry), 500 anything else (the replica goes on). Counters through ``ray.util.metrics`` (Prometheus on Ray's metrics port):
-``asd_ray_requests_total`` and ``asd_ray_request_errors_total`` by route and status,
-``asd_ray_request_seconds`` by route.
+no score within ``serve.timeout_s`` (retry), 500 anything else (the replica goes on). Counters through
+``ray.util.metrics`` (Prometheus on Ray's metrics port): ``asd_ray_requests_total`` and
+``asd_ray_request_errors_total`` by route and status, ``asd_ray_request_seconds`` by route.
 """
 
 from __future__ import annotations
@@ -147,7 +147,8 @@ class ScoringService:
         kind = content_kind(request)
         body = await read_body(request, self.serve.max_body_bytes)
         if kind == EMBEDDING_TYPE:
-            return {"embedding": embedding(body, request.query_params.get("dim"), self.router.dims[machine], machine)}
+            dim = request.query_params.get("dim")
+            return {"embedding": embedding(body, dim, self.router.dims[machine], machine)}
         return {"audio": body}
 
     async def _answer(self, awaitable, machine: str) -> Any:
