@@ -10,175 +10,18 @@ import os
 import sys
 from pathlib import Path
 
+from asd_ray.cli_args import DETECTORS, build_parser as _build_parser, detector_names
 from asd_ray.config import ConfigError, RunConfig, given_keys, load_config
-from asd_ray.data.layout import DEV_MACHINES, EVAL_MACHINES, LayoutError, discover, summarise
+from asd_ray.data.layout import EVAL_MACHINES, LayoutError, discover, summarise
 
 log = logging.getLogger("asd_ray")
-
-BACKBONE_HELP = ("'logmel' or an audio encoder's checkpoint directory / hub id: HuBERT, wav2vec2, WavLM, "
-                 "data2vec-audio, AST, Whisper, CLAP (= --set embed.backbone=)")
 
 # The offline demo corpus: every dev machine, small enough to finish in a few minutes on 2 cores.
 DEMO_SIZES = {"train_source": 100, "train_target": 10, "test_per_cell": 25, "supplemental": 2, "seconds": 5.0}
 
 
-def _add_synth(sub):
-    p = sub.add_parser("synth", help="write a synthetic corpus laid out exactly like DCASE 2025 Task 2")
-    p.add_argument("--out", required=True, type=Path)
-    p.add_argument("--machines", nargs="*", default=list(DEV_MACHINES), help="dev machine types")
-    p.add_argument("--eval-machines", nargs="*", default=None, metavar="MACHINE",
-                   help="eval machine types (default, or the flag alone: all 8 of DCASE 2025)")
-    p.add_argument("--no-eval-machines", action="store_true", help="write dev_data only")
-    p.add_argument("--train-source", type=int, default=990)
-    p.add_argument("--train-target", type=int, default=10)
-    p.add_argument("--test-per-cell", type=int, default=50, help="test clips per domain x label")
-    p.add_argument("--supplemental", type=int, default=5, help="noise-only and clean supplemental clips each")
-    p.add_argument("--seconds", type=float, default=10.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
-    p.add_argument("--style", default="A",
-                   help="sound models and anomaly kinds: A (rotating / impulsive / broadband) or B (reciprocating, "
-                        "conveyor, pump, motor, gear; designed independently of A)")
-
-
-def _add_config_args(p):
-    p.add_argument("--config", type=Path, help="YAML config (see configs/)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key, e.g. --set bank.k=5 (repeatable)")
-
-
-def _add_run(sub):
-    p = sub.add_parser("run", help="embed, build banks, score, decide, write official CSVs and metrics")
-    p.add_argument("--data", nargs="*", type=Path, help="DCASE roots; none: generate the synthetic demo corpus")
-    p.add_argument("--backbone", help=BACKBONE_HELP)
-    p.add_argument("--out", type=Path, default=Path("runs/demo"))
-    p.add_argument("--machines", nargs="*", help="only these machine types")
-    p.add_argument("--local", action="store_true",
-                   help="the single-process reference run (no Ray); results equal the Ray run's")
-    p.add_argument("--detector", choices=("knn", "pooled", "local", "ae-mse", "ae-maha", "fusion"),
-                   help="clip k-NN bank (backbone or pooled log-mel), local-feature bank, the DCASE AE baseline "
-                        "or a fusion (= --set detector=)")
-    _add_config_args(p)
-
-
-# Detector names for `asd-ray compare`: each is config overrides on top of the run's config.
-DETECTORS = {
-    "knn": ["detector=knn"],  # the seed's bank: backbone embeddings, one bank, k = 3
-    "knn-domain-aware": ["detector=knn", "bank.strategy=domain_aware"],
-    "knn-density": ["detector=knn", "bank.strategy=domain_aware", "bank.density=true", "bank.k=1"],
-    "pooled": ["detector=pooled"],  # mean and std of log-mel frames, domain banks, density k-NN, K = 1
-    "pooled-gem": ["detector=pooled", "pooled.pooling=gem"],
-    "pooled-reldev": ["detector=pooled", "pooled.pooling=reldev"],
-    "pooled-smote": ["detector=pooled", "pooled.oversample_target=100"],
-    "local": ["detector=local"],
-    "fusion": ["detector=fusion"],  # local + pooled, z-normalised by their train scores, max
-    "fusion-mean": ["detector=fusion", "fusion.combine=mean"],
-    "fusion-noise": ["detector=fusion", "supplemental.noise_profile=true"],  # minus each machine's noise profile
-    "ae-mse": ["detector=ae-mse"],
-    "ae-maha": ["detector=ae-maha"],
-}
-
-
-def _add_compare(sub):
-    p = sub.add_parser("compare", help="run several detectors on the same data; one table and ROC plots")
-    p.add_argument("--data", nargs="*", type=Path, help="DCASE roots; none: the synthetic demo corpus")
-    p.add_argument("--detectors", nargs="+", choices=sorted(DETECTORS), default=list(DETECTORS))
-    p.add_argument("--out", type=Path, default=Path("runs/compare"))
-    p.add_argument("--machines", nargs="*")
-    p.add_argument("--local", action="store_true", help="single-process runs (no Ray)")
-    _add_config_args(p)
-
-
-def _add_evaluate(sub):
-    p = sub.add_parser("evaluate", help="official metrics, per split, of a folder of anomaly_score_*.csv files")
-    p.add_argument("--scores", required=True, type=Path,
-                   help="folder with anomaly_score_<machine>_section_00_test.csv (and decision_result_*.csv)")
-    p.add_argument("--data", required=True, type=Path,
-                   help="data root with the test clips (eval ground truth: eval_data/ground_truth_{data,domain}/)")
-    p.add_argument("--eval-list", type=Path,
-                   help="eval ground truth from the baseline repo's single list (datasets/eval_data_list_2025.csv)")
-    p.add_argument("--out", type=Path, help="also write metrics.json and evaluator/<split>/<system>_result.csv here "
-                                            "(system: the --scores folder's name)")
-    p.add_argument("--machines", nargs="*")
-
-
-def _add_serve_fleet(sub):
-    p = sub.add_parser("serve-fleet", help="score machine streams through per-machine bank actors and a router")
-    p.add_argument("--banks", required=True, type=Path, help="saved banks, one folder per machine (asd-ray run writes <out>/banks)")
-    p.add_argument("--data", nargs="*", type=Path, default=[], help="DCASE roots: each machine's test clips are one stream")
-    p.add_argument("--clips", type=Path, help="a folder of incoming clips of --machine, one stream")
-    p.add_argument("--machine", help="machine type of the clips in --clips")
-    p.add_argument("--simulate", type=int, default=0, metavar="STREAMS",
-                   help="instead: a simulated fleet of this many streams, features computed beforehand: of the test "
-                        "clips of --data (needed for frame detectors such as fusion), else clip-bank members")
-    p.add_argument("--rate", type=float, default=5.0, help="clips per second per simulated stream")
-    p.add_argument("--seconds", type=float, default=10.0, help="length of the simulation")
-    p.add_argument("--out", type=Path, default=Path("runs/fleet"))
-    _add_config_args(p)
-
-
-def _add_serve(sub):
-    p = sub.add_parser("serve", help="HTTP scoring service on Ray Serve over per-machine bank actors "
-                                     "(POST /score, POST /normals, GET /machines, GET /healthz)")
-    p.add_argument("--banks", required=True, type=Path, help="saved banks, one folder per machine (asd-ray run writes <out>/banks)")
-    p.add_argument("--host", help="address to listen on (= --set serve.host=; default 127.0.0.1)")
-    p.add_argument("--port", type=int, help="port of Serve's HTTP proxy (= --set serve.port=)")
-    p.add_argument("--allow-unauthenticated-writes", action="store_true",
-                   help="without serve.token, let POST /normals change the banks anyway; only with a loopback "
-                        "--host (127.0.0.1), where only this machine's users reach it "
-                        "(= --set serve.allow_unauthenticated_writes=true)")
-    p.add_argument("--block", action="store_true",
-                   help="keep this command running after deploying on a running Ray (a Ray this command starts "
-                        "itself always runs until Ctrl-C)")
-    p.add_argument("--stop", action="store_true",
-                   help="instead: stop the service running over --banks on the running Ray (its application, "
-                        "Serve when nothing else runs on it, its bank actors); same --set serve.app_name, fleet.*")
-    _add_config_args(p)
-
-
-def _add_finetune(sub):
-    p = sub.add_parser("finetune", help="self-supervised masked-prediction fine-tuning of a waveform backbone (Ray Train)")
-    p.add_argument("--data", nargs="+", type=Path, required=True, help="corpus roots (normal train clips of all machines)")
-    p.add_argument("--init", help="checkpoint directory or hub id to start from (= --set finetune.init=)")
-    p.add_argument("--workers", type=int, help="DDP workers (= --set finetune.workers=)")
-    p.add_argument("--gpu", action="store_true", help="one GPU per worker (= --set finetune.use_gpu=yes)")
-    p.add_argument("--machines", nargs="*", help="only these machine types")
-    _add_config_args(p)
-
-
-def _add_sweep(sub):
-    p = sub.add_parser("sweep", help="Ray Tune sweep; objective: the official h-mean on dev data")
-    p.add_argument("--data", nargs="+", type=Path, required=True, help="dev roots (test labels needed)")
-    p.add_argument("--space", type=Path, required=True, help="sweep space (see configs/sweep_*.yaml)")
-    p.add_argument("--out", type=Path, default=Path("runs/sweep"))
-    p.add_argument("--machines", nargs="*")
-    _add_config_args(p)
-
-
-def _add_embed(sub):
-    p = sub.add_parser("embed", help="embed a corpus with the Ray Data pipeline into the Parquet cache")
-    p.add_argument("--data", nargs="+", type=Path, required=True)
-    p.add_argument("--backbone", help=BACKBONE_HELP)
-    p.add_argument("--machines", nargs="*")
-    p.add_argument("--out", type=Path, default=Path("runs/embed"),
-                   help="folder for run.log, rejects.csv and unused.csv (the embeddings go to ray.cache_dir)")
-    _add_config_args(p)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="asd-ray", description=__doc__)
-    parser.add_argument("-v", "--verbose", action="store_true")
-    sub = parser.add_subparsers(dest="command", required=True)
-    _add_synth(sub)
-    _add_run(sub)
-    _add_evaluate(sub)
-    _add_serve_fleet(sub)
-    _add_serve(sub)
-    _add_finetune(sub)
-    _add_sweep(sub)
-    _add_embed(sub)
-    _add_compare(sub)
-    return parser
+    return _build_parser(__doc__)
 
 
 def run_config(config_path, overrides, backbone=None) -> RunConfig:
@@ -186,12 +29,21 @@ def run_config(config_path, overrides, backbone=None) -> RunConfig:
     return load_config(RunConfig, config_path, overrides)
 
 
+def embedding_config(config_path, overrides, backbone=None) -> RunConfig:
+    """``run_config`` of a command that embeds: a backbone that cannot be opened here (a missing directory, a hub
+    id offline) is a one-line error now, not a traceback from every embedding actor once Ray has started."""
+    from asd_ray.models.hub import check_available
+
+    config = run_config(config_path, overrides, backbone)
+    check_available(config.embed.backbone)
+    return config
+
+
 def cmd_synth(args) -> int:
     from asd_ray.data.synth import generate_corpus
 
-    if args.no_eval_machines and args.eval_machines:
-        raise ConfigError("--no-eval-machines and --eval-machines NAME... contradict each other")
-    eval_machines = () if args.no_eval_machines else (args.eval_machines or list(EVAL_MACHINES))
+    # eval machines only when asked: --eval-machines alone is all of them
+    eval_machines = () if args.eval_machines is None else (args.eval_machines or list(EVAL_MACHINES))
     root = generate_corpus(args.out, dev_machines=args.machines, eval_machines=eval_machines,
                            train_source=args.train_source, train_target=args.train_target,
                            test_per_cell=args.test_per_cell, supplemental=args.supplemental,
@@ -221,9 +73,20 @@ def runner(local: bool):
     return ray_run
 
 
+def check_settings_read(config_path, overrides, configs: list[RunConfig]) -> None:
+    """A setting the user gave that none of the run's detectors reads is an error naming what applies instead."""
+    from asd_ray.detectors import unread_settings
+
+    unread = unread_settings(configs[0], given_keys(config_path, overrides), [c.detector for c in configs])
+    if unread:
+        raise ConfigError("; ".join(unread))
+
+
 def cmd_run(args) -> int:
-    config = run_config(args.config, [*args.overrides, *([f"detector={args.detector}"] if args.detector else [])],
-                        args.backbone)
+    overrides = [*args.overrides, *([f"detector={args.detector}"] if args.detector else [])]
+    check_settings_read(args.config, [*overrides, *([f"embed.backbone={args.backbone}"] if args.backbone else [])],
+                        [run_config(args.config, overrides, args.backbone)])
+    config = embedding_config(args.config, overrides, args.backbone)
     roots = args.data or [demo_corpus(args.out)]
     report = runner(args.local)(roots, config, args.out, args.machines)
     print(f"clips: {report.clips_in} in, {report.clips_embedded} embedded, {len(report.rejects)} rejected, "
@@ -241,11 +104,14 @@ def cmd_run(args) -> int:
 def cmd_compare(args) -> int:
     from asd_ray.report import write_comparison
 
+    names = detector_names(args.detectors)
+    embedding_config(args.config, args.overrides)
     run = runner(args.local)
     roots = args.data or [demo_corpus(args.out)]
     reports, features = {}, {}  # detectors that eat the same features embed the corpus once
-    for name in args.detectors:
-        config = run_config(args.config, [*args.overrides, *DETECTORS[name]])
+    configs = {name: run_config(args.config, [*args.overrides, *DETECTORS[name]]) for name in names}
+    check_settings_read(args.config, args.overrides, list(configs.values()))
+    for name, config in configs.items():
         reports[name] = run(roots, config, args.out / name, args.machines, feature_cache=features)
         met = reports[name].metrics
         print(f"{name}: " + ("; ".join(f"{s} official score {v['official_score']:.4f}"
@@ -267,7 +133,8 @@ def format_metrics(metrics: dict) -> str:
         for m, v in split["machines"].items():
             lines.append(f"{m:<14} {v['auc_source']:7.4f} {v['auc_target']:7.4f} {v['pauc']:7.4f} {v['hmean']:7.4f}"
                          + (f" {v['f1_source']:7.4f} {v['f1_target']:7.4f}" if f1 else ""))
-        ci = f" (ci95 {split['official_score_ci95']:.2g})" if "official_score_ci95" in split else ""
+        ci = (f" (the evaluator's jackknife ci95 of the pooled AUC and pAUC: {split['official_score_ci95']:.2g})"
+              if "official_score_ci95" in split else "")
         lines.append(f"{name} official score (h-mean over its machines): {split['official_score']:.4f}{ci}")
     lines.append(f"official score = the {metrics['headline_split']} score: {metrics['official_score']:.4f}")
     return "\n".join(lines)
@@ -284,6 +151,10 @@ def cmd_evaluate(args) -> int:
         written = write_evaluator_results(args.out, metrics, args.scores.resolve().name)
         print(f"metrics.json{' and ' + ', '.join(str(p) for p in written) if written else ''} in {args.out}"
               + ("" if written else " (no decision_result_* files: no evaluator table)"))
+        for name, split in metrics["splits"].items():
+            if split.get("machines_without_decisions"):
+                print(f"{name}: no evaluator table: no decision_result_* file for "
+                      f"{', '.join(split['machines_without_decisions'])} (as the official evaluator, which skips it)")
     else:
         print(json.dumps(metrics))
     return 0
@@ -291,11 +162,11 @@ def cmd_evaluate(args) -> int:
 
 def cmd_serve_fleet(args) -> int:
     from asd_ray.distributed import streams
-    from asd_ray.distributed.fleet import saved_banks
+    from asd_ray.distributed.fleet import check_saved_banks
 
     config = run_config(args.config, args.overrides)
     given = given_keys(args.config, args.overrides)  # score-time settings given here override the saved banks'
-    saved_banks(args.banks)  # a missing or bank-less folder is an error before Ray starts
+    check_saved_banks(args.banks, n_mels=config.frames.n_mels)  # a missing folder or a bad bank: an error before Ray
     if args.simulate:
         stats = streams.simulate(args.banks, config, args.out, streams=args.simulate, rate_hz=args.rate,
                                  seconds=args.seconds, given=given, roots=args.data)
@@ -313,7 +184,7 @@ def cmd_serve_fleet(args) -> int:
 
 def cmd_serve(args) -> int:
     from asd_ray.distributed import service, streams
-    from asd_ray.distributed.fleet import saved_banks
+    from asd_ray.distributed.fleet import check_saved_banks
     from asd_ray.distributed.http_requests import check_write_access
 
     overrides = [*args.overrides, *([f"serve.host={args.host}"] if args.host else []),
@@ -333,7 +204,7 @@ def cmd_serve(args) -> int:
               f"{', Serve stopped' if done['serve_stopped'] else ''}; bank actors stopped: "
               f"{', '.join(done['banks']) or 'none running'}")
         return 0
-    saved_banks(args.banks)  # a missing or bank-less folder is an error before Ray starts
+    check_saved_banks(args.banks, n_mels=config.frames.n_mels)  # a missing folder or a bad bank: an error before Ray
     s = config.serve
     try:
         check_write_access(s.token, s.allow_unauthenticated_writes, s.host)
@@ -401,7 +272,7 @@ def cmd_embed(args) -> int:
     from asd_ray.distributed.session import ensure_ray
     from asd_ray.results import Reject
 
-    config = run_config(args.config, args.overrides, args.backbone)
+    config = embedding_config(args.config, args.overrides, args.backbone)
     ensure_ray(num_cpus=config.ray.num_cpus or None)
     used, unused = plan_records(discover(args.data, args.machines, normals_only_roots=config.normals_only_roots))
     table = embed_table(used, config)

@@ -24,17 +24,18 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
-import json
 from pathlib import Path
 from typing import Any, Iterable, Protocol, Sequence
 
 import numpy as np
 
 from asd_ray.bank.local_bank import LocalFeatureBank
-from asd_ray.bank.memory_bank import STRATEGIES, BankError, DomainAwareBank, MemoryBank, _read_meta, _write_meta
+from asd_ray.bank.memory_bank import STRATEGIES, BankError, DomainAwareBank, MemoryBank
 from asd_ray.bank.noise import noise_profile, subtract_noise
 from asd_ray.bank.pooling import PooledBank
-from asd_ray.config import ConfigError, RunConfig
+from asd_ray.bank.saved import choice, one_line, read_meta, write_meta
+from asd_ray.config import ConfigError, FusionConfig, RunConfig
+from asd_ray.errors import BankFolderError
 
 
 class Detector(Protocol):
@@ -69,7 +70,7 @@ def znormalise(scores: np.ndarray, reference: np.ndarray) -> np.ndarray:
     return (np.asarray(scores, dtype=np.float64) - float(ref.mean())) / (sd if sd > 0 else 1.0)
 
 
-def combine(z: np.ndarray, how: str = "mean") -> np.ndarray:
+def combine(z: np.ndarray, how: str) -> np.ndarray:
     """(members x m) z-scores -> (m,) by ``min``, ``mean`` or ``max`` over members."""
     if how not in COMBINE:
         raise ValueError(f"fusion combine {how!r}: use one of {COMBINE}")
@@ -83,7 +84,7 @@ class FusionDetector:
 
     kind = "FusionDetector"
 
-    def __init__(self, members: Sequence[Detector], *, combine: str = "mean"):
+    def __init__(self, members: Sequence[Detector], *, combine: str = FusionConfig.combine):
         if not members:
             raise ConfigError("fusion needs at least one member detector")
         kinds = {m.features for m in members}
@@ -147,7 +148,7 @@ class FusionDetector:
         return combine(np.array(z), self.combine)
 
     def save(self, directory: str | Path) -> Path:
-        d = _write_meta(directory, self.kind, combine=self.combine, members=len(self.members))
+        d = write_meta(directory, self.kind, combine=self.combine, members=len(self.members))
         for i, m in enumerate(self.members):
             m.save(d / f"member_{i}")
         return d
@@ -155,9 +156,15 @@ class FusionDetector:
     @classmethod
     def load(cls, directory: str | Path, **kwargs) -> "FusionDetector":
         d = Path(directory)
-        meta = _read_meta(d, cls.kind)
-        return cls([load_detector(d / f"member_{i}", **kwargs) for i in range(meta["members"])],
-                   combine=meta["combine"])
+        meta = read_meta(d, cls.kind, {"combine": str, "members": int})
+        choice(d, meta, "combine", COMBINE)
+        if meta["members"] < 1:
+            raise BankFolderError(d, "bank.json", f"'members' is {meta['members']}: a fusion needs at least one")
+        members = [load_detector(d / f"member_{i}", **kwargs) for i in range(meta["members"])]
+        for i, m in enumerate(members[1:], 1):
+            if (m.features, getattr(m, "dim", None)) != (members[0].features, getattr(members[0], "dim", None)):
+                raise BankFolderError(d, f"member_{i}/bank.json", f"eats {_eats(m)} but member_0 eats {_eats(members[0])}")
+        return cls(members, combine=meta["combine"])
 
 
 class NoiseRemovedDetector:
@@ -207,18 +214,26 @@ class NoiseRemovedDetector:
         return self.inner.loo_ids()
 
     def save(self, directory: str | Path) -> Path:
-        d = _write_meta(directory, self.kind, **self.params,
-                        profile=None if self.profile is None else self.profile.tolist())
+        d = write_meta(directory, self.kind, **self.params,
+                       profile=None if self.profile is None else self.profile.tolist())
         self.inner.save(d / "inner")
         return d
 
     @classmethod
     def load(cls, directory: str | Path, **kwargs) -> "NoiseRemovedDetector":
         d = Path(directory)
-        meta = _read_meta(d, cls.kind)
-        out = cls(load_detector(d / "inner", **kwargs), **{k: meta[k] for k in ("floor_db", "time_quantile",
-                                                                               "band_quantile")})
-        out.profile = None if meta["profile"] is None else np.asarray(meta["profile"], dtype=np.float64)
+        meta = read_meta(d, cls.kind, {"floor_db": (int, float), "time_quantile": (int, float),
+                                       "band_quantile": (int, float), "profile": (list, type(None))})
+        inner = load_detector(d / "inner", **kwargs)
+        if inner.features != "frames":
+            raise BankFolderError(d, "inner/bank.json", f"holds a {inner.kind}, not a frame detector")
+        out = cls(inner, **{k: meta[k] for k in ("floor_db", "time_quantile", "band_quantile")})
+        if meta["profile"] is not None:
+            profile = np.asarray(meta["profile"])
+            if profile.shape != (inner.dim,) or not np.issubdtype(profile.dtype, np.number) or not np.isfinite(profile).all():
+                raise BankFolderError(d, "bank.json", f"'profile' must be {inner.dim} numbers (the inner detector's "
+                                                      f"n_mels), got shape {profile.shape}")
+            out.profile = profile.astype(np.float64)
         return out
 
 
@@ -227,18 +242,41 @@ KINDS = {c.kind: c for c in (MemoryBank, DomainAwareBank, PooledBank, LocalFeatu
 
 
 def load_detector(directory: str | Path, *, faiss_threads: int = 1, device: str = "cpu") -> Detector:
-    """Load whichever detector was saved in ``directory`` (by the ``kind`` in its ``bank.json``)."""
-    p = Path(directory) / "bank.json"
-    if not p.is_file():
-        raise BankError(f"no saved detector in {directory} (bank.json missing)")
-    kind = json.loads(p.read_text()).get("kind")
+    """Load whichever detector was saved in ``directory`` (by the ``kind`` in its ``bank.json``); a fault in its
+    files is a ``BankFolderError`` naming the file."""
+    meta = read_meta(directory)
+    kind = meta.get("kind")
     if kind == "AEDetector":
         from asd_ray.models.autoencoder import AEDetector  # torch only where an AE was saved
 
         return AEDetector.load(directory, device=device)
     if kind not in KINDS:
-        raise BankError(f"{p}: unknown detector kind {kind!r}")
+        raise BankFolderError(directory, "bank.json", f"unknown detector kind {kind!r} (known: "
+                                                      f"{sorted([*KINDS, 'AEDetector'])})")
     return KINDS[kind].load(directory, faiss_threads=faiss_threads)
+
+
+def _eats(detector) -> str:
+    dim = getattr(detector, "dim", None)
+    return f"{dim}-band log-mel frames" if detector.features == "frames" else f"{dim}-d clip embeddings"
+
+
+def check_bank_folder(directory: str | Path, *, n_mels: int | None = None) -> None:
+    """Refuse a saved detector that cannot be served as it is, before anything starts: its files are read and
+    checked as a load does (JSON, format version, kind, fields, FAISS files, calibration arrays, dimensions
+    against the indices, members against each other) and, with ``n_mels`` (the ``frames.n_mels`` the clips will
+    be turned into), a frame detector's bands against it. Raises ``BankFolderError(directory, file, what)``."""
+    d = Path(directory)
+    try:
+        detector = load_detector(d)
+    except BankFolderError as err:
+        raise err.under(d) from None
+    except (BankError, ConfigError, ValueError, TypeError, KeyError, OSError, RuntimeError) as err:
+        raise BankFolderError(d, "", f"cannot be loaded: {type(err).__name__}: {one_line(err)}") from None
+    if n_mels is not None and detector.features == "frames" and detector.dim != n_mels:
+        raise BankFolderError(d, "bank.json", f"fitted on {detector.dim}-band log-mel frames but frames.n_mels is "
+                                              f"{n_mels}: the clips' frames would not fit it (use --set "
+                                              f"frames.n_mels={detector.dim}, the value it was fitted with)")
 
 
 # Settings a saved detector takes at score time (the rest is fixed when it is fitted): config key ->
@@ -287,6 +325,55 @@ def configure_detector(detector: Detector, settings: dict[str, Any]) -> dict[str
     now = detector.score_settings()
     out.update({key: (now[kw], "config" if key in settings else "saved bank") for key, kw in keys.items()})
     return out
+
+
+# The config each detector reads, by section (``bank``) or key (``bank.metric``); a fusion reads its members' too,
+# and a frame detector the ``supplemental`` section. Sections not named here (preprocess, post, ray ...) belong
+# to every run. ``unread_settings`` holds a user's settings against it.
+READS = {
+    "knn": ("bank", "embed"),
+    "pooled": ("pooled", "frames", "bank.metric", "bank.seed", "bank.faiss_threads", "embed.batch_size"),
+    "local": ("local", "frames", "embed.batch_size"),
+    "ae-mse": ("ae", "frames", "embed.batch_size"),
+    "ae-maha": ("ae", "frames", "embed.batch_size"),
+    "fusion": ("fusion",),
+}
+DETECTOR_SECTIONS = ("bank", "embed", "pooled", "local", "ae", "frames", "fusion", "supplemental")
+
+
+def settings_read(config: RunConfig, name: str) -> set[str]:
+    """The sections and keys that detector ``name`` reads under ``config`` (``READS``, a fusion's members too)."""
+    out = set(READS[name])
+    if name == "fusion":
+        for member in config.fusion.members:
+            out |= settings_read(config, member)
+    if "frames" in out:
+        out.add("supplemental")
+    return out
+
+
+def unread_settings(config: RunConfig, given: Iterable[str], names: Sequence[str]) -> list[str]:
+    """One line per setting among ``given`` (``config.given_keys``) that none of the detectors ``names`` reads,
+    naming the settings of the same name that do apply (``bank.k`` with ``fusion``: ``local.k`` / ``pooled.k``)
+    or else the detectors that read it."""
+    read = set().union(*(settings_read(config, n) for n in names))
+
+    def reads(key: str, keys: set[str]) -> bool:
+        return key in keys or key.split(".")[0] in keys
+
+    known = [f"{sec}.{f.name}" for sec in DETECTOR_SECTIONS for f in dataclasses.fields(getattr(config, sec))]
+    lines = []
+    for key in sorted(given):
+        if key.split(".")[0] not in DETECTOR_SECTIONS or reads(key, read):
+            continue
+        leaf = key.split(".")[-1]
+        instead = [k for k in known if k.endswith(f".{leaf}") and reads(k, read)]
+        readers = [n for n in READS if reads(key, settings_read(config, n))]
+        lines.append(f"{key} is not read by detector {', '.join(names)}: "
+                     + (f"use {' / '.join(instead)}" if instead else
+                        f"only {', '.join(readers)} read{'s' if len(readers) == 1 else ''} it" if readers else
+                        "no detector reads it"))
+    return lines
 
 
 def bank_version(directory: str | Path) -> str:

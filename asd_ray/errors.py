@@ -16,3 +16,23 @@ class BankError(RuntimeError):
 
 class MetricError(ValueError):
     """Inputs the official metrics cannot be computed from."""
+
+
+class BankFolderError(BankError):
+    """A saved bank that cannot be loaded as it is: ``folder`` (the machine's bank folder), ``file`` in it (a path
+    relative to the folder; "" when no one file is at fault) and ``what`` is wrong, said in one line."""
+
+    def __init__(self, folder, file: str, what: str):
+        self.folder, self.file, self.what = str(folder), str(file), what
+        super().__init__(f"saved bank {self.folder}: {self.file + ': ' if self.file else ''}{what}")
+
+    def under(self, root) -> "BankFolderError":
+        """The same fault named from ``root``, a folder above this one (a fusion's member_0/ ...)."""
+        import os
+
+        path = os.path.relpath(os.path.join(self.folder, self.file or "."), str(root))
+        return BankFolderError(root, "" if path == "." else path, self.what)
+
+
+class CheckpointError(BackboneError):
+    """A checkpoint or training state that cannot be loaded safely or at all, naming the file."""

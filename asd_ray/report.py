@@ -1,60 +1,18 @@
-"""report.md with the per-machine table, ROC curves and score histograms (matplotlib PNGs). No ray here."""
+"""report.md: a header (data, clips, detector, version, date, host), per split the official score and a compact
+per-machine table, the settings that differ from the defaults; an overview figure of every machine and per
+machine its ROC curves and score distributions (``plots``); compare.md for several detectors. No ray here."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
+from asd_ray.plots import compare_overview_png, compare_roc_png, machine_png, overview_png
 from asd_ray.results import RunReport
-from asd_ray.scoring.metrics import DECISION_KEYS, EVALUATOR_COLUMNS, SPLITS
-
-
-def plot_png(machine: str, filenames, scores, truth: dict) -> bytes | None:
-    """One machine's ROC curves (per domain) and score histograms as PNG bytes; None without known labels.
-
-    Returns the bytes rather than writing a file, so that a run can draw its machines in parallel tasks on any
-    node (each plot is a few tenths of a second, matplotlib's import most of a second more)."""
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from sklearn.metrics import roc_curve
-
-    known = [(truth[f][0], truth[f][1], s) for f, s in zip(filenames, scores) if f in truth]
-    if not known:
-        return None
-    y = np.array([k[0] for k in known])
-    d = np.array([k[1] for k in known])
-    s = np.array([k[2] for k in known])
-    fig, (ax_roc, ax_hist) = plt.subplots(1, 2, figsize=(10, 4))
-    for domain in ("source", "target"):
-        sel = (d == domain) | (y == 1)
-        if len(set(y[sel])) == 2:
-            fpr, tpr, _ = roc_curve(y[sel], s[sel])
-            ax_roc.plot(fpr, tpr, label=f"{domain} normals + all anomalies")
-    ax_roc.plot([0, 1], [0, 1], "k:", lw=0.8)
-    ax_roc.axvline(0.1, color="grey", lw=0.8, ls="--")
-    ax_roc.set(xlabel="false positive rate", ylabel="true positive rate", title=f"{machine}: ROC")
-    ax_roc.legend(loc="lower right", fontsize=8)
-    bins = np.linspace(s.min(), s.max() + 1e-9, 25)
-    for domain in ("source", "target"):
-        for label, name in ((0, "normal"), (1, "anomaly")):
-            sel = (d == domain) & (y == label)
-            if sel.any():
-                ax_hist.hist(s[sel], bins=bins, alpha=0.45, label=f"{domain} {name}")
-    ax_hist.set(xlabel="anomaly score", ylabel="clips", title=f"{machine}: scores")
-    ax_hist.legend(fontsize=8)
-    fig.subplots_adjust(left=0.07, right=0.98, bottom=0.13, top=0.92, wspace=0.22)  # tight_layout: a quarter of the time
-    png = io.BytesIO()
-    fig.savefig(png, dpi=90, format="png")
-    plt.close(fig)
-    return png.getvalue()
+from asd_ray.scoring.metrics import DECISION_KEYS, SPLITS
 
 
 def _in_turn(fn: Callable, jobs: list[tuple]) -> list:
@@ -71,63 +29,161 @@ def headline_line(metrics: dict) -> str:
             + (f"; {', '.join(others)} is scored apart below, never mixed in." if others else "."))
 
 
-def split_lines(name: str, split: dict, results: dict | None = None, system: str = "") -> list[str]:
-    """Markdown for one split: its official score and means, and the per-machine table with the official
-    evaluator's column names (values rounded here only; ``metrics.json`` holds them unrounded)."""
+# What each detector is, in the words of `asd-ray run --detector`'s help
+DETECTOR_WORDS = {"knn": "clip k-NN bank over backbone embeddings", "pooled": "clip k-NN bank over pooled log-mel frames",
+                  "local": "local-feature bank over log-mel windows", "ae-mse": "the DCASE AE baseline, reconstruction MSE",
+                  "ae-maha": "the DCASE AE baseline, Mahalanobis distance of the reconstruction error"}
+# The run's timings as a person reads them (metrics.json keeps the keys); evaluation = score_evaluate - fit_score
+TIMING_WORDS = {"discover": "finding the clips", "warm_up": "Ray workers' warm-up", "embed": "embedding",
+                "fit_score": "fitting banks and scoring", "evaluate": "metrics", "report": "report"}
+
+
+def clip_counts(records) -> dict[str, dict[str, int | str]]:
+    """``{machine: {"split": "dev_data" | "eval_data" | <dataset>, "train": n, "test": n}}`` of a run's embedded
+    clips (``ClipRecord``s), machines in name order; supplemental clips are counted in neither."""
+    counts: dict[str, dict[str, int | str]] = {}
+    for r in records:
+        c = counts.setdefault(r.machine, {"split": f"{r.dataset}_data" if r.dataset in ("dev", "eval") else r.dataset,
+                                          "train": 0, "test": 0})
+        if r.split in ("train", "test"):
+            c[r.split] += 1
+    return dict(sorted(counts.items()))
+
+
+def detector_line(config) -> str:
+    """The detector by the name a user gives it (``--detector``), what it is, and what it eats."""
+    name = config.detector
+    if name == "fusion":
+        words = f"fusion ({config.fusion.combine}) of {' + '.join(config.fusion.members)}, each z-scored by its train scores"
+    else:
+        words = DETECTOR_WORDS.get(name, name)
+    eats = (f"backbone `{config.embed.backbone}`" + (f", layer {config.embed.layer}" if config.embed.layer != "last" else "")
+            if name == "knn" else f"log-mel frames ({config.frames.n_mels} mels, hop {config.frames.hop_length})")
+    return f"`{name}`: {words}; features: {eats}"
+
+
+def changed_settings(config) -> list[tuple[str, object, object]]:
+    """``(dotted key, value, default)`` of every setting of ``config`` that differs from its class's default."""
+    from asd_ray.config import to_dict
+
+    def flat(tree: dict, prefix: str = "") -> dict:
+        out = {}
+        for k, v in tree.items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v})
+        return out
+
+    now, default = flat(to_dict(config)), flat(to_dict(type(config)()))
+    return [(k, v, default.get(k)) for k, v in now.items() if v != default.get(k)]
+
+
+def header_lines(report: RunReport, config) -> list[str]:
+    """What was run on what, by which version, when and where: a two-column table under the title."""
+    import os
+    import platform
+    from datetime import datetime, timezone
+
+    from asd_ray.version import version_line
+
+    per_split: dict[str, list[str]] = {}
+    for machine, c in report.clips.items():
+        per_split.setdefault(str(c["split"]), []).append(f"{machine} {c['train']} + {c['test']}")
+    clips = "; ".join(f"{split}: {', '.join(items)}" for split, items in per_split.items())
+    where = f"{platform.node() or 'unknown host'} ({platform.system()} {platform.machine()}, {os.cpu_count()} CPUs)"
+    rows = [("data", ", ".join(f"`{r}`" for r in report.roots) or "(not recorded)"),
+            ("clips (train + test per machine)", clips or "none scored"),
+            ("detector", detector_line(config)),
+            ("version", version_line()),
+            ("written", f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC on {where}")]
+    return ["| run | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows] + [""]
+
+
+def split_lines(name: str, split: dict, system: str = "") -> list[str]:
+    """Markdown for one split: its official score and means, and the compact per-machine table (AUC_s, AUC_t,
+    pAUC, h-mean; rounded here only, ``metrics.json`` holds them unrounded). Every other column of the official
+    evaluator is in its table, ``evaluator/<split>/<system>_result.csv``, linked."""
     lines = [f"## {name}", "",
-             f"Official score **{split['official_score']:.4f}**"
-             + (f" (official score ci95 {split['official_score_ci95']:.2g}: the evaluator's jackknife half-width)"
-                if "official_score_ci95" in split else "")
-             + f"; arithmetic mean (AUC) {split['mean_auc']:.4f}, harmonic mean (source) {split['hmean_source']:.4f}, "
-               f"harmonic mean (target) {split['hmean_target']:.4f}, mean pAUC {split['mean_pauc']:.4f}.", ""]
-    keys = [k for k in EVALUATOR_COLUMNS if all(k in v for v in split["machines"].values())]
-    extra = ["threshold", "detector", "bank"] if results else []
-    lines += ["| machine | " + " | ".join([EVALUATOR_COLUMNS[k] for k in keys] + ["h-mean"] + extra) + " |",
-              "|---|" + "---|" * (len(keys) + 1 + len(extra))]
+             f"Official score **{split['official_score']:.4f}**; arithmetic mean (AUC) {split['mean_auc']:.4f}, "
+             f"harmonic mean (source) {split['hmean_source']:.4f}, harmonic mean (target) {split['hmean_target']:.4f}, "
+             f"mean pAUC {split['mean_pauc']:.4f}.", "",
+             "| machine | AUC_s | AUC_t | pAUC | h-mean |", "|---|---|---|---|---|"]
     for machine, v in split["machines"].items():
-        cells = [f"{v[k]:.4f}" for k in keys] + [f"{v['hmean']:.4f}"]
-        if results:
-            r = results[machine]
-            cells += [f"{r.threshold:.3f}", r.detector, str(r.bank_size)]
-        lines.append(f"| {machine} | " + " | ".join(cells) + " |")
-    if system and all(k in keys for k in DECISION_KEYS):
-        lines += ["", f"The official evaluator's table of this split: `evaluator/{name}/{system}_result.csv`."]
-    return lines + [""]
+        lines.append(f"| {machine} | {v['auc_source']:.4f} | {v['auc_target']:.4f} | {v['pauc']:.4f} | {v['hmean']:.4f} |")
+    lines.append("")
+    if system and all(all(k in v for k in DECISION_KEYS) for v in split["machines"].values()):
+        table = f"evaluator/{name}/{system}_result.csv"
+        lines += [f"Every column of the official evaluator per machine (AUC (all), and precision, recall and F1 per "
+                  f"domain from the decisions): [{table}]({table}).", ""]
+    if "official_score_ci95" in split:
+        lines += [f"The evaluator's `official score ci95` of this split, {split['official_score_ci95']:.2g}, is a "
+                  "jackknife half-width of the AUC and pAUC pooled over the split's test clips, computed as the "
+                  "official evaluator does: not a confidence interval of the official score above.", ""]
+    return lines
+
+
+def machine_lines(results: dict) -> list[str]:
+    """Each machine's fitted detector in a sentence: its kind, bank members and decision threshold."""
+    kinds = sorted({r.detector for r in results.values()})
+    return [f"Fitted per machine ({', '.join(kinds)}): "
+            + "; ".join(f"{m} {r.bank_size} bank members, decision threshold {r.threshold:.3f}"
+                        for m, r in results.items())
+            + ". A clip is decided anomalous when its score (0-1 after min-max) is above its machine's threshold.", ""]
+
+
+def timing_lines(timings: dict[str, float]) -> list[str]:
+    """The stages' wall times; ``score_evaluate`` (fitting, scoring and metrics) is shown as its two parts."""
+    t = dict(timings)
+    if "score_evaluate" in t and "fit_score" in t:
+        t["evaluate"] = max(t.pop("score_evaluate") - t["fit_score"], 0.0)
+    return ["## Timings", "", ", ".join(f"{TIMING_WORDS.get(k, k)} {v:.1f} s" for k, v in t.items()) + ".", ""]
+
+
+def config_lines(config) -> list[str]:
+    changed = changed_settings(config)
+    lines = ["## Settings", "", "The whole config is in `config.yaml`. "
+             + ("Settings that differ from the defaults:" if changed else "Every setting is at its default."), ""]
+    if changed:
+        lines += ["| setting | value | default |", "|---|---|---|"]
+        lines += [f"| `{k}` | `{v}` | `{d}` |" for k, v, d in changed] + [""]
+    return lines
 
 
 def write_report(report: RunReport, out: Path, config,
                  plot_map: Callable[[Callable, list[tuple]], list] | None = None) -> Path:
     """Write ``report.md`` (and one PNG per machine with known labels) into ``out``; ``plot_map(fn, jobs)`` draws
     them (in this process by default; a Ray run's draws them in parallel tasks)."""
-    lines = ["# asd-ray report", ""]
+    lines = [f"# asd-ray report: {out.resolve().name}", ""]
     m = report.metrics
     if m:
         lines += [headline_line(m), ""]
+    lines += header_lines(report, config)
+    if m:
+        (out / "overview.png").write_bytes(overview_png(m, title=f"asd-ray run: {out.resolve().name}"))
+        lines += ["![every machine: AUC source, AUC target, pAUC and h-mean](overview.png)", ""]
         for name, split in m["splits"].items():
-            lines += split_lines(name, split, report.results, out.resolve().name)
+            lines += split_lines(name, split, out.resolve().name)
         if m.get("excluded_test_clips"):
             lines += [f"{len(m['excluded_test_clips'])} rejected test clip(s) left out of the metrics.", ""]
     unlabeled = sorted(set(report.results) - set(report.truth))
     if unlabeled:
-        lines += [f"Scored without ground truth (no metrics): {', '.join(unlabeled)}."]
-    lines += ["", "## Clips", "",
+        lines += [f"Scored without ground truth (no metrics): {', '.join(unlabeled)}.", ""]
+    if report.results:
+        lines += machine_lines(report.results)
+    lines += ["## Clips", "",
               f"{report.clips_in} in: {report.clips_embedded} embedded, {len(report.rejects)} rejected "
               f"(`rejects.csv`), {len(report.unused)} unused (`unused.csv`). Pre-processing flags: "
               f"{json.dumps(report.flags) if report.flags else 'none'}.", ""]
     if report.unscored:
-        lines += [f"{len(report.unscored)} embedded test clip(s) not scored (`unscored.csv`): "
+        lines += [f"{len(report.unscored)} embedded clip(s) of machines without a bank (`unscored.csv`): "
                   + "; ".join(sorted({u.reason for u in report.unscored})), ""]
     if report.rejects:
         lines += ["| rejected clip | reason |", "|---|---|"]
         lines += [f"| {Path(r.path).name} | {r.reason} |" for r in report.rejects[:50]]
         lines.append("")
-    lines += ["## Timings (s)", "", " · ".join(f"{k} {v:.1f}" for k, v in report.timings.items()), "",
-              "## Config", "", "```json", json.dumps(dataclasses.asdict(config), indent=1), "```", "",
-              "## Plots", ""]
+    lines += timing_lines(report.timings) + config_lines(config) + ["## Plots", ""]
     names = list(report.results)
-    jobs = [(name, report.results[name].filenames, report.results[name].scores, report.truth.get(name, {}))
-            for name in names]
-    for name, png in zip(names, (plot_map or _in_turn)(plot_png, jobs)):
+    jobs = [(name, report.results[name].filenames, report.results[name].scores, report.truth.get(name, {}),
+             report.results[name].threshold) for name in names]
+    for name, png in zip(names, (plot_map or _in_turn)(machine_png, jobs)):
         if png is not None:
             (out / f"plot_{name}.png").write_bytes(png)
             lines.append(f"![{name}](plot_{name}.png)")
@@ -139,12 +195,6 @@ def write_report(report: RunReport, out: Path, config,
 def write_comparison(reports: dict[str, RunReport], out: Path) -> Path:
     """``compare.md`` / ``compare.json``: per split the official score of each detector, per machine and detector
     AUC_s, AUC_t, pAUC, h-mean; ``roc_<machine>.png`` with one ROC per detector (all test clips of the machine)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from sklearn.metrics import roc_curve
-
     out.mkdir(parents=True, exist_ok=True)
     names = list(reports)
     scored = {n: r.metrics for n, r in reports.items() if r.metrics}
@@ -173,22 +223,20 @@ def write_comparison(reports: dict[str, RunReport], out: Path) -> Path:
         cells = [f"{v['auc_source']:.3f} / {v['auc_target']:.3f} / {v['pauc']:.3f} / **{v['hmean']:.3f}**"
                  if (v := per_machine[n].get(machine, (None, None))[1]) else "—" for n in scored]
         lines.append(f"| {machine} | {split} | " + " | ".join(cells) + " |")
-    lines += [""]
+    headline = {n: m["official_score"] for n, m in scored.items()}
+    hmeans = {n: {mach: v["hmean"] for mach, (_, v) in per_machine[n].items()} for n in scored}
+    (out / "compare_overview.png").write_bytes(compare_overview_png(hmeans, headline))
+    lines += ["", "![h-mean of every detector on every machine](compare_overview.png)", ""]
     for machine in machines:
-        fig, ax = plt.subplots(figsize=(5, 4.5))
+        curves = {}
         for n in names:
             r, truth = reports[n].results.get(machine), reports[n].truth.get(machine, {})
             known = [(truth[f][0], s) for f, s in zip(r.filenames, r.scores) if f in truth] if r else []
             if len({k[0] for k in known}) == 2:
-                fpr, tpr, _ = roc_curve([k[0] for k in known], [k[1] for k in known])
-                ax.plot(fpr, tpr, label=f"{n} (h-mean {per_machine[n][machine][1]['hmean']:.3f})")
-        ax.plot([0, 1], [0, 1], "k:", lw=0.8)
-        ax.set(xlabel="false positive rate", ylabel="true positive rate", title=f"{machine}: ROC, all test clips")
-        ax.legend(loc="lower right", fontsize=8)
-        fig.tight_layout()
-        fig.savefig(out / f"roc_{machine}.png", dpi=90)
-        plt.close(fig)
-        lines.append(f"![{machine}](roc_{machine}.png)")
+                curves[n] = ([k[0] for k in known], [k[1] for k in known], per_machine[n][machine][1]["hmean"])
+        if curves:
+            (out / f"roc_{machine}.png").write_bytes(compare_roc_png(machine, curves))
+            lines.append(f"![{machine}](roc_{machine}.png)")
     (out / "compare.json").write_text(json.dumps(scored, indent=2))
     path = out / "compare.md"
     path.write_text("\n".join(lines) + "\n")

@@ -56,4 +56,6 @@ class RunReport:
     timings: dict[str, float] = field(default_factory=dict)
     flags: dict[str, int] = field(default_factory=dict)
     truth: dict = field(default_factory=dict)  # {machine: {filename: (label, domain)}} where known
-    unscored: list[Reject] = field(default_factory=list)  # embedded test clips of machines without a bank
+    unscored: list[Reject] = field(default_factory=list)  # embedded clips (any split) of machines without a bank
+    roots: list[str] = field(default_factory=list)  # the data roots the run read
+    clips: dict = field(default_factory=dict)  # {machine: {"split", "train", "test"}}: embedded clips (report.clip_counts)

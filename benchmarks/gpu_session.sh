@@ -34,7 +34,7 @@ p5() {  # p5 NAME CACHE: the main job on the DCASE-sized corpus with a random Hu
 --backbone /tmp/hubert-base-random --set ray.cache_dir=/tmp/$2 --set embed.batch_size=128; \
 cp /tmp/$1/run.log $work/$1_run.log; cp /tmp/$1/metrics.json $work/$1_metrics.json"
 }
-[[ $parts == *" p5"* ]] && part p5_synth 150 "python3 -m asd_ray.cli synth --out /tmp/p5 --workers $(nproc) ${SYNTH_ARGS:-}"
+[[ $parts == *" p5"* ]] && part p5_synth 150 "python3 -m asd_ray.cli synth --out /tmp/p5 --eval-machines --workers $(nproc) ${SYNTH_ARGS:-}"
 part p5a 150 "$(p5 p5a p5a_cache)"
 grep -s "P5 wall" "$work/p5a.log" | tee -a "$work/summary.txt"
 part p1 120 "python3 benchmarks/embed_throughput.py --clips 2048 --backbone hubert-base-random --device cuda --batch-size 128"

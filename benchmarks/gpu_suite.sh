@@ -28,7 +28,7 @@ cat "$out/p4.json"
 fi
 if [[ $parts == *" p5 "* ]]; then
 # P5: a DCASE-sized synthetic corpus (7 dev + 8 eval machines, 18,150 clips), then the main job with a random HuBERT-Base
-python3 -m asd_ray.cli synth --out /tmp/p5 --workers "$(nproc)" > "$out/p5_synth.log" 2>&1
+python3 -m asd_ray.cli synth --out /tmp/p5 --eval-machines --workers "$(nproc)" > "$out/p5_synth.log" 2>&1
 TIMEFORMAT='P5 wall s: %R'
 { time python3 -m asd_ray.cli run --data /tmp/p5 --out /tmp/p5run --detector knn --backbone /tmp/hubert-base-random \
     --set ray.cache_dir=/tmp/p5cache --set embed.batch_size=128 > "$out/p5.log" 2>&1; } 2>> "$out/p5.log"

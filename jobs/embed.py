@@ -1,4 +1,4 @@
-"""`ray job submit ... -- python jobs/embed.py [asd-ray embed options]`: see `asd-ray embed --help`."""
+"""`RAY_AUTH_MODE=token ray job submit ... -- python jobs/embed.py [asd-ray embed options]`: see `asd-ray embed --help`."""
 
 import sys
 

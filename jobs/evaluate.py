@@ -1,4 +1,4 @@
-"""`ray job submit ... -- python jobs/evaluate.py [asd-ray evaluate options]`: see `asd-ray evaluate --help`."""
+"""`RAY_AUTH_MODE=token ray job submit ... -- python jobs/evaluate.py [asd-ray evaluate options]`: see `asd-ray evaluate --help`."""
 
 import sys
 

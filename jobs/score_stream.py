@@ -1,4 +1,4 @@
-"""`ray job submit ... -- python jobs/score_stream.py --banks DIR (--data ROOT | --clips DIR --machine M | --simulate S)`.
+"""`RAY_AUTH_MODE=token ray job submit ... -- python jobs/score_stream.py --banks DIR (--data ROOT | --clips DIR --machine M | --simulate S)`.
 
 Fleet scoring through the per-machine bank actors and the router (asd-ray serve-fleet).
 """

@@ -1,4 +1,4 @@
-"""`ray job submit ... -- python jobs/serve.py --banks DIR [--set serve.port=8000 ...]`: the HTTP scoring service.
+"""`RAY_AUTH_MODE=token ray job submit ... -- python jobs/serve.py --banks DIR [--set serve.port=8000 ...]`: the HTTP scoring service.
 
 Deploys the Ray Serve application over the banks (asd-ray serve) and returns; the service keeps running on
 the cluster until `python jobs/serve.py --banks DIR --stop` (the same `--set` values) stops it and its bank

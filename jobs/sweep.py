@@ -1,4 +1,4 @@
-"""`ray job submit ... -- python jobs/sweep.py [asd-ray sweep options]`: see `asd-ray sweep --help`."""
+"""`RAY_AUTH_MODE=token ray job submit ... -- python jobs/sweep.py [asd-ray sweep options]`: see `asd-ray sweep --help`."""
 
 import sys
 

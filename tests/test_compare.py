@@ -53,9 +53,9 @@ def test_ae_refuses_a_minimum_length_shorter_than_one_vector(tiny_corpus, tmp_pa
 
 def test_compare_knows_every_detector_and_runs_the_new_ones(tiny_corpus, tmp_path, capsys):
     from asd_ray.cli import DETECTORS, build_parser
+    from asd_ray.cli_args import detector_names
 
-    compare = build_parser().parse_args(["compare"])
-    assert compare.detectors == list(DETECTORS)  # by default every detector, AE baseline included
+    assert detector_names(build_parser().parse_args(["compare", "--detectors", "all"]).detectors) == list(DETECTORS)
     out = tmp_path / "cmp"
     assert main(["compare", "--local", "--data", str(tiny_corpus), "--out", str(out), "--detectors", "pooled",
                  "local", "fusion"]) == 0

@@ -131,3 +131,11 @@ def test_worker_output_reaches_the_console_only_when_it_reports_an_error():
         "[2026-11-25 17:56:04,529 E 20525 20557] core_worker.cc:2465: Actor with class name: 'PreemptionWatcher' "
         "and ID: '2d4d' has constructor arguments in the object store and max_restarts > 0. If the arguments in "
         "the object store go out of scope or are lost, the actor restart will fail."])
+
+
+def test_synth_shows_a_bar_of_the_clips_it_writes(tmp_path):
+    done = asd_ray("synth", "--out", tmp_path / "c", "--machines", "fan", "--train-source", "40", "--test-per-cell",
+                   "2", "--supplemental", "0", "--seconds", "1", "--workers", "2")
+    bar = [line for line in re.split(r"[\r\n]", done.stderr) if line.startswith("synth")]
+    assert bar and "58/58" in bar[-1] and "100%" in bar[-1], done.stderr  # 40 + 10 train, 8 test clips
+    assert "wrote 58 clips" in done.stdout

@@ -1,6 +1,7 @@
 """The single-process reference run: official files, clip accounting with bad clips, bank strategies."""
 
 import csv
+import errno
 import json
 import shutil
 
@@ -10,9 +11,10 @@ from scipy.stats import hmean
 from sklearn.metrics import roc_auc_score
 
 from asd_ray.cli import main
-from asd_ray.config import RunConfig, load_config
+from asd_ray.config import ConfigError, RunConfig, load_config
 from asd_ray.data.layout import LayoutError, ground_truth_paths
 from asd_ray.detect import reference_run
+from asd_ray.distributed.sweep import load_space
 from tiny import NOT_FILES, TINY, entries_named_like_clips
 
 
@@ -24,7 +26,9 @@ def test_reference_run_writes_official_files(tiny_corpus, tmp_path):
         assert len(rows) == 4 * TINY["test_per_cell"]
         assert rows[0].startswith("section_00_") and not rows[0].startswith("filename")
         scores = np.array([float(r.split(",")[1]) for r in rows])
-        assert scores.min() == 0.0 and scores.max() == 1.0
+        res = report.results[m]  # min-max on the bank's leave-one-out train range: the fleet's and service's scale
+        assert np.median(scores[res.decisions == 0]) < 1.0 < np.max(scores)
+        assert ((scores > res.threshold) == res.decisions.astype(bool)).all()
         decisions = (tmp_path / f"decision_result_{m}_section_00_test.csv").read_text().splitlines()
         assert {d.split(",")[1] for d in decisions} <= {"0", "1"} and len(decisions) == len(rows)
     metrics = json.loads((tmp_path / "metrics.json").read_text())
@@ -35,7 +39,8 @@ def test_reference_run_writes_official_files(tiny_corpus, tmp_path):
     for split in ("dev_data", "eval_data"):
         assert (tmp_path / "evaluator" / split / f"{tmp_path.name}_result.csv").is_file()
     report_md = (tmp_path / "report.md").read_text()
-    assert "## dev_data" in report_md and "## eval_data" in report_md and "| F1 score (source) |" in report_md
+    assert "## dev_data" in report_md and "## eval_data" in report_md
+    assert f"(evaluator/dev_data/{tmp_path.name}_result.csv)" in report_md  # F1 and the rest of the wide table
     assert "This is `official_score` at the top of `metrics.json`; eval_data is scored apart" in report_md
 
 
@@ -107,7 +112,7 @@ def test_domain_aware_option_runs_against_seed(tiny_corpus):
 
 def test_hubert_backbone_through_the_run(tiny_corpus, tiny_hubert, tmp_path, capsys):
     assert main(["run", "--data", str(tiny_corpus), "--backbone", str(tiny_hubert), "--out", str(tmp_path),
-                 "--machines", "valve", "--detector", "knn", "--set", "bank.metric=cosine", "--set", "post.median_window=3"]) == 0
+                 "--machines", "valve", "--detector", "knn", "--set", "bank.metric=cosine"]) == 0
     assert "official score" in capsys.readouterr().out
     assert (tmp_path / "anomaly_score_valve_section_00_test.csv").is_file()
     assert main(["run", "--data", str(tiny_corpus), "--out", str(tmp_path), "--set", "bank.k=zero"]) == 2
@@ -117,17 +122,63 @@ def test_hubert_backbone_through_the_run(tiny_corpus, tiny_hubert, tmp_path, cap
 def test_machine_without_a_bank_is_listed_and_the_others_go_on(tiny_corpus, tmp_path):
     root = tmp_path / "data"
     shutil.copytree(tiny_corpus, root)
-    for p in list((root / "dev_data/raw/valve/train").iterdir())[1:]:
+    valve = root / "dev_data/raw/valve"
+    usable, *unreadable = sorted((valve / "train").iterdir())
+    for p in unreadable:
         p.write_bytes(b"")  # all but one valve train clip unreadable
+    shutil.copytree(valve / "train", root / "dev_data/raw/fan/train")  # a machine with train clips only
     report = reference_run([root], RunConfig(), tmp_path / "out")
     assert "valve" not in report.results and {"ToyCar", "ToyPet"} <= set(report.results)
-    assert len(report.unscored) == 4 * TINY["test_per_cell"]
-    assert "machine valve: 1 usable normal train clip(s)" in report.unscored[0].reason
-    assert "section_00_" in (tmp_path / "out/unscored.csv").read_text()
+    unscored = {u.path: u.reason for u in report.unscored}
+    # valve's test clips and its one usable train clip: embedded, scored nowhere, so listed with the reason
+    assert len(unscored) == 4 * TINY["test_per_cell"] + 1 + 1
+    assert unscored[str(usable)] == "machine valve: 1 usable normal train clip(s); a bank needs at least 2"
+    assert all(unscored[str(p)] == unscored[str(usable)] for p in (valve / "test").iterdir())
+    assert unscored[str(root / "dev_data/raw/fan/train" / usable.name)] == (
+        "machine fan: no test clips to score, so no bank is fitted")
+    table = (tmp_path / "out/unscored.csv").read_text()
+    assert str(usable) in table and "machine fan" in table
+    # every clip of a machine without a bank is listed somewhere, with its reason
+    listed = set(unscored) | {r.path for r in report.rejects} | {u.path for u in report.unused}
+    assert {str(p) for m in ("valve", "fan") for p in (root / "dev_data/raw" / m).rglob("*.wav")} <= listed
+    assert report.clips_in == report.clips_embedded + len(report.rejects) + len(report.unused)
+
+
+def test_a_clip_that_cannot_be_opened_for_lack_of_permission_is_rejected_saying_so(tiny_corpus, tmp_path,
+                                                                                    monkeypatch):
+    """Tests run as root, whom chmod 000 does not stop: the decoder's own open is refused for one clip instead,
+    as the kernel refuses it to a user without read permission."""
+    from asd_ray.data import audio
+
+    locked = str(sorted((tiny_corpus / "dev_data/raw/valve/train").iterdir())[0])
+
+    def refuse(path, *args, **kwargs):
+        if str(path) == locked:
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return open(path, *args, **kwargs)
+
+    monkeypatch.setattr(audio, "open", refuse, raising=False)
+    report = reference_run([tiny_corpus], load_config(RunConfig, None, ["detector=knn"]), tmp_path, ["valve"])
+    assert [(r.path, r.reason) for r in report.rejects] == [(locked, f"permission denied: {locked}")]
+    with open(tmp_path / "rejects.csv", newline="") as f:
+        assert list(csv.reader(f))[1:] == [[locked, f"permission denied: {locked}"]]
     assert report.clips_in == report.clips_embedded + len(report.rejects) + len(report.unused)
 
 
 def test_a_backbone_checkpoint_with_a_frame_detector_is_a_clear_error(tiny_corpus, tiny_hubert, tmp_path, capsys):
     assert main(["run", "--data", str(tiny_corpus), "--backbone", str(tiny_hubert), "--out", str(tmp_path),
                  "--detector", "fusion"]) == 2
-    assert "only the knn detector embeds with a backbone" in capsys.readouterr().err
+    assert "embed.backbone is not read by detector fusion: only knn reads it" in capsys.readouterr().err
+
+
+def test_a_batch_run_refuses_the_median_filter(tiny_corpus, tmp_path, capsys):
+    """DCASE file names group a machine's test clips by domain and label: a median filter over them in that order
+    would smooth within labels. Batch runs and sweep spaces refuse it; streams keep it (test_fleet, test_service)."""
+    assert main(["run", "--local", "--data", str(tiny_corpus), "--out", str(tmp_path), "--machines", "valve",
+                 "--set", "post.median_window=3"]) == 2
+    assert "post.median_window=3: a batch run's test clips have no time order" in capsys.readouterr().err
+    assert not (tmp_path / "anomaly_score_valve_section_00_test.csv").exists()
+    space = tmp_path / "space.yaml"
+    space.write_text("grid:\n  bank.k: [1, 3]\n  post.median_window: [1, 3]\n")
+    with pytest.raises(ConfigError, match="median_window=3"):
+        load_space(space)

@@ -18,6 +18,7 @@ Leave-one-out scores of train clips leave out every member that came from the cl
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 from typing import Sequence
 
@@ -25,7 +26,9 @@ import faiss
 import numpy as np
 
 from asd_ray.bank.coreset import kcenter_coreset, kmeans_centroids, random_subset
-from asd_ray.bank.memory_bank import BankError, MemoryBank, _read_meta, _write_meta
+from asd_ray.bank.memory_bank import BankError, MemoryBank
+from asd_ray.bank.saved import finite, read_meta, read_npz, write_meta
+from asd_ray.errors import BankFolderError
 from asd_ray.models.frames import stack_frames
 
 CORESETS = ("kcenter", "kmeans", "random")
@@ -57,8 +60,8 @@ class LocalFeatureBank:
 
     def __init__(self, *, context: int = 5, stride: int = 1, standardise: bool = True, bank_size: int = 4096,
                  coreset: str = "kcenter", candidates: int = 32768, projection_dim: int = 128, k: int = 1,
-                 clip_score: str = "topq", top_q: float = 0.1, domain_norm: bool = True, pca_dim: int = 64,
-                 whiten: bool = False,
+                 clip_score: str = "topq", top_q: float = 0.1, domain_norm: bool = True, pca_dim: int = 128,
+                 whiten: bool = True,
                  calibration_clips: int = 200, seed: int = 0, faiss_threads: int = 1):
         if coreset not in CORESETS:
             raise BankError(f"coreset {coreset!r}: use one of {CORESETS}")
@@ -253,8 +256,8 @@ class LocalFeatureBank:
         and one FAISS bank per domain group; no pickle."""
         if not self.banks:
             raise BankError("save: the bank is empty")
-        d = _write_meta(directory, self.kind, **self.params, n_mels=self.n_mels, scales=self.scales,
-                        calibration_ids=self.calibration_ids)
+        d = write_meta(directory, self.kind, **self.params, n_mels=self.n_mels, scales=self.scales,
+                       calibration_ids=self.calibration_ids)
         for g, bank in self.banks.items():
             bank.save(d / g)
         np.savez(d / "calibration.npz", mean=self.mean, std=self.std, projection=self.projection,
@@ -264,17 +267,56 @@ class LocalFeatureBank:
 
     @classmethod
     def load(cls, directory: str | Path, *, faiss_threads: int = 1, **_ignored) -> "LocalFeatureBank":
+        """The bank saved in ``directory``, checked: ``bank.json``'s n_mels and window against ``calibration.npz``
+        (standardisation, projection, owners, train scores) and the domain banks; any fault is a
+        ``BankFolderError`` naming the file."""
         d = Path(directory)
-        meta = _read_meta(d, cls.kind)
-        bank = cls(faiss_threads=faiss_threads, **{k: meta[k] for k in (
-            "context", "stride", "standardise", "bank_size", "coreset", "candidates", "projection_dim", "k",
-            "clip_score", "top_q", "domain_norm", "pca_dim", "whiten", "calibration_clips", "seed")})
-        bank.n_mels = int(meta["n_mels"])
-        bank.scales = {g: float(s) for g, s in meta["scales"].items()}
+        meta = read_meta(d, cls.kind, {"n_mels": int, "scales": dict, "calibration_ids": list, "context": int,
+                                       **{k: type(v) if not isinstance(v, float) else (int, float)
+                                          for k, v in LOCAL_DEFAULTS.items()}})
+        try:
+            bank = cls(faiss_threads=faiss_threads, **{k: meta[k] for k in LOCAL_DEFAULTS})
+        except BankError as err:
+            raise BankFolderError(d, "bank.json", str(err)) from None
+        bank.n_mels = meta["n_mels"]
+        scales = meta["scales"]
+        if not scales or not all(isinstance(v, (int, float)) and np.isfinite(v) and v > 0 for v in scales.values()):
+            raise BankFolderError(d, "bank.json", f"'scales' must name the domain banks with positive numbers, got {scales}")
+        bank.scales = {g: float(s) for g, s in scales.items()}
         bank.banks = {g: MemoryBank.load(d / g, faiss_threads=faiss_threads) for g in bank.scales}
-        cal = np.load(d / "calibration.npz")
-        bank.mean, bank.std, bank.train_scores = cal["mean"], cal["std"], cal["train_scores"]
-        bank.projection = cal["projection"]
-        bank.owners = {g: cal[f"owners_{g}"] for g in bank.scales}
-        bank.calibration_ids = list(meta["calibration_ids"])
+        cal = read_npz(d, "calibration.npz", ["mean", "std", "projection", "train_scores",
+                                              *(f"owners_{g}" for g in bank.scales)])
+        width = bank.params["context"] * bank.n_mels  # a window: context frames of n_mels bands
+        if bank.n_mels < 1:
+            raise BankFolderError(d, "bank.json", f"'n_mels' is {bank.n_mels}")
+        for key in ("mean", "std"):
+            x = finite(d, "calibration.npz", key, cal[key], (None,))
+            if x.size not in (0, width):
+                raise BankFolderError(d, "bank.json", f"'n_mels' is {bank.n_mels} (windows {bank.params['context']} x "
+                                                      f"{bank.n_mels} = {width} wide) but calibration.npz's {key} is "
+                                                      f"for {x.size}-wide windows")
+        bank.mean, bank.std = cal["mean"], cal["std"]
+        bank.projection = finite(d, "calibration.npz", "projection", cal["projection"], (None, None))
+        if bank.projection.size and bank.projection.shape[0] != width:
+            raise BankFolderError(d, "bank.json", f"'n_mels' is {bank.n_mels} (windows {width} wide) but "
+                                                  f"calibration.npz's projection takes {bank.projection.shape[0]}-wide ones")
+        member_dim = bank.projection.shape[1] if bank.projection.size else width
+        for g, b in bank.banks.items():
+            if b.dim != member_dim:
+                raise BankFolderError(d, f"{g}/index.faiss", f"holds {b.dim}-d windows, bank.json and calibration.npz "
+                                                             f"make {member_dim}-d ones")
+            owners = cal[f"owners_{g}"]
+            if owners.shape != (b.size,):
+                raise BankFolderError(d, "calibration.npz", f"owners_{g} has {owners.size} entries for {b.size} members")
+            bank.owners[g] = owners
+        bank.train_scores = finite(d, "calibration.npz", "train_scores", cal["train_scores"], (None,))
+        bank.calibration_ids = [str(i) for i in meta["calibration_ids"]]
+        if not len(bank.train_scores) or len(bank.train_scores) != len(bank.calibration_ids):
+            raise BankFolderError(d, "calibration.npz", f"{len(bank.train_scores)} train scores for "
+                                                        f"{len(bank.calibration_ids)} calibration clips in bank.json")
         return bank
+
+
+# bank.json fields of a local-feature bank's parameters, with the constructor's defaults (their types).
+LOCAL_DEFAULTS = {k: v.default for k, v in inspect.signature(LocalFeatureBank.__init__).parameters.items()
+                  if k not in ("self", "faiss_threads")}

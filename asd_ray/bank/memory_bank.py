@@ -12,14 +12,14 @@ Both are ``fit()`` then ``score()``; both persist as FAISS index files plus JSON
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Sequence
 
 import faiss
 import numpy as np
 
-from asd_ray.errors import BankError  # noqa: F401 - defined there, raised and re-exported here
+from asd_ray.bank.saved import NUMBER, choice, read_index, read_meta, write_meta
+from asd_ray.errors import BankError, BankFolderError  # noqa: F401 - defined there, raised and re-exported here
 
 METRICS = ("euclidean", "cosine")
 
@@ -193,42 +193,42 @@ class MemoryBank:
         """Write ``index.faiss`` and ``bank.json`` (no pickle) into ``directory``."""
         if self.index is None:
             raise BankError("save: the bank is empty")
-        d = _write_meta(directory, "MemoryBank", k=self.k, metric=self.metric, density=self.density,
+        d = write_meta(directory, "MemoryBank", k=self.k, metric=self.metric, density=self.density,
                         oversample_target=self.oversample_target, seed=self.seed, dim=self.dim, ids=self.ids)
         faiss.write_index(self.index, str(d / "index.faiss"))
         return d
 
     @classmethod
     def load(cls, directory: str | Path, *, faiss_threads: int = 1, **_ignored) -> "MemoryBank":
+        """The bank saved in ``directory``, checked: ``bank.json`` against ``index.faiss`` (dimension, members, the
+        metric the index was built for); any fault is a ``BankFolderError`` naming the file."""
         d = Path(directory)
-        meta = _read_meta(d, "MemoryBank")
-        bank = cls(k=meta["k"], metric=meta["metric"], density=meta.get("density", False),
+        meta = read_meta(d, "MemoryBank", {"k": int, "metric": str, "dim": int, "ids": list})
+        metric = choice(d, meta, "metric", METRICS)
+        if meta["k"] < 1:
+            raise BankFolderError(d, "bank.json", f"'k' is {meta['k']}: it must be at least 1")
+        bank = cls(k=meta["k"], metric=metric, density=bool(meta.get("density", False)),
                    oversample_target=meta.get("oversample_target", 0), seed=meta.get("seed", 0), faiss_threads=faiss_threads)
-        try:
-            bank.index = faiss.read_index(str(d / "index.faiss"))
-        except RuntimeError as err:
-            raise BankError(f"{d / 'index.faiss'}: cannot read FAISS index: {err}") from None
-        bank.ids = list(meta["ids"])
-        if bank.size != len(bank.ids) or bank.dim != meta["dim"]:
-            raise BankError(f"{d}: index and bank.json disagree (size {bank.size} vs {len(bank.ids)} ids)")
+        bank.index = read_index(d)
+        bank.ids = [str(i) for i in meta["ids"]]
+        if bank.dim != meta["dim"]:
+            raise BankFolderError(d, "bank.json", f"'dim' is {meta['dim']} but index.faiss holds {bank.dim}-d vectors")
+        if bank.size != len(bank.ids):
+            raise BankFolderError(d, "bank.json", f"names {len(bank.ids)} member ids but index.faiss holds {bank.size} "
+                                                  f"vectors")
+        if not isinstance(bank.index, faiss.IndexFlat) or bank.index.metric_type not in (faiss.METRIC_L2,
+                                                                                          faiss.METRIC_INNER_PRODUCT):
+            raise BankFolderError(d, "index.faiss", f"holds a {type(bank.index).__name__}, not the flat L2 or inner-product "
+                                                    f"index a bank saves")
+        built_for = "cosine" if bank.index.metric_type == faiss.METRIC_INNER_PRODUCT else "euclidean"
+        if built_for != metric:
+            raise BankFolderError(d, "bank.json", f"'metric' is {metric!r} but index.faiss was built for {built_for} "
+                                                  f"distances (refit the bank to change its metric)")
+        if metric == "cosine" and bank.size:
+            norms = np.linalg.norm(bank.members(), axis=1)
+            if not np.allclose(norms, 1.0, atol=1e-3):
+                raise BankFolderError(d, "index.faiss", "a cosine bank's members must be unit vectors; these are not")
         return bank
-
-
-def _write_meta(directory: str | Path, kind: str, **fields) -> Path:
-    d = Path(directory)
-    d.mkdir(parents=True, exist_ok=True)
-    (d / "bank.json").write_text(json.dumps({"kind": kind, **fields}))
-    return d
-
-
-def _read_meta(d: Path, kind: str) -> dict:
-    p = d / "bank.json"
-    if not p.is_file():
-        raise BankError(f"no saved bank in {d} (bank.json missing)")
-    meta = json.loads(p.read_text())
-    if meta.get("kind") != kind:
-        raise BankError(f"{p}: holds a {meta.get('kind')}, not a {kind}")
-    return meta
 
 
 class DomainAwareBank:
@@ -336,7 +336,7 @@ class DomainAwareBank:
         return [i for b in self.banks.values() for i in b.ids]
 
     def save(self, directory: str | Path) -> Path:
-        d = _write_meta(directory, "DomainAwareBank", k=self.k, metric=self.metric, density=self.density,
+        d = write_meta(directory, "DomainAwareBank", k=self.k, metric=self.metric, density=self.density,
                         oversample_target=self.oversample_target, seed=self.seed, scales=self.scales)
         for domain, bank in self.banks.items():
             bank.save(d / domain)
@@ -344,12 +344,28 @@ class DomainAwareBank:
 
     @classmethod
     def load(cls, directory: str | Path, *, faiss_threads: int = 1, **_ignored) -> "DomainAwareBank":
+        """The source and target banks saved in ``directory`` (sub-folders named by domain), checked as
+        ``MemoryBank.load`` checks each and against ``bank.json`` (domains, scales, metric, dimension)."""
         d = Path(directory)
-        meta = _read_meta(d, "DomainAwareBank")
-        bank = cls(k=meta["k"], metric=meta["metric"], density=meta.get("density", False),
+        meta = read_meta(d, "DomainAwareBank", {"k": int, "metric": str, "scales": dict})
+        metric = choice(d, meta, "metric", METRICS)
+        scales = meta["scales"]
+        if not scales or not set(scales) <= {"source", "target"}:
+            raise BankFolderError(d, "bank.json", f"'scales' names domains {sorted(scales)}: expected source and/or "
+                                                  f"target")
+        if not all(isinstance(v, NUMBER) and not isinstance(v, bool) and np.isfinite(v) and v > 0
+                   for v in scales.values()):
+            raise BankFolderError(d, "bank.json", f"'scales' must be positive numbers, got {scales}")
+        bank = cls(k=meta["k"], metric=metric, density=bool(meta.get("density", False)),
                    oversample_target=meta.get("oversample_target", 0), seed=meta.get("seed", 0), faiss_threads=faiss_threads)
-        bank.scales = {k: float(v) for k, v in meta["scales"].items()}
+        bank.scales = {k: float(v) for k, v in scales.items()}
         bank.banks = {dom: MemoryBank.load(d / dom, faiss_threads=faiss_threads) for dom in bank.scales}
+        for dom, b in bank.banks.items():
+            if b.metric != metric:
+                raise BankFolderError(d, f"{dom}/bank.json", f"'metric' is {b.metric!r} but bank.json says {metric!r}")
+        if len({b.dim for b in bank.banks.values()}) > 1:
+            raise BankFolderError(d, "target/index.faiss", f"holds {bank.banks['target'].dim}-d vectors, source/"
+                                                           f"index.faiss {bank.banks['source'].dim}-d ones")
         return bank
 
 

@@ -99,9 +99,9 @@ class PooledBank:
         return self.bank.loo_ids()
 
     def save(self, directory):
-        from asd_ray.bank.memory_bank import _write_meta
+        from asd_ray.bank.saved import write_meta
 
-        d = _write_meta(directory, self.kind, pooling=self.pooling, gem_p=self.gem_p, strategy=self.strategy)
+        d = write_meta(directory, self.kind, pooling=self.pooling, gem_p=self.gem_p, strategy=self.strategy)
         self.bank.save(d / "bank")
         return d
 
@@ -109,10 +109,18 @@ class PooledBank:
     def load(cls, directory, *, faiss_threads: int = 1, **_ignored) -> "PooledBank":
         from pathlib import Path
 
-        from asd_ray.bank.memory_bank import STRATEGIES, _read_meta
+        from asd_ray.bank.memory_bank import STRATEGIES
+        from asd_ray.bank.saved import choice, read_meta
 
         d = Path(directory)
-        meta = _read_meta(d, cls.kind)
+        meta = read_meta(d, cls.kind, {"pooling": str, "gem_p": (int, float), "strategy": str})
+        choice(d, meta, "pooling", POOLINGS)
+        choice(d, meta, "strategy", STRATEGIES)
         out = cls(pooling=meta["pooling"], gem_p=meta["gem_p"], strategy=meta["strategy"])
         out.bank = STRATEGIES[meta["strategy"]].load(d / "bank", faiss_threads=faiss_threads)
+        if meta["pooling"] in ("mean_std", "reldev") and out.bank.dim % 2:
+            from asd_ray.errors import BankFolderError
+
+            raise BankFolderError(d, "bank/bank.json", f"{meta['pooling']} pooling gives 2 x n_mels values per clip, "
+                                                       f"but the bank holds {out.bank.dim}-d vectors")
         return out

@@ -42,11 +42,22 @@ def source_name(source: str | Path | bytes) -> str:
     return f"audio body ({len(source)} bytes)" if isinstance(source, (bytes, bytearray)) else str(source)
 
 
+# Why a file cannot be opened, by the OSError that opening it raised (libsndfile says "System error." for all).
+_OPEN_ERRORS = ((PermissionError, "permission denied"), (FileNotFoundError, "file not found"),
+                (IsADirectoryError, "a directory, not a sound file"))
 # Decoded float32 values a second of audio may take under a decode limit: 8 channels at 16 kHz (MIMII's
 # recordings), or stereo at 64 kHz. A file of a higher rate or more channels gets proportionally fewer seconds.
 DECODE_VALUES_PER_SECOND = 8 * 16_000
 _UNKNOWN_LENGTH = 2**62  # libsndfile's frame count for a stream whose header gives none (a FLAC without it)
 _REPR = re.compile(r"<[\w.]+ object at 0x[0-9a-fA-F]+>")
+
+
+def unopenable(err: OSError, path: str | Path) -> str:
+    """The reason a ``ClipError`` gives for a file that ``open`` refused with ``err``."""
+    for kind, words in _OPEN_ERRORS:
+        if isinstance(err, kind):
+            return f"{words}: {path}"
+    return f"cannot open: {err.strerror or err}"
 
 
 def _decode_error(err: Exception) -> str:
@@ -58,13 +69,22 @@ def _decode_error(err: Exception) -> str:
 def decode(source: str | Path | bytes, decode_limit_s: float = 0.0) -> tuple[np.ndarray, int]:
     """Read a sound file (its path, or its bytes) -> (samples x channels float32, sample rate). Raises ClipError.
 
+    A path is opened here, not by libsndfile, whose error for every file it cannot open (no permission, gone)
+    is "System error.".
+
     ``decode_limit_s`` > 0: a file of more than that many seconds (or more than ``decode_limit_s *
     DECODE_VALUES_PER_SECOND`` samples over all channels) is refused while it is read: its header is checked
     first, and never more than the limit (plus one frame) is decoded, whatever the header claims. A small
     compressed body cannot make the reader allocate more."""
     name = source_name(source)
     try:
-        with sf.SoundFile(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else str(source)) as f:
+        stream = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else open(source, "rb")
+    except OSError as err:
+        raise ClipError(name, unopenable(err, source)) from None
+    try:
+        # a file by its descriptor: libsndfile reads it itself (through a Python file object: 1-2 ms more per
+        # 10 s clip)
+        with stream, sf.SoundFile(stream if isinstance(stream, io.BytesIO) else stream.fileno(), closefd=False) as f:
             rate, channels = int(f.samplerate), max(1, int(f.channels))
             if decode_limit_s > 0:
                 limit = int(min(decode_limit_s * rate, decode_limit_s * DECODE_VALUES_PER_SECOND // channels))

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import csv
 import zlib
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -31,6 +31,7 @@ import soundfile as sf
 from scipy.signal import oaconvolve
 
 from asd_ray.data.layout import DEV_MACHINES, EVAL_MACHINES, ground_truth_paths
+from asd_ray.progress import advance, stage
 
 ANOMALY_KINDS = ("bearing", "imbalance", "shifted", "friction")
 EVAL_LIST = "eval_data_list.csv"  # at the root: every eval test clip's labelled name, as the baseline repo's list
@@ -395,11 +396,14 @@ def generate_corpus(out: str | Path, *, dev_machines: Iterable[str] = DEV_MACHIN
     if eval_list:
         with (root / EVAL_LIST).open("w", newline="") as fh:
             csv.writer(fh, lineterminator="\n").writerows(eval_list)
-    chunks = [all_jobs[i::max(1, workers) * 8] for i in range(max(1, workers) * 8)]
-    if workers > 1:
-        with ProcessPoolExecutor(workers) as pool:
-            list(pool.map(_write_many, [(c, seed, rate) for c in chunks if c]))
-    else:
-        for c in chunks:
-            _write_many((c, seed, rate))
+    # small chunks, so that the bar moves (a chunk of 32 ten-second clips takes a second or two on one core)
+    chunks = [c for c in (all_jobs[i:i + 32] for i in range(0, len(all_jobs), 32)) if c]
+    with stage("synth", total=len(all_jobs)):
+        if workers > 1:
+            with ProcessPoolExecutor(workers) as pool:
+                for done in as_completed([pool.submit(_write_many, (c, seed, rate)) for c in chunks]):
+                    advance(done.result())
+        else:
+            for c in chunks:
+                advance(_write_many((c, seed, rate)))
     return root

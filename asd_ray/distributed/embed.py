@@ -1,9 +1,8 @@
 """Embedding pipeline: Ray Data's CPU tasks pre-process, embedding actors started ahead of it embed (or the
 tasks themselves, for the weight-free log-mel backbone), Parquet holds the result.
 
-The Parquet folder is keyed by the content that decides an embedding (backbone and its files,
-embedding and pre-processing parameters, each input file's path, size and mtime): a second run over
-the same corpus with the same backbone reads it back instead of embedding again, which is what
+The Parquet folder is keyed by the content that decides an embedding (``asd_ray.distributed.cache``): a
+second run over the same corpus with the same backbone reads it back instead of embedding again, which is what
 sweeps over k, distance or post-processing rely on.
 """
 
@@ -11,11 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
-import json
 import logging
 import os
-import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +21,9 @@ import numpy as np
 
 from asd_ray.config import EmbedConfig, PreprocessConfig
 from asd_ray.data.audio import pad_waveforms, try_preprocess
-from asd_ray.data.layout import RECORD_FIELDS, ClipRecord
+from asd_ray.data.layout import ClipRecord
+from asd_ray.distributed.cache import (IDENTITY_COLUMNS, CacheWriter, cache_folder, clip_identities, read_cached,
+                                       repeated_clips, table_parts)
 from asd_ray.distributed.session import gpu_wanted
 from asd_ray.progress import advance
 
@@ -282,30 +280,6 @@ def actor_embed_kwargs(embed: EmbedConfig, use_gpu: bool) -> dict:
     return kwargs
 
 
-def _file_identity(path: str) -> tuple[str, int, int]:
-    try:
-        st = os.stat(path)
-        return path, st.st_size, st.st_mtime_ns
-    except OSError:
-        return path, -1, -1
-
-
-def _backbone_identity(backbone: str) -> list:
-    p = Path(backbone)
-    if backbone == "logmel" or not p.is_dir():
-        return [backbone]
-    return [backbone] + [_file_identity(str(f)) for f in sorted(p.iterdir()) if f.is_file()]
-
-
-def cache_key(records: Sequence[ClipRecord], embed: EmbedConfig, preprocess: PreprocessConfig) -> str:
-    """Hex digest of everything an embedding depends on (not batch size, device or actor count)."""
-    decisive = {k: v for k, v in dataclasses.asdict(embed).items() if k not in ("batch_size", "device")}
-    body = json.dumps({"embed": decisive, "backbone": _backbone_identity(embed.backbone),
-                       "preprocess": dataclasses.asdict(preprocess),
-                       "files": [_file_identity(r.path) for r in records]}, sort_keys=True, default=str)
-    return hashlib.sha256(body.encode()).hexdigest()[:24]
-
-
 @dataclass
 class EmbeddingTable:
     """Embeddings of the usable clips (rows match ``records``), rejects with reasons, pre-processing flags."""
@@ -316,25 +290,6 @@ class EmbeddingTable:
     flags: list[list[str]]
     path: Path
     from_cache: bool
-
-
-def read_table(path: str | Path) -> tuple[np.ndarray, list[ClipRecord], list[dict], list[list[str]]]:
-    """Read a pipeline's Parquet folder back: (embeddings, records, rejects, flags), rows sorted by path."""
-    import pyarrow.parquet as pq
-
-    table = pq.read_table(str(path)).to_pydict()
-    order = sorted(range(len(table["path"])), key=lambda i: table["path"][i])
-    emb, records, rejects, flags = [], [], [], []
-    for i in order:
-        rec = ClipRecord(**{f: table[f][i] for f in RECORD_FIELDS})
-        if table["error"][i]:
-            rejects.append({"path": rec.path, "machine": rec.machine, "reason": table["error"][i]})
-            continue
-        records.append(rec)
-        emb.append(np.asarray(table["embedding"][i], dtype=np.float32))
-        flags.append([f for f in table["flags"][i].split(";") if f])
-    dim = len(emb[0]) if emb else 0
-    return (np.stack(emb) if emb else np.zeros((0, dim), np.float32)), records, rejects, flags
 
 
 Stage = tuple[Callable[..., dict], dict]  # a Ray Data batch map and its keyword arguments
@@ -513,12 +468,6 @@ def embed_in_task(batch: dict[str, np.ndarray], **embed: object) -> dict[str, np
     return _task_embedder(tuple(sorted(embed.items())))(batch)
 
 
-def cache_folder(records: Sequence[ClipRecord], embed: EmbedConfig, preprocess: PreprocessConfig,
-                 cache_dir: str | Path) -> Path:
-    """Where ``embed_corpus`` keeps the embeddings of ``records``: complete when it holds ``_COMPLETE``."""
-    return Path(cache_dir).expanduser().resolve() / cache_key(records, embed, preprocess)
-
-
 def needs_actors(embed: EmbedConfig) -> bool:
     """Whether ``embed``'s backbone embeds in actors (every backbone with weights; ``logmel`` runs in the tasks)."""
     return not clip_tasks(embed, use_gpu=False)[0]
@@ -534,20 +483,21 @@ def embed_corpus(records: Sequence[ClipRecord], *, embed: EmbedConfig, preproces
     pre-process; the actors of ``pool`` embed whole padded batches (without a pool, ``num_actors`` actors are
     started for this call and ended after it: ``num_gpus=1`` each when ``use_gpu``, else ``actor_cpus`` CPUs so
     that the tasks keep running); the result lands as Parquet under ``cache_dir/<content key>`` and is reused
-    by the next call with the same key.
+    by the next call with the same key when it checks out against the clips (``asd_ray.distributed.cache``).
     """
-    import pyarrow.parquet as pq
-
-    out = cache_folder(records, embed, preprocess, cache_dir)
-    done = out / "_COMPLETE"
-    if done.is_file():
+    identities, repeats = clip_identities(records), repeated_clips(records)
+    out = cache_folder(records, embed, preprocess, cache_dir, identities)
+    cached = read_cached(out, identities, repeats)
+    if cached is not None:
         log.info("embeddings cached at %s: not embedding again", out)
         advance(len(records))
-        return EmbeddingTable(*read_table(out), path=out, from_cache=True)
+        return EmbeddingTable(*table_parts(cached), path=out, from_cache=True)
     if use_gpu is None:
         use_gpu = gpu_wanted("auto", embed.device)
-    # Similar lengths together (file size stands in for length): a padded batch wastes little on padding.
-    rows = sorted((r.to_row() for r in records), key=lambda r: (_file_identity(r["path"])[1], r["path"]))
+    # Similar lengths together (file size stands in for length): a padded batch wastes little on padding. Each
+    # row carries its file's size and mtime as the key saw them: a cache read back is checked against them.
+    rows = sorted(({**r.to_row(), **dict(zip(IDENTITY_COLUMNS, identities[r.path]))} for r in records),
+                  key=lambda r: (r["size"], r["path"]))
     if not rows:
         raise ValueError("embed_corpus: no clips to embed")
     if pool is not None and needs_actors(embed) and not pool.serves(embed):
@@ -556,20 +506,19 @@ def embed_corpus(records: Sequence[ClipRecord], *, embed: EmbedConfig, preproces
     own = pool is None and needs_actors(embed)
     if own:
         pool = EmbeddingPool(embed, use_gpu=use_gpu, num_actors=num_actors, actor_cpus=actor_cpus)
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)  # a run that died half-way
-    tmp.mkdir(parents=True)
+    writer = CacheWriter(out)
     try:
         tables = embedded_tables(rows, embed=embed, preprocess=preprocess, pool=pool, use_gpu=use_gpu,
                                  preprocess_cpus=preprocess_cpus)
         # Written here, block by block as they arrive (embeddings are small): the driver sees the progress.
         for i, block in enumerate(tables):
-            pq.write_table(block, tmp / f"part-{i:05d}.parquet")
+            writer.write(i, block)
             advance(block.num_rows)
+    except BaseException:
+        writer.discard()
+        raise
     finally:
         if own:
             pool.close()
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
-    done.write_text(json.dumps({"clips": len(rows), "backbone": embed.backbone}))
-    return EmbeddingTable(*read_table(out), path=out, from_cache=False)
+    columns = writer.publish({"clips": len(rows), "backbone": embed.backbone}, identities, repeats)
+    return EmbeddingTable(*table_parts(columns), path=out, from_cache=False)

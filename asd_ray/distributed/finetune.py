@@ -149,7 +149,7 @@ def train_loop_per_worker(cfg: dict) -> None:
     from transformers import AutoModel
 
     from asd_ray.models.backbones import native_bf16
-    from asd_ray.models.finetune import MaskedPrediction, prepare_student, warmup_cosine
+    from asd_ray.models.finetune import MaskedPrediction, load_training_state, prepare_student, warmup_cosine
 
     ft = FinetuneConfig(**cfg["finetune"])
     rank = ray.train.get_context().get_world_rank()
@@ -160,7 +160,7 @@ def train_loop_per_worker(cfg: dict) -> None:
     if checkpoint is not None:
         with checkpoint.as_directory() as d:
             student = AutoModel.from_pretrained(d)
-            state = torch.load(Path(d) / "training_state.pt", map_location="cpu", weights_only=False)
+            state = load_training_state(Path(d) / "training_state.pt")  # weights only: no pickled code runs
     else:
         student = AutoModel.from_pretrained(ft.init)
     student = ray.train.torch.prepare_model(prepare_student(student).train())
@@ -274,6 +274,16 @@ def read_steps(path: str | Path) -> list[dict]:
     return [json.loads(line) for line in p.read_text().splitlines() if line.strip()] if p.is_file() else []
 
 
+def check_resume_states(folder: Path) -> None:
+    """Before Ray starts: the training state of every checkpoint a run in ``folder`` could resume from reads as
+    weights only (``load_training_state``, tensors left on disk); one that would unpickle code, or cannot be read,
+    is a ``CheckpointError`` naming it, not a failure inside a Ray Train worker."""
+    from asd_ray.models.finetune import load_training_state
+
+    for path in sorted(Path(folder).glob("checkpoint_*/training_state.pt")):
+        load_training_state(path, mmap=True)
+
+
 def finetune(roots: Sequence[str | Path], config: RunConfig, machines: Iterable[str] | None = None) -> FinetuneResult:
     """Fine-tune ``config.finetune.init`` on the normal train clips of ``roots`` with Ray Train.
 
@@ -289,6 +299,7 @@ def finetune(roots: Sequence[str | Path], config: RunConfig, machines: Iterable[
     from asd_ray.models.encoders import check_finetunable
 
     check_finetunable(config.finetune.init)
+    check_resume_states(run_dir(config.finetune))
     ensure_ray(num_cpus=config.ray.num_cpus or None)
     ft, pre = config.finetune, config.preprocess
     records = discover(roots, machines, normals_only_roots=config.normals_only_roots)

@@ -35,7 +35,7 @@ import numpy as np
 
 from asd_ray.bank.memory_bank import BankError, DomainAwareBank, MemoryBank
 from asd_ray.config import EmbedConfig, FleetConfig, FramesConfig, PostConfig, PreprocessConfig
-from asd_ray.detectors import bank_version, configure_detector, load_detector
+from asd_ray.detectors import bank_version, check_bank_folder, configure_detector, load_detector
 from asd_ray.scoring.postprocess import Calibration, StreamPostprocessor, calibrate
 
 
@@ -121,6 +121,16 @@ def saved_banks(bank_root: str | Path, *, empty_ok: bool = False) -> tuple[Path,
         hint = (f": did you mean {inner}?" if inner.is_dir() and any((d / "bank.json").is_file() for d in inner.iterdir())
                 else " (asd-ray run saves them to <out>/banks: a folder per machine holding its bank.json)")
         raise FileNotFoundError(f"no saved bank in {root}{hint}")
+    return root, machines
+
+
+def check_saved_banks(bank_root: str | Path, *, n_mels: int | None = None) -> tuple[Path, list[str]]:
+    """``saved_banks``, then every machine's bank read and checked as a load would (``check_bank_folder``; frame
+    detectors against ``n_mels``, the config's ``frames.n_mels``): a corrupt or mismatched bank is refused in one
+    line naming its folder and file before Ray starts, not by a bank actor or a replica after it."""
+    root, machines = saved_banks(bank_root)
+    for machine in machines:
+        check_bank_folder(root / machine, n_mels=n_mels)
     return root, machines
 
 
@@ -390,7 +400,11 @@ class Router:
 
     def _calibrate(self, machine: str, loo_scores: np.ndarray) -> None:
         """The machine's calibration from its bank's leave-one-out scores, for its new and running streams."""
-        cal = self.calibrations[machine] = calibrate(loo_scores, self.post.threshold_quantile)
+        try:
+            cal = self.calibrations[machine] = calibrate(loo_scores, self.post.threshold_quantile)
+        except ValueError as err:  # e.g. all train scores equal: name the bank, not only the gamma fit
+            raise BankError(f"saved bank {self.stats[machine]['bank_dir']}: no decision threshold from its "
+                            f"leave-one-out train scores ({err})") from None
         for key, stream in self.streams.items():
             if key.split("/", 1)[0] == machine:
                 stream.calibration = cal

@@ -15,8 +15,9 @@ import numpy as np
 from asd_ray.config import RunConfig
 from asd_ray.data.layout import ClipRecord
 from asd_ray.detectors import detector_features, features_key
-from asd_ray.distributed.embed import (EmbeddingPool, EmbeddingTable, Stage, await_warm, cache_folder, clip_tasks,
-                                       embed_corpus, frames_batch, needs_actors, preprocessed, task_cpus, warm_workers)
+from asd_ray.distributed.cache import COMPLETE, cache_folder
+from asd_ray.distributed.embed import (EmbeddingPool, EmbeddingTable, Stage, await_warm, clip_tasks, embed_corpus,
+                                       frames_batch, needs_actors, preprocessed, task_cpus, warm_workers)
 from asd_ray.distributed.session import ensure_ray, gpu_wanted, route_ray_data
 from asd_ray.progress import advance
 from asd_ray.results import Reject, RunReport
@@ -39,8 +40,9 @@ def embed_table(records, config: RunConfig, pool: EmbeddingPool | None = None) -
 
 
 def is_cached(records: Sequence[ClipRecord], config: RunConfig) -> bool:
-    """Whether the Parquet cache holds the clip embeddings of ``records`` under ``config``."""
-    return (cache_folder(records, config.embed, config.preprocess, config.ray.cache_dir) / "_COMPLETE").is_file()
+    """Whether the Parquet cache has published the clip embeddings of ``records`` under ``config`` (whether they
+    check out against the clips is seen when they are read: ``embed_corpus`` embeds them again if not)."""
+    return (cache_folder(records, config.embed, config.preprocess, config.ray.cache_dir) / COMPLETE).is_file()
 
 
 def ray_embedder(config: RunConfig, pools: list | None = None) -> Embedder:
@@ -113,9 +115,6 @@ def embedder_for(config: RunConfig, pools: list | None = None) -> Embedder:
     return ray_embedder(config, pools) if detector_features(config) == "clip" else ray_frames_embedder(config)
 
 
-FRAME_BATCH = 16  # clips per task of the log-mel frame pipeline
-
-
 def pipeline_tasks(config: RunConfig) -> tuple[list[Stage], float, int]:
     """What the pre-processing tasks of ``config``'s Ray embedder run after ``preprocess_batch``, their CPUs and
     their clips per batch."""
@@ -126,7 +125,7 @@ def pipeline_tasks(config: RunConfig) -> tuple[list[Stage], float, int]:
     from asd_ray.detect import frame_feature_kwargs
 
     return ([(frames_batch, frame_feature_kwargs(config))],
-            task_cpus(config.ray.preprocess_cpus, beside_cpu_actor=False), FRAME_BATCH)
+            task_cpus(config.ray.preprocess_cpus, beside_cpu_actor=False), config.embed.batch_size)
 
 
 def warm_pipeline(config: RunConfig) -> list:

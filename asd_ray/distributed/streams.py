@@ -20,6 +20,7 @@ from asd_ray.data.layout import discover, not_a_file
 from asd_ray.detectors import SCORE_SETTINGS, fit_time_keys, given_score_settings, load_detector
 from asd_ray.distributed.fleet import (FleetStats, Request, Result, Router, saved_banks, start_banks, start_embedders,
                                        start_frame_embedders)
+from asd_ray.progress import advance, stage
 from asd_ray.results import Reject
 from asd_ray.distributed.session import ensure_ray, gpu_wanted
 from asd_ray.scoring.files import write_results
@@ -162,8 +163,19 @@ def score_streams(bank_root: str | Path, config: RunConfig, out_dir: str | Path,
     requests, skipped = stream_requests(roots, clips, machine)
     if not requests:
         raise ValueError(f"no clips to score ({len(skipped)} skipped)")
-    router = fleet_router(bank_root, config, with_embedders=True, given=given)
-    results = asyncio.run(router.score(requests))
+    with stage("fleet", total=1, unit="start"):  # bank and embedding actors: their imports take seconds
+        router = fleet_router(bank_root, config, with_embedders=True, given=given)
+        advance()
+
+    async def score_all() -> list[Result]:
+        futures = [router.submit(r) for r in requests]  # in order: a stream's clips keep their order
+        for done in asyncio.as_completed(futures):
+            await done
+            advance()
+        return [f.result() for f in futures]
+
+    with stage("scoring", total=len(requests)):
+        results = asyncio.run(score_all())
     write_stream_results(out_dir, results, skipped)
     return results
 

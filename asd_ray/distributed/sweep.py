@@ -26,7 +26,7 @@ import yaml
 
 from asd_ray.config import ConfigError, RunConfig, from_dict, save_config, to_dict, with_overrides
 from asd_ray.data.layout import discover
-from asd_ray.detect import plan_records, run_detection
+from asd_ray.detect import check_batch_post, plan_records, run_detection
 from asd_ray.distributed.run import embed_table, embedder_for
 from asd_ray.distributed.session import ensure_ray
 from asd_ray.scoring.metrics import MetricError
@@ -84,6 +84,13 @@ def load_space(path: str | Path) -> SweepSpace:
     space = SweepSpace(base=_flatten(raw.get("base") or {}), grid=grid, sample=dict(sample),
                        num_samples=int(raw.get("num_samples", 1)), trial_cpus=float(raw.get("trial_cpus", 0.5)))
     with_overrides(RunConfig(), {**space.base, **{k: v[0] for k, v in grid.items()}})  # bad keys fail here
+    if "post.median_window" in sample:
+        raise ConfigError(f"{p}: sample post.median_window: a sweep's trials are batch runs, which take no median filter")
+    for window in [space.base.get("post.median_window", 1), *grid.get("post.median_window", [])]:
+        try:
+            check_batch_post(with_overrides(RunConfig(), {"post.median_window": window}).post)
+        except ConfigError as err:
+            raise ConfigError(f"{p}: {err}") from None
     return space
 
 

@@ -10,7 +10,6 @@ the source and target values.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Sequence
 
@@ -18,6 +17,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from asd_ray.bank.saved import choice, finite, one_line, read_meta, read_npz, write_meta
+from asd_ray.errors import BankFolderError
 from asd_ray.models.frames import stack_frames
 
 DOMAINS = ("source", "target")
@@ -209,24 +210,44 @@ class AEDetector:
         np.savez(d / "calibration.npz", train_scores=self.train_scores,
                  **{f"precision_{k}": v for k, v in self.precisions.items()})
         input_dim = self.model.encoder[0].in_features
-        (d / "bank.json").write_text(json.dumps({"kind": self.kind, "score_kind": self.score_kind, **self.params,
-                                                 "input_dim": input_dim, "losses": self.losses,
-                                                 "ids": self.ids}))
+        write_meta(d, self.kind, score_kind=self.score_kind, **self.params, input_dim=input_dim, losses=self.losses,
+                   ids=self.ids)
         return d
 
     @classmethod
     def load(cls, directory: str | Path, *, device: str = "cpu", **_ignored) -> "AEDetector":
+        """The AE saved in ``directory``: ``model.pt`` read as weights only (no pickled code runs) and checked
+        against ``bank.json``'s sizes, ``calibration.npz`` against them; any fault is a ``BankFolderError``."""
         d = Path(directory)
-        meta = json.loads((d / "bank.json").read_text())
-        det = cls(score_kind=meta["score_kind"], device=device, **{k: meta[k] for k in (
-            "context", "hidden", "bottleneck", "layers", "epochs", "batch_size", "lr", "seed")})
+        sizes = ("context", "hidden", "bottleneck", "layers", "epochs", "batch_size", "seed", "input_dim")
+        meta = read_meta(d, cls.kind, {"score_kind": str, **{k: int for k in sizes}, "lr": (int, float),
+                                       "losses": list, "ids": list})
+        choice(d, meta, "score_kind", SCORES)
+        if min(meta[k] for k in sizes if k != "seed") < 1 or meta["input_dim"] % meta["context"]:
+            raise BankFolderError(d, "bank.json", f"'input_dim' {meta['input_dim']} is not 'context' {meta['context']} "
+                                                  f"x n_mels (or a size is below 1)")
+        det = cls(score_kind=meta["score_kind"], device=device, **{k: meta[k] for k in sizes[:-1] + ("lr",)})
         p = det.params
         det.model = DenseAE(meta["input_dim"], p["hidden"], p["bottleneck"], p["layers"])
-        det.model.load_state_dict(torch.load(d / "model.pt", map_location="cpu"))
+        if not (d / "model.pt").is_file():
+            raise BankFolderError(d, "model.pt", "missing (the AE's weights)")
+        try:
+            weights = torch.load(d / "model.pt", map_location="cpu", weights_only=True)
+        except Exception as err:  # unpickling refused (code in the file), truncated zip, not a torch file ...
+            raise BankFolderError(d, "model.pt", f"cannot be read as weights only ({one_line(err, 160)})") from None
+        try:
+            det.model.load_state_dict(weights)
+        except (RuntimeError, TypeError, AttributeError) as err:
+            raise BankFolderError(d, "model.pt", f"does not fit bank.json's sizes ({one_line(err, 160)})") from None
         det.model.to(device).eval()
-        cal = np.load(d / "calibration.npz")
-        det.train_scores = cal["train_scores"]
-        det.precisions = {k: cal[f"precision_{k}"] for k in DOMAINS}
+        dim = meta["input_dim"]
+        cal = read_npz(d, "calibration.npz", ["train_scores", *(f"precision_{k}" for k in DOMAINS)])
+        det.train_scores = finite(d, "calibration.npz", "train_scores", cal["train_scores"], (None,))
+        det.precisions = {k: finite(d, "calibration.npz", f"precision_{k}", cal[f"precision_{k}"], (dim, dim))
+                          for k in DOMAINS}
         det.losses = list(meta["losses"])
-        det.ids = list(meta["ids"])
+        det.ids = [str(i) for i in meta["ids"]]
+        if not len(det.ids) or len(det.train_scores) != len(det.ids):
+            raise BankFolderError(d, "calibration.npz", f"{len(det.train_scores)} train scores for {len(det.ids)} "
+                                                        f"train clips in bank.json")
         return det

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from asd_ray.models.backbones import SAMPLE_RATE, Backbone, BackboneError, autocast_dtype, resolve_device
+from asd_ray.models.hub import check_available
 
 PREPROCESSOR_FILE = "preprocessor_config.json"  # where save_pretrained puts a feature extractor
 
@@ -445,13 +446,12 @@ FAMILIES: dict[str, tuple[type[EncoderBackbone], str]] = {
 }
 
 
-def encoder_family(checkpoint: str):
-    """(transformers config, (adapter, loader class name)) of a checkpoint; reads its config only."""
+def encoder_family(checkpoint: str, setting: str = "embed.backbone"):
+    """(transformers config, (adapter, loader class name)) of a checkpoint (the value of ``setting``); reads its
+    config only. A missing directory or a hub id that cannot be fetched here is a one-line ``BackboneError``."""
     from transformers import AutoConfig
 
-    path = Path(checkpoint)
-    if (path.exists() or checkpoint.startswith((".", "/", "~"))) and not (path / "config.json").is_file():
-        raise BackboneError(f"checkpoint directory {checkpoint!r} not found or has no config.json")
+    check_available(checkpoint, setting)
     try:
         config = AutoConfig.from_pretrained(checkpoint)
     except Exception as err:  # transformers raises OSError, ValueError, KeyError ...
@@ -494,7 +494,7 @@ def open_encoder(checkpoint: str, *, layer: str = "last", pooling: str = "mean",
 def check_finetunable(checkpoint: str) -> None:
     """Masked-prediction fine-tuning masks the frames of a conv feature encoder (``mask_time_indices``): the
     waveform families take it; any other checkpoint is a ``BackboneError`` naming it and its family."""
-    config, (adapter, _) = encoder_family(checkpoint)
+    config, (adapter, _) = encoder_family(checkpoint, "finetune.init")
     if not issubclass(adapter, WaveformBackbone):
         takers = ", ".join(t for t, (a, _) in FAMILIES.items() if issubclass(a, WaveformBackbone))
         raise BackboneError(f"{checkpoint!r} is a {config.model_type!r} checkpoint (spectrogram input): masked-"

@@ -12,11 +12,19 @@ from __future__ import annotations
 
 import copy
 import math
+import pickle
+import re
+import zipfile
+from pathlib import Path
 
 import numpy as np
 import torch
 
+from asd_ray.errors import CheckpointError
 from asd_ray.models.backbones import pool_frames
+
+# What a fine-tuning checkpoint's training_state.pt holds beside the student (saved with save_pretrained).
+TRAINING_STATE_KEYS = ("teacher", "optimizer", "scheduler", "step", "epoch", "batches_in_epoch")
 
 
 def crop_or_tile(waveform: np.ndarray, samples: int, rng: np.random.Generator) -> np.ndarray:
@@ -151,3 +159,25 @@ class MaskedPrediction:
         lengths = torch.full((frames.shape[0],), frames.shape[1], device=frames.device)
         pooled = pool_frames(frames, lengths, l2_normalise=True, pooling="mean")
         return float(pooled.std(dim=0).mean())
+
+
+def load_training_state(path: str | Path, *, mmap: bool = False) -> dict:
+    """A fine-tuning checkpoint's ``training_state.pt`` ({teacher state_dict, optimizer and scheduler state_dicts,
+    step, epoch, batches_in_epoch}: tensors, numbers and containers only) read with ``weights_only=True``, so that
+    a checkpoint folder from elsewhere cannot run code when a run resumes from it: a file that would unpickle
+    anything else is refused with a ``CheckpointError`` naming it, as is one that cannot be read or lacks a part.
+    ``mmap``: tensors stay on disk (a check that reads the file without loading the weights)."""
+    p = Path(path)
+    try:
+        state = torch.load(p, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as err:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+        raise CheckpointError(f"{p}: refused: it holds pickled objects other than tensors and plain data, which could "
+                              f"run code when loaded{' (it calls ' + found.group(1) + ')' if found else ''}; only a "
+                              f"training state saved by asd-ray finetune can be resumed from") from None
+    except (OSError, RuntimeError, EOFError, ValueError, zipfile.BadZipFile) as err:
+        raise CheckpointError(f"{p}: cannot be read as a training state ({' '.join(str(err).split())[:160]})") from None
+    missing = [k for k in TRAINING_STATE_KEYS if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise CheckpointError(f"{p}: not a fine-tuning training state (no {', '.join(missing)})")
+    return state

@@ -173,33 +173,44 @@ def evaluate_scores(scores: Mapping[str, Mapping[str, float]], truth: Truth,
     against ``ground_truth`` output; with ``decisions`` ({machine: {filename: 0/1}}), precision, recall and
     F1 per domain too.
 
-    Every machine of ``truth`` must have scores (and decisions, if given) for exactly its test files: a
-    missing machine, a missing file or an extra file is a MetricError naming it.
+    Every machine of ``truth`` must have scores for exactly its test files, and decisions too where it has any:
+    a missing machine, a missing file or an extra file is a MetricError naming it. As the official evaluator
+    does, a split with a machine that has no decisions gets none of them: its machines are listed under that
+    split's ``machines_without_decisions`` and the other split keeps its own.
     """
     missing = sorted(set(truth) - set(scores))
     if missing:
         raise MetricError(f"no scores for machine(s) {missing}")
-    if decisions is not None and sorted(set(truth) - set(decisions)):
-        raise MetricError(f"no decisions for machine(s) {sorted(set(truth) - set(decisions))}")
-    per_split: dict[str, dict[str, dict]] = {}
-    pooled: dict[str, tuple[list, list]] = {}
+    decisions = decisions or {}
+    rows_of, split_of = {}, {}
     for machine, table in sorted(truth.items()):
         _check_names(machine, "score", table, scores[machine])
-        names = sorted(table)
-        rows = [ClipTruth(*table[n]) for n in names]
-        splits = {t.split for t in rows}
+        rows_of[machine] = [(n, ClipTruth(*table[n])) for n in sorted(table)]
+        splits = {t.split for _, t in rows_of[machine]}
         if len(splits) > 1:
             raise MetricError(f"{machine}: test clips in both {sorted(splits)}; a machine belongs to one split")
-        split = splits.pop()
-        if decisions is not None:
+        split_of[machine] = splits.pop()
+        if machine in decisions:
             _check_names(machine, "decision", table, decisions[machine])
-        s = [scores[machine][n] for n in names]
+    undecided: dict[str, list[str]] = {}
+    for machine, split in split_of.items():
+        if machine not in decisions:
+            undecided.setdefault(split, []).append(machine)
+    per_split: dict[str, dict[str, dict]] = {}
+    pooled: dict[str, tuple[list, list]] = {}
+    for machine, rows in rows_of.items():
+        split = split_of[machine]
+        s = [scores[machine][n] for n, _ in rows]
+        decided = None if split in undecided else [decisions[machine][n] for n, _ in rows]
         per_split.setdefault(split, {})[machine] = machine_metrics(
-            [t.label for t in rows], [t.domain for t in rows], s,
-            None if decisions is None else [decisions[machine][n] for n in names])
-        pooled.setdefault(split, ([], []))[0].extend(t.label for t in rows)
+            [t.label for _, t in rows], [t.domain for _, t in rows], s, decided)
+        pooled.setdefault(split, ([], []))[0].extend(t.label for _, t in rows)
         pooled[split][1].extend(s)
-    return summary({split: split_summary(per, *pooled[split]) for split, per in per_split.items()})
+    splits = {split: split_summary(per, *pooled[split]) for split, per in per_split.items()}
+    if decisions:  # a system that wrote no decision file at all is scored without them, and no more said
+        for split, machines in undecided.items():
+            splits[split]["machines_without_decisions"] = machines
+    return summary(splits)
 
 
 def read_result_dir(result_dir: str | Path, kind: str = "anomaly_score") -> dict[str, dict[str, float]]:
@@ -224,13 +235,11 @@ def evaluate_dir(result_dir: str | Path, data_root: str | Path, machines: Iterab
                  eval_list: str | Path | None = None) -> dict:
     """The ``evaluate`` command: official metrics of a folder of result CSVs against a data root (eval ground
     truth from ``eval_list``, the baseline repo's single list, or the root's per-machine tables). Precision,
-    recall and F1 come in when every machine with ground truth has its ``decision_result_*`` file."""
+    recall and F1 come in for each split whose every machine has its ``decision_result_*`` file."""
     truth = ground_truth(data_root, machines, read_eval_list(eval_list) if eval_list else None)
     if not truth:
         raise MetricError(f"{data_root}: no test clips with known labels")
-    decisions = read_result_dir(result_dir, "decision_result")
-    return evaluate_scores(read_result_dir(result_dir), truth,
-                           decisions if set(truth) <= set(decisions) else None)
+    return evaluate_scores(read_result_dir(result_dir), truth, read_result_dir(result_dir, "decision_result"))
 
 
 _OVER_ALL = "over all machine types, sections, and domains"

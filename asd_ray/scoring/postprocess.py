@@ -51,23 +51,6 @@ def decide(scores: np.ndarray, threshold: float) -> np.ndarray:
     return (np.asarray(scores) > threshold).astype(np.int64)
 
 
-def postprocess(raw: np.ndarray, train_scores: np.ndarray, *, minmax: bool = True, median_window: int = 1,
-                threshold_quantile: float = 0.9) -> tuple[np.ndarray, np.ndarray, float]:
-    """One machine's raw test scores (in stream order) -> (final scores, 0/1 decisions, threshold).
-
-    Keyword names are those of ``PostConfig``. Decisions compare the (median-filtered) raw scores with
-    the gamma threshold of the bank's leave-one-out ``train_scores``; min-max, being monotone, is
-    applied last and the threshold reported on the same scale.
-    """
-    filtered = median_filter(raw, median_window)
-    threshold = gamma_threshold(train_scores, threshold_quantile)
-    decisions = decide(filtered, threshold)
-    if minmax:
-        lo, hi = float(filtered.min()), float(filtered.max())
-        return minmax_scale(filtered), decisions, float(minmax_scale(np.array([threshold]), lo, hi)[0])
-    return filtered, decisions, threshold
-
-
 @dataclass(frozen=True)
 class Calibration:
     """A bank's scale for streams: min-max range and decision threshold of its leave-one-out train scores."""
@@ -81,6 +64,20 @@ def calibrate(train_scores: np.ndarray, threshold_quantile: float = 0.9) -> Cali
     """Calibration from a bank's leave-one-out ``train_scores`` (raw distances): their min, max and gamma threshold."""
     s = np.asarray(train_scores, dtype=np.float64)
     return Calibration(lo=float(s.min()), hi=float(s.max()), threshold=gamma_threshold(s, threshold_quantile))
+
+
+def postprocess(raw: np.ndarray, calibration: Calibration, *, minmax: bool = True
+                ) -> tuple[np.ndarray, np.ndarray, float]:
+    """One machine's raw test scores -> (final scores, 0/1 decisions, threshold on the final scores' scale).
+
+    The batch run's post-processing is the stream's (``StreamPostprocessor`` with no median filter), on the
+    bank's ``calibration``: decisions compare each raw score with its gamma threshold, and min-max maps the
+    range of the bank's leave-one-out train scores to [0, 1] (test scores may fall outside it). So a clip gets
+    the same score and decision from ``asd-ray run``, the fleet and the HTTP service."""
+    raw = np.asarray(raw, dtype=np.float64)
+    c = calibration
+    scores = minmax_scale(raw, c.lo, c.hi) if minmax else raw
+    return scores, decide(raw, c.threshold), output_threshold(c, minmax)
 
 
 def output_threshold(calibration: Calibration, minmax: bool = True) -> float:

@@ -63,7 +63,7 @@ def test_errors_are_clear(tmp_path):
         MemoryBank().fit(TOY).score(np.array([[np.nan, 0]]))
     with pytest.raises(BankError, match="metric"):
         MemoryBank(metric="manhattan")
-    with pytest.raises(BankError, match="bank.json missing"):
+    with pytest.raises(BankError, match="bank.json: missing"):
         load_detector(tmp_path)
 
 

@@ -1,5 +1,7 @@
 """Pre-processing: every bad-input case from the foundation issue, and the normal path."""
 
+import errno
+
 import numpy as np
 import pytest
 
@@ -82,7 +84,36 @@ def test_shorter_than_minimum_length(make_wav, make_tone):
 
 
 def test_missing_file(tmp_path):
-    assert "cannot decode" in _error(tmp_path / "missing.wav")
+    assert _error(tmp_path / "missing.wav") == f"file not found: {tmp_path / 'missing.wav'}"
+
+
+def test_a_clip_that_cannot_be_opened_for_lack_of_permission_says_so(make_wav, make_tone, monkeypatch):
+    """Tests run as root, whom chmod 000 does not stop: the open that the decoder does itself is refused instead,
+    as the kernel refuses it to another user (libsndfile, opening the file itself, said only "System error.")."""
+    from asd_ray.data import audio
+
+    locked, free = make_wav("locked.wav", make_tone()), make_wav("free.wav", make_tone())
+
+    def refuse(path, *args, **kwargs):
+        if str(path) == str(locked):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return open(path, *args, **kwargs)
+
+    monkeypatch.setattr(audio, "open", refuse, raising=False)
+    assert _error(locked) == f"permission denied: {locked}"
+    assert audio.try_preprocess(str(locked)) == (None, f"permission denied: {locked}")
+    assert audio.try_preprocess(str(free))[1] == ""
+
+
+def test_a_directory_is_not_decoded(tmp_path):
+    (tmp_path / "dir.wav").mkdir()
+    assert _error(tmp_path / "dir.wav") == f"a directory, not a sound file: {tmp_path / 'dir.wav'}"
+
+
+def test_decode_errors_name_no_file_object(tmp_path):
+    p = tmp_path / "text.wav"
+    p.write_text("hello")
+    assert _error(p) == "cannot decode: Format not recognised."
 
 
 def test_trim_removes_silent_ends_but_keeps_minimum():

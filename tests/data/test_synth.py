@@ -70,8 +70,9 @@ def test_synth_command_eval_machines_flag(tmp_path):
     assert sorted(p.name for p in (tmp_path / "all/eval_data/raw").iterdir()) == sorted(EVAL_MACHINES)
     assert main(["synth", "--out", str(tmp_path / "two"), *small, "--eval-machines", "ToyPet", "Polisher"]) == 0
     assert sorted(p.name for p in (tmp_path / "two/eval_data/raw").iterdir()) == ["Polisher", "ToyPet"]
-    assert main(["synth", "--out", str(tmp_path / "none"), *small, "--no-eval-machines"]) == 0
+    assert main(["synth", "--out", str(tmp_path / "none"), *small]) == 0  # eval machines only when asked
     assert not (tmp_path / "none/eval_data").exists() and not (tmp_path / "none" / EVAL_LIST).exists()
+    assert [p.name for p in (tmp_path / "none/dev_data/raw").iterdir()] == ["fan"]
 
 
 def test_deterministic_per_seed(tmp_path):

@@ -20,6 +20,18 @@ def test_cluster_yaml_passes_ray_validation():
     assert any("pip install" in c and "asd-ray" in c for c in config["setup_commands"])
 
 
+def test_the_dashboard_listens_on_loopback_and_every_node_uses_token_auth():
+    """The dashboard's job API runs code: bound to the head's 127.0.0.1 (reached through `ray dashboard`'s SSH
+    forward), never 0.0.0.0; each node starts Ray with RAY_AUTH_MODE=token and gets the token file."""
+    config = yaml.safe_load(CLUSTER_YAML.read_text())
+    head = [c for c in config["head_start_ray_commands"] if "ray start" in c]
+    assert len(head) == 1 and "--dashboard-host=127.0.0.1" in head[0] and "0.0.0.0" not in CLUSTER_YAML.read_text()
+    workers = [c for c in config["worker_start_ray_commands"] if "ray start" in c]
+    assert all(c.startswith("RAY_AUTH_MODE=token ray start") for c in head + workers) and workers
+    assert config["file_mounts"]["/home/ubuntu/.ray/auth_token"] == "~/.ray/auth_token"
+    assert "disabled" not in CLUSTER_YAML.read_text()
+
+
 def test_validation_rejects_a_misspelt_key():
     import pytest
     from ray.autoscaler._private.util import prepare_config, validate_config

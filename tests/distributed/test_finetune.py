@@ -14,7 +14,7 @@ import numpy as np
 from asd_ray.config import RunConfig, load_config
 from asd_ray.distributed.finetune import finetune
 from asd_ray.models.backbones import load_backbone
-from tiny import NOT_FILES, entries_named_like_clips
+from tiny import NOT_FILES, WritesAMarker, entries_named_like_clips
 
 
 def _train_worker_pids():
@@ -79,3 +79,28 @@ def test_finetune_learns_survives_a_killed_worker_and_gives_a_backbone(ray_local
     for name, reason in NOT_FILES.items():  # in the train folder and in the test folder: listed, not lost
         assert reason in unused[name]
     assert "matches no DCASE naming form" in unused["clip recorded tuesday.wav"]
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_before_ray_starts(tiny_hubert, tmp_path, monkeypatch, capsys):
+    """A run folder holding a checkpoint whose training_state.pt would unpickle code (a folder from elsewhere, or
+    tampered with): resuming it is refused in one line naming the file, the code does not run, Ray is not started."""
+    import torch
+
+    from asd_ray.cli import main
+    from asd_ray.distributed import finetune as finetune_module
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("Ray started")
+
+    monkeypatch.setattr(finetune_module, "ensure_ray", no_ray)
+    marker, name = tmp_path / "code-ran", "ft-from-elsewhere"
+    state = tmp_path / "store" / name / "checkpoint_2026-01-01_00-00-00.000000" / "training_state.pt"
+    state.parent.mkdir(parents=True)
+    torch.save({"teacher": {}, "optimizer": {}, "scheduler": {"hook": WritesAMarker(marker)}, "step": 3, "epoch": 0,
+                "batches_in_epoch": 3}, state)
+    code = main(["finetune", "--data", str(tmp_path), "--init", str(tiny_hubert), "--set",
+                 f"finetune.storage_path={tmp_path / 'store'}", "--set", f"finetune.name={name}"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1
+    assert err.startswith(f"asd-ray finetune: error: {state}: refused: it holds pickled objects other than tensors")
+    assert not marker.exists()

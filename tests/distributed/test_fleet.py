@@ -2,6 +2,7 @@
 
 import asyncio
 import csv
+import re
 import uuid
 from pathlib import Path
 
@@ -272,7 +273,7 @@ def test_a_simulated_fleet_of_the_default_frame_detector_sends_real_test_clips(r
         ray_local.kill(ray_local.get_actor(actor_name(machine), namespace=config.fleet.namespace), no_restart=True)
 
 
-def test_config_k_changes_fleet_scores_as_it_changes_run_scores(ray_local, tiny_corpus, tmp_path, caplog):
+def test_config_k_changes_fleet_scores_as_it_changes_run_scores(ray_local, tiny_corpus, tmp_path, caplog, capsys):
     """`serve-fleet --set bank.k=5` over banks saved with k = 3 scores as `asd-ray run --set bank.k=5` does,
     and says which settings came from the config and which from the saved bank."""
     from asd_ray.cli import main
@@ -287,11 +288,15 @@ def test_config_k_changes_fleet_scores_as_it_changes_run_scores(ray_local, tiny_
                  "--out", str(tmp_path / "fleet"), *sets]) == 0
     with open(tmp_path / "fleet" / "streams.csv") as fh:
         rows = {(r["machine"], r["clip"].rsplit("/", 1)[1]): r for r in csv.DictReader(fh)}
+    bars = [line for line in re.split(r"[\r\n]", capsys.readouterr().err) if line.startswith(("fleet", "scoring"))]
+    assert bars[-1].startswith("scoring") and f"{len(rows)}/{len(rows)}" in bars[-1]  # a bar while it scores
     for machine, res in k5.results.items():
         got = np.array([float(rows[machine, f]["raw_score"]) for f in res.filenames])
         np.testing.assert_allclose(got, res.raw_scores, rtol=1e-6)
         assert not np.allclose(got, k3.results[machine].raw_scores, rtol=1e-3)  # k = 5 did change them
         assert [int(rows[machine, f]["decision"]) for f in res.filenames] == res.decisions.tolist()
+        # and the final scores of the run's CSVs: one post-processor on the bank's calibration
+        np.testing.assert_allclose([float(rows[machine, f]["score"]) for f in res.filenames], res.scores, rtol=1e-6)
     log = caplog.text
     assert "bank.k=5 (config)" in log and "bank.metric=euclidean (saved bank)" in log
     assert "post.median_window=1 (default)" in log

@@ -1,5 +1,6 @@
-"""`ray job submit` to a local head these tests start (and stop): jobs/run.py writes the official CSVs;
-jobs/serve.py deploys the HTTP scoring service, which answers, and stops it again."""
+"""`ray job submit` to a local head these tests start (and stop), with Ray's token authentication as
+docs/security.md sets it up: jobs/run.py writes the official CSVs; jobs/serve.py deploys the HTTP scoring
+service, which answers, and stops it again; a client without the token is refused."""
 
 import json
 import os
@@ -42,10 +43,13 @@ def _free_ports(n):
 @pytest.fixture(scope="module")
 def ray_head(tmp_path_factory):
     """A second Ray (head + dashboard with the Jobs server) in its own process group, killed with it after; the
-    tests of this module share it (a head starts in tens of seconds on 2 cores)."""
+    tests of this module share it (a head starts in tens of seconds on 2 cores). Token authentication on, as
+    docs/security.md says: the head and the clients get RAY_AUTH_MODE=token and the token (here in RAY_AUTH_TOKEN,
+    a fresh one, so that ~/.ray/auth_token is neither needed nor written)."""
     tmp_path = tmp_path_factory.mktemp("head")
     gcs, dash, agent, agent_grpc, client, metrics, runtime_env = _free_ports(7)
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+    env = {**{k: v for k, v in os.environ.items() if k not in ("RAY_AUTH_TOKEN_PATH", "RAY_ADDRESS")},
+           "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": uuid.uuid4().hex + uuid.uuid4().hex, "RAY_USAGE_STATS_ENABLED": "0"}
     log = open(tmp_path / "head.log", "w")
     head = subprocess.Popen(
         [*RAY, "start", "--head", "--block", f"--port={gcs}", "--include-dashboard=true", f"--dashboard-port={dash}",
@@ -73,13 +77,23 @@ def submit(ray_head, *job, timeout=300) -> str:
     """``ray job submit`` of ``job`` (run by the tests' interpreter) with this repository as its working dir;
     -> what the job printed. Fails unless the job succeeded."""
     address, env = ray_head
-    cmd = [*RAY, "job", "submit", "--address", address, "--working-dir", str(REPO),
-           "--runtime-env-json", json.dumps({"env_vars": {"RAY_AUTH_MODE": "disabled"}}), "--",
-           sys.executable, *map(str, job)]
+    cmd = [*RAY, "job", "submit", "--address", address, "--working-dir", str(REPO), "--", sys.executable, *map(str, job)]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "succeeded" in done.stdout + done.stderr
     return done.stdout + done.stderr
+
+
+def test_a_client_without_the_token_is_refused(ray_head, tmp_path):
+    """The head runs with token auth: a submit without the token, or with another one, runs nothing."""
+    address, env = ray_head
+    marker = tmp_path / "ran"
+    for client in ({k: v for k, v in env.items() if k not in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")},
+                   {**env, "RAY_AUTH_TOKEN": "0" * 64}):
+        done = subprocess.run([*RAY, "job", "submit", "--address", address, "--", sys.executable, "-c",
+                               f"open({str(marker)!r}, 'w')"], env=client, capture_output=True, text=True, timeout=120)
+        assert done.returncode != 0 and "authentication token" in done.stdout + done.stderr
+    assert not marker.exists()
 
 
 @pytest.mark.timeout(400)

@@ -251,7 +251,7 @@ def test_warm_up_runs_the_pipeline_tasks_stages_on_a_dummy_clip(ray_local, detec
 
     config = load_config(RunConfig, None, [f"detector={detector}"])
     then, cpus, batch_size = pipeline_tasks(config)
-    assert batch_size == 16  # embed.batch_size for clip embeddings, FRAME_BATCH for frames
+    assert batch_size == 16  # embed.batch_size, for clip embeddings and frames alike
     assert cpus == 1.0 and [fn.__name__ for fn, _ in then] == ["embed_in_task" if detector == "knn" else "frames_batch"]
     assert ray.get(warm_pipeline(config), timeout=120) == ["", ""]  # one per CPU of the session's two
 

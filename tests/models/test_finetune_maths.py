@@ -4,8 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from asd_ray.models.finetune import (MaskedPrediction, augment, crop_or_tile, mix_noise, prepare_student, span_mask,
-                                     time_stretch, warmup_cosine)
+from asd_ray.errors import CheckpointError
+from tiny import WritesAMarker
+from asd_ray.models.finetune import (MaskedPrediction, augment, crop_or_tile, load_training_state, mix_noise,
+                                     prepare_student, span_mask, time_stretch, warmup_cosine)
 
 
 def test_span_mask_covers_about_the_asked_share():
@@ -53,3 +55,62 @@ def test_masked_prediction_starts_with_a_loss_and_moves_the_teacher_only_with_em
     moved = any(not torch.equal(a, b) for a, b in zip(before, mp.teacher.parameters()))
     assert moved == (teacher == "ema")
     assert mp.collapse_monitor(x) > 0 and student.training
+
+
+def _training_state(steps: int = 3) -> tuple[dict, torch.nn.Module]:
+    """The training state as the fine-tuning loop saves it, of a small model after a few AdamW steps."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, 2, 10))
+    for _ in range(steps):
+        opt.zero_grad()
+        model(torch.randn(8, 4)).pow(2).mean().backward()
+        opt.step()
+        sched.step()
+    return {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": steps, "epoch": 1,
+            "batches_in_epoch": 2, "teacher": model.state_dict()}, model
+
+
+def test_a_saved_training_state_resumes_with_weights_only(tmp_path):
+    state, model = _training_state()
+    torch.save(state, tmp_path / "training_state.pt")
+    loaded = load_training_state(tmp_path / "training_state.pt")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, 2, 10))
+    opt.load_state_dict(loaded["optimizer"])
+    sched.load_state_dict(loaded["scheduler"])
+    assert sched.last_epoch == 3 and sched.get_last_lr() == state["scheduler"]["_last_lr"]
+    for a, b in zip(opt.state_dict()["state"].values(), state["optimizer"]["state"].values()):
+        assert all(torch.equal(a[k], b[k]) for k in ("step", "exp_avg", "exp_avg_sq"))
+    assert (loaded["step"], loaded["epoch"], loaded["batches_in_epoch"]) == (3, 1, 2)
+    assert torch.equal(load_training_state(tmp_path / "training_state.pt", mmap=True)["teacher"]["weight"],
+                       model.weight.detach())
+
+
+def test_a_training_state_that_would_run_code_is_refused_and_runs_nothing(tmp_path):
+    marker = tmp_path / "code-ran"
+    state, _ = _training_state(1)
+    path = tmp_path / "checkpoint_0" / "training_state.pt"
+    path.parent.mkdir()
+    torch.save({**state, "scheduler": {**state["scheduler"], "hook": WritesAMarker(marker)}}, path)
+    for mmap in (False, True):
+        with pytest.raises(CheckpointError, match=f"{path}: refused: it holds pickled objects other than tensors "
+                                                  f"and plain data, which could run code when loaded \\(it calls "
+                                                  f"[a-z.]*open\\)"):
+            load_training_state(path, mmap=mmap)
+    assert not marker.exists()
+    torch.load(path, weights_only=False)  # what the loader did before: the file's code runs
+    assert marker.exists()
+
+
+def test_a_truncated_or_foreign_training_state_is_named(tmp_path):
+    state, _ = _training_state(1)
+    torch.save(state, tmp_path / "ok.pt")
+    data = (tmp_path / "ok.pt").read_bytes()
+    (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="cut.pt: cannot be read as a training state"):
+        load_training_state(tmp_path / "cut.pt")
+    torch.save({"step": 1}, tmp_path / "other.pt")
+    with pytest.raises(CheckpointError, match="other.pt: not a fine-tuning training state \\(no teacher, optimizer"):
+        load_training_state(tmp_path / "other.pt")

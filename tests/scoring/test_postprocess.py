@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import scipy.stats
 
-from asd_ray.scoring.postprocess import decide, gamma_threshold, median_filter, minmax_scale, postprocess
+from asd_ray.scoring.postprocess import (StreamPostprocessor, calibrate, decide, gamma_threshold, median_filter,
+                                         minmax_scale, postprocess)
 
 
 def test_minmax():
@@ -29,13 +30,20 @@ def test_gamma_threshold_recovers_the_90th_percentile():
         gamma_threshold(np.ones(10))
 
 
-def test_postprocess_orders_filter_threshold_minmax():
+def test_batch_postprocess_is_the_streams_on_the_banks_calibration():
+    """The batch run's scores and decisions are what a stream (window 1) gives each clip, to the last bit."""
     train = scipy.stats.gamma(a=3.0, scale=1.0).rvs(size=500, random_state=np.random.default_rng(2))
     raw = np.array([0.5, 1.0, 12.0, 1.5, 20.0, 2.0])
-    scores, decisions, thr = postprocess(raw, train, minmax=True, median_window=1)
-    assert scores.min() == 0.0 and scores.max() == 1.0
+    cal = calibrate(train)
+    scores, decisions, thr = postprocess(raw, cal, minmax=True)
     assert decisions.tolist() == decide(raw, gamma_threshold(train)).tolist() == [0, 0, 1, 0, 1, 0]
     assert ((scores > thr) == decisions.astype(bool)).all()
+    assert scores.tolist() == ((raw - train.min()) / (train.max() - train.min())).tolist()  # the train range
+    stream = StreamPostprocessor(cal, minmax=True)
+    assert [stream.push(r) for r in raw] == list(zip(scores.tolist(), decisions.tolist()))
+    assert thr == stream.threshold
+    raw_scores, _, raw_thr = postprocess(raw, cal, minmax=False)
+    assert raw_scores.tolist() == raw.tolist() and raw_thr == cal.threshold
 
 
 def test_stream_postprocessor_is_a_causal_median_on_the_calibration_scale():

@@ -1,0 +1,47 @@
+"""The README stays short and keeps the two set-up commands; every relative link of README.md and docs/*.md leads
+to a file of this repository (and to a heading there when it names one), and nothing points outside it."""
+
+import re
+from pathlib import Path
+
+CHECKOUT = Path(__file__).resolve().parents[1]
+PAGES = [CHECKOUT / "README.md", *sorted((CHECKOUT / "docs").glob("*.md"))]
+LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
+
+
+def prose(text: str) -> str:
+    """The text outside fenced code blocks and inline code spans (where `[a](b)` is no link)."""
+    text = re.sub(r"^```.*?^```", "", text, flags=re.S | re.M)
+    return re.sub(r"`[^`\n]*`", "", text)
+
+
+def anchors(page: Path) -> set[str]:
+    """GitHub's anchors of a page's headings: lower case, punctuation but '-' and '_' dropped, spaces to '-'."""
+    headings = re.findall(r"^#{1,6} (.+)$", re.sub(r"^```.*?^```", "", page.read_text(), flags=re.S | re.M), re.M)
+    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in headings}
+
+
+def test_readme_is_short_and_keeps_the_two_commands():
+    text = (CHECKOUT / "README.md").read_text()
+    assert len(text.splitlines()) <= 260
+    assert "python3 -m pip install -e '.[dev]' && asd-ray run --out runs/demo" in text
+    assert "python3 -m pytest -q" in text
+    assert len(PAGES) >= 6  # README plus the guides it sends a reader to
+
+
+def test_every_relative_link_resolves_inside_the_repository():
+    checked = 0
+    for page in PAGES:
+        text = page.read_text()
+        assert "../" not in text, f"{page.name} points outside its folder"
+        for target in LINK.findall(prose(text)):
+            if re.match(r"[a-z]+:", target):  # http:, https:, mailto:
+                continue
+            path, _, anchor = target.partition("#")
+            dest = (page.parent / path).resolve() if path else page
+            assert dest.is_relative_to(CHECKOUT), f"{page.name}: {target} leaves the repository"
+            assert dest.is_file(), f"{page.name}: {target} is no file"
+            if anchor:
+                assert anchor in anchors(dest), f"{page.name}: {target}: no such heading in {dest.name}"
+            checked += 1
+    assert checked >= 20
