@@ -185,9 +185,11 @@ def cmd_serve_fleet(args) -> int:
 def cmd_serve(args) -> int:
     from asd_ray.distributed import service, streams
     from asd_ray.distributed.fleet import check_saved_banks
+    from asd_ray.distributed.http_requests import check_write_access
 
     overrides = [*args.overrides, *([f"serve.host={args.host}"] if args.host else []),
-                 *([f"serve.port={args.port}"] if args.port else [])]
+                 *([f"serve.port={args.port}"] if args.port else []),
+                 *(["serve.allow_unauthenticated_writes=true"] if args.allow_unauthenticated_writes else [])]
     config = run_config(args.config, overrides)
     given = given_keys(args.config, overrides)
     if args.stop:
@@ -203,13 +205,19 @@ def cmd_serve(args) -> int:
               f"{', '.join(done['banks']) or 'none running'}")
         return 0
     check_saved_banks(args.banks, n_mels=config.frames.n_mels)  # a missing folder or a bad bank: an error before Ray
+    s = config.serve
+    try:
+        check_write_access(s.token, s.allow_unauthenticated_writes, s.host)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     started = service.start_ray(config)
     # the banks load and take the settings, or the error now; detached, they outlive this command on a cluster
     streams.fleet_banks(args.banks, config, given=given, detached=True)
     service.deploy(args.banks, config, given)
-    s = config.serve
+    writes = ("POST /normals refused without a token: set serve.token" if not s.allow_unauthenticated_writes else
+              "POST /normals open to every local user (--allow-unauthenticated-writes)")
     print(f"scoring service {s.app_name!r} at http://{s.host}:{s.port} (Serve's HTTP proxy); "
-          f"{'a bearer token is required' if s.token else 'no token required'}")
+          f"{'a bearer token is required' if s.token else 'no token required; ' + writes}")
     direct = [u for u in service.replica_urls(s.app_name, s.host) if not u.endswith(f":{s.port}")]
     if direct:
         print(f"replicas answer directly (Serve's direct ingress, the fast path) at {' '.join(direct)}")

@@ -176,6 +176,10 @@ def _add_serve(sub):
     p.add_argument("--host", help=f"address to listen on (= --set serve.host=; default: {config_default('serve.host')})")
     p.add_argument("--port", type=int,
                    help=f"port of Serve's HTTP proxy (= --set serve.port=; default: {config_default('serve.port')})")
+    p.add_argument("--allow-unauthenticated-writes", action="store_true",
+                   help="without serve.token, let POST /normals change the banks anyway; only with a loopback "
+                        "--host (127.0.0.1), where only this machine's users reach it "
+                        "(= --set serve.allow_unauthenticated_writes=true)")
     p.add_argument("--block", action="store_true",
                    help="keep this command running after deploying on a running Ray (a Ray this command starts "
                         "itself always runs until Ctrl-C)")

@@ -188,10 +188,18 @@ class ServeConfig:
     host: str = "127.0.0.1"  # where Serve's HTTP proxy (and, with direct_ingress, each replica) listens
     port: int = 8000  # the proxy's port; with direct_ingress, replicas listen on port + 1, port + 2 ...
     token: str = ""  # a bearer token every request must carry (Authorization: Bearer <token>); empty: none
+    # Without a token, POST /normals (it writes to the banks) is refused unless this is on, and it may be on
+    # only with a loopback host (127.x): anyone who reaches the port could otherwise change the banks.
+    allow_unauthenticated_writes: bool = False
     replicas: int = 1  # Serve replicas, each with its own router over the shared bank actors
     replica_cpus: float = 0.5  # CPUs reserved per replica (its HTTP parsing and router)
     max_ongoing_requests: int = 1024  # per replica; beyond, Serve answers 503
-    max_body_bytes: int = 16 * 2**20  # a larger body is answered 413 (a 10 s 16 kHz 16-bit WAV is 320 kB)
+    # A larger body is answered 413 (a 10 s 16 kHz 16-bit WAV is 320 kB); in a Ray that `asd-ray serve` starts,
+    # Serve's own HTTP servers stop reading a body there too (docs/service.md)
+    max_body_bytes: int = 16 * 2**20
+    # A sound file longer than this is answered 422, refused while it is decoded (never more is read; a few kB
+    # of FLAC can hold hours). DCASE clips are 6-18 s. 0: no limit.
+    max_audio_seconds: float = 60.0
     timeout_s: float = 30.0  # a request without a score by then is answered 503 (a bank actor restarting)
     follow_s: float = 1.0  # how often a replica hands its counts to the metrics and looks for banks changed by another
     access_log: bool = False  # Serve's log line per request (in the replicas' log files)

@@ -14,9 +14,11 @@ Figures: requests/s, p50/p99 latency, the answers by status and the CPU time per
 below this one (client, Ray, bank and embedding actors, Serve), for
 - the in-process router (`Router.submit` in this process, the same bank and embedding actors),
 - HTTP: embedding bodies (binary float32) to a replica directly and through Serve's proxy; WAV bodies,
-- faults: a bank actor killed during the embedding load (1 replica), then one of 2 replicas killed. The
-  client retries a request whose connection broke (on another replica) or that was answered 503, and
-  counts both; "lost" counts requests that never got an answer other than those.
+- faults: a bank actor killed during the embedding load (1 replica); the only replica killed while the
+  clients keep to its direct address, then while they keep to the proxy's (``--restart-seconds`` loads: does
+  the address a client was given survive the restart?); then one of 2 replicas killed. The client retries a
+  request whose connection broke (on another replica) or that was answered 503, and counts both; "lost"
+  counts requests that never got an answer other than those.
 """
 
 from __future__ import annotations
@@ -117,10 +119,11 @@ async def _exchange(reader, writer, request: bytes) -> tuple[int, bytes]:
 
 
 async def http_load(urls: list[str], requests: list[bytes], *, connections: int, seconds: float, max_requests: int,
-                    retries: int = 20, during=None) -> dict:
+                    retries: int = 20, retry_sleep: float = 0.05, during=None) -> dict:
     """Closed loop over keep-alive connections (connection i starts on ``urls[i % len(urls)]``); each sends
     ``requests`` round-robin from its own offset. A broken connection or a 503 is retried (another URL
-    next time), up to ``retries`` times, and counted. ``during``: a coroutine run alongside (a fault)."""
+    next time) after ``retry_sleep`` s, up to ``retries`` times, and counted. ``during``: a coroutine run
+    alongside (a fault)."""
     tally, sent = Tally(), [0]
     deadline = time.perf_counter() + seconds
     targets = [urlsplit(u) for u in urls]
@@ -146,13 +149,13 @@ async def http_load(urls: list[str], requests: list[bytes], *, connections: int,
                         tally.lost += 1
                         break
                     tally.retried_connection += 1
-                    await asyncio.sleep(0.05)
+                    await asyncio.sleep(retry_sleep)
                     continue
                 if status == 503 and attempt < retries:
                     tally.retried_503 += 1
                     reason = json.loads(body).get("error", "")[:80] if body.startswith(b"{") else body[:80].decode()
                     tally.reasons_503[reason] = tally.reasons_503.get(reason, 0) + 1
-                    await asyncio.sleep(0.05)
+                    await asyncio.sleep(retry_sleep)
                     continue
                 tally.statuses[status] = tally.statuses.get(status, 0) + 1
                 tally.latencies.append(time.perf_counter() - t0)
@@ -223,6 +226,30 @@ def answers(url: str) -> bool:
         return False
 
 
+def replica_restart(urls: list[str], replica_url: str, requests: list[bytes], load: dict) -> dict:
+    """The only replica killed (Serve starts another) during a load whose clients keep to ``urls`` (the
+    replica's direct address, or the proxy's): every refused connection is retried on the same address every
+    0.1 s for up to 90 s. -> the load's figures, the replica's direct addresses before and after."""
+    from ray.serve._private.constants import SERVE_NAMESPACE  # where Serve names its replica actors
+
+    import ray
+    from asd_ray.distributed import service
+
+    before = sorted(service.replica_urls("load", "127.0.0.1"))
+    victim = get_json(replica_url + "/healthz")
+
+    async def kill_replica():
+        await asyncio.sleep(load["seconds"] / 4)
+        ray.kill(ray.get_actor(victim["replica"], namespace=SERVE_NAMESPACE), no_restart=False)
+
+    figures = asyncio.run(http_load(urls, requests, **load, retries=900, retry_sleep=0.1, during=kill_replica))
+    deadline = time.time() + 120
+    while time.time() < deadline and not answers(replica_url):
+        time.sleep(1)
+    return {"client_urls": urls, "killed": victim["replica"], "replica_urls_before": before,
+            "replica_urls_after": sorted(service.replica_urls("load", "127.0.0.1")), **figures}
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--seconds", type=float, default=10.0, help="length of each load")
@@ -231,6 +258,8 @@ def main() -> None:
     p.add_argument("--wav-connections", type=int, default=8)
     p.add_argument("--port", type=int, default=18200)
     p.add_argument("--skip-faults", action="store_true")
+    p.add_argument("--restart-seconds", type=float, default=40.0,
+                   help="length of each load during which the only replica is killed and restarted")
     p.add_argument("--work", type=Path, help="folder for the corpus and banks (kept; reused when there)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="config overrides for the router and the service, e.g. fleet.max_wait_ms=5")
@@ -250,7 +279,7 @@ def main() -> None:
     sets = [f"serve.port={args.port}", "serve.app_name=load", *args.overrides]
     config = load_config(RunConfig, None, sets)
     service.direct_ingress_env(args.port)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     out: dict = {"machine": f"{platform.machine()}, {os.cpu_count()} cores", "ray_cpus": 2,
                  "load_average_at_start": os.getloadavg(), "connections": args.connections,
                  "seconds_per_load": args.seconds, "max_requests_per_load": args.max_requests, "overrides": sets}
@@ -293,6 +322,10 @@ def main() -> None:
         out["fault_bank_actor_killed"] = asyncio.run(http_load(fast, embedding_requests(fast[0], queries),
                                                                **load, during=kill_bank))
         print(json.dumps(out["fault_bank_actor_killed"]), flush=True)
+        for path, urls in (("direct", fast), ("proxy", [proxy])):
+            out[f"fault_replica_restarted_{path}"] = replica_restart(
+                urls, fast[0], embedding_requests(urls[0], queries), {**load, "seconds": args.restart_seconds})
+            print(json.dumps(out[f"fault_replica_restarted_{path}"]), flush=True)
 
         service.deploy(banks, load_config(RunConfig, None, sets + ["serve.replicas=2"]))
         urls = []

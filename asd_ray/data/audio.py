@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import io
+import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +45,11 @@ def source_name(source: str | Path | bytes) -> str:
 # Why a file cannot be opened, by the OSError that opening it raised (libsndfile says "System error." for all).
 _OPEN_ERRORS = ((PermissionError, "permission denied"), (FileNotFoundError, "file not found"),
                 (IsADirectoryError, "a directory, not a sound file"))
+# Decoded float32 values a second of audio may take under a decode limit: 8 channels at 16 kHz (MIMII's
+# recordings), or stereo at 64 kHz. A file of a higher rate or more channels gets proportionally fewer seconds.
+DECODE_VALUES_PER_SECOND = 8 * 16_000
+_UNKNOWN_LENGTH = 2**62  # libsndfile's frame count for a stream whose header gives none (a FLAC without it)
+_REPR = re.compile(r"<[\w.]+ object at 0x[0-9a-fA-F]+>")
 
 
 def unopenable(err: OSError, path: str | Path) -> str:
@@ -54,29 +60,52 @@ def unopenable(err: OSError, path: str | Path) -> str:
     return f"cannot open: {err.strerror or err}"
 
 
-def decode(source: str | Path | bytes) -> tuple[np.ndarray, int]:
+def _decode_error(err: Exception) -> str:
+    """libsndfile's reason without Python's repr of the file object it was given (``<_io.BytesIO object at ...>``)."""
+    reason = getattr(err, "error_string", None) or str(err)  # soundfile.LibsndfileError: the reason alone
+    return _REPR.sub("the sound file", reason)
+
+
+def decode(source: str | Path | bytes, decode_limit_s: float = 0.0) -> tuple[np.ndarray, int]:
     """Read a sound file (its path, or its bytes) -> (samples x channels float32, sample rate). Raises ClipError.
 
     A path is opened here, not by libsndfile, whose error for every file it cannot open (no permission, gone)
-    is "System error."."""
+    is "System error.".
+
+    ``decode_limit_s`` > 0: a file of more than that many seconds (or more than ``decode_limit_s *
+    DECODE_VALUES_PER_SECOND`` samples over all channels) is refused while it is read: its header is checked
+    first, and never more than the limit (plus one frame) is decoded, whatever the header claims. A small
+    compressed body cannot make the reader allocate more."""
+    name = source_name(source)
     try:
         stream = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else open(source, "rb")
     except OSError as err:
-        raise ClipError(source_name(source), unopenable(err, source)) from None
+        raise ClipError(name, unopenable(err, source)) from None
     try:
-        with stream:
-            # a file by its descriptor: libsndfile reads it itself (through a Python file object: 1-2 ms more per
-            # 10 s clip)
-            data, rate = sf.read(stream if isinstance(stream, io.BytesIO) else stream.fileno(), closefd=False,
-                                 dtype="float32", always_2d=True)
+        # a file by its descriptor: libsndfile reads it itself (through a Python file object: 1-2 ms more per
+        # 10 s clip)
+        with stream, sf.SoundFile(stream if isinstance(stream, io.BytesIO) else stream.fileno(), closefd=False) as f:
+            rate, channels = int(f.samplerate), max(1, int(f.channels))
+            if decode_limit_s > 0:
+                limit = int(min(decode_limit_s * rate, decode_limit_s * DECODE_VALUES_PER_SECOND // channels))
+                over = (f"more than the decode limit of {decode_limit_s:g} s "
+                        f"({limit} frames at {rate} Hz x {channels} channels)")
+                if _UNKNOWN_LENGTH > f.frames > limit:  # the header says so: refused before a sample is read
+                    raise ClipError(name, f"{over}: its header says {f.frames} frames")
+                data = f.read(frames=limit + 1, dtype="float32", always_2d=True)
+                if len(data) > limit:  # a stream of unknown length (or a header that understates it)
+                    raise ClipError(name, f"{over}: more frames than that follow")
+            else:
+                data = f.read(dtype="float32", always_2d=True)
+    except ClipError:
+        raise
     except Exception as err:  # libsndfile reports corrupt, truncated and non-audio files alike
-        why = getattr(err, "error_string", None) or err  # its own words, without the file object's repr
-        raise ClipError(source_name(source), f"cannot decode: {why}") from None
+        raise ClipError(name, f"cannot decode: {_decode_error(err)}") from None
     if data.size == 0:
-        raise ClipError(source_name(source), "empty: no samples")
+        raise ClipError(name, "empty: no samples")
     if not np.isfinite(data).all():
-        raise ClipError(source_name(source), f"{int((~np.isfinite(data)).sum())} NaN/Inf samples")
-    return data, int(rate)
+        raise ClipError(name, f"{int((~np.isfinite(data)).sum())} NaN/Inf samples")
+    return data, rate
 
 
 def downmix(samples: np.ndarray) -> np.ndarray:
@@ -151,13 +180,15 @@ def trim_silence(waveform: np.ndarray, *, rate: int = 16_000, top_db: float = 60
 
 def preprocess_clip(path: str | Path | bytes, *, sample_rate: int = 16_000, target_lufs: float = -23.0,
                     loudness_normalise: bool = True, trim: bool = True, trim_top_db: float = 60.0,
-                    trim_frame: int = 1024, min_seconds: float = 1.0, max_seconds: float = 0.0) -> Clip:
+                    trim_frame: int = 1024, min_seconds: float = 1.0, max_seconds: float = 0.0,
+                    decode_limit_s: float = 0.0) -> Clip:
     """Decode and pre-process one file (a path, or a sound file's bytes). Keyword names are those of
-    ``PreprocessConfig``.
+    ``PreprocessConfig``, and ``decode_limit_s`` (``decode``: longer files are refused while they are read;
+    the HTTP service's ``serve.max_audio_seconds``).
 
     Returns a mono float32 Clip at ``sample_rate``. Raises ClipError for unusable files.
     """
-    data, rate = decode(path)
+    data, rate = decode(path, decode_limit_s)
     flags = []
     if data.shape[1] > 1:
         flags.append(f"downmixed:{data.shape[1]}ch")

@@ -258,16 +258,23 @@ def _object_array(items: Sequence) -> np.ndarray:
     return out
 
 
+def _preprocess_kwargs(preprocess: PreprocessConfig, decode_limit_s: float) -> dict:
+    return {**dataclasses.asdict(preprocess), "decode_limit_s": decode_limit_s}
+
+
 def start_frame_embedders(frames: FramesConfig, preprocess: PreprocessConfig, *, num_actors: int = 1,
-                          actor_cpus: float = 0.5) -> list:
+                          actor_cpus: float = 0.5, decode_limit_s: float = 0.0) -> list:
+    """``decode_limit_s`` > 0: longer sound files are refused while they are decoded (``audio.decode``)."""
     import ray
 
     return [ray.remote(FrameEmbedder).options(max_restarts=-1, max_task_retries=-1, num_cpus=actor_cpus)
-            .remote(dataclasses.asdict(frames), dataclasses.asdict(preprocess)) for _ in range(num_actors)]
+            .remote(dataclasses.asdict(frames), _preprocess_kwargs(preprocess, decode_limit_s))
+            for _ in range(num_actors)]
 
 
 def start_embedders(embed: EmbedConfig, preprocess: PreprocessConfig, *, num_actors: int = 1,
-                    actor_cpus: float = 0.5, use_gpu: bool = False) -> list:
+                    actor_cpus: float = 0.5, use_gpu: bool = False, decode_limit_s: float = 0.0) -> list:
+    """``decode_limit_s`` > 0: longer sound files are refused while they are decoded (``audio.decode``)."""
     import ray
 
     from asd_ray.distributed.embed import actor_embed_kwargs
@@ -275,7 +282,7 @@ def start_embedders(embed: EmbedConfig, preprocess: PreprocessConfig, *, num_act
     kwargs = actor_embed_kwargs(embed, use_gpu)
     opts = {"num_gpus": 1} if use_gpu else {"num_cpus": actor_cpus}
     return [ray.remote(ClipEmbedder).options(max_restarts=-1, max_task_retries=-1, **opts)
-            .remote(kwargs, dataclasses.asdict(preprocess)) for _ in range(num_actors)]
+            .remote(kwargs, _preprocess_kwargs(preprocess, decode_limit_s)) for _ in range(num_actors)]
 
 
 @dataclass

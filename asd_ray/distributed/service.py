@@ -10,25 +10,27 @@ the router's. This module only turns HTTP into router calls and router results i
   "score", "decision", "threshold", "bank_version"}``; ``threshold`` is on the scale of ``score``.
 - ``POST /normals?machine=M&clip=ID[&domain=target][&dim=N]``: the same bodies; the clip's embedding is
   appended to the machine's bank (first-shot calibration), persisted before the reply; a clip id the bank
-  holds already is not added again (``"added": false``).
+  holds already is not added again (``"added": false``). It writes to the banks: without ``serve.token`` it
+  is refused (403) unless ``serve.allow_unauthenticated_writes`` is on, which a loopback host only allows.
 - ``GET /machines``: each bank's kind, size, version, threshold and score-time settings (and where each
   came from); ``GET /healthz``: this replica, its banks' answers and its request counts.
 
 Every answer that is not 200 is ``{"error": reason}`` with its status: 400 a malformed request, 401 a
-missing or wrong bearer token (``serve.token``, checked on every request), 404 an unknown machine or
-route, 405 a wrong method, 413 a body over ``serve.max_body_bytes``, 415 a content type other than the two
-above, 422 content that cannot be scored (unreadable, empty or too short audio, an embedding of the wrong
-size), 503 a bank that failed or gave no score within ``serve.timeout_s`` (retry), 500 anything else (the
-replica goes on). Counters through ``ray.util.metrics`` (Prometheus on Ray's metrics port):
-``asd_ray_requests_total`` and ``asd_ray_request_errors_total`` by route and status,
-``asd_ray_request_seconds`` by route.
+missing or wrong bearer token (``serve.token``, checked on every request; the scheme in any case), 403 a
+write without a token (above), 404 an unknown machine or route, 405 a wrong method, 413 a body over
+``serve.max_body_bytes``, 415 a content type other than the two above, 422 content that cannot be scored
+(unreadable, empty or too short audio, audio longer than ``serve.max_audio_seconds`` (refused while it is
+decoded), a ``dim`` other than the bank's, an embedding of the wrong size), 503 a bank that failed or gave
+no score within ``serve.timeout_s`` (retry), 500 anything else (the replica goes on). Counters through
+``ray.util.metrics`` (Prometheus on Ray's metrics port): ``asd_ray_requests_total`` and
+``asd_ray_request_errors_total`` by route and status, ``asd_ray_request_seconds`` by route.
 """
 
 from __future__ import annotations
 
 import asyncio
 import gc
-import hmac
+import inspect
 import json
 import logging
 import os
@@ -42,21 +44,14 @@ import numpy as np
 from asd_ray.bank.memory_bank import BankError
 from asd_ray.config import RunConfig
 from asd_ray.distributed.fleet import BAD_INPUT, UNAVAILABLE, UNKNOWN_MACHINE, Request, actor_name, saved_banks
+from asd_ray.distributed.http_requests import (EMBEDDING_TYPE, Access, HttpError, body_limit_env, check_write_access,
+                                               content_kind, embedding, param, read_body)
 from asd_ray.scoring.postprocess import output_threshold
 
 log = logging.getLogger(__name__)
 
 FAILURE_STATUS = {UNKNOWN_MACHINE: 404, BAD_INPUT: 422, UNAVAILABLE: 503}
-EMBEDDING_TYPE = "application/octet-stream"
 LATENCY_BOUNDARIES_S = [0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0]
-
-
-class HttpError(Exception):
-    """A request answered with ``status`` and ``{"error": reason}``."""
-
-    def __init__(self, status: int, reason: str):
-        super().__init__(reason)
-        self.status, self.reason = status, reason
 
 
 class ServiceMetrics:
@@ -95,26 +90,6 @@ class ServiceMetrics:
                 "by_status": {f"{route} {status}": n for (route, status), n in sorted(self.counts.items())}}
 
 
-def _param(request, name: str, default: str | None = None) -> str:
-    value = request.query_params.get(name, default)
-    if not value:
-        raise HttpError(400, f"missing query parameter {name!r}")
-    return value
-
-
-def _embedding(body: bytes, dim: str | None) -> np.ndarray:
-    """A binary body of little-endian float32 values -> (rows x dim) array."""
-    if dim is None:
-        raise HttpError(400, f"an {EMBEDDING_TYPE} body needs the query parameter 'dim' (float32 values per row)")
-    if not dim.isdigit() or int(dim) < 1:
-        raise HttpError(400, f"dim={dim!r}: a positive whole number of float32 values per row")
-    row = 4 * int(dim)
-    if len(body) % row:
-        raise HttpError(422, f"a body of {len(body)} bytes is not a whole number of float32 rows of dim {dim} "
-                             f"({row} bytes each)")
-    return np.frombuffer(body, dtype="<f4").reshape(-1, int(dim))
-
-
 class ScoringService:
     """The Serve deployment (see the module docstring): one router per replica over the shared bank actors."""
 
@@ -123,7 +98,11 @@ class ScoringService:
 
         self.serve, self.minmax = config.serve, config.post.minmax
         # detached bank actors: they outlive any one replica (a replica killed takes none down with it)
-        self.router = fleet_router(bank_root, config, with_embedders=True, given=given, detached=True)
+        if os.environ.get("RAY_SERVE_ENABLE_DIRECT_INGRESS") == "1":
+            keep_direct_port()
+        self.router = fleet_router(bank_root, config, with_embedders=True, given=given, detached=True,
+                                   decode_limit_s=config.serve.max_audio_seconds)
+        self.access = Access(self.serve.token, self.serve.allow_unauthenticated_writes)
         self.metrics = ServiceMetrics()
         self.routes = {("POST", "/score"): self.score, ("POST", "/normals"): self.normals,
                        ("GET", "/machines"): self.machines, ("GET", "/healthz"): self.healthz}
@@ -139,7 +118,7 @@ class ScoringService:
         path = request.scope["path"].rstrip("/") or "/"
         route = path if any(path == p for _, p in self.routes) else "other"
         try:
-            self._authorise(request)
+            self.access.check(request.method, path, request.headers.get("authorization", ""))
             handler = self.routes.get((request.method, path))
             if handler is None:
                 if route == "other":
@@ -157,47 +136,19 @@ class ScoringService:
         headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
         return Response(json.dumps(body), status_code=status, media_type="application/json", headers=headers)
 
-    def _authorise(self, request) -> None:
-        if not self.serve.token:
-            return
-        given = request.headers.get("authorization", "")
-        if not given.startswith("Bearer "):
-            raise HttpError(401, "missing bearer token (Authorization: Bearer <token>)")
-        if not hmac.compare_digest(given[len("Bearer "):].encode(), self.serve.token.encode()):
-            raise HttpError(401, "wrong bearer token")
-
     def _machine(self, request) -> str:
-        machine = _param(request, "machine")
+        machine = param(request, "machine")
         if machine not in self.router.banks:
             raise HttpError(404, self.router.unknown(machine))
         return machine
 
-    async def _body(self, request) -> bytes:
-        """The request body, refused (413) as soon as it is over ``serve.max_body_bytes``, or when empty (400)."""
-        limit = self.serve.max_body_bytes
-        length = request.headers.get("content-length", "")
-        if length.isdigit() and int(length) > limit:
-            raise HttpError(413, f"a body of {length} bytes is over the limit of {limit} (serve.max_body_bytes)")
-        chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise HttpError(413, f"a body of more than {limit} bytes is over the limit (serve.max_body_bytes)")
-            chunks.append(chunk)
-        if not size:
-            raise HttpError(400, "empty body: send a sound file (audio/wav) or a float32 embedding "
-                                 f"({EMBEDDING_TYPE} with ?dim=N)")
-        return b"".join(chunks)
-
-    async def _features(self, request) -> dict:
+    async def _features(self, request, machine: str) -> dict:
         """The body as a ``Request`` keyword: ``embedding`` (a float32 array) or ``audio`` (a sound file's bytes)."""
-        kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        if kind != EMBEDDING_TYPE and not kind.startswith("audio/"):
-            raise HttpError(415, f"Content-Type {kind or 'missing'}: send a sound file (audio/wav, audio/flac) or "
-                                 f"a float32 embedding ({EMBEDDING_TYPE} with ?dim=N)")
-        body = await self._body(request)
+        kind = content_kind(request)
+        body = await read_body(request, self.serve.max_body_bytes)
         if kind == EMBEDDING_TYPE:
-            return {"embedding": _embedding(body, request.query_params.get("dim"))}
+            dim = request.query_params.get("dim")
+            return {"embedding": embedding(body, dim, self.router.dims[machine], machine)}
         return {"audio": body}
 
     async def _answer(self, awaitable, machine: str) -> Any:
@@ -208,9 +159,9 @@ class ScoringService:
                                  f"(serve.timeout_s): its actor may be restarting; retry") from None
 
     async def score(self, request) -> dict:
-        machine, stream = self._machine(request), _param(request, "stream")
-        result = await self._answer(self.router.submit(Request(machine, stream, **await self._features(request))),
-                                    machine)
+        machine, stream = self._machine(request), param(request, "stream")
+        result = await self._answer(self.router.submit(Request(machine, stream,
+                                                               **await self._features(request, machine))), machine)
         if result.error:
             retry = " (a bank or embedding actor failed: retry)" if result.failure == UNAVAILABLE else ""
             raise HttpError(FAILURE_STATUS[result.failure], result.error + retry)
@@ -221,14 +172,14 @@ class ScoringService:
     async def normals(self, request) -> dict:
         from ray.exceptions import RayActorError
 
-        machine, clip = self._machine(request), _param(request, "clip")
-        domain = _param(request, "domain", "target")
+        machine, clip = self._machine(request), param(request, "clip")
+        domain = param(request, "domain", "target")
         if domain not in ("source", "target"):
             raise HttpError(400, f"domain={domain!r}: source or target")
         if self.router.frames[machine]:
             raise HttpError(422, f"the {machine} bank ({self.router.stats[machine]['kind']}) takes no added "
                                  f"normals: refit it with asd-ray run")
-        features = await self._features(request)
+        features = await self._features(request, machine)
         embedding = features.get("embedding")
         if embedding is None:
             embedding, reason = await self._answer(self.router.embed(features["audio"]), machine)
@@ -285,14 +236,50 @@ class ScoringService:
                 log.info("following bank versions: %s", err)
 
 
+def keep_direct_port() -> None:
+    """Let a restarted replica bind its predecessor's direct-ingress port again, so that a client's address
+    survives the restart. Called in the replica before Serve starts its HTTP server there.
+
+    Serve 2.60 binds that port without SO_REUSEADDR: the connections a killed replica held stay in TIME_WAIT
+    on it for a minute, its successor's bind fails, and Serve blocks the port for good and takes the next
+    (18801 -> 18802 -> 18803 over restarts; clients of the old address were refused). Serve's own flag for its
+    proxies (``enable_so_reuseport``: SO_REUSEADDR and SO_REUSEPORT) is turned on for the replica's server
+    too; Serve's port allocator still gives each live replica a port of its own. Serve internals: the test
+    that restarts a replica (tests/distributed/test_service.py) fails when an upgrade moves them."""
+    from ray.serve._private import replica
+
+    original = replica.start_asgi_http_server
+    if getattr(original, "keeps_port", False):
+        return
+    if "enable_so_reuseport" not in inspect.signature(original).parameters:
+        log.warning("Serve's start_asgi_http_server has no enable_so_reuseport (Ray %s): a restarted replica "
+                    "may answer on another direct port", ray_version())
+        return
+
+    def start(app, options, *, event_loop, enable_so_reuseport=False):
+        return original(app, options, event_loop=event_loop, enable_so_reuseport=True)
+
+    start.keeps_port = True
+    replica.start_asgi_http_server = start
+
+
+def ray_version() -> str:
+    import ray
+
+    return ray.__version__
+
+
 def direct_ingress_env(port: int) -> None:
     """Serve's direct ingress for a Ray started after this call (replicas on ``port + 1``, ``port + 2`` ...):
     Serve reads it from the environment of its processes, which a local Ray takes from its driver. The
     handlers also run on the replica's own event loop, not a second thread's (they never block it): about
-    0.07 ms less CPU per request here."""
+    0.07 ms less CPU per request here. A port a replica held is handed to its successor at once (Serve
+    otherwise quarantines it for its HAProxy mode, unused here, and the successor gets the next port) and
+    bound again (``keep_direct_port``): a replica's address survives its restart."""
     os.environ["RAY_SERVE_ENABLE_DIRECT_INGRESS"] = "1"
     os.environ["RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"] = str(port + 1)
     os.environ["RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT"] = str(port + 1 + 100)
+    os.environ["RAY_SERVE_PORT_QUARANTINE_S"] = "0"
     os.environ["RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD"] = "0"
     # A replica stopping keeps answering for this long (30 s by default) so that load balancers in front can
     # forget it; none is in front of a Ray this command starts, and Ctrl-C should not wait 30 s
@@ -300,14 +287,17 @@ def direct_ingress_env(port: int) -> None:
 
 
 def start_ray(config: RunConfig) -> bool:
-    """``ensure_ray`` for the service; a local Ray that this call starts gets Serve's direct ingress when
-    ``serve.direct_ingress`` is on. Returns True when this call started Ray."""
+    """``ensure_ray`` for the service; a local Ray that this call starts gets ``serve.max_body_bytes`` enforced
+    in Serve's HTTP servers (``body_limit_env``), and Serve's direct ingress when ``serve.direct_ingress`` is on.
+    Returns True when this call started Ray."""
     import ray
 
     from asd_ray.distributed.session import ensure_ray
 
-    if config.serve.direct_ingress and not ray.is_initialized() and not os.environ.get("RAY_ADDRESS"):
-        direct_ingress_env(config.serve.port)
+    if not ray.is_initialized() and not os.environ.get("RAY_ADDRESS"):
+        body_limit_env(config.serve.max_body_bytes)
+        if config.serve.direct_ingress:
+            direct_ingress_env(config.serve.port)
     return ensure_ray(num_cpus=config.ray.num_cpus or None)
 
 
@@ -336,6 +326,7 @@ def deploy(bank_root: str | Path, config: RunConfig, given: Iterable[str] = ()) 
     from ray import serve
 
     s = config.serve
+    check_write_access(s.token, s.allow_unauthenticated_writes, s.host)
     serve.start(http_options={"host": s.host, "port": s.port})
     # Serve's access log writes a line per request: at thousands of requests/s, a share of the CPU
     deployment = serve.deployment(ScoringService, name="ScoringService", num_replicas=s.replicas,

@@ -134,8 +134,9 @@ def fleet_banks(bank_root: str | Path, config: RunConfig, machines=None, given: 
 
 
 def fleet_router(bank_root: str | Path, config: RunConfig, machines=None, with_embedders: bool = False,
-                 given: Iterable[str] = (), detached: bool = False) -> Router:
-    """``fleet_banks``, embedding actors when clips are to be scored, and the router over them."""
+                 given: Iterable[str] = (), detached: bool = False, decode_limit_s: float = 0.0) -> Router:
+    """``fleet_banks``, embedding actors when clips are to be scored, and the router over them.
+    ``decode_limit_s`` > 0: the embedding actors refuse longer sound files while decoding them."""
     banks, kinds = fleet_banks(bank_root, config, machines, given, detached)
     embedders = None
     frames = {s["features"] == "frames" for s in kinds.values()}
@@ -143,11 +144,12 @@ def fleet_router(bank_root: str | Path, config: RunConfig, machines=None, with_e
         raise BankError(f"{bank_root}: banks of clip and frame detectors mixed ({kinds}); serve one kind at a time")
     if with_embedders and frames == {True}:
         embedders = start_frame_embedders(config.frames, config.preprocess, num_actors=config.ray.embed_actors,
-                                          actor_cpus=config.ray.actor_cpus)
+                                          actor_cpus=config.ray.actor_cpus, decode_limit_s=decode_limit_s)
     elif with_embedders:
         embedders = start_embedders(config.embed, config.preprocess, num_actors=config.ray.embed_actors,
                                     actor_cpus=config.ray.actor_cpus,
-                                    use_gpu=gpu_wanted(config.ray.use_gpu, config.embed.device))
+                                    use_gpu=gpu_wanted(config.ray.use_gpu, config.embed.device),
+                                    decode_limit_s=decode_limit_s)
     return Router(banks, post=config.post, fleet=config.fleet, embedders=embedders)
 
 

@@ -140,3 +140,57 @@ def test_a_sound_files_bytes_preprocess_like_its_path(make_wav, make_tone):
         preprocess_clip(b"RIFF!")
     with pytest.raises(ClipError, match=r"audio body \(0 bytes\): cannot decode"):
         preprocess_clip(b"")
+
+
+def _long_flac(seconds: float, rate: int = 16_000, channels: int = 1) -> bytes:
+    """A FLAC of ``seconds`` of silence, written in blocks: a few kB however long."""
+    import io
+
+    import soundfile as sf
+
+    out = io.BytesIO()
+    with sf.SoundFile(out, "w", samplerate=rate, channels=channels, format="FLAC", subtype="PCM_16") as f:
+        block = np.zeros((rate * 10, channels), np.int16)
+        for _ in range(int(seconds // 10)):
+            f.write(block)
+    return out.getvalue()
+
+
+def test_a_decode_limit_refuses_long_files_before_decoding_them():
+    """30 minutes of FLAC (a few kB; 115 MB as float32) under a 60 s limit: refused, and the reader never holds
+    more than the limit's samples (tracemalloc sees numpy's buffers); under the limit the file decodes whole."""
+    import tracemalloc
+
+    body = _long_flac(1800)
+    assert len(body) < 200_000
+    tracemalloc.start()
+    try:
+        with pytest.raises(ClipError, match=r"more than the decode limit of 60 s \(960000 frames at 16000 Hz"):
+            preprocess_clip(body, decode_limit_s=60.0)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 * 2**20, peak  # 60 s of 16 kHz float32 is 3.8 MB
+    eight = _long_flac(40, channels=8)  # 8 channels at 16 kHz: the whole limit's worth of samples per second
+    assert len(preprocess_clip(eight, decode_limit_s=40.0, trim=False).waveform) == 40 * 16_000
+    with pytest.raises(ClipError, match="more than the decode limit of 30 s"):
+        preprocess_clip(_long_flac(40, rate=48_000, channels=8), decode_limit_s=30.0)  # 3 x the samples/s
+    assert len(preprocess_clip(_long_flac(50), trim=False).waveform) == 50 * 16_000  # no limit by default
+
+
+def test_a_decode_limit_holds_for_a_stream_of_unknown_length():
+    """A FLAC whose header gives no length (libsndfile then reports 2**63 - 1 frames) is read no further than
+    the limit, and refused. (Without a limit, reading it whole fails: soundfile allocates the frames its
+    header claims, and libsndfile cannot seek to the end of such a stream.)"""
+    flac = bytearray(_long_flac(20))
+    streaminfo_total = slice(8 + 13, 8 + 18)  # the 36 low bits of these 5 bytes: total samples, 0 = unknown
+    flac[streaminfo_total] = (int.from_bytes(flac[streaminfo_total], "big") & ~(2**36 - 1)).to_bytes(5, "big")
+    with pytest.raises(ClipError, match="more than the decode limit of 10 s .*: more frames than that follow"):
+        preprocess_clip(bytes(flac), decode_limit_s=10.0)
+
+
+def test_decode_errors_name_the_body_not_a_python_object():
+    with pytest.raises(ClipError) as info:
+        preprocess_clip(b"RIFF....WAVEjunk")
+    assert "object at 0x" not in str(info.value) and "BytesIO" not in str(info.value), str(info.value)
+    assert str(info.value).startswith("audio body (16 bytes): cannot decode: ")

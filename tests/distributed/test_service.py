@@ -58,14 +58,14 @@ def service(ray_session, tiny_corpus, tmp_path_factory):
     assert stop(root / "run" / "banks", config)["banks"] == [actor_name(m) for m in ("ToyCar", "ToyPet", "valve")]
 
 
-def http(service, method, path, body=None, content_type=None, token=TOKEN, **params):
+def http(service, method, path, body=None, content_type=None, token=TOKEN, authorization=None, **params):
     """-> (status, decoded JSON answer)."""
     url = service.url + path + ("?" + urlencode(params) if params else "")
     request = urllib.request.Request(url, data=body, method=method)
     if content_type:
         request.add_header("Content-Type", content_type)
-    if token:
-        request.add_header("Authorization", f"Bearer {token}")
+    if token or authorization:
+        request.add_header("Authorization", authorization or f"Bearer {token}")
     try:
         with urllib.request.urlopen(request, timeout=120) as answer:
             return answer.status, json.loads(answer.read())
@@ -119,19 +119,34 @@ def _wav(samples, rate=16_000) -> bytes:
     return out.getvalue()
 
 
+def _flac_of_silence(seconds: int) -> bytes:
+    out = io.BytesIO()
+    with sf.SoundFile(out, "w", samplerate=16_000, channels=1, format="FLAC", subtype="PCM_16") as f:
+        for _ in range(seconds):
+            f.write(np.zeros(16_000, np.int16))
+    return out.getvalue()
+
+
 def test_every_bad_request_gets_its_status_and_reason(service):
     e = np.ones(256, np.float32)
     tone = 0.1 * np.sin(np.arange(32_000) / 5.0)
+    long_flac = _flac_of_silence(61)  # a few kB: far under serve.max_body_bytes, over serve.max_audio_seconds
+    assert len(long_flac) < LIMIT // 10
     cases = [
         (dict(machine="pump", stream="s"), e.tobytes(), "application/octet-stream", 404, "no bank for machine 'pump'"),
         (dict(stream="s"), e.tobytes(), "application/octet-stream", 400, "missing query parameter 'machine'"),
         (dict(machine="ToyCar"), e.tobytes(), "application/octet-stream", 400, "missing query parameter 'stream'"),
         (dict(machine="ToyCar", stream="s"), b"", "audio/wav", 400, "empty body"),
-        (dict(machine="ToyCar", stream="s"), b"RIFF....WAVEjunk", "audio/wav", 422, "cannot decode"),
+        (dict(machine="ToyCar", stream="s"), b"RIFF....WAVEjunk", "audio/wav", 422,
+         "audio body: cannot decode: Error in WAV file. No 'data' chunk marker."),
+        (dict(machine="ToyCar", stream="s"), long_flac, "audio/flac", 422,
+         "more than the decode limit of 60 s (960000 frames at 16000 Hz x 1 channels): its header says 976000"),
         (dict(machine="ToyCar", stream="s"), _wav(np.zeros(0)), "audio/wav", 422, "empty: no samples"),
         (dict(machine="ToyCar", stream="s"), _wav(tone[:4000]), "audio/wav", 422, "too short"),
         (dict(machine="ToyCar", stream="s", dim=10), e[:10].tobytes(), "application/octet-stream", 422,
-         "embedding of size 10"),
+         "dim=10: the ToyCar bank takes rows of 256 float32 values"),
+        (dict(machine="ToyCar", stream="s", dim=1), e.tobytes(), "application/octet-stream", 422,
+         "dim=1: the ToyCar bank takes rows of 256 float32 values"),
         (dict(machine="ToyCar", stream="s", dim=256), np.full(256, np.nan, np.float32).tobytes(),
          "application/octet-stream", 422, "finite: False"),
         (dict(machine="ToyCar", stream="s", dim=256), e.tobytes()[:-2], "application/octet-stream", 422,
@@ -151,9 +166,11 @@ def test_every_bad_request_gets_its_status_and_reason(service):
         == {"error": "missing query parameter 'clip'"}
     status, got = http(service, "POST", "/normals", e[:10].tobytes(), "application/octet-stream", machine="ToyCar",
                        clip="c", dim=10)
-    assert status == 422 and "dimension 10 does not match the bank's 256" in got["error"], got
+    assert status == 422 and "dim=10: the ToyCar bank takes rows of 256" in got["error"], got
     status, got = http(service, "POST", "/normals", b"RIFF....WAVEjunk", "audio/wav", machine="ToyCar", clip="c")
-    assert status == 422 and "cannot decode" in got["error"], got
+    assert status == 422 and "cannot decode" in got["error"] and "object at 0x" not in got["error"], got
+    status, got = http(service, "POST", "/normals", long_flac, "audio/flac", machine="ToyCar", clip="c")
+    assert status == 422 and "more than the decode limit of 60 s" in got["error"], got
     status, health = http(service, "GET", "/healthz")
     assert status == 200 and health["replica_pid"] == pid  # the same replica answered all of them
     assert health["banks"] == {"ToyCar": "ok", "ToyPet": "ok", "valve": "ok"}
@@ -166,6 +183,9 @@ def test_the_token_is_checked_on_every_request(service):
                                                                           "Bearer <token>)"})
         assert http(service, method, path, token="wrong") == (401, {"error": "wrong bearer token"})
     assert http(service, "GET", "/healthz")[0] == 200
+    for scheme in ("bearer", "BEARER", "Bearer  "):  # RFC 7235: the scheme is case-insensitive
+        assert http(service, "GET", "/healthz", token=None, authorization=f"{scheme} {TOKEN}")[0] == 200, scheme
+    assert http(service, "GET", "/healthz", token=None, authorization=f"Basic {TOKEN}")[0] == 401
 
 
 def test_normals_persist_and_survive_a_bank_actor_restart(service, ray_session):
@@ -193,10 +213,17 @@ def test_normals_persist_and_survive_a_bank_actor_restart(service, ray_session):
     actor = ray_session.get_actor(actor_name("valve"), namespace=service.namespace)
     pid = ray_session.get(actor.stats.remote())["pid"]
     ray_session.kill(actor, no_restart=False)
+    # ray.kill is asynchronous: the old process can still answer a call or two; wait for its successor
+    deadline, stats = time.time() + 120, {"pid": pid}
+    while stats["pid"] == pid and time.time() < deadline:
+        try:
+            stats = ray_session.get(actor.stats.remote(), timeout=30)
+        except Exception:  # dying or restarting
+            time.sleep(0.2)
+    assert stats["pid"] != pid, "the bank actor was not restarted"
     status, got = http(service, "POST", "/score", e.tobytes(), "application/octet-stream", **params)
     assert status == 200 and got["raw_score"] == pytest.approx(expected, rel=1e-6)  # reloaded from disk
-    stats = ray_session.get(actor.stats.remote())
-    assert stats["pid"] != pid and stats["size"] == before.size + 1 and stats["version"] == added["bank_version"]
+    assert stats["size"] == before.size + 1 and stats["version"] == added["bank_version"]
 
 
 def test_counters_reach_rays_prometheus_endpoint(service, ray_session):
@@ -274,3 +301,101 @@ def test_a_bank_actor_and_the_replica_killed_under_load_lose_no_request(service,
     assert http(service, "GET", "/healthz")[1]["replica_pid"] != replica["replica_pid"]
     print(f"bank actor and replica killed under load: {len(answers)} requests, all answered with a score; "
           f"re-sent: {dict(resent) or 'none'}")
+
+
+def _chunked_upload(url: str, path: str, total: int, chunk: int = 64 * 1024) -> tuple[int | None, int]:
+    """POST a chunked body of up to ``total`` bytes, stopping as soon as the server answers or closes.
+    -> (the status answered, or None; bytes of body sent)."""
+    import select
+    from urllib.parse import urlsplit
+
+    u = urlsplit(url)
+    sock = socket.create_connection((u.hostname, u.port), timeout=30)
+    sock.sendall(f"POST {path} HTTP/1.1\r\nHost: {u.netloc}\r\nAuthorization: Bearer {TOKEN}\r\n"
+                 f"Content-Type: audio/wav\r\nTransfer-Encoding: chunked\r\n\r\n".encode())
+    sent, piece, answer = 0, f"{chunk:x}\r\n".encode() + b"\0" * chunk + b"\r\n", b""
+    try:
+        while sent < total and not select.select([sock], [], [], 0)[0]:
+            sock.sendall(piece)
+            sent += chunk
+        if sent >= total:
+            sock.sendall(b"0\r\n\r\n")
+        answer = sock.recv(65536)
+    except OSError:  # reset by a server that stopped reading
+        pass
+    finally:
+        sock.close()
+    return (int(answer.split()[1]) if answer.startswith(b"HTTP/") else None), sent
+
+
+def test_own_ray_bodies_cut_at_the_limit_and_a_restarted_replica_keeps_its_port(tmp_path):
+    """`asd-ray serve` starting its own Ray (direct ingress on), in a subprocess stopped with SIGTERM at the end.
+    - A chunked body far over serve.max_body_bytes is answered 413 once the limit is passed, through Serve's
+      proxy and on the replica's direct port alike, and no more of it is read than the socket buffers hold
+      (the proxy read all of it before: 64 MiB here, 200 MiB in the issue).
+    - The replica's printed direct address is the address of its successor after the replica process is
+      killed (Serve moved it to the next port before: clients of the old one were refused)."""
+    import os
+    import re
+    import signal
+    import subprocess
+    import sys
+
+    from asd_ray.bank.memory_bank import MemoryBank
+
+    rng = np.random.default_rng(0)
+    MemoryBank(k=3).fit(rng.standard_normal((50, 16)).astype(np.float32), [f"m{i}" for i in range(50)]).save(
+        tmp_path / "banks" / "fan")
+    port, namespace = _free_port(), f"d-{uuid.uuid4().hex[:8]}"
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.Popen(
+        [sys.executable, "-u", "-c", "import sys; from asd_ray.cli import main; sys.exit(main())", "serve",
+         "--banks", str(tmp_path / "banks"), "--port", str(port), "--set", f"fleet.namespace={namespace}",
+         "--set", "ray.num_cpus=2", "--set", f"serve.token={TOKEN}", "--set", f"serve.max_body_bytes={LIMIT}"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True)
+    reader.start()
+    try:
+        deadline, direct = time.time() + 300, None
+        while direct is None and time.time() < deadline and proc.poll() is None:
+            found = [re.search(r"replicas answer directly .* at (http://\S+)", line) for line in list(lines)]
+            direct = next((m.group(1) for m in found if m), None)
+            time.sleep(1)
+        assert direct, "".join(lines[-30:])
+        at = SimpleNamespace(url=direct)
+        q = np.ones(16, np.float32).tobytes()
+        assert http(at, "POST", "/score", q, "application/octet-stream", machine="fan", stream="s", dim=16)[0] == 200
+
+        total = 64 * 2**20
+        for url in (f"http://127.0.0.1:{port}", direct):
+            status, sent = _chunked_upload(url, "/score?machine=fan&stream=s", total)
+            print(f"chunked body to {url}: {sent} bytes sent, answered {status}")
+            assert sent < 16 * 2**20 and status in (413, None), (url, sent, status)
+            declared = http(SimpleNamespace(url=url), "POST", "/score", b"x" * (LIMIT + 1), "audio/wav",
+                            machine="fan", stream="s")
+            assert declared[0] == 413 and "over the limit" in declared[1]["error"], declared
+            assert http(SimpleNamespace(url=url), "POST", "/score", q, "application/octet-stream", machine="fan",
+                        stream="s", dim=16)[0] == 200  # and the servers go on
+
+        pid = http(at, "GET", "/healthz")[1]["replica_pid"]
+        os.kill(pid, signal.SIGKILL)
+        deadline, health = time.time() + 180, None
+        while time.time() < deadline:
+            try:
+                status, health = http(at, "GET", "/healthz")
+                if status == 200 and health["replica_pid"] != pid:
+                    break
+            except OSError:  # refused until the successor binds the port
+                pass
+            time.sleep(1)
+        assert health and health["replica_pid"] != pid, (health, "".join(lines[-30:]))
+        assert http(at, "POST", "/score", q, "application/octet-stream", machine="fan", stream="s", dim=16)[0] == 200
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=30)
