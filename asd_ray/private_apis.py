@@ -107,6 +107,37 @@ def serve_controller() -> Any:
     return serve.context._get_global_client()._controller
 
 
+def keep_direct_port() -> None:
+    """Let a restarted replica bind its predecessor's direct-ingress port again, so that a client's address
+    survives the restart. Called in the replica before Serve starts its HTTP server there.
+
+    Serve 2.60 binds that port without SO_REUSEADDR: the connections a killed replica held stay in TIME_WAIT
+    on it for a minute, its successor's bind fails, and Serve blocks the port for good and takes the next
+    (18801 -> 18802 -> 18803 over restarts; clients of the old address were refused). Serve's own flag for its
+    proxies (``enable_so_reuseport``: SO_REUSEADDR and SO_REUSEPORT) is turned on for the replica's server
+    too; Serve's port allocator still gives each live replica a port of its own. Serve internals: the test
+    that restarts a replica (tests/distributed/test_service.py) and tests/test_private_apis.py fail when an
+    upgrade moves them."""
+    _warn_untested("ray")
+    import inspect
+
+    from ray.serve._private import replica
+
+    original = replica.start_asgi_http_server
+    if getattr(original, "keeps_port", False):
+        return
+    if "enable_so_reuseport" not in inspect.signature(original).parameters:
+        log.warning("Serve's start_asgi_http_server has no enable_so_reuseport (Ray %s): a restarted replica "
+                    "may answer on another direct port", version("ray"))
+        return
+
+    def start(app, options, *, event_loop, enable_so_reuseport=False):
+        return original(app, options, event_loop=event_loop, enable_so_reuseport=True)
+
+    start.keeps_port = True
+    replica.start_asgi_http_server = start
+
+
 def hubert_span_mask(shape: tuple[int, int], mask_prob: float, mask_length: int, min_masks: int = 1) -> Any:
     """transformers' ``_compute_mask_indices`` (HuBERT's span masking, a private function of its modeling module):
     a (batch x frames) bool numpy array. It draws from numpy's global generator."""

@@ -42,6 +42,9 @@ def test_every_private_name_used_still_exists():
     assert callable(context._get_global_client)
     assert "self._controller" in inspect.getsource(ServeControllerClient.__init__)
     assert "get_target_groups" in inspect.getsource(importlib.import_module("ray.serve._private.controller"))
+    from ray.serve._private import replica  # keep_direct_port
+
+    assert "enable_so_reuseport" in inspect.signature(replica.start_asgi_http_server).parameters
 
 
 def test_hubert_span_mask_is_a_boolean_mask_of_about_the_asked_share():

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import inspect
 import json
 import logging
 import os
@@ -99,6 +98,8 @@ class ScoringService:
         self.serve, self.minmax = config.serve, config.post.minmax
         # detached bank actors: they outlive any one replica (a replica killed takes none down with it)
         if os.environ.get("RAY_SERVE_ENABLE_DIRECT_INGRESS") == "1":
+            from asd_ray.private_apis import keep_direct_port
+
             keep_direct_port()
         self.router = fleet_router(bank_root, config, with_embedders=True, given=given, detached=True,
                                    decode_limit_s=config.serve.max_audio_seconds)
@@ -234,39 +235,6 @@ class ScoringService:
                 await self.router.follow_versions()
             except Exception as err:  # a bank restarting: look again next time
                 log.info("following bank versions: %s", err)
-
-
-def keep_direct_port() -> None:
-    """Let a restarted replica bind its predecessor's direct-ingress port again, so that a client's address
-    survives the restart. Called in the replica before Serve starts its HTTP server there.
-
-    Serve 2.60 binds that port without SO_REUSEADDR: the connections a killed replica held stay in TIME_WAIT
-    on it for a minute, its successor's bind fails, and Serve blocks the port for good and takes the next
-    (18801 -> 18802 -> 18803 over restarts; clients of the old address were refused). Serve's own flag for its
-    proxies (``enable_so_reuseport``: SO_REUSEADDR and SO_REUSEPORT) is turned on for the replica's server
-    too; Serve's port allocator still gives each live replica a port of its own. Serve internals: the test
-    that restarts a replica (tests/distributed/test_service.py) fails when an upgrade moves them."""
-    from ray.serve._private import replica
-
-    original = replica.start_asgi_http_server
-    if getattr(original, "keeps_port", False):
-        return
-    if "enable_so_reuseport" not in inspect.signature(original).parameters:
-        log.warning("Serve's start_asgi_http_server has no enable_so_reuseport (Ray %s): a restarted replica "
-                    "may answer on another direct port", ray_version())
-        return
-
-    def start(app, options, *, event_loop, enable_so_reuseport=False):
-        return original(app, options, event_loop=event_loop, enable_so_reuseport=True)
-
-    start.keeps_port = True
-    replica.start_asgi_http_server = start
-
-
-def ray_version() -> str:
-    import ray
-
-    return ray.__version__
 
 
 def direct_ingress_env(port: int) -> None:
