@@ -14,7 +14,7 @@ bank keeps the normals' local features, as anomalib's PatchCore keeps image patc
   banks each bank's clip score is divided by that bank's scale (the median leave-one-out score of its
   own clips) and the clip's score is the smaller of the two.
 Leave-one-out scores of train clips leave out every member that came from the clip itself.
-Every product runs on one BLAS thread (``threads.py``), so a clip's score is the same in every process;
+Every product runs on one BLAS thread (``asd_ray/threads.py``), so a clip's score is the same in every process;
 ``faiss_threads`` clips are scored at once, each on its own thread.
 """
 
@@ -30,9 +30,9 @@ import numpy as np
 from asd_ray.bank.coreset import kcenter_coreset, kmeans_centroids, random_subset
 from asd_ray.bank.memory_bank import BankError, MemoryBank
 from asd_ray.bank.saved import finite, read_meta, read_npz, write_meta
-from asd_ray.bank.threads import one_thread, spread
 from asd_ray.errors import BankFolderError
 from asd_ray.models.frames import stack_frames
+from asd_ray.threads import one_thread, spread
 
 CORESETS = ("kcenter", "kmeans", "random")
 CLIP_SCORES = ("max", "topq", "mean")

@@ -1,4 +1,4 @@
-"""A clip's score does not depend on how many BLAS / OpenMP threads its process has (bank/threads.py)."""
+"""A clip's score does not depend on how many BLAS / OpenMP / torch threads its process has (asd_ray/threads.py)."""
 
 import os
 import subprocess
@@ -7,15 +7,16 @@ from pathlib import Path
 
 import numpy as np
 
-from asd_ray.bank.threads import one_thread, spread
+from asd_ray.threads import one_thread, spread
 
-# Fits and scores every bank kind on fixed random features, twice (faiss_threads 1 and 2), and saves the scores.
+# Fits and scores every detector kind on fixed random features, twice (faiss_threads 1 and 2), and saves the scores.
 SCRIPT = r"""
 import sys
 import numpy as np
 from asd_ray.bank.local_bank import LocalFeatureBank
 from asd_ray.bank.memory_bank import DomainAwareBank, MemoryBank
 from asd_ray.bank.pooling import PooledBank
+from asd_ray.models.autoencoder import AEDetector
 
 rng = np.random.default_rng(0)
 clips = [rng.standard_normal((int(rng.integers(120, 260)), 64)).astype(np.float32) - 60 for _ in range(14)]
@@ -39,6 +40,8 @@ for threads in (1, 2):
     out[f"knn_loo{threads}"] = knn.loo_scores()
     aware = DomainAwareBank(k=2, faiss_threads=threads).fit(emb, domains=["source"] * 350 + ["target"] * 50)
     out[f"aware{threads}"] = aware.score(queries)
+    ae = AEDetector(score_kind="maha", epochs=2, batch_size=128).fit(clips, domains=domains)
+    out[f"ae{threads}"] = np.concatenate([ae.score(tests), ae.loo_scores()])
 np.savez(sys.argv[1], **out)
 """
 
@@ -63,7 +66,7 @@ def _scores(tmp_path: Path, threads: int) -> dict[str, np.ndarray]:
     return dict(np.load(out))
 
 
-def test_every_bank_scores_bit_identically_with_1_and_2_blas_threads(tmp_path):
+def test_every_detector_scores_bit_identically_with_1_and_2_blas_threads(tmp_path):
     one, two = _scores(tmp_path, 1), _scores(tmp_path, 2)
     assert one.keys() == two.keys()
     for key in one:
