@@ -61,7 +61,7 @@ class BankConfig:
     strategy: Literal["seed", "domain_aware"] = "seed"  # one bank, or source/target banks each scaled (min)
     density: bool = False  # local-density normalised k-NN: each member's distance divided by its own k-NN radius
     oversample_target: int = 0  # SMOTE: target normals interpolated up to this many members (0 = off)
-    faiss_threads: int = 1
+    faiss_threads: int = 1  # blocks of 1,024 queries searched at once, each on one BLAS thread: no score depends on it
     seed: int = 0  # of the oversampling
 
 
@@ -110,7 +110,7 @@ class LocalConfig:
     whiten: bool = True  # PCA axes scaled to unit variance (Mahalanobis distance in the subspace)
     calibration_clips: int = 200  # train clips given leave-one-out scores (threshold, fusion); 0 = all
     seed: int = 0
-    faiss_threads: int = 1
+    faiss_threads: int = 1  # clips scored at once, each on one BLAS thread: no score depends on it
 
 
 @dataclass(frozen=True)

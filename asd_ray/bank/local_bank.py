@@ -14,6 +14,8 @@ bank keeps the normals' local features, as anomalib's PatchCore keeps image patc
   banks each bank's clip score is divided by that bank's scale (the median leave-one-out score of its
   own clips) and the clip's score is the smaller of the two.
 Leave-one-out scores of train clips leave out every member that came from the clip itself.
+Every product runs on one BLAS thread (``asd_ray/threads.py``), so a clip's score is the same in every process;
+``faiss_threads`` clips are scored at once, each on its own thread.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from asd_ray.bank.memory_bank import BankError, MemoryBank
 from asd_ray.bank.saved import finite, read_meta, read_npz, write_meta
 from asd_ray.errors import BankFolderError
 from asd_ray.models.frames import stack_frames
+from asd_ray.threads import one_thread, spread
 
 CORESETS = ("kcenter", "kmeans", "random")
 CLIP_SCORES = ("max", "topq", "mean")
@@ -116,6 +119,11 @@ class LocalFeatureBank:
     def fit(self, clips: Sequence[np.ndarray], ids: Sequence[str] | None = None, *,
             domains: Sequence[str] | None = None) -> "LocalFeatureBank":
         """Build the bank(s) from normal train clips (each T x n_mels); ``domains`` "source"/"target" per clip."""
+        with one_thread():  # the PCA, the coreset and the leave-one-out scores: the same bank in every process
+            return self._fit(clips, ids, domains)
+
+    def _fit(self, clips: Sequence[np.ndarray], ids: Sequence[str] | None,
+             domains: Sequence[str] | None) -> "LocalFeatureBank":
         p = self.params
         if len(clips) < 2:
             raise BankError(f"fit: a local-feature bank needs at least 2 train clips, got {len(clips)}")
@@ -165,20 +173,18 @@ class LocalFeatureBank:
             cal = np.sort(rng.choice(len(clips), p["calibration_clips"], replace=False))
         # leave-one-out raw scores by (bank, clip): a clip's score in its own domain's bank (the costly search:
         # its own members are searched past) serves both its bank's scale and its calibration score
-        loo: dict[tuple[str, int], float] = {}
-
-        def loo_score(g: str, i: int) -> float:
-            if (g, i) not in loo:
-                loo[g, i] = self._bank_score(g, per_clip[i], leave_out=i)
-            return loo[g, i]
-
-        for g, idx in groups.items():
-            own = np.intersect1d(idx, cal) if len(np.intersect1d(idx, cal)) >= 2 else idx
-            s = np.array([loo_score(g, int(i)) for i in own])
+        own = {g: np.intersect1d(idx, cal) if len(np.intersect1d(idx, cal)) >= 2 else idx for g, idx in groups.items()}
+        for g in groups:
+            self._centred_members(g)  # made once, before threads share them
+        pairs = sorted({(g, int(i)) for g in groups for i in own[g]} | {(g, int(i)) for g in groups for i in cal})
+        loo = dict(zip(pairs, spread(lambda gi: self._bank_score(gi[0], per_clip[gi[1]], leave_out=gi[1]), pairs,
+                                     self.faiss_threads)))
+        for g in groups:
+            s = np.array([loo[g, int(i)] for i in own[g]])
             self.scales[g] = float(np.median(s)) if np.median(s) > 0 else 1.0
         ids = [str(i) for i in ids] if ids is not None else [str(i) for i in range(len(clips))]
         self.calibration_ids = [ids[i] for i in cal]
-        self.train_scores = np.array([min(loo_score(g, int(i)) / self.scales[g] for g in self.banks) for i in cal])
+        self.train_scores = np.array([min(loo[g, int(i)] / self.scales[g] for g in self.banks) for i in cal])
         return self
 
     def _pca(self, clips: Sequence[np.ndarray], rng: np.random.Generator) -> np.ndarray:
@@ -220,7 +226,6 @@ class LocalFeatureBank:
         the product's |x|^2 + |y|^2 - 2xy loses nothing to large norms."""
         k = self.params["k"]
         members, centre = self._centred_members(group)
-        faiss.omp_set_num_threads(self.faiss_threads)
         d2 = faiss.pairwise_distances(np.ascontiguousarray(windows - centre, dtype=np.float32), members)
         if leave_out is not None:
             own = self.owners[group] == leave_out
@@ -235,11 +240,13 @@ class LocalFeatureBank:
         """(m,) float64 raw scores of clips (each T x n_mels; at least ``context`` frames)."""
         if not self.banks:
             raise BankError("the bank is empty: fit() it with normal clips before scoring")
-        out = np.empty(len(clips))
-        for i, c in enumerate(clips):
-            w = self.windows(c)
-            out[i] = min(self._bank_score(g, w) / self.scales[g] for g in self.banks)
-        return out
+        for g in self.banks:
+            self._centred_members(g)  # made once, before threads share them
+        return np.array(spread(self._score_one, list(clips), self.faiss_threads), dtype=np.float64)
+
+    def _score_one(self, clip: np.ndarray) -> float:
+        w = self.windows(clip)
+        return min(self._bank_score(g, w) / self.scales[g] for g in self.banks)
 
     def loo_scores(self) -> np.ndarray:
         """Leave-one-out scores of the calibration train clips (computed by ``fit``)."""

@@ -20,8 +20,10 @@ import numpy as np
 
 from asd_ray.bank.saved import NUMBER, choice, read_index, read_meta, write_meta
 from asd_ray.errors import BankError, BankFolderError  # noqa: F401 - defined there, raised and re-exported here
+from asd_ray.threads import spread
 
 METRICS = ("euclidean", "cosine")
+QUERY_BLOCK = 1024  # queries per FAISS search call: a fixed split, so ``faiss_threads`` cannot change a result
 
 
 def _as_matrix(x: np.ndarray, dim: int | None, what: str) -> np.ndarray:
@@ -131,8 +133,12 @@ class MemoryBank:
             raise BankError("the bank is empty: fit() it with normal embeddings before scoring")
         q = self._prepare(_as_matrix(queries, self.dim, "score"))
         k = min(k, self.size)
-        faiss.omp_set_num_threads(self.faiss_threads)
-        sims, idx = self.index.search(q, k)
+        # One BLAS thread per search call (``asd_ray/threads.py``); ``faiss_threads`` calls at once on fixed blocks of
+        # queries. A query's distances may still depend on the other queries of its block (FAISS computes fewer
+        # than 20 queries pair by pair, more through one BLAS product), never on a thread count.
+        hits = spread(lambda i: self.index.search(q[i:i + QUERY_BLOCK], k), range(0, max(len(q), 1), QUERY_BLOCK),
+                      self.faiss_threads)
+        sims, idx = (np.concatenate(h) for h in zip(*hits)) if len(hits) > 1 else hits[0]
         if self.metric == "cosine":
             dist = np.clip(1.0 - sims, 0.0, 2.0)
         else:

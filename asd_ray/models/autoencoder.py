@@ -20,6 +20,7 @@ from torch import nn
 from asd_ray.bank.saved import choice, finite, one_line, read_meta, read_npz, write_meta
 from asd_ray.errors import BankFolderError
 from asd_ray.models.frames import stack_frames
+from asd_ray.threads import one_thread
 
 DOMAINS = ("source", "target")
 
@@ -164,6 +165,11 @@ class AEDetector:
     def fit(self, clips: Sequence[np.ndarray], ids: Sequence[str] | None = None, *,
             domains: Sequence[str] | None = None) -> "AEDetector":
         """Train on the clips' stacked frames; error covariances per domain ("source"/"target"; others count as source)."""
+        with one_thread():  # torch's and numpy's products on one thread: the same model in every process
+            return self._fit(clips, ids, domains)
+
+    def _fit(self, clips: Sequence[np.ndarray], ids: Sequence[str] | None, domains: Sequence[str] | None
+             ) -> "AEDetector":
         p = self.params
         if len(clips) < 2:
             raise ValueError(f"the AE needs at least 2 train clips, got {len(clips)}")
@@ -185,8 +191,9 @@ class AEDetector:
         """{"mse": (m,), "maha": (m,)} raw scores of clips (each T x n_mels)."""
         if self.model is None:
             raise ValueError("the AE is not trained: fit() it with normal clips before scoring")
-        errs = (reconstruction_errors(self.model, stack_frames(c, self.params["context"])) for c in clips)
-        pairs = [(float((e ** 2).mean()), mahalanobis_score(e, self.precisions)) for e in errs]
+        with one_thread():  # the same score in every process, whatever its torch and BLAS threads
+            errs = (reconstruction_errors(self.model, stack_frames(c, self.params["context"])) for c in clips)
+            pairs = [(float((e ** 2).mean()), mahalanobis_score(e, self.precisions)) for e in errs]
         return {"mse": np.array([q[0] for q in pairs]), "maha": np.array([q[1] for q in pairs])}
 
     def score(self, clips: Sequence[np.ndarray]) -> np.ndarray:

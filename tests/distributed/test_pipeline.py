@@ -277,7 +277,9 @@ def test_tasks_take_half_a_cpu_only_beside_embedding_actors_on_the_cpus():
 def test_pipeline_tasks_run_side_by_side_on_every_cpu(ray_local):
     """Ray Data's executor noticed a finished task up to 0.1 s late and the CPUs it may use up to a second late;
     with tasks this short each next task went to the worker that had just finished, and the two CPUs' tasks ran
-    one after the other."""
+    one after the other, all on one worker. Asserted on what the scheduler did, as the tasks recorded it (which
+    worker ran each, from when to when): tasks on both workers, and tasks of the two workers in flight at once.
+    No share of the time is asserted, so a loaded machine that stretches every task cannot fail it."""
     import ray
 
     from asd_ray.distributed.embed import prompt_ray_data, start_ray_data_actors
@@ -293,15 +295,14 @@ def test_pipeline_tasks_run_side_by_side_on_every_cpu(ray_local):
 
     start_ray_data_actors()
     assert prompt_ray_data()
-    for _ in range(2):  # the first execution on a cluster waits for Ray Data's coordinator: the second is measured
+    for _ in range(2):  # the first execution on a cluster waits for Ray Data's coordinator: the second is checked
         ds = ray.data.from_items([{"id": i} for i in range(24)]).map_batches(
             timed_batch, fn_kwargs={"seconds": 0.12}, batch_size=2, num_cpus=1)
         rows = {(int(b["pid"][0]), float(b["start"][0]), float(b["end"][0]))
                 for b in ds.iter_batches(batch_size=None, batch_format="numpy")}
-    spans = sorted((s, e) for _, s, e in rows)
-    overlap = sum(max(0.0, min(e1, e2) - max(s1, s2)) for (s1, e1), (s2, e2) in zip(spans, spans[1:]))
-    assert len({pid for pid, _, _ in rows}) == 2
-    assert overlap > 0.5 * sum(e - s for s, e in spans) / 2  # most of the work ran two at a time
+    assert len(rows) == 12 and len({pid for pid, _, _ in rows}) == 2, sorted(rows)
+    side_by_side = [(a, b) for a in rows for b in rows if a[0] < b[0] and max(a[1], b[1]) < min(a[2], b[2])]
+    assert side_by_side, sorted(rows)  # two workers' tasks whose intervals overlap: both CPUs in use at once
 
 
 def test_embedding_actors_take_ray_datas_default_scheduling_when_it_is_not_loaded():

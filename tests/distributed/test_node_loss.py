@@ -1,0 +1,65 @@
+"""Losing a worker node (SPEC §8, issue 22 item 9): a run and a fleet on a multi-node Ray on one machine end as
+they would without the fault. Each runs ``node_loss.py`` in a process of its own (its own Ray cluster), so the
+session's Ray and the tests after these never see it."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from asd_ray.config import RunConfig, load_config
+from asd_ray.detect import reference_run
+
+SCRIPT = Path(__file__).with_name("node_loss.py")
+
+
+def _reference(corpus, out: Path):
+    config = load_config(RunConfig, None, ["detector=local", "local.bank_size=300"])
+    return reference_run([corpus], config, out / "ref")
+
+
+def _with_a_node_lost(mode: str, corpus, out: Path) -> dict:
+    env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")
+    env.pop("RAY_ADDRESS", None)
+    log = out / f"{mode}.log"
+    with open(log, "w") as fh:  # a group of its own: a timeout ends its Ray cluster's processes too
+        proc = subprocess.Popen([sys.executable, str(SCRIPT), mode, str(corpus), str(out)], env=env, stdout=fh,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            rc = proc.wait(timeout=780)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            rc = "timed out"
+    assert rc == 0, f"{mode}: {rc}\n" + log.read_text()[-6000:]
+    return json.loads((out / "result.json").read_text())
+
+
+def _assert_same_scores(got: dict, ref) -> None:
+    assert set(got["scores"]) == set(ref.results)
+    for machine, res in ref.results.items():
+        assert sorted(got["scores"][machine]) == sorted(res.filenames)  # every clip scored: none lost
+        np.testing.assert_allclose([got["scores"][machine][f] for f in res.filenames], res.raw_scores, rtol=1e-6)
+
+
+@pytest.mark.timeout(900)
+def test_a_run_that_loses_a_worker_node_while_it_embeds_scores_as_without_the_fault(tiny_corpus, tmp_path):
+    ref = _reference(tiny_corpus, tmp_path)
+    got = _with_a_node_lost("run", tiny_corpus, tmp_path)
+    assert got["removed"] and got["alive_nodes"] == 2  # the head and the worker node left
+    _assert_same_scores(got, ref)
+    assert got["decisions"] == {m: r.decisions.tolist() for m, r in ref.results.items()}
+
+
+@pytest.mark.timeout(900)
+def test_a_fleet_that_loses_a_worker_node_while_it_scores_streams_answers_every_request(tiny_corpus, tmp_path):
+    ref = _reference(tiny_corpus, tmp_path)
+    got = _with_a_node_lost("fleet", tiny_corpus, tmp_path)
+    assert got["removed"] and got["alive_nodes"] == 2
+    assert got["errors"] == [] and got["requests"] == sum(len(r.filenames) for r in ref.results.values())
+    _assert_same_scores(got, ref)
