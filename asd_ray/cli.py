@@ -300,10 +300,27 @@ def log_file(args) -> Path | None:
     return None
 
 
+def console_logging(verbose: bool) -> None:
+    """The command's console handler on the root logger (WARNING and up; everything with -v), added where the root
+    logger has none, as ``logging.basicConfig`` would. A process that set up logging itself (an application
+    calling ``main``, pytest) keeps its handlers and their levels: the first one used to be set to WARNING here,
+    which silenced INFO records for whoever had installed it."""
+    root = logging.getLogger()
+    ours = [h for h in root.handlers if h.get_name() == "asd-ray console"]
+    if not ours and root.handlers:
+        return
+    if not ours:
+        ours = [logging.StreamHandler()]
+        ours[0].set_name("asd-ray console")
+        ours[0].setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        root.addHandler(ours[0])
+        root.setLevel(logging.WARNING)
+    ours[0].setLevel(logging.DEBUG if verbose else logging.WARNING)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger().handlers[0].setLevel(logging.DEBUG if args.verbose else logging.WARNING)
+    console_logging(args.verbose)
     log.setLevel(logging.DEBUG if args.verbose else logging.INFO)
     from asd_ray.errors import BackboneError, BankError, MetricError
     from asd_ray.progress import bars_on

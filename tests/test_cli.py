@@ -92,3 +92,21 @@ def test_an_offline_hub_id_fails_in_one_line_before_ray_starts(tiny_corpus, tmp_
                                "cannot be downloaded here")
     assert "pass a local checkpoint directory instead (--backbone DIR" in lines[0]
     assert not (tmp_path / "run" / "run.log").exists() or "Started a local Ray" not in (tmp_path / "run" / "run.log").read_text()
+
+
+def test_a_command_leaves_the_handlers_of_a_process_that_set_up_logging_alone(tmp_path):
+    """main() used to set the root logger's first handler to WARNING: called in a process with handlers of its own
+    (an application, pytest), INFO records logged after it were lost to whoever had installed that handler."""
+    import logging
+
+    from asd_ray.cli import main
+
+    root = logging.getLogger()
+    theirs = logging.Handler(logging.INFO)
+    root.handlers.insert(0, theirs)
+    try:
+        main(["evaluate", "--scores", str(tmp_path / "none"), "--data", str(tmp_path)])  # fails; logging is set up
+        assert theirs.level == logging.INFO
+        assert not [h for h in root.handlers if h.get_name() == "asd-ray console"]  # and adds none beside them
+    finally:
+        root.removeHandler(theirs)
