@@ -167,6 +167,10 @@ class AEConfig:
     batch_size: int = 256
     lr: float = 1e-3
     seed: int = 0
+    # torch and BLAS threads the AE trains and scores with, in the driver (--local) and in a Ray task alike: its float
+    # sums, hence its weights after many epochs, depend on the thread count, so the two paths give one AE only
+    # with one count (a Ray task of ray.detector_cpus=1 would otherwise run 1 thread, the driver all of them)
+    threads: int = 1
 
 
 @dataclass(frozen=True)

@@ -336,7 +336,7 @@ def make_detector(config: RunConfig, name: str | None = None, *, device: str = "
         ae = config.ae
         return AEDetector(score_kind=name.removeprefix("ae-"), context=ae.frames, hidden=ae.hidden,
                           bottleneck=ae.bottleneck, layers=ae.layers, epochs=ae.epochs, batch_size=ae.batch_size,
-                          lr=ae.lr, seed=ae.seed, device=device)
+                          lr=ae.lr, seed=ae.seed, threads=ae.threads, device=device)
     if name == "fusion":
         if "fusion" in config.fusion.members:
             raise ConfigError("fusion.members cannot name fusion itself")

@@ -10,9 +10,11 @@ the source and target values.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -21,6 +23,30 @@ from torch import nn
 from asd_ray.models.frames import stack_frames
 
 DOMAINS = ("source", "target")
+
+
+@functools.lru_cache(maxsize=1)
+def _blas():
+    from threadpoolctl import ThreadpoolController  # one scan of the loaded libraries, not one per call
+
+    return ThreadpoolController()
+
+
+@contextlib.contextmanager
+def pinned_threads(n: int) -> Iterator[None]:
+    """torch's CPU (intra-op) threads and the BLAS threads of numpy set to ``n`` inside the block, restored after.
+    Float sums depend on the thread count, and through 100 epochs of training so do an AE's weights: a Ray task
+    (1 thread with 1 CPU) and the driver (all cores) trained different AEs from the same clips and seed until both
+    pinned the count (the BLAS pin keeps the Mahalanobis scores equal in the last bits too)."""
+    if n < 1:
+        raise ValueError(f"threads: {n}; use 1 or more")
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        with _blas().limit(limits=n, user_api="blas"):
+            yield
+    finally:
+        torch.set_num_threads(before)
 
 
 class DenseAE(nn.Module):
@@ -131,18 +157,22 @@ class AEDetector:
     """The AE baseline as a detector: ``fit`` trains one machine's AE on its normal train clips' log-mel
     matrices (each T x n_mels) and estimates the per-domain error covariances; ``score`` gives ``mse`` or
     ``maha`` scores (``score_kind``). Its calibration scores (``loo_scores``) are the train clips' own scores:
-    an AE cannot leave a clip out without retraining, as the DCASE baseline does too."""
+    an AE cannot leave a clip out without retraining, as the DCASE baseline does too. It trains and scores with
+    ``threads`` torch and BLAS threads wherever it runs (``pinned_threads``): the same clips, seed and count give the
+    same weights, bit for bit, in the driver and in a Ray task."""
 
     kind = "AEDetector"
     features = "frames"
 
     def __init__(self, *, score_kind: str = "maha", context: int = 5, hidden: int = 128, bottleneck: int = 8,
                  layers: int = 4, epochs: int = 100, batch_size: int = 256, lr: float = 1e-3, seed: int = 0,
-                 device: str = "cpu"):
+                 threads: int = 1, device: str = "cpu"):
         if score_kind not in SCORES:
             raise ValueError(f"AE score {score_kind!r}: use one of {SCORES}")
+        if threads < 1:
+            raise ValueError(f"ae.threads={threads}: use 1 or more")
         self.params = {"context": context, "hidden": hidden, "bottleneck": bottleneck, "layers": layers,
-                       "epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed}
+                       "epochs": epochs, "batch_size": batch_size, "lr": lr, "seed": seed, "threads": threads}
         self.score_kind = score_kind
         self.device = device
         self.model: DenseAE | None = None
@@ -167,6 +197,13 @@ class AEDetector:
         if len(clips) < 2:
             raise ValueError(f"the AE needs at least 2 train clips, got {len(clips)}")
         domains = list(domains) if domains is not None else ["source"] * len(clips)
+        with pinned_threads(p["threads"]):
+            self._fit(clips, domains)
+        self.ids = [str(i) for i in ids] if ids is not None else [str(i) for i in range(len(clips))]
+        return self
+
+    def _fit(self, clips: Sequence[np.ndarray], domains: list[str]) -> None:
+        p = self.params
         self.model, self.losses = train_autoencoder(
             np.concatenate([stack_frames(c, p["context"]) for c in clips]), hidden=p["hidden"],
             bottleneck=p["bottleneck"], layers=p["layers"], epochs=p["epochs"], batch_size=p["batch_size"],
@@ -177,15 +214,14 @@ class AEDetector:
             acc.add(reconstruction_errors(self.model, stack_frames(c, p["context"])), d if d in DOMAINS else "source")
         self.precisions = acc.precisions()
         self.train_scores = self.score(clips)
-        self.ids = [str(i) for i in ids] if ids is not None else [str(i) for i in range(len(clips))]
-        return self
 
     def score_both(self, clips: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
         """{"mse": (m,), "maha": (m,)} raw scores of clips (each T x n_mels)."""
         if self.model is None:
             raise ValueError("the AE is not trained: fit() it with normal clips before scoring")
-        errs = (reconstruction_errors(self.model, stack_frames(c, self.params["context"])) for c in clips)
-        pairs = [(float((e ** 2).mean()), mahalanobis_score(e, self.precisions)) for e in errs]
+        with pinned_threads(self.params["threads"]):
+            errs = (reconstruction_errors(self.model, stack_frames(c, self.params["context"])) for c in clips)
+            pairs = [(float((e ** 2).mean()), mahalanobis_score(e, self.precisions)) for e in errs]
         return {"mse": np.array([q[0] for q in pairs]), "maha": np.array([q[1] for q in pairs])}
 
     def score(self, clips: Sequence[np.ndarray]) -> np.ndarray:
@@ -218,7 +254,7 @@ class AEDetector:
     def load(cls, directory: str | Path, *, device: str = "cpu", **_ignored) -> "AEDetector":
         d = Path(directory)
         meta = json.loads((d / "bank.json").read_text())
-        det = cls(score_kind=meta["score_kind"], device=device, **{k: meta[k] for k in (
+        det = cls(score_kind=meta["score_kind"], device=device, threads=meta.get("threads", 1), **{k: meta[k] for k in (
             "context", "hidden", "bottleneck", "layers", "epochs", "batch_size", "lr", "seed")})
         p = det.params
         det.model = DenseAE(meta["input_dim"], p["hidden"], p["bottleneck"], p["layers"])
