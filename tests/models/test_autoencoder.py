@@ -66,3 +66,28 @@ def test_ae_detector_save_load_scores_the_same(tmp_path):
     assert isinstance(loaded, AEDetector) and loaded.score_kind == "mse" and loaded.dim == 8
     np.testing.assert_allclose(loaded.score(clips[:2]), ae.score(clips[:2]), rtol=1e-6)
     np.testing.assert_array_equal(loaded.loo_scores(), ae.loo_scores())
+
+
+def test_ae_weights_do_not_depend_on_the_callers_thread_count():
+    """A Ray task runs torch with 1 thread, the driver with every core: the AE trains and scores on one thread
+    (``threads.one_thread``), so the same clips and seed give the same weights and scores bit for bit, and the
+    caller's count is restored."""
+    import torch
+
+    rng = np.random.default_rng(2)
+    clips = [rng.standard_normal((60, 128)).astype(np.float32) for _ in range(12)]  # 12 x 56 windows of 640-d
+
+    def fitted(callers_threads):
+        before = torch.get_num_threads()
+        torch.set_num_threads(callers_threads)
+        try:
+            ae = AEDetector(score_kind="maha", epochs=3, batch_size=64).fit(clips, domains=["source"] * 12)
+            assert torch.get_num_threads() == callers_threads
+            return ae, {k: v.clone() for k, v in ae.model.state_dict().items()}, ae.score(clips[:4])
+        finally:
+            torch.set_num_threads(before)
+
+    (ae1, w1, s1), (ae4, w4, s4) = fitted(1), fitted(4)
+    assert ae1.losses == ae4.losses
+    assert all(torch.equal(w1[k], w4[k]) for k in w1)
+    np.testing.assert_array_equal(s1, s4)
