@@ -210,6 +210,9 @@ def cmd_serve(args) -> int:
         check_write_access(s.token, s.allow_unauthenticated_writes, s.host)
     except ValueError as err:
         raise ConfigError(str(err)) from None
+    from asd_ray.distributed.session import route_serve_logs
+
+    route_serve_logs()
     started = service.start_ray(config)
     # the banks load and take the settings, or the error now; detached, they outlive this command on a cluster
     streams.fleet_banks(args.banks, config, given=given, detached=True)
@@ -225,7 +228,10 @@ def cmd_serve(args) -> int:
           "asd_ray_request_errors_total, asd_ray_request_seconds on Ray's metrics port")
     sys.stdout.flush()
     if started or args.block:
+        print("serving until Ctrl-C (or SIGTERM)")
+        sys.stdout.flush()
         service.serve_until_stopped()
+        print(f"scoring service {s.app_name!r} stopped: Serve shut down")
     return 0
 
 
@@ -297,6 +303,8 @@ def log_file(args) -> Path | None:
         return run_dir(finetune_config(args).finetune) / "run.log"
     if args.command in ("run", "compare", "sweep", "serve-fleet", "embed") and not getattr(args, "local", False):
         return args.out / "run.log"
+    if args.command == "serve" and not args.stop:
+        return args.out / "serve.log"
     return None
 
 

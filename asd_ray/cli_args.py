@@ -186,6 +186,9 @@ def _add_serve(sub):
     p.add_argument("--stop", action="store_true",
                    help="instead: stop the service running over --banks on the running Ray (its application, "
                         "Serve when nothing else runs on it, its bank actors); same --set serve.app_name, fleet.*")
+    p.add_argument("--out", type=Path, default=Path("runs/serve"),
+                   help="folder of serve.log: the log lines of Ray, Serve and asd-ray (the console shows their "
+                        "errors only; -v shows everything)")
     _add_config_args(p)
 
 

@@ -285,7 +285,12 @@ def serve_until_stopped() -> None:
     except KeyboardInterrupt:
         pass
     finally:
-        serve.shutdown()
+        # a second Ctrl-C (or the one Ray's processes pass on) would cut the shutdown short, with a traceback
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            serve.shutdown()
+        finally:
+            signal.signal(signal.SIGINT, previous)
 
 
 def deploy(bank_root: str | Path, config: RunConfig, given: Iterable[str] = ()) -> None:

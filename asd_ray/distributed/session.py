@@ -82,6 +82,16 @@ def route_logs(path: Path, verbose: bool = False) -> None:
     _routing.update(logger=workers, verbose=verbose, to_file=to_file, ray_data=False)
 
 
+def route_serve_logs() -> None:
+    """Serve's log lines as ``route_logs`` routes Ray's (a no-op without it): Serve's import gives its logger a
+    console handler of its own that does not propagate to Ray's, so it is routed after that import."""
+    if not _routing:
+        return
+    import ray.serve  # noqa: F401 - its import sets up the "ray.serve" logger
+
+    _route_logger("ray.serve", _routing["to_file"], _routing["verbose"])
+
+
 def route_ray_data() -> None:
     """Ray Data's log lines as ``route_logs`` routes Ray's (a no-op without it, or once done): imports Ray Data,
     whose import sets up its loggers, and turns its progress bars off."""

@@ -352,7 +352,8 @@ def test_own_ray_bodies_cut_at_the_limit_and_a_restarted_replica_keeps_its_port(
     proc = subprocess.Popen(
         [sys.executable, "-u", "-c", "import sys; from asd_ray.cli import main; sys.exit(main())", "serve",
          "--banks", str(tmp_path / "banks"), "--port", str(port), "--set", f"fleet.namespace={namespace}",
-         "--set", "ray.num_cpus=2", "--set", f"serve.token={TOKEN}", "--set", f"serve.max_body_bytes={LIMIT}"],
+         "--set", "ray.num_cpus=2", "--set", f"serve.token={TOKEN}", "--set", f"serve.max_body_bytes={LIMIT}",
+         "--out", str(tmp_path / "serve")],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True)
@@ -399,3 +400,11 @@ def test_own_ray_bodies_cut_at_the_limit_and_a_restarted_replica_keeps_its_port(
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(timeout=30)
+    # a quiet console: Serve's and Ray's log lines in serve.log, a line when it stops (they flooded the console)
+    reader.join(timeout=30)
+    console = "".join(lines)
+    assert f"scoring service 'asd-ray' stopped: Serve shut down" in console, console[-2000:]
+    # the driver's own Serve lines ("INFO ... serve <pid> -- Started Serve ..."); a worker's batch that reports an
+    # error (the replica killed above) still reaches the console, as every command shows one
+    assert not re.search(r"^(\x1b\[\d+m)?INFO\b", console, flags=re.M), console[-3000:]
+    assert "Started Serve" in (tmp_path / "serve" / "serve.log").read_text()
