@@ -240,7 +240,8 @@ def cmd_compare(args) -> int:
     run = runner(args.local)
     roots = args.data or [demo_corpus(args.out)]
     reports, features = {}, {}  # detectors that eat the same features embed the corpus once
-    for name in args.detectors:
+    for i, name in enumerate(args.detectors, 1):
+        print(f"compare: detector {i}/{len(args.detectors)}: {name}", file=sys.stderr, flush=True)
         config = run_config(args.config, [*args.overrides, *DETECTORS[name]])
         reports[name] = run(roots, config, args.out / name, args.machines, feature_cache=features)
         met = reports[name].metrics
@@ -425,20 +426,44 @@ def main(argv: list[str] | None = None) -> int:
     from asd_ray.errors import BackboneError, BankError, MetricError
     from asd_ray.progress import bars_on
 
+    watchdog = None
     try:
         path = log_file(args)
         if path is not None:
+            from asd_ray.distributed.resources import DEFAULT_HINT, HINTS, Watchdog
             from asd_ray.distributed.session import route_logs
 
             route_logs(path, args.verbose)
+            # a run that waits on resources says so (it probes nothing until the command has joined or started Ray)
+            watchdog = Watchdog(hint=HINTS.get(args.command, DEFAULT_HINT)).start()
         with bars_on():
             code = COMMANDS[args.command](args)
     except (ConfigError, LayoutError, MetricError, BankError, BackboneError, FileNotFoundError, ValueError) as err:
         print(f"asd-ray {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        return interrupted(args.command)
+    finally:
+        if watchdog is not None:
+            watchdog.stop()
     if path is not None:
         print(f"log of Ray and asd-ray: {path}")
     return code
+
+
+def interrupted(command: str) -> int:
+    """Ctrl-C: one line, Ray shut down (its workers, trials and Train runs end with it), exit status 130. A second
+    Ctrl-C while shutting down is ignored rather than left to print a traceback."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    ray = sys.modules.get("ray")
+    stopped = ""
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
+        stopped = "; Ray shut down"
+    print(f"\nasd-ray {command}: interrupted (Ctrl-C){stopped}", file=sys.stderr, flush=True)
+    return 130
 
 
 if __name__ == "__main__":
