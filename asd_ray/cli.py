@@ -386,12 +386,12 @@ def cmd_sweep(args) -> int:
 
 def cmd_embed(args) -> int:
     from asd_ray.detect import plan_records, write_reasons
-    from asd_ray.distributed.run import embed_table
+    from asd_ray.distributed.run import check_resources, embed_table
     from asd_ray.distributed.session import ensure_ray
     from asd_ray.results import Reject
 
     config = run_config(args.config, args.overrides, args.backbone)
-    ensure_ray(num_cpus=config.ray.num_cpus or None)
+    check_resources(config, strict=ensure_ray(num_cpus=config.ray.num_cpus or None), clip=True)
     used, unused = plan_records(discover(args.data, args.machines, normals_only_roots=config.normals_only_roots))
     table = embed_table(used, config)
     args.out.mkdir(parents=True, exist_ok=True)

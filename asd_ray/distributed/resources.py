@@ -21,7 +21,7 @@ from typing import Callable, Iterable
 
 from asd_ray.config import ConfigError, FinetuneConfig, RunConfig
 from asd_ray.detectors import detector_features
-from asd_ray.distributed.embed import task_cpus
+from asd_ray.distributed.embed import needs_actors, task_cpus
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +95,29 @@ def _refuse(strict: bool, message: str) -> None:
     if strict:
         raise ConfigError(message)
     log.warning("%s (going ahead: the Ray cluster may grow)", message)
+
+
+def check_run_resources(config: RunConfig, cpus: float, use_gpu: bool, *, strict: bool = True,
+                        clip: bool | None = None) -> float:
+    """Refuse (``ConfigError`` naming the setting) a run whose Ray work cannot be scheduled on ``cpus`` CPUs: CPU
+    embedding actors that hold every CPU their pre-processing tasks need (``ray.embed_actors`` x ``ray.actor_cpus``),
+    a task that asks for more CPUs than Ray has (``ray.preprocess_cpus``, ``ray.detector_cpus``). Returns the CPUs the
+    embedding pipeline needs at once (of clip embeddings with ``clip``; default: the features ``config.detector``
+    eats). ``strict`` False (a cluster that may grow): logged, not refused."""
+    clip = detector_features(config) == "clip" if clip is None else clip
+    actors = config.ray.embed_actors * config.ray.actor_cpus if clip and needs_actors(config.embed) and not use_gpu else 0.0
+    task = task_cpus(config.ray.preprocess_cpus, beside_cpu_actor=actors > 0)
+    if actors + task > cpus + EPS:
+        fit = max(0, int((cpus - task + EPS) // config.ray.actor_cpus)) if config.ray.actor_cpus > 0 else 0
+        fix = (f"ray.embed_actors={fit}" if fit >= 1 else f"ray.actor_cpus={_tenths(max(0.1, (cpus - task) / 2)):g}"
+               if cpus - task >= 0.1 else f"ray.preprocess_cpus={_tenths(cpus / 2):g}")
+        _refuse(strict, f"embedding holds ray.embed_actors={config.ray.embed_actors} x ray.actor_cpus="
+                        f"{config.ray.actor_cpus:g} CPUs and its pre-processing tasks need {task:g} more, and Ray has "
+                        f"{cpus:g}: the tasks would wait for the actors forever. Set {fix} (or more CPUs: ray.num_cpus)")
+    if not clip and config.ray.detector_cpus > cpus + EPS:
+        _refuse(strict, f"ray.detector_cpus={config.ray.detector_cpus:g}: a machine's detector task would wait for "
+                        f"more CPUs than Ray has ({cpus:g}); set ray.detector_cpus={min(1.0, cpus):g}")
+    return actors + task
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ import yaml
 from asd_ray.config import ConfigError, RunConfig, from_dict, save_config, to_dict, with_overrides
 from asd_ray.data.layout import discover
 from asd_ray.detect import plan_records, run_detection
-from asd_ray.distributed.run import embed_table, embedder_for
+from asd_ray.distributed.run import check_resources, embed_table, embedder_for
 from asd_ray.distributed.session import ensure_ray
 from asd_ray.scoring.metrics import MetricError
 
@@ -223,6 +223,7 @@ def sweep(roots: Sequence[str | Path], space: SweepSpace, config: RunConfig, out
     if not space.finetunes:
         used, _ = plan_records(discover(roots, machines, normals_only_roots=base.normals_only_roots))
         for variant in embedding_variants(space, base):
+            check_resources(variant, strict=started, clip=True)
             with stage("embed", total=len(used)):
                 table = embed_table(used, variant)
             (cached if table.from_cache else embedded).append(str(table.path))

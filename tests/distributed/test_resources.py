@@ -6,7 +6,8 @@ from pathlib import Path
 import pytest
 
 from asd_ray.config import ConfigError, FinetuneConfig, RunConfig, load_config, with_overrides
-from asd_ray.distributed.resources import (ResourceWait, Watchdog, finetune_resources, sweep_resources,
+from asd_ray.distributed.resources import (ResourceWait, Watchdog, check_run_resources, finetune_resources,
+                                           sweep_resources,
                                            trial_inner_needs)
 from asd_ray.distributed.sweep import load_space, trial_configs
 
@@ -116,3 +117,17 @@ def test_watchdog_says_when_a_run_has_waited_a_minute_without_progress():
 def test_watchdog_without_ray_watches_nothing():
     dog = Watchdog(lambda: None, say=pytest.fail, clock=FakeClock())
     assert dog.check() is None
+
+
+def test_runs_whose_actors_or_tasks_could_never_be_scheduled_are_refused():
+    hubert = with_overrides(RunConfig(), {"detector": "knn", "embed.backbone": "/ckpt/hubert"})
+    assert check_run_resources(hubert, cpus=2, use_gpu=False) == 1.0  # the default: a 0.5-CPU actor + 0.5-CPU tasks
+    assert check_run_resources(RunConfig(), cpus=2, use_gpu=False) == 1.0  # frames: 1-CPU tasks, no actor
+    with pytest.raises(ConfigError, match=r"ray\.embed_actors=3"):  # 4 x 0.5 held every CPU the tasks need
+        check_run_resources(with_overrides(hubert, {"ray.embed_actors": 4}), cpus=2, use_gpu=False)
+    assert check_run_resources(with_overrides(hubert, {"ray.embed_actors": 4}), cpus=2, use_gpu=True) == 1.0  # GPUs
+    with pytest.raises(ConfigError, match=r"ray\.detector_cpus=1"):
+        check_run_resources(with_overrides(RunConfig(), {"ray.detector_cpus": 4.0}), cpus=2, use_gpu=False)
+    with pytest.raises(ConfigError, match=r"ray\.actor_cpus=0\.7"):  # the embed command: clip embeddings whatever the detector
+        check_run_resources(with_overrides(RunConfig(), {"embed.backbone": "/ckpt/hubert", "ray.actor_cpus": 1.6}),
+                            cpus=2, use_gpu=False, clip=True)
