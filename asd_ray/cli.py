@@ -442,6 +442,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"asd-ray {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        if watchdog is not None:
+            watchdog.stop()  # before Ray goes: its probe must not call into a Ray shutting down
         return interrupted(args.command)
     finally:
         if watchdog is not None:

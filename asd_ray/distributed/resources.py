@@ -303,7 +303,10 @@ class Watchdog:
         return self
 
     def stop(self) -> None:
+        """End the thread (after the look it may be taking)."""
         self._stop.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=30)
 
 
 HINTS = {

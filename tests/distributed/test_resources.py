@@ -1,6 +1,7 @@
 """Resource plans on a 2-CPU machine (what users have): sweep trials, fine-tuning workers and their data feeds fit
 together or are refused with the setting to change; the watchdog says when a run waits on resources (fake clock)."""
 
+import threading
 from pathlib import Path
 
 import pytest
@@ -131,3 +132,12 @@ def test_runs_whose_actors_or_tasks_could_never_be_scheduled_are_refused():
     with pytest.raises(ConfigError, match=r"ray\.actor_cpus=0\.7"):  # the embed command: clip embeddings whatever the detector
         check_run_resources(with_overrides(RunConfig(), {"embed.backbone": "/ckpt/hubert", "ray.actor_cpus": 1.6}),
                             cpus=2, use_gpu=False, clip=True)
+
+
+def test_watchdog_thread_looks_until_stopped():
+    said = threading.Event()
+    dog = Watchdog(lambda: ResourceWait(demands=(({"CPU": 1.0}, 1),), total_cpus=2), say=lambda text: said.set(),
+                   progressed=lambda: None, after_s=0, poll_s=0.01).start()
+    assert said.wait(120)
+    dog.stop()
+    assert not dog._thread.is_alive()
