@@ -7,6 +7,7 @@ import dataclasses
 import json
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -427,6 +428,7 @@ def main(argv: list[str] | None = None) -> int:
     from asd_ray.progress import bars_on
 
     watchdog = None
+    before = signal.signal(signal.SIGINT, _ctrl_c)
     try:
         path = log_file(args)
         if path is not None:
@@ -448,16 +450,24 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if watchdog is not None:
             watchdog.stop()
+        signal.signal(signal.SIGINT, before if before is not None else signal.default_int_handler)
     if path is not None:
         print(f"log of Ray and asd-ray: {path}")
     return code
 
 
+def _ctrl_c(signum, frame):
+    """SIGINT: the output of Ray's worker processes stops reaching the console at once (a terminal's Ctrl-C reaches
+    them too, and the actors that die say so in tracebacks), then the usual ``KeyboardInterrupt``."""
+    session = sys.modules.get("asd_ray.distributed.session")
+    if session is not None:
+        session.mute_worker_output()
+    raise KeyboardInterrupt
+
+
 def interrupted(command: str) -> int:
     """Ctrl-C: one line, Ray shut down (its workers, trials and Train runs end with it), exit status 130. A second
     Ctrl-C while shutting down is ignored rather than left to print a traceback."""
-    import signal
-
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     ray = sys.modules.get("ray")
     stopped = ""

@@ -271,6 +271,27 @@ class FinetuneResult:
     unused: list[dict] = dataclasses.field(default_factory=list)  # every other entry, with the reason
 
 
+def fit_keeping_ctrl_c(trainer):
+    """``trainer.fit()`` in a thread of its own, the calling thread waiting: Ctrl-C stays a ``KeyboardInterrupt``
+    of the caller. From the main thread, Ray Train installs its own SIGINT handler, which aborts the run and lets
+    ``fit`` return as if it had ended (or, the second time, exits with status 0)."""
+    out: dict = {}
+
+    def fit() -> None:
+        try:
+            out["result"] = trainer.fit()
+        except BaseException as err:  # noqa: BLE001 - handed to the caller
+            out["error"] = err
+
+    thread = threading.Thread(target=fit, name="asd-ray-train-fit", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.5)
+    if "error" in out:
+        raise out["error"]
+    return out["result"]
+
+
 @contextlib.contextmanager
 def step_progress(path: Path, total: int, every_s: float = 2.0) -> Iterator[None]:
     """A bar of the run's steps (steps/s, ETA) with the latest loss while the block runs, fed from rank 0's
@@ -370,7 +391,7 @@ def finetune(roots: Sequence[str | Path], config: RunConfig, machines: Iterable[
                                        failure_config=ray.train.FailureConfig(max_failures=ft.max_failures)),
         datasets={"train": training_dataset(fit, noise, pre, ft)})
     with step_progress(log_path, steps_per_epoch * ft.epochs):
-        result = trainer.fit()
+        result = fit_keeping_ctrl_c(trainer)
     if result.checkpoint is None:
         raise RuntimeError(f"fine-tuning {name} ended without a checkpoint: {result.error}")
     counts = {"entries": len(records), "trained_on": len(fit), "heldout": len(held), "rejected": len(rejects),
