@@ -7,6 +7,7 @@ import dataclasses
 import json
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -111,7 +112,8 @@ def cmd_compare(args) -> int:
     reports, features = {}, {}  # detectors that eat the same features embed the corpus once
     configs = {name: run_config(args.config, [*args.overrides, *DETECTORS[name]]) for name in names}
     check_settings_read(args.config, args.overrides, list(configs.values()))
-    for name, config in configs.items():
+    for i, (name, config) in enumerate(configs.items(), 1):
+        print(f"compare: detector {i}/{len(configs)}: {name}", file=sys.stderr, flush=True)
         reports[name] = run(roots, config, args.out / name, args.machines, feature_cache=features)
         met = reports[name].metrics
         print(f"{name}: " + ("; ".join(f"{s} official score {v['official_score']:.4f}"
@@ -274,12 +276,12 @@ def cmd_sweep(args) -> int:
 
 def cmd_embed(args) -> int:
     from asd_ray.detect import plan_records, write_reasons
-    from asd_ray.distributed.run import embed_table
+    from asd_ray.distributed.run import check_resources, embed_table
     from asd_ray.distributed.session import ensure_ray
     from asd_ray.results import Reject
 
     config = embedding_config(args.config, args.overrides, args.backbone)
-    ensure_ray(num_cpus=config.ray.num_cpus or None)
+    check_resources(config, strict=ensure_ray(num_cpus=config.ray.num_cpus or None), clip=True)
     used, unused = plan_records(discover(args.data, args.machines, normals_only_roots=config.normals_only_roots))
     table = embed_table(used, config)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -333,20 +335,55 @@ def main(argv: list[str] | None = None) -> int:
     from asd_ray.errors import BackboneError, BankError, MetricError
     from asd_ray.progress import bars_on
 
+    watchdog = None
+    before = signal.signal(signal.SIGINT, _ctrl_c)
     try:
         path = log_file(args)
         if path is not None:
+            from asd_ray.distributed.resources import DEFAULT_HINT, HINTS, Watchdog
             from asd_ray.distributed.session import route_logs
 
             route_logs(path, args.verbose)
+            # a run that waits on resources says so (it probes nothing until the command has joined or started Ray)
+            watchdog = Watchdog(hint=HINTS.get(args.command, DEFAULT_HINT)).start()
         with bars_on():
             code = COMMANDS[args.command](args)
     except (ConfigError, LayoutError, MetricError, BankError, BackboneError, FileNotFoundError, ValueError) as err:
         print(f"asd-ray {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        if watchdog is not None:
+            watchdog.stop()  # before Ray goes: its probe must not call into a Ray shutting down
+        return interrupted(args.command)
+    finally:
+        if watchdog is not None:
+            watchdog.stop()
+        signal.signal(signal.SIGINT, before if before is not None else signal.default_int_handler)
     if path is not None:
         print(f"log of Ray and asd-ray: {path}")
     return code
+
+
+def _ctrl_c(signum, frame):
+    """SIGINT: the output of Ray's worker processes stops reaching the console at once (a terminal's Ctrl-C reaches
+    them too, and the actors that die say so in tracebacks), then the usual ``KeyboardInterrupt``."""
+    session = sys.modules.get("asd_ray.distributed.session")
+    if session is not None:
+        session.mute_worker_output()
+    raise KeyboardInterrupt
+
+
+def interrupted(command: str) -> int:
+    """Ctrl-C: one line, Ray shut down (its workers, trials and Train runs end with it), exit status 130. A second
+    Ctrl-C while shutting down is ignored rather than left to print a traceback."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    ray = sys.modules.get("ray")
+    stopped = ""
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
+        stopped = "; Ray shut down"
+    print(f"\nasd-ray {command}: interrupted (Ctrl-C){stopped}", file=sys.stderr, flush=True)
+    return 130
 
 
 if __name__ == "__main__":

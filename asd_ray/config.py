@@ -234,7 +234,9 @@ class FinetuneConfig:
     stretch_high: float = 1.2
     workers: int = 2  # DDP workers (one GPU each with use_gpu)
     use_gpu: Literal["auto", "yes", "no"] = "auto"
-    worker_cpus: float = 1.0  # CPUs per worker; fractional on small machines so Ray Data tasks still run
+    # CPUs per worker; 0: an equal share of what the data feed leaves, at most 1 (0.5 each for 2 workers on 2 CPUs).
+    # Workers and feed must fit Ray's CPUs together, else the feed waits forever: checked before the run starts
+    worker_cpus: float = 0.0
     precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 autocast on GPUs that have it (not a T4), else fp32
     checkpoint_every: int = 0  # steps between extra checkpoints (0: only at the end of each epoch)
     keep_checkpoints: int = 2

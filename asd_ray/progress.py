@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import time
 from typing import Iterator
 
 _enabled = False
 _open: list = []  # the open bars, innermost last
+_last: list = []  # time.monotonic() of the last work reported, drawn or not (the resource watchdog reads it)
 
 
 @contextlib.contextmanager
@@ -47,6 +49,19 @@ def stage(name: str, total: int | None = None, unit: str = "clip") -> Iterator[N
 
 
 def advance(n: int = 1) -> None:
-    """``n`` more items of the innermost open stage are done (nothing when no bar is drawn)."""
+    """``n`` more items of the innermost open stage are done (nothing drawn when no bar is)."""
+    if n:
+        _last[:] = [time.monotonic()]
     if _open:
         _open[-1].update(n)
+
+
+def note(text: str) -> None:
+    """Show ``text`` after the innermost open bar (a stage's running counts, a loss); nothing without a bar."""
+    if _open:
+        _open[-1].set_postfix_str(text, refresh=True)
+
+
+def last_progress() -> float | None:
+    """When work was last reported with ``advance`` (``time.monotonic()``), or None."""
+    return _last[0] if _last else None

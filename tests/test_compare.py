@@ -28,10 +28,12 @@ def test_ae_detectors_write_scores_for_every_machine(tiny_corpus, tmp_path):
     assert mse["machines"]["ToyCar"] != maha["machines"]["ToyCar"]  # the two scores differ
 
 
-def test_compare_writes_one_table(tiny_corpus, tmp_path):
+def test_compare_writes_one_table(tiny_corpus, tmp_path, capsys):
     out = tmp_path / "cmp"
     assert main(["compare", "--local", "--data", str(tiny_corpus), "--out", str(out), "--detectors", "knn",
                  "ae-maha", *[a for o in FAST_AE for a in ("--set", o)]]) == 0
+    console = capsys.readouterr().err
+    assert "compare: detector 1/2: knn" in console and "compare: detector 2/2: ae-maha" in console
     table = (out / "compare.md").read_text()
     assert "| knn |" in table and "| ae-maha |" in table and "| ToyCar | dev_data |" in table
     assert "| detector | dev_data official score |" in table and "eval_data official score" in table

@@ -110,6 +110,8 @@ def test_finetune_sends_ray_train_output_to_the_run_folders_log(tiny_corpus, tin
                                   f"finetune.storage_path={tmp_path / 'store'}") for a in ("--set", kv)])
     console = done.stdout + done.stderr
     assert "fine-tuned on 14 clips (0 rejected, 21 not used" in done.stdout
+    # a bar of the training steps (steps/s and ETA are tqdm's) with the latest loss
+    assert re.search(r"finetune\s*: 100%.*\| 3/3 .*step.*loss [0-9.e+-]+, epoch 1", done.stderr), done.stderr[-1000:]
     assert_quiet(console)
     assert "TrainController" not in console and "RayTrainWorker" not in console and "core_worker" not in console
     (run_dir,) = (tmp_path / "store").iterdir()  # named finetune-<time> by the command, before Ray started

@@ -12,6 +12,7 @@ learning rate and collapse monitor to ``steps.jsonl`` in the run folder; the sam
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -19,10 +20,11 @@ import logging
 import math
 import shutil
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -269,6 +271,66 @@ class FinetuneResult:
     unused: list[dict] = dataclasses.field(default_factory=list)  # every other entry, with the reason
 
 
+def fit_keeping_ctrl_c(trainer):
+    """``trainer.fit()`` in a thread of its own, the calling thread waiting: Ctrl-C stays a ``KeyboardInterrupt``
+    of the caller. From the main thread, Ray Train installs its own SIGINT handler, which aborts the run and lets
+    ``fit`` return as if it had ended (or, the second time, exits with status 0)."""
+    out: dict = {}
+
+    def fit() -> None:
+        try:
+            out["result"] = trainer.fit()
+        except BaseException as err:  # noqa: BLE001 - handed to the caller
+            out["error"] = err
+
+    thread = threading.Thread(target=fit, name="asd-ray-train-fit", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(0.5)
+    if "error" in out:
+        raise out["error"]
+    return out["result"]
+
+
+@contextlib.contextmanager
+def step_progress(path: Path, total: int, every_s: float = 2.0) -> Iterator[None]:
+    """A bar of the run's steps (steps/s, ETA) with the latest loss while the block runs, fed from rank 0's
+    ``steps.jsonl`` (which it writes every 2 s) by a thread of the driver, which otherwise waits in ``fit``."""
+    from asd_ray.progress import advance, note, stage
+
+    stop = threading.Event()
+    seen = {"offset": path.stat().st_size if path.is_file() else 0, "step": 0}
+
+    def read() -> None:
+        if not path.is_file():
+            return
+        with open(path, "rb") as fh:
+            fh.seek(seen["offset"])
+            text = fh.read()
+        whole = text[:text.rfind(b"\n") + 1]  # a line being written waits for the next look
+        seen["offset"] += len(whole)
+        for line in whole.splitlines():
+            record = json.loads(line)
+            if record["step"] > seen["step"]:  # steps after a resume's checkpoint run again: counted once
+                advance(record["step"] - seen["step"])
+                seen["step"] = record["step"]
+            note(f"loss {record['loss']:.4g}, epoch {record['epoch'] + 1}")
+
+    def follow() -> None:
+        while not stop.wait(every_s):
+            read()
+
+    with stage("finetune", total=total, unit="step"):
+        thread = threading.Thread(target=follow, name="asd-ray-finetune-progress", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join()
+            read()
+
+
 def read_steps(path: str | Path) -> list[dict]:
     p = Path(path)
     return [json.loads(line) for line in p.read_text().splitlines() if line.strip()] if p.is_file() else []
@@ -296,12 +358,19 @@ def finetune(roots: Sequence[str | Path], config: RunConfig, machines: Iterable[
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    from asd_ray.distributed.resources import finetune_resources
     from asd_ray.models.encoders import check_finetunable
 
     check_finetunable(config.finetune.init)
     check_resume_states(run_dir(config.finetune))
-    ensure_ray(num_cpus=config.ray.num_cpus or None)
+    started = ensure_ray(num_cpus=config.ray.num_cpus or None)
     ft, pre = config.finetune, config.preprocess
+    use_gpu = gpu_wanted(ft.use_gpu)
+    have = ray.cluster_resources()
+    # workers and their data feed sized to fit together (or a ConfigError naming the setting) before anything starts
+    plan = finetune_resources(ft, have.get("CPU", 0.0), have.get("GPU", 0.0), use_gpu, strict=started)
+    log.info("fine-tuning plan: %d worker(s) x %g CPU%s + data-feed tasks of %g CPU", plan.workers, plan.worker_cpus,
+             " + 1 GPU" if use_gpu else "", plan.feed_cpus)
     records = discover(roots, machines, normals_only_roots=config.normals_only_roots)
     train, noise, unused = plan_finetune(records)
     if len(train) < ft.heldout_clips + ft.workers * ft.batch_size:
@@ -317,7 +386,6 @@ def finetune(roots: Sequence[str | Path], config: RunConfig, machines: Iterable[
     steps_per_epoch = len(fit) // ft.workers // ft.batch_size
     if steps_per_epoch < 1:
         raise ValueError(f"{len(fit)} usable training clips: not one batch of {ft.batch_size} per worker")
-    use_gpu = gpu_wanted(ft.use_gpu)
     folder = run_dir(ft)
     name, storage = folder.name, folder.parent
     folder.mkdir(parents=True, exist_ok=True)
@@ -327,13 +395,14 @@ def finetune(roots: Sequence[str | Path], config: RunConfig, machines: Iterable[
         train_loop_config={"finetune": dataclasses.asdict(ft), "total_steps": steps_per_epoch * ft.epochs,
                            "heldout": heldout, "log_path": str(log_path)},
         scaling_config=ray.train.ScalingConfig(num_workers=ft.workers, use_gpu=use_gpu,
-                                               resources_per_worker={"CPU": ft.worker_cpus,
+                                               resources_per_worker={"CPU": plan.worker_cpus,
                                                                      **({"GPU": 1} if use_gpu else {})}),
         run_config=ray.train.RunConfig(name=name, storage_path=str(storage),
                                        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=ft.keep_checkpoints),
                                        failure_config=ray.train.FailureConfig(max_failures=ft.max_failures)),
         datasets={"train": training_dataset(fit, noise, pre, ft)})
-    result = trainer.fit()
+    with step_progress(log_path, steps_per_epoch * ft.epochs):
+        result = fit_keeping_ctrl_c(trainer)
     if result.checkpoint is None:
         raise RuntimeError(f"fine-tuning {name} ended without a checkpoint: {result.error}")
     counts = {"entries": len(records), "trained_on": len(fit), "heldout": len(held), "rejected": len(rejects),
@@ -342,7 +411,7 @@ def finetune(roots: Sequence[str | Path], config: RunConfig, machines: Iterable[
         raise RuntimeError(f"clip accounting broken: {counts}")
     summary = {"checkpoint": result.checkpoint.path, "clips": len(fit), "heldout": len(held), "noise_clips": len(noise),
                "counts": counts, "rejected": rejects, "unused": unused, "steps_per_epoch": steps_per_epoch,
-               "metrics": result.metrics, "config": dataclasses.asdict(ft)}
+               "metrics": result.metrics, "config": dataclasses.asdict(ft), "resources": dataclasses.asdict(plan)}
     (folder / "finetune.json").write_text(json.dumps(summary, indent=2, default=str))
     return FinetuneResult(checkpoint=Path(result.checkpoint.path), run_dir=folder, metrics=result.metrics or {},
                           steps=read_steps(log_path), rejects=rejects, clips=len(fit), unused=unused)

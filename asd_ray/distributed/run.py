@@ -110,6 +110,16 @@ def ray_task_map(num_cpus: float, num_gpus: float = 0, progress: bool = True) ->
     return machine_map
 
 
+def check_resources(config: RunConfig, *, strict: bool = True, clip: bool | None = None) -> None:
+    """``resources.check_run_resources`` on the connected Ray: a run that could never be scheduled is refused."""
+    import ray
+
+    from asd_ray.distributed.resources import check_run_resources
+
+    check_run_resources(config, ray.cluster_resources().get("CPU", 0.0),
+                        gpu_wanted(config.ray.use_gpu, config.embed.device), strict=strict, clip=clip)
+
+
 def embedder_for(config: RunConfig, pools: list | None = None) -> Embedder:
     """The Ray embedder of the features ``config.detector`` eats (clip embeddings: by ``pools``' actors)."""
     return ray_embedder(config, pools) if detector_features(config) == "clip" else ray_frames_embedder(config)
@@ -145,7 +155,8 @@ def ray_run(roots: Sequence[str | Path], config: RunConfig, out_dir: str | Path 
     every clip. Clip-embedding detectors are fitted in the driver (light); frame detectors in one Ray task per
     machine. With ``feature_cache`` (a dict kept by the caller), runs of several detectors share their features.
     """
-    ensure_ray(num_cpus=config.ray.num_cpus or None, data_logs_now=False)
+    started = ensure_ray(num_cpus=config.ray.num_cpus or None, data_logs_now=False)
+    check_resources(config, strict=started)
     kind = detector_features(config)
     pools: list[EmbeddingPool] = []
     if (kind == "clip" and needs_actors(config.embed)

@@ -112,6 +112,13 @@ def _route_logger(name: str, to_file: logging.Handler, verbose: bool) -> None:
     logger.addHandler(to_file)
 
 
+def mute_worker_output() -> None:
+    """From now on the output of Ray's worker processes goes to run.log only, errors included: a command being
+    stopped (Ctrl-C) shuts Ray down, and the actors that die with it (Ray Train's, Ray Data's) say so in tracebacks
+    that report no failure of the run."""
+    _routing["muted"] = True
+
+
 def worker_output_is_error(lines: list[str]) -> bool:
     """Whether a batch of a worker's output lines reports a failure (see ``_ERROR_LINE``, ``_NOT_ERRORS``)."""
     return any(_ERROR_LINE.search(line) and not any(n in line for n in _NOT_ERRORS) for line in lines)
@@ -137,7 +144,7 @@ def _route_worker_output() -> None:
         source = data.get("actor_name") or data.get("task_name") or "worker"
         for line in data.get("lines", []):
             to_file.info("(%s pid=%s) %s", source, data.get("pid"), line)
-        if verbose or worker_output_is_error(data.get("lines", [])):
+        if not _routing.get("muted") and (verbose or worker_output_is_error(data.get("lines", []))):
             to_console(data)
 
     dispatcher.remove_handler("ray_print_logs")

@@ -17,6 +17,7 @@ from __future__ import annotations
 import csv
 import itertools
 import json
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,12 +28,14 @@ import yaml
 from asd_ray.config import ConfigError, RunConfig, from_dict, save_config, to_dict, with_overrides
 from asd_ray.data.layout import discover
 from asd_ray.detect import check_batch_post, plan_records, run_detection
-from asd_ray.distributed.run import embed_table, embedder_for
+from asd_ray.distributed.run import check_resources, embed_table, embedder_for
 from asd_ray.distributed.session import ensure_ray
 from asd_ray.scoring.metrics import MetricError
 
 EMBEDDING_SECTIONS = ("embed.", "preprocess.")
 SAMPLERS = ("choice", "uniform", "loguniform", "randint")
+log = logging.getLogger(__name__)
+
 OBJECTIVE = "official_score"  # of dev_data only
 EVAL_SCORE = "eval_official_score"  # shown beside it, never optimised
 ROW_KEYS = (OBJECTIVE, EVAL_SCORE, "auc_source", "auc_target", "pauc", "checkpoint", "final_loss", "config_json")
@@ -153,21 +156,83 @@ class SweepResult:
     cached: list[str]  # Parquet folders that were already there
 
 
+def trial_configs(space: SweepSpace, base: RunConfig) -> list[RunConfig]:
+    """Every distinct config a trial can run as far as resources go: each grid combination, with each ``choice``
+    of the sampled keys and the lower end of the sampled ranges (what a trial needs depends on choices, not on
+    where in a range it samples)."""
+    keys = list(space.grid) + list(space.sample)
+    options = [space.grid[k] for k in space.grid] + [
+        (args if kind == "choice" else [args[0]]) for kind, args in (next(iter(v.items())) for v in space.sample.values())]
+    return [with_overrides(base, dict(zip(keys, combo))) for combo in itertools.product(*options)]
+
+
+def trial_count(space: SweepSpace) -> int:
+    """How many trials the space gives: every grid combination, ``num_samples`` times."""
+    n = 1
+    for values in space.grid.values():
+        n *= len(values)
+    return n * space.num_samples
+
+
+def _trial_progress(total: int):
+    """A Tune callback that moves the sweep's bar as trials end and shows how many run and wait."""
+    from ray import tune
+
+    from asd_ray.progress import advance, note
+
+    class TrialProgress(tune.Callback):
+        def __init__(self):
+            self.done = 0
+
+        def _show(self, trials) -> None:
+            running = sum(1 for t in trials if t.status == "RUNNING")
+            note(f"{self.done} done, {running} running, {max(0, total - self.done - running)} pending")
+
+        def on_trial_start(self, iteration, trials, trial, **info):
+            self._show(trials)
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            self.done += 1
+            advance()
+            self._show(trials)
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            self.on_trial_complete(iteration, trials, trial, **info)
+
+    return TrialProgress()
+
+
 def sweep(roots: Sequence[str | Path], space: SweepSpace, config: RunConfig, out_dir: str | Path,
           machines: Iterable[str] | None = None, name: str | None = None) -> SweepResult:
     """Run every trial of ``space`` on Ray Tune; write ``sweep.csv``, ``sweep.md`` (sorted by the official
-    score) and ``best_config.yaml`` (a complete config for ``asd-ray run --config``) to ``out_dir``."""
+    score) and ``best_config.yaml`` (a complete config for ``asd-ray run --config``) to ``out_dir``.
+
+    Trials run as many at a time as the cluster's CPUs hold with room for each trial's own tasks and workers
+    (``resources.sweep_resources``); a space whose trial cannot fit is a ``ConfigError`` before any trial starts."""
+    import os
+
+    import ray
     from ray import tune
 
-    ensure_ray(num_cpus=config.ray.num_cpus or None)
+    from asd_ray.distributed.resources import sweep_resources
+    from asd_ray.progress import stage
+
+    started = ensure_ray(num_cpus=config.ray.num_cpus or None)
     roots = [str(Path(r).resolve()) for r in roots]
     machines = list(machines) if machines else None
-    base = with_overrides(config, space.base)
+    asked = with_overrides(config, space.base)
+    have = ray.cluster_resources()
+    plan = sweep_resources(trial_configs(space, asked), space.trial_cpus, space.finetunes, have.get("CPU", 0.0),
+                           have.get("GPU", 0.0), strict=started)
+    log.info("sweep plan: %s", plan.describe())
+    base = with_overrides(asked, plan.overrides)
     embedded, cached = [], []
     if not space.finetunes:
         used, _ = plan_records(discover(roots, machines, normals_only_roots=base.normals_only_roots))
         for variant in embedding_variants(space, base):
-            table = embed_table(used, variant)
+            check_resources(variant, strict=started, clip=True)
+            with stage("embed", total=len(used)):
+                table = embed_table(used, variant)
             (cached if table.from_cache else embedded).append(str(table.path))
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -177,29 +242,41 @@ def sweep(roots: Sequence[str | Path], space: SweepSpace, config: RunConfig, out
     def objective(params: dict) -> None:
         tune.report(trial(params, roots=roots, base=base_tree, machines=machines))
 
+    # Ctrl-C ends the command (the CLI shuts Ray down), instead of Tune's own stop that returns unfinished trials
+    os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
+    total = trial_count(space)
     tuner = tune.Tuner(
         tune.with_resources(objective, {"cpu": space.trial_cpus}),
         param_space=_param_space(space),
-        tune_config=tune.TuneConfig(metric=OBJECTIVE, mode="max", num_samples=space.num_samples),
+        tune_config=tune.TuneConfig(metric=OBJECTIVE, mode="max", num_samples=space.num_samples,
+                                    max_concurrent_trials=plan.concurrent),
         run_config=tune.RunConfig(name=name or time.strftime("sweep-%Y%m%d-%H%M%S"), storage_path=str(out / "tune"),
-                                  verbose=0))
-    grid = tuner.fit()
+                                  verbose=0, callbacks=[_trial_progress(total)]))
+    with stage("trials", total=total, unit="trial"):
+        grid = tuner.fit()
     rows = []
     for r in grid:
+        params = {f"param:{k}": v for k, v in (r.config or {}).items()}
         if r.error is not None or not r.metrics:
-            rows.append({OBJECTIVE: float("nan"), "error": str(r.error), **{f"param:{k}": v for k, v in r.config.items()}})
+            rows.append({OBJECTIVE: float("nan"), "error": str(r.error or "no result"), **params})
             continue
-        rows.append({**{f"param:{k}": v for k, v in r.config.items()},
-                     **{k: v for k, v in r.metrics.items() if k in ROW_KEYS}})
+        rows.append({**params, **{k: v for k, v in r.metrics.items() if k in ROW_KEYS}})
     ok = [r for r in rows if r[OBJECTIVE] == r[OBJECTIVE]]
     if not ok:
         raise RuntimeError(f"every trial failed: {[r.get('error') for r in rows]}")
     rows.sort(key=lambda r: -r[OBJECTIVE] if r[OBJECTIVE] == r[OBJECTIVE] else float("inf"))
     best = from_dict(RunConfig, json.loads(rows[0]["config_json"]))
+    # the plan's resource settings were for trials side by side: the best config keeps the ones asked for
+    best = with_overrides(best, {k: _get(asked, k) for k in plan.overrides})
     best_path = out / "best_config.yaml"
     save_config(best, best_path)
     write_sweep_table(out, rows)
     return SweepResult(table=rows, best_config=best, best_config_path=best_path, embedded=embedded, cached=cached)
+
+
+def _get(config: RunConfig, dotted: str):
+    section, key = dotted.split(".")
+    return getattr(getattr(config, section), key)
 
 
 def write_sweep_table(out: Path, rows: list[dict]) -> None:

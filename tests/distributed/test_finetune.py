@@ -10,8 +10,9 @@ import time
 import uuid
 
 import numpy as np
+import pytest
 
-from asd_ray.config import RunConfig, load_config
+from asd_ray.config import FinetuneConfig, RunConfig, load_config
 from asd_ray.distributed.finetune import finetune
 from asd_ray.models.backbones import load_backbone
 from tiny import NOT_FILES, WritesAMarker, entries_named_like_clips
@@ -104,3 +105,16 @@ def test_a_checkpoint_that_would_run_code_is_refused_before_ray_starts(tiny_hube
     assert code == 2 and err.count("\n") == 1
     assert err.startswith(f"asd-ray finetune: error: {state}: refused: it holds pickled objects other than tensors")
     assert not marker.exists()
+
+
+@pytest.mark.timeout(420)  # with its old default of 1 CPU per worker, the 2 workers held both CPUs and the feed waited
+def test_finetune_with_its_default_resources_runs_on_2_cpus(ray_local, tiny_corpus, tiny_hubert, tmp_path):
+    assert ray_local.cluster_resources()["CPU"] == 2
+    config = load_config(RunConfig, None, [
+        f"finetune.init={tiny_hubert}", "finetune.epochs=1", "finetune.batch_size=4", "finetune.crop_seconds=1.0",
+        "finetune.heldout_clips=4", f"finetune.storage_path={tmp_path / 'store'}", f"finetune.name=d-{uuid.uuid4().hex[:8]}"])
+    assert (config.finetune.workers, config.finetune.worker_cpus) == (2, FinetuneConfig().worker_cpus)  # defaults
+    result = finetune([tiny_corpus], config, machines=["valve"])
+    assert result.steps and (result.checkpoint / "model.safetensors").is_file()
+    plan = json.loads((result.run_dir / "finetune.json").read_text())["resources"]
+    assert plan["workers"] == 2 and plan["workers"] * plan["worker_cpus"] + plan["feed_cpus"] <= 2
