@@ -89,13 +89,18 @@ def test_missing_machine_is_a_clear_error():
         evaluate_scores({"pump": {}}, _truth())
 
 
-def test_evaluate_command_on_dev_and_eval_ground_truth(tiny_corpus, tmp_path, capsys):
+def _random_system(corpus, scores_dir):
+    """A system folder with random scores and decisions for every test clip of ``corpus``."""
     rng = np.random.default_rng(0)
-    test = [r for r in discover([tiny_corpus]) if r.split == "test"]
-    scores_dir = tmp_path / "mysystem"
+    test = [r for r in discover([corpus]) if r.split == "test"]
     for m in {r.machine for r in test}:
         names = sorted(r.filename for r in test if r.machine == m)
         write_results(scores_dir, m, names, rng.random(len(names)), rng.integers(0, 2, len(names)))
+    return scores_dir
+
+
+def test_evaluate_command_on_dev_and_eval_ground_truth(tiny_corpus, tmp_path, capsys):
+    scores_dir = _random_system(tiny_corpus, tmp_path / "mysystem")
     out = evaluate_dir(scores_dir, tiny_corpus)
     assert set(out["splits"]) == {"dev_data", "eval_data"}
     assert set(out["splits"]["dev_data"]["machines"]) == {"ToyCar", "valve"}
@@ -255,12 +260,7 @@ def test_ci95_line_is_the_evaluators_to_the_last_digit(seed):
 def test_a_missing_decision_file_drops_that_splits_table_only(tiny_corpus, tmp_path, capsys):
     """As the official evaluator: a dev machine without its decision file -> no dev table, the eval one written,
     and the message names the machine and the split."""
-    rng = np.random.default_rng(0)
-    test = [r for r in discover([tiny_corpus]) if r.split == "test"]
-    scores_dir = tmp_path / "mysystem"
-    for m in {r.machine for r in test}:
-        names = sorted(r.filename for r in test if r.machine == m)
-        write_results(scores_dir, m, names, rng.random(len(names)), rng.integers(0, 2, len(names)))
+    scores_dir = _random_system(tiny_corpus, tmp_path / "mysystem")
     decision_path(scores_dir, "valve").unlink()
     assert main(["evaluate", "--scores", str(scores_dir), "--data", str(tiny_corpus), "--out", str(tmp_path / "ev")]) == 0
     printed = capsys.readouterr().out
