@@ -297,7 +297,8 @@ def test_config_k_changes_fleet_scores_as_it_changes_run_scores(ray_local, tiny_
         assert [int(rows[machine, f]["decision"]) for f in res.filenames] == res.decisions.tolist()
         # and the final scores of the run's CSVs: one post-processor on the bank's calibration
         np.testing.assert_allclose([float(rows[machine, f]["score"]) for f in res.filenames], res.scores, rtol=1e-6)
-    log = caplog.text
+    # the command's own log file: caplog's handler on the root logger missed these lines in some full-suite orders
+    log = (tmp_path / "fleet" / "run.log").read_text()
     assert "bank.k=5 (config)" in log and "bank.metric=euclidean (saved bank)" in log
     assert "post.median_window=1 (default)" in log
     assert "not applied: bank.density, detector (fixed when the banks were fitted" in log
