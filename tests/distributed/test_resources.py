@@ -36,8 +36,15 @@ def test_finetune_plans_that_would_starve_the_feed_are_refused_with_the_setting_
     with pytest.raises(ConfigError, match=r"finetune\.workers=1"):
         finetune_resources(FinetuneConfig(workers=2), cpus=8, gpus=1, use_gpu=True)
     # a cluster that may grow (joined, not started here): a warning, and the plan as asked
-    plan = finetune_resources(FinetuneConfig(worker_cpus=1.0), cpus=2, gpus=0, use_gpu=False, strict=False)
-    assert plan.worker_cpus == 1.0 and "feed would wait" in caplog.text
+    # (the warning is caught on the module's logger itself: caplog's root handler missed it in full-suite runs)
+    from unittest import mock
+
+    from asd_ray.distributed import resources
+
+    with mock.patch.object(resources.log, "warning") as warning:
+        plan = finetune_resources(FinetuneConfig(worker_cpus=1.0), cpus=2, gpus=0, use_gpu=False, strict=False)
+    said = " ".join(str(a) for call in warning.call_args_list for a in call.args)
+    assert plan.worker_cpus == 1.0 and "feed would wait" in said
 
 
 def _trial_configs(name: str) -> tuple:
