@@ -85,9 +85,9 @@ def check_settings_read(config_path, overrides, configs: list[RunConfig]) -> Non
 
 def cmd_run(args) -> int:
     overrides = [*args.overrides, *([f"detector={args.detector}"] if args.detector else [])]
-    check_settings_read(args.config, [*overrides, *([f"embed.backbone={args.backbone}"] if args.backbone else [])],
-                        [run_config(args.config, overrides, args.backbone)])
     config = embedding_config(args.config, overrides, args.backbone)
+    check_settings_read(args.config, [*overrides, *([f"embed.backbone={args.backbone}"] if args.backbone else [])],
+                        [config])
     roots = args.data or [demo_corpus(args.out)]
     report = runner(args.local)(roots, config, args.out, args.machines)
     print(f"clips: {report.clips_in} in, {report.clips_embedded} embedded, {len(report.rejects)} rejected, "

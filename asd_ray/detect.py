@@ -174,7 +174,6 @@ def local_map(fn: Callable, jobs: list[tuple]) -> list:
 def machine_result(split: MachineSplit, records: Sequence[ClipRecord], fitted: FittedMachine,
                    post: PostConfig) -> MachineResult:
     """Post-processing and decisions of one machine's raw test scores (threshold from its train scores)."""
-    check_batch_post(post)
     calibration = calibrate(fitted.train_scores, post.threshold_quantile)
     scores, decisions, threshold = postprocess(fitted.test_scores, calibration, minmax=post.minmax)
     det = fitted.detector
