@@ -13,6 +13,7 @@ whether it showed progress (a bar) on the console. Exits 1 when a command failed
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import shlex
 import signal
@@ -71,13 +72,14 @@ def main() -> int:
 
     def stop_server() -> None:
         proc, log, start = server
-        proc.send_signal(signal.SIGINT)  # Ctrl-C
+        os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C in a terminal: to the foreground process group
         try:
             rc = proc.wait(timeout=120)
         except subprocess.TimeoutExpired:
             proc.kill()
             rc = "hung after Ctrl-C"
-        ok = rc == 0 and "stopped" in log.read_text(errors="replace")
+        shown = log.read_text(errors="replace")
+        ok = rc == 0 and "stopped" in shown and "Traceback" not in shown and "(raylet)" not in shown
         report(rc, time.monotonic() - start, "(Ctrl-C) asd-ray serve", log, ok)
 
     for i, command in enumerate(tour_commands(ROOT / "README.md"), 1):
