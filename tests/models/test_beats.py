@@ -188,8 +188,12 @@ def test_fine_tuning_refuses_a_beats_checkpoint_naming_what_it_supports(tiny_bea
         check_finetunable(str(tiny_beats))
 
 
-def test_asd_ray_run_local_with_knn_over_a_beats_checkpoint(tiny_corpus, tiny_beats, tmp_path, capsys):
-    assert main(["run", "--local", "--data", str(tiny_corpus), "--backbone", str(tiny_beats), "--detector", "knn",
-                 "--machines", "valve", "--out", str(tmp_path)]) == 0
+def test_the_beats_knn_recipe_runs_with_asd_ray_run_local(tiny_corpus, tiny_beats, tmp_path, capsys):
+    recipe = str(Path(__file__).resolve().parents[2] / "configs" / "beats_knn.yaml")
+    args = ["run", "--local", "--config", recipe, "--data", str(tiny_corpus), "--backbone", str(tiny_beats),
+            "--machines", "valve", "--out", str(tmp_path)]
+    assert main(args) != 0  # the recipe's layer 4 of a 2-layer model: one line naming the layers there are
+    assert "layer '4': " in capsys.readouterr().err
+    assert main([*args, "--set", "embed.layer=2"]) == 0
     assert "official score" in capsys.readouterr().out
     assert 0 <= json.loads((tmp_path / "metrics.json").read_text())["official_score"] <= 1
