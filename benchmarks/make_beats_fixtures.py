@@ -122,7 +122,8 @@ def padded_batch(model, clips) -> dict[str, np.ndarray]:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("reference", type=Path, help="the reference's beats/ folder (BEATs.py, backbone.py, modules.py)")
+    parser.add_argument("reference", type=Path,
+                        help="the reference's beats/ folder (BEATs.py, backbone.py, modules.py)")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "tests/fixtures/beats")
     args = parser.parse_args(argv)
     sys.path.insert(0, str(args.reference.resolve()))

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from asd_ray.models.backbones import SAMPLE_RATE, BackboneError
-from asd_ray.models.encoders import EncoderBackbone
+from asd_ray.models.encoders import EncoderBackbone, grouped_conv_by_fft, long_kernel_by_fft
 
 FBANK_MEAN, FBANK_STD = 15.41663, 6.55582  # the reference's normalisation of its fbank (AudioSet statistics)
 N_MELS = 128
@@ -72,7 +72,13 @@ class WeightNormConv(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # B x C x T
         v = self.weight_v
         weight = v * (self.weight_g / torch.linalg.vector_norm(v, dim=(0, 1), keepdim=True))
-        y = nn.functional.conv1d(x, weight, self.bias, padding=self.kernel // 2, groups=self.groups)
+        if long_kernel_by_fft(x):  # a GPU (cuDNN runs this kernel on CUDA cores), or bf16 on a CPU (oneDNN is wrong)
+            conv = types.SimpleNamespace(weight=weight, bias=self.bias, kernel_size=(self.kernel,), stride=(1,),
+                                         dilation=(1,), padding=(self.kernel // 2,), padding_mode="zeros",
+                                         groups=self.groups)
+            y = grouped_conv_by_fft(conv, x)
+        else:
+            y = nn.functional.conv1d(x, weight, self.bias, padding=self.kernel // 2, groups=self.groups)
         return y[..., :x.shape[-1]]
 
 

@@ -1,9 +1,10 @@
 """Whether a backbone checkpoint can be opened here, answered in one line before any worker starts.
 
 A checkpoint is ``logmel``, a BEATs checkpoint file (one ``torch.save`` archive; its contents are checked when
-it loads), a local directory (``config.json`` and the weights, as ``save_pretrained`` writes them) or a hub id. A hub id that is neither in the local hub cache nor downloadable (no network, or
-``HF_HUB_OFFLINE=1``) used to surface as the traceback of every embedding actor that tried to load it; here
-it is one ``BackboneError`` that says what to pass instead. Imports neither torch nor transformers: the
+it loads), a local directory (``config.json`` and the weights, as ``save_pretrained`` writes them) or a hub id.
+A hub id that is neither in the local hub cache nor downloadable (no network, or ``HF_HUB_OFFLINE=1``) used to
+surface as the traceback of every embedding actor that tried to load it; here it is one ``BackboneError`` that
+says what to pass instead. Imports neither torch nor transformers: the
 driver of a Ray run calls it before Ray starts.
 """
 

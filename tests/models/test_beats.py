@@ -197,3 +197,25 @@ def test_the_beats_knn_recipe_runs_with_asd_ray_run_local(tiny_corpus, tiny_beat
     assert main([*args, "--set", "embed.layer=2"]) == 0
     assert "official score" in capsys.readouterr().out
     assert 0 <= json.loads((tmp_path / "metrics.json").read_text())["official_score"] <= 1
+
+
+def test_the_positional_convolution_by_fft_embeds_as_the_convolution(tiny_beats, monkeypatch):
+    """The GPU's path (by FFT) forced on the CPU gives the convolution's embeddings, one clip or a mixed batch."""
+    backbone = open_fp32(tiny_beats)
+    waves = clips()
+    by_conv = backbone.embed(waves)
+    calls = []
+    monkeypatch.setattr(beats, "long_kernel_by_fft", lambda x: calls.append(x.shape) or True)
+    np.testing.assert_allclose(backbone.embed(waves), by_conv, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(backbone.embed(waves[:1])[0], by_conv[0], atol=1e-5, rtol=0)
+    assert len(calls) == 2
+
+
+def test_bf16_on_the_cpu_embeds_close_to_fp32(tiny_beats):
+    """bf16 autocast on a CPU: the positional convolution runs by FFT, since torch 2.11's oneDNN grouped convolution
+    is wrong on CPUs with AMX (by the convolution, embeddings were off by 0.19 of at most 0.38 on this project's
+    machine)."""
+    waves = clips()
+    exact = open_fp32(tiny_beats).embed(waves)
+    half = load_backbone(str(tiny_beats), device="cpu", precision="bf16").embed(waves)
+    np.testing.assert_allclose(half, exact, atol=0.01, rtol=0)
