@@ -40,3 +40,21 @@ def test_knn_over_beats_on_ray_equals_the_reference_run(ray_local, tiny_corpus, 
     assert set(got.results) == set(ref.results) == {"valve"}
     np.testing.assert_allclose(got.results["valve"].raw_scores, ref.results["valve"].raw_scores, rtol=1e-5)
     assert 0 <= got.metrics["official_score"] <= 1
+
+
+def test_the_embedding_cache_key_follows_a_beats_checkpoint_files_contents(tiny_beats, tmp_path):
+    """A BEATs backbone is one file: another checkpoint written to the same path must not reuse its embeddings."""
+    import os
+
+    import torch
+
+    from asd_ray.distributed.cache import cache_key
+    from asd_ray.models.beats import write_random_checkpoint
+
+    path = tmp_path / "beats.pt"
+    path.write_bytes(tiny_beats.read_bytes())
+    config = load_config(RunConfig, None, [f"embed.backbone={path}"])
+    first = cache_key([], config.embed, config.preprocess)
+    write_random_checkpoint(path, torch.load(tiny_beats, weights_only=True)["cfg"], seed=99)  # other weights
+    os.utime(path, ns=(1, 1))  # a file system's coarse clock must not hide the change
+    assert cache_key([], config.embed, config.preprocess) != first
