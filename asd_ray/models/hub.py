@@ -46,6 +46,8 @@ def check_available(checkpoint: str, setting: str = "embed.backbone") -> None:
                                 "the .pt file of the official release; other backbones are directories)")
         return
     if is_local(checkpoint):
+        if Path(checkpoint).suffix in (".pt", ".pth") and not Path(checkpoint).expanduser().exists():
+            raise BackboneError(f"{setting}={checkpoint}: checkpoint file not found")
         if not (Path(checkpoint).expanduser() / "config.json").is_file():
             raise BackboneError(f"{setting}={checkpoint}: checkpoint directory not found or has no config.json")
         return

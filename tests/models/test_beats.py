@@ -181,6 +181,8 @@ def test_bad_checkpoint_files_are_one_line_errors_naming_the_file(tmp_path, tiny
     with pytest.raises(BackboneError, match="embed.backbone=.*notes.pt: a file, but not a torch checkpoint"):
         check_available(str(text))
     check_available(str(tiny_beats))
+    with pytest.raises(BackboneError, match="embed.backbone=.*gone.pt: checkpoint file not found"):
+        check_available(str(tmp_path / "gone.pt"))
 
 
 def test_fine_tuning_refuses_a_beats_checkpoint_naming_what_it_supports(tiny_beats):
