@@ -60,7 +60,8 @@ def preprocess_scaling(data: Path, clips: int, batch_size: int) -> dict:
     from asd_ray.config import PreprocessConfig
     from asd_ray.data.audio import preprocess_clip
     from asd_ray.data.layout import discover
-    from asd_ray.distributed.embed import limit_threads, preprocessed, task_cpus
+    from asd_ray.distributed.batches import limit_threads
+    from asd_ray.distributed.pipeline import preprocessed, task_cpus
 
     paths = [r.path for r in discover([data]) if r.split in ("train", "test")][:clips]
     limit_threads()
