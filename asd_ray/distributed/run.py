@@ -1,8 +1,8 @@
 """The main job on Ray: the reference run's flow with the Ray Data embedding pipeline as its embedder.
 
-With a detector that eats log-mel frames (the default fusion, the local-feature bank, pooled k-NN, the AE baseline), Ray Data
-computes the log-mel matrices (cached like clip embeddings) and each machine's detector is fitted in its own Ray task (an AE on a GPU
-each when there is one).
+With a detector that eats log-mel frames (the default fusion, the local-feature bank, pooled k-NN, the AE
+baseline), Ray Data computes the log-mel matrices (cached like clip embeddings) and each machine's detector is
+fitted in its own Ray task (an AE on a GPU each when there is one).
 """
 
 from __future__ import annotations
