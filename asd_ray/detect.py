@@ -1,7 +1,7 @@
 """The run flow from a corpus to official files, and the single-process reference run. No ray here.
 
 ``run_detection`` plans the clips, has them embedded (clip embeddings or log-mel frame matrices, as the
-detector eats), fits one detector per machine (``detectors.py``) on its normal train clips, scores its
+detector eats), fits one detector per machine (``detectors/``) on its normal train clips, scores its
 test clips, post-processes, evaluates and writes. ``reference_run`` is the oracle the Ray pipeline must
 equal: it embeds every clip in this process and hands the same tables to the same flow as the Ray path.
 Every input clip ends up scored, used in a bank, or listed (``Reject``) with its reason.
