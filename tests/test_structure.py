@@ -206,5 +206,8 @@ def test_every_detector_class_keeps_the_contract():
         detector = REGISTRY.make(config, name)
         assert detector.features == REGISTRY.features(config, name)
         assert type(detector).kind in KINDS
-    names = typing.get_args(typing.get_type_hints(RunConfig)["detector"])
+    from asd_ray.detectors.settings import SCORE_SETTINGS
+
+    assert set(SCORE_SETTINGS) == {key for kind in KINDS for key in REGISTRY.kind(kind).score_keys}
+    names = typing.get_args(typing.get_type_hints(RunConfig)["detector"])  # also the CLI's --detector choices
     assert set(ENTRIES) == set(names), "the config's detector names are not the registry's"
