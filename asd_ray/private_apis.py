@@ -47,6 +47,21 @@ def worker_stdstream_dispatcher() -> Any:
     return global_worker_stdstream_dispatcher
 
 
+def wrap_driver_error_printer(wrap: Any) -> None:
+    """Replace the function through which the driver prints what Ray sends it (``ray._private.worker.
+    print_to_stdstream``) with ``wrap(original)``. Besides worker output (which ``worker_stdstream_dispatcher``'s
+    handler passes to it), the driver's thread ``listen_error_messages`` calls it directly with the GCS's error
+    notices, as lines of pid ``raylet`` (e.g. "Task ServeController.graceful_shutdown failed ..." when Serve shuts
+    down): no handler or logger of Ray's carries them, so ``session`` wraps the function. Idempotent per process."""
+    _warn_untested("ray")
+    import ray._private.worker as worker
+
+    if not getattr(worker.print_to_stdstream, "_asd_ray_wrapped", False):
+        wrapped = wrap(worker.print_to_stdstream)
+        wrapped._asd_ray_wrapped = True
+        worker.print_to_stdstream = wrapped
+
+
 # Ray Data's scheduling constants that have no setting (see ``lower_ray_data_constants``): (module, owner, name)
 RAY_DATA_CONSTANTS = (
     ("ray.data._internal.execution.streaming_executor_state", None, "WAIT_FOR_TASK_COMPLETION_TIMEOUT_S"),

@@ -96,3 +96,16 @@ def tone(seconds=2.0, rate=16_000, freq=440.0, channels=1, amp=0.1):
 @pytest.fixture
 def make_tone():
     return tone
+
+
+@pytest.fixture(scope="session")
+def tiny_beats(tmp_path_factory):
+    """A 2-layer BEATs checkpoint file in the official format ({"cfg", "model"}), the seeded weights of the fixtures
+    that the reference implementation made (tests/fixtures/beats/tiny.npz)."""
+    import json
+
+    from asd_ray.models.beats import write_random_checkpoint
+
+    made = np.load(CHECKOUT / "tests/fixtures/beats/tiny.npz")
+    return write_random_checkpoint(tmp_path_factory.mktemp("beats") / "tiny.pt", json.loads(str(made["cfg"])),
+                                   int(made["seed"]))

@@ -135,6 +135,38 @@ def test_worker_output_reaches_the_console_only_when_it_reports_an_error():
         "the object store go out of scope or are lost, the actor restart will fail."])
 
 
+NOTICES = """
+import sys
+from pathlib import Path
+
+import ray._private.worker as worker
+from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+
+from asd_ray.distributed import session
+
+session.route_logs(Path(sys.argv[1]))
+dispatcher.add_handler("ray_print_logs", lambda data: worker.print_to_stdstream(data, ignore_prefix=False))
+session._route_worker_output()  # as after ray.init with log_to_driver
+def notice(text):  # as the driver's thread listen_error_messages passes the GCS's error notices on
+    worker.print_to_stdstream({"lines": [text], "pid": "raylet", "is_err": False}, ignore_prefix=False)
+notice("A worker died or was killed while executing a task by an unexpected system error.")
+session.mute_worker_output()  # a command stopping: Serve's shutdown, Ctrl-C
+notice("Task ServeController.graceful_shutdown failed. There are infinite retries remaining")
+"""
+
+
+def test_the_gcs_error_notices_reach_the_run_log_and_the_console_unless_the_command_is_stopping(tmp_path):
+    """The raylet's notices (a worker killed: on the console; Serve's controller killed by the shutdown a Ctrl-C
+    asked for: run.log only). Before, the second reached the console of a serve stopped by Ctrl-C."""
+    log = tmp_path / "run.log"
+    done = subprocess.run([sys.executable, "-c", NOTICES, str(log)], env=ENV, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    console = done.stdout + done.stderr
+    assert "A worker died" in console and "graceful_shutdown" not in console
+    assert "(raylet) A worker died" in log.read_text() and "(raylet) Task ServeController" in log.read_text()
+
+
 def test_synth_shows_a_bar_of_the_clips_it_writes(tmp_path):
     done = asd_ray("synth", "--out", tmp_path / "c", "--machines", "fan", "--train-source", "40", "--test-per-cell",
                    "2", "--supplemental", "0", "--seconds", "1", "--workers", "2")

@@ -36,6 +36,10 @@ def test_every_private_name_used_still_exists():
     from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import (  # noqa: F401
         get_or_create_autoscaling_coordinator)
     from ray.data._internal.stats import get_or_create_stats_actor  # noqa: F401
+    import ray._private.worker as worker
+
+    assert "print_to_stdstream(" in inspect.getsource(worker.listen_error_messages)  # the GCS's error notices
+    assert list(inspect.signature(worker.print_to_stdstream).parameters)[:2] == ["data", "ignore_prefix"]
     from ray.serve import context
     from ray.serve._private.client import ServeControllerClient
 

@@ -58,7 +58,9 @@ def repeated_clips(records: Sequence[ClipRecord]) -> dict[str, int]:
 
 
 def _backbone_identity(backbone: str) -> list:
-    p = Path(backbone)
+    p = Path(backbone).expanduser()
+    if backbone != "logmel" and p.is_file():  # a BEATs checkpoint: one file
+        return [backbone, file_identity(str(p))]
     if backbone == "logmel" or not p.is_dir():
         return [backbone]
     return [backbone] + [file_identity(str(f)) for f in sorted(p.iterdir()) if f.is_file()]

@@ -249,19 +249,75 @@ def ray_probe() -> ResourceWait | None:
     return ResourceWait(placement_groups=pgs, demands=tasks, free_cpus=free, total_cpus=total)
 
 
+class BusyMeter:
+    """How busy the CPUs this process's Ray runs on are with this run's work: the CPU time of this process and its
+    descendants (a local Ray's raylet and workers; read from /proc) over the time between two looks, as a share
+    of ``cpus``; None at the first look or where /proc cannot be read (a Ray joined at an address runs its
+    workers elsewhere: there a wait is reported as a possible stall, as before)."""
+
+    def __init__(self, root: int | None = None):
+        import os
+
+        self.root = root if root is not None else os.getpid()
+        self._last: tuple[float, float] | None = None
+
+    def cpu_seconds(self) -> float | None:
+        """User + system CPU seconds of ``root`` and its living descendants; None without /proc."""
+        import os
+
+        parent, ticks = {}, {}
+        try:
+            hz = os.sysconf("SC_CLK_TCK")
+            entries = [e for e in os.listdir("/proc") if e.isdigit()]
+        except (OSError, ValueError, AttributeError):
+            return None
+        for entry in entries:
+            try:
+                with open(f"/proc/{entry}/stat", "rb") as fh:
+                    fields = fh.read().rsplit(b")", 1)[1].split()
+            except OSError:
+                continue  # ended meanwhile
+            parent[int(entry)] = int(fields[1])
+            ticks[int(entry)] = int(fields[11]) + int(fields[12])  # utime, stime
+        if self.root not in ticks:
+            return None
+        children: dict[int, list[int]] = {}
+        for pid, ppid in parent.items():
+            children.setdefault(ppid, []).append(pid)
+        total, todo = 0, [self.root]
+        while todo:
+            pid = todo.pop()
+            total += ticks.get(pid, 0)
+            todo.extend(children.get(pid, ()))
+        return total / hz
+
+    def __call__(self, cpus: float) -> float | None:
+        used, now = self.cpu_seconds(), time.monotonic()
+        if used is None:
+            return None
+        last, self._last = self._last, (now, used)
+        if last is None or now - last[0] <= 0 or cpus <= 0:
+            return None
+        return max(0.0, used - last[1]) / (now - last[0]) / cpus
+
+
 class Watchdog:
     """Says so (``say``) when a run has waited on resources for ``after_s`` seconds with no progress meanwhile,
     then every ``repeat_s`` while it lasts. ``probe()`` gives the cluster's ``ResourceWait`` (None: nothing to
     watch); ``progressed()`` the clock time of the last progress (``asd_ray.progress.last_progress``); ``hint``
-    names the settings to change. ``check`` is one look (tests drive it with a fake clock); ``start`` runs it
+    names the settings to change. ``busy(cpus)`` is the share of the CPUs this run's own processes used since the
+    last look (``BusyMeter``; None: unknown): when it is at least ``busy_share``, the waiting tasks queue behind
+    long ones of the same run (an AE fitted per machine on a busy machine), which is no stall, and the line says
+    that instead of advising settings. ``check`` is one look (tests drive it with a fake clock); ``start`` runs it
     every ``poll_s`` in a daemon thread until ``stop``."""
 
     def __init__(self, probe: Callable[[], ResourceWait | None] = ray_probe, *, hint: str = "",
                  say: Callable[[str], None] | None = None, progressed: Callable[[], float | None] | None = None,
                  clock: Callable[[], float] = time.monotonic, after_s: float = 60.0, repeat_s: float = 300.0,
-                 poll_s: float = 5.0):
+                 poll_s: float = 5.0, busy: Callable[[float], float | None] | None = None, busy_share: float = 0.5):
         from asd_ray.progress import last_progress
 
+        self.busy, self.busy_share = busy or BusyMeter(), busy_share
         self.probe, self.hint, self.clock = probe, hint, clock
         self.say = say or (lambda text: print(text, file=sys.stderr, flush=True))
         self.progressed = progressed or last_progress
@@ -274,6 +330,7 @@ class Watchdog:
     def check(self) -> str | None:
         """One look at the cluster: the message to show now, if any (also passed to ``say``)."""
         now, wait = self.clock(), self.probe()
+        busy = self.busy(wait.total_cpus) if wait is not None else None
         if wait is None or not wait.waiting:
             self.since = self.said = None
             return None
@@ -284,6 +341,12 @@ class Watchdog:
         if stalled < self.after_s or (self.said is not None and now - self.said < self.repeat_s):
             return None
         self.said = now
+        if busy is not None and busy >= self.busy_share:
+            n = sum(c for _, c in wait.demands) + len(wait.placement_groups)
+            text = (f"asd-ray: {n} task(s) queued for {stalled:.0f} s behind this run's work in progress (its "
+                    f"processes use {100 * busy:.0f} % of {wait.total_cpus:g} CPUs): long tasks, not a stall.")
+            self.say(text)
+            return text
         text = f"asd-ray: waiting for resources for {stalled:.0f} s with nothing done: {wait.describe()}."
         if self.hint:
             text += f" If this does not end, {self.hint}"

@@ -275,6 +275,8 @@ def serve_until_stopped() -> None:
 
     from ray import serve
 
+    from asd_ray.distributed.session import mute_worker_output
+
     def stop(signum, frame):
         raise KeyboardInterrupt
 
@@ -285,6 +287,9 @@ def serve_until_stopped() -> None:
     except KeyboardInterrupt:
         pass
     finally:
+        # Serve's controller, killed as Serve shuts down, makes the raylet print "Task ServeController.
+        # graceful_shutdown failed ...": a stop asked for, not a failure; such lines go to serve.log only
+        mute_worker_output()
         # a second Ctrl-C (or the one Ray's processes pass on) would cut the shutdown short, with a traceback
         previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
         try:

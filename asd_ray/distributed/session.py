@@ -145,7 +145,24 @@ def _route_worker_output() -> None:
         for line in data.get("lines", []):
             to_file.info("(%s pid=%s) %s", source, data.get("pid"), line)
         if not _routing.get("muted") and (verbose or worker_output_is_error(data.get("lines", []))):
-            to_console(data)
+            to_console({**data, "routed": True})
 
+    def wrap(print_to_stdstream):
+        def routed(data: dict, ignore_prefix: bool) -> None:
+            if data.get("routed"):  # worker output that ``handle`` chose for the console
+                print_to_stdstream({k: v for k, v in data.items() if k != "routed"}, ignore_prefix)
+                return
+            # the GCS's error notices (a worker killed, a task failed), which reach no handler: in run.log, and
+            # on the console as before unless the command is stopping (Serve's shutdown kills its controller)
+            for line in data.get("lines", []):
+                to_file.info("(%s) %s", data.get("pid"), line)
+            if not _routing.get("muted"):
+                print_to_stdstream(data, ignore_prefix)
+
+        return routed
+
+    from asd_ray.private_apis import wrap_driver_error_printer
+
+    wrap_driver_error_printer(wrap)
     dispatcher.remove_handler("ray_print_logs")
     dispatcher.add_handler("ray_print_logs", handle)  # the name Ray removes it by at shutdown

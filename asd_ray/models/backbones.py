@@ -48,13 +48,15 @@ class LogMelBackbone(Backbone):
 def load_backbone(backbone: str = "logmel", *, layer: str = "last", pooling: str = "auto", n_mels: int = 128,
                   n_fft: int = 1024, hop_length: int = 512, device: str = "auto", precision: str = "auto",
                   batch_size: int = 16) -> Backbone:
-    """Backbone by name: ``logmel``, or a transformers audio encoder's checkpoint directory / hub id (the
-    families of ``models/encoders.py``). Keywords as ``EmbedConfig`` (``batch_size`` is the caller's business;
-    ``pooling="auto"`` is mean_std for logmel, mean for an encoder)."""
+    """Backbone by name: ``logmel``, a BEATs checkpoint file (``models/beats.py``), or a transformers audio
+    encoder's checkpoint directory / hub id (the families of ``models/encoders.py``). Keywords as ``EmbedConfig``
+    (``batch_size`` is the caller's business; ``pooling="auto"`` is mean_std for logmel, mean for an encoder)."""
     if backbone == "logmel":
         return LogMelBackbone(n_mels=n_mels, n_fft=n_fft, hop_length=hop_length,
                               pooling="mean_std" if pooling == "auto" else pooling)
-    from asd_ray.models.encoders import open_encoder  # transformers only where an encoder is asked for
+    from asd_ray.models.beats import is_beats_file, open_beats  # torch models: loaded only when asked for
+    from asd_ray.models.encoders import open_encoder
 
-    return open_encoder(backbone, layer=layer, pooling="mean" if pooling == "auto" else pooling, device=device,
-                        precision=precision)
+    opener = open_beats if is_beats_file(backbone) else open_encoder
+    return opener(backbone, layer=layer, pooling="mean" if pooling == "auto" else pooling, device=device,
+                  precision=precision)

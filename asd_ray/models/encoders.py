@@ -497,8 +497,11 @@ def open_encoder(checkpoint: str, *, layer: str = "last", pooling: str = "mean",
 def check_finetunable(checkpoint: str) -> None:
     """Masked-prediction fine-tuning masks the frames of a conv feature encoder (``mask_time_indices``): the
     waveform families take it; any other checkpoint is a ``BackboneError`` naming it and its family."""
+    takers = ", ".join(t for t, (a, _) in FAMILIES.items() if issubclass(a, WaveformBackbone))
+    if Path(checkpoint).expanduser().is_file():
+        raise BackboneError(f"{checkpoint!r} is a file (a BEATs checkpoint): fine-tuning supports the transformers "
+                            f"waveform models with a conv feature encoder ({takers}), not BEATs")
     config, (adapter, _) = encoder_family(checkpoint, "finetune.init")
     if not issubclass(adapter, WaveformBackbone):
-        takers = ", ".join(t for t, (a, _) in FAMILIES.items() if issubclass(a, WaveformBackbone))
         raise BackboneError(f"{checkpoint!r} is a {config.model_type!r} checkpoint (spectrogram input): masked-"
                             f"prediction fine-tuning needs a waveform model with a conv feature encoder ({takers})")

@@ -100,11 +100,20 @@ def span_mask(batch: int, frames: int, mask_prob: float, mask_length: int, rng: 
 
 def prepare_student(model: torch.nn.Module) -> torch.nn.Module:
     """Training settings a DDP fine-tuning needs: no layer drop (DDP needs every parameter every step),
-    span masking applied by the caller only."""
+    span masking applied by the caller only (``MaskedPrediction.loss`` passes ``mask_time_indices``; the model's own
+    time masking runs only without them, and feature masking is off).
+
+    The mask embedding (``masked_spec_embed``) is kept, and ``mask_time_prob`` stays positive in the config that is
+    saved with each checkpoint: transformers builds that parameter only when it is, so a student saved with 0 came
+    back from its checkpoint without it, and a resumed run failed to load its teacher ("Unexpected key(s) in
+    state_dict: masked_spec_embed") or to mask. A model built without one gets one, drawn as transformers draws it."""
     model.config.layerdrop = 0.0
     model.config.apply_spec_augment = True
-    model.config.mask_time_prob = 0.0
     model.config.mask_feature_prob = 0.0
+    if model.config.mask_time_prob <= 0.0:
+        model.config.mask_time_prob = 0.05  # transformers' default: only decides that the parameter is built
+    if getattr(model, "masked_spec_embed", None) is None:
+        model.masked_spec_embed = torch.nn.Parameter(torch.empty(model.config.hidden_size).uniform_())
     if hasattr(model, "encoder") and hasattr(model.encoder, "layerdrop"):
         model.encoder.layerdrop = 0.0
     return model

@@ -2,6 +2,7 @@
 together or are refused with the setting to change; the watchdog says when a run waits on resources (fake clock)."""
 
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -90,7 +91,7 @@ def test_watchdog_says_when_a_run_has_waited_a_minute_without_progress():
                                                                 demands=(({"CPU": 1.0}, 3),), free_cpus=0, total_cpus=2)}
     progress = {"at": None}
     dog = Watchdog(lambda: state["wait"], hint="set trial_cpus lower.", say=said.append,
-                   progressed=lambda: progress["at"], clock=clock, after_s=60, repeat_s=300)
+                   progressed=lambda: progress["at"], clock=clock, after_s=60, repeat_s=300, busy=lambda cpus: 0.05)
     for t in (0, 30, 59):
         clock.now = t
         assert dog.check() is None
@@ -120,6 +121,46 @@ def test_watchdog_says_when_a_run_has_waited_a_minute_without_progress():
     clock.now = 521
     assert "for 61 s" in dog.check()
     assert len(said) == 3
+
+
+def test_watchdog_tells_long_tasks_of_the_run_from_a_stall():
+    """Tasks queued while the run's own processes keep the CPUs busy (an AE per machine, 10 minutes each on a busy
+    machine) are no stall: the line says so and advises no setting. The same queue with idle CPUs is a stall."""
+    clock, said, busy = FakeClock(), [], {"share": 0.97}
+    wait = ResourceWait(demands=(({"CPU": 1.0}, 5),), free_cpus=0, total_cpus=2)
+    dog = Watchdog(lambda: wait, hint="lower ray.detector_cpus.", say=said.append, progressed=lambda: None,
+                   clock=clock, after_s=60, repeat_s=300, busy=lambda cpus: busy["share"])
+    clock.now = 0
+    dog.check()
+    clock.now = 61
+    msg = dog.check()
+    assert msg == ("asd-ray: 5 task(s) queued for 61 s behind this run's work in progress (its processes use 97 % "
+                   "of 2 CPUs): long tasks, not a stall.")
+    busy["share"] = 0.02
+    clock.now = 400
+    assert "with nothing done" in dog.check() and said[-1].endswith("lower ray.detector_cpus.")
+
+
+def test_busy_meter_counts_the_cpu_time_of_this_process_and_its_children():
+    import subprocess
+    import sys
+
+    from asd_ray.distributed.resources import BusyMeter
+
+    meter = BusyMeter()
+    assert meter(2) is None  # the first look has nothing to compare with
+    child = subprocess.Popen([sys.executable, "-c", "import time\nt = time.process_time()\n"
+                              "while time.process_time() - t < 1.0: pass\ntime.sleep(30)"])
+    try:
+        child_meter = BusyMeter(child.pid)
+        while child_meter.cpu_seconds() < 0.9:  # the child has burnt its CPU second (whatever the machine's load)
+            time.sleep(0.05)
+        share = meter(1)
+        assert share is not None and share > 0
+        assert meter.cpu_seconds() >= child_meter.cpu_seconds()  # the child's time is counted in its parent's
+    finally:
+        child.kill()
+        child.wait()
 
 
 def test_watchdog_without_ray_watches_nothing():

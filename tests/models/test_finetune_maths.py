@@ -57,6 +57,37 @@ def test_masked_prediction_starts_with_a_loss_and_moves_the_teacher_only_with_em
     assert mp.collapse_monitor(x) > 0 and student.training
 
 
+def test_a_student_saved_at_a_checkpoint_resumes_with_its_mask_embedding_and_teacher(tiny_hubert, tmp_path):
+    """As the loop saves a checkpoint (student by save_pretrained, teacher state_dict) and a resumed worker loads it:
+    the student comes back with its mask embedding and the teacher's state loads into the resumed pair. Before the
+    fix the saved config said mask_time_prob=0, the reloaded student had no masked_spec_embed, and resuming failed."""
+    from transformers import AutoModel
+
+    torch.manual_seed(0)
+    mp = MaskedPrediction(prepare_student(AutoModel.from_pretrained(tiny_hubert)).train(), seed=0)
+    x = torch.randn(2, 16000)
+    mp.loss(x).backward()
+    mp.module.save_pretrained(tmp_path)
+    teacher_state = mp.teacher.state_dict()
+    resumed = MaskedPrediction(prepare_student(AutoModel.from_pretrained(tmp_path)).train(), seed=0)
+    assert torch.equal(resumed.module.masked_spec_embed, mp.module.masked_spec_embed)
+    resumed.teacher.load_state_dict(teacher_state)  # strict: the same keys
+    assert torch.isfinite(resumed.loss(x))
+
+
+def test_a_student_built_without_a_mask_embedding_gets_one(tiny_hubert, tmp_path):
+    from transformers import AutoConfig, AutoModel
+
+    config = AutoConfig.from_pretrained(tiny_hubert)
+    config.mask_time_prob = 0.0
+    model = AutoModel.from_pretrained(tiny_hubert, config=config)
+    assert getattr(model, "masked_spec_embed", None) is None
+    mp = MaskedPrediction(prepare_student(model).train(), seed=0)
+    assert torch.isfinite(mp.loss(torch.randn(2, 16000)))
+    mp.module.save_pretrained(tmp_path)
+    assert AutoModel.from_pretrained(tmp_path).masked_spec_embed.shape == model.masked_spec_embed.shape
+
+
 def _training_state(steps: int = 3) -> tuple[dict, torch.nn.Module]:
     """The training state as the fine-tuning loop saves it, of a small model after a few AdamW steps."""
     torch.manual_seed(0)
