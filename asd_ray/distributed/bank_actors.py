@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
-from asd_ray.bank.memory_bank import BankError, DomainAwareBank, MemoryBank
+from asd_ray.bank.memory_bank import BankError
 from asd_ray.detectors import bank_version, check_bank_folder, configure_detector, load_detector
 
 
@@ -51,20 +51,10 @@ class BankActor:
         """Append normals (first-shot calibration) and persist; ids already in the bank are skipped,
         so a call retried after a restart does not add twice. Only clip k-NN banks take added normals.
         Returns ``stats()`` and ``added``, how many were new."""
-        if not isinstance(self.bank, (MemoryBank, DomainAwareBank)):
-            raise BankError(f"a {self.bank.kind} takes no added normals: refit it with asd-ray run")
-        members = self.bank.banks.get(domain) if isinstance(self.bank, DomainAwareBank) else self.bank
-        have = set(members.ids) if members is not None else set()
-        keep = [i for i, name in enumerate(ids) if str(name) not in have]
-        if keep:
-            new, new_ids = np.asarray(embeddings)[keep], [str(ids[i]) for i in keep]
-            if isinstance(self.bank, DomainAwareBank):
-                self.bank.add(new, new_ids, domain=domain)
-            else:
-                self.bank.add(new, new_ids)
-            if self.persist:
-                self._save()
-        return {**self.stats(), "added": len(keep)}
+        added = self.bank.add_normals(embeddings, ids, domain)
+        if added and self.persist:
+            self._save()
+        return {**self.stats(), "added": added}
 
     def _save(self) -> None:
         tmp, old = self.bank_dir.with_name(self.bank_dir.name + ".new"), self.bank_dir.with_name(self.bank_dir.name + ".old")
@@ -80,8 +70,8 @@ class BankActor:
         """What the actor serves: the detector's kind, size and dimension, its score-time settings with where
         each came from ({config key: (value, "config" | "saved bank")}), the bank version and the process."""
         return {"machine": self.machine, "kind": self.bank.kind, "features": self.bank.features,
-                "size": self.bank.size, "dim": self.bank.dim, "k": getattr(self.bank, "k", None),
-                "metric": getattr(self.bank, "metric", None), "settings": self.settings,
+                "size": self.bank.size, "dim": self.bank.dim, "takes_normals": self.bank.takes_normals,
+                **{key: self.bank.score_settings().get(key) for key in ("k", "metric")}, "settings": self.settings,
                 "requested": self.requested, "version": self.version, "pid": self.pid,
                 "bank_dir": str(self.bank_dir)}
 

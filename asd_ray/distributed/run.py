@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Callable, Iterable, Sequence
 
 from asd_ray.config import RunConfig
 from asd_ray.data.layout import ClipRecord
-from asd_ray.detectors import detector_features, features_key
+from asd_ray.detectors import REGISTRY, detector_features, features_key
 from asd_ray.distributed.batches import frames_batch
 from asd_ray.distributed.cache import COMPLETE, cache_folder
 from asd_ray.distributed.embed import EmbeddingTable, embed_corpus, frames_corpus
@@ -168,7 +168,7 @@ def ray_run(roots: Sequence[str | Path], config: RunConfig, out_dir: str | Path 
         embedder = shared(embedder_for(config, pools), feature_cache, features_key(config))
         fitting = {}  # clip-embedding detectors: fitted in the driver (light)
         if kind == "frames":
-            gpu = gpu_wanted(config.ray.use_gpu) and (config.detector.startswith("ae-") or config.detector == "fusion")
+            gpu = gpu_wanted(config.ray.use_gpu) and REGISTRY.trains_a_model(config)  # an AE, alone or in a fusion
             fitting = {"machine_map": ray_task_map(config.ray.detector_cpus, 1 if gpu else 0),
                        "device": "cuda" if gpu else "cpu"}
         # the report's plots in parallel tasks (a machine's plot is a few tenths of a second; 15 machines took 5 s)

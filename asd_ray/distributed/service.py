@@ -176,7 +176,7 @@ class ScoringService:
         domain = param(request, "domain", "target")
         if domain not in ("source", "target"):
             raise HttpError(400, f"domain={domain!r}: source or target")
-        if self.router.frames[machine]:
+        if not self.router.stats[machine]["takes_normals"]:
             raise HttpError(422, f"the {machine} bank ({self.router.stats[machine]['kind']}) takes no added "
                                  f"normals: refit it with asd-ray run")
         features = await self._features(request, machine)

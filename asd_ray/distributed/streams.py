@@ -158,10 +158,11 @@ def bank_members(bank_root: str | Path) -> dict[str, np.ndarray]:
     members = {}
     for machine in machines:
         bank = load_detector(root / machine)
-        if not hasattr(bank, "members") or bank.features != "clip":
-            raise BankError(f"{machine} holds a {bank.kind}, which eats log-mel frames: give --data ROOT, whose "
-                            f"test clips are the simulation's queries (without, they are clip-bank members)")
-        members[machine] = bank.members()
+        try:
+            members[machine] = bank.clip_members()
+        except BankError as err:
+            raise BankError(f"{machine}: {err}: give --data ROOT, whose test clips are the simulation's queries "
+                            f"(without, they are clip-bank members)") from None
     return members
 
 
