@@ -2,7 +2,7 @@
 
 import pytest
 
-from asd_ray.config import ConfigError, RunConfig, load_config, save_config
+from asd_ray.config import with_overrides, ConfigError, RunConfig, load_config, save_config
 
 
 def test_defaults_yaml_and_overrides(tmp_path):
@@ -59,6 +59,9 @@ def test_laptop_config_loads_as_is():
     ("knn", "local.k=2", "local.k is not read by detector knn: use bank.k"),
     ("knn", "supplemental.noise_profile=true", "supplemental.noise_profile is not read by detector knn: only"),
     ("local", "pooled.k=2", "pooled.k is not read by detector local: use local.k"),
+    ("fusion", "ray.embed_actors=2", "ray.embed_actors is not read by detector fusion with backbone logmel: no "
+                                     "embedding actor runs"),
+    ("knn", "ray.actor_cpus=0.5", "ray.actor_cpus is not read by detector knn with backbone logmel: no embedding"),
 ])
 def test_a_setting_the_detector_does_not_read_is_an_error_naming_what_applies(tmp_path, capsys, detector, setting,
                                                                              says):
@@ -78,6 +81,9 @@ def test_settings_every_detector_reads_pass_and_compare_checks_its_whole_list(tm
     assert unread_settings(config, ["bank.metric", "embed.batch_size", "local.k", "pooled.k", "fusion.combine",
                                     "frames.n_mels", "supplemental.floor_db", "post.minmax", "ray.num_cpus"],
                            ["fusion"]) == []
+    hubert = with_overrides(config, {"embed.backbone": "/ckpt/hubert"})  # clip embeddings by actors: read
+    assert unread_settings(hubert, ["ray.embed_actors", "ray.actor_cpus"], ["knn"]) == []
+    assert unread_settings(hubert, ["ray.embed_actors"], ["fusion", "knn"]) == []  # compare: one of them reads it
     # compare: a setting passes when one of its detectors reads it, and fails when none does
     assert unread_settings(config, ["bank.k"], ["fusion", "knn"]) == []
     assert main(["compare", "--local", "--data", str(tmp_path / "absent"), "--out", str(tmp_path / "out"),

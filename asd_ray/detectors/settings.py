@@ -43,10 +43,25 @@ def settings_read(config: RunConfig, name: str) -> set[str]:
     return REGISTRY.reads(config, name)
 
 
+# Settings of the embedding actors, which a run starts only for clip embeddings by a backbone with weights: log-mel
+# frames, and the ``logmel`` backbone's clip embeddings, are computed inside the Ray Data tasks.
+ACTOR_SETTINGS = ("ray.embed_actors", "ray.actor_cpus")
+
+
 def unread_settings(config: RunConfig, given: Iterable[str], names: Sequence[str]) -> list[str]:
     """One line per setting among ``given`` (``config.given_keys``) that none of the detectors ``names`` reads,
     naming the settings of the same name that do apply (``bank.k`` with ``fusion``: ``local.k`` / ``pooled.k``)
-    or else the detectors that read it."""
+    or else the detectors that read it; and the embedding actors' settings when no actor would run."""
+    lines = _unread_detector_settings(config, given, names)
+    actors = config.embed.backbone != "logmel" and any(REGISTRY.features(config, n) == "clip" for n in names)
+    for key in sorted(set(given) & set(ACTOR_SETTINGS)) if not actors else ():
+        lines.append(f"{key} is not read by detector {', '.join(names)} with backbone {config.embed.backbone}: no "
+                     f"embedding actor runs (log-mel frames, and the logmel backbone, are computed in the Ray Data "
+                     f"tasks): use ray.preprocess_cpus")
+    return lines
+
+
+def _unread_detector_settings(config: RunConfig, given: Iterable[str], names: Sequence[str]) -> list[str]:
     read = set().union(*(settings_read(config, n) for n in names))
 
     def reads(key: str, keys: set[str]) -> bool:
