@@ -78,6 +78,7 @@ def train_loop_per_worker(cfg: dict) -> None:
     from asd_ray.models.finetune import MaskedPrediction, load_training_state, prepare_student, warmup_cosine
 
     ft = FinetuneConfig(**cfg["finetune"])
+    torch.manual_seed(ft.seed)  # what building the student draws (prepare_student's mask embedding) is the seed's
     per_epoch = cfg["steps_per_epoch"]
     total = per_epoch * ft.epochs
     rank = ray.train.get_context().get_world_rank()
@@ -100,7 +101,7 @@ def train_loop_per_worker(cfg: dict) -> None:
         mp.teacher.load_state_dict(state["teacher"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
-    step = state.get("step", 0)
+    step = start = state.get("step", 0)
     heldout = torch.from_numpy(np.asarray(cfg["heldout"], dtype=np.float32)).to(device)
     bf16 = device.type == "cuda" and (ft.precision == "bf16" or (ft.precision == "auto" and native_bf16(device)))
     dtype = torch.bfloat16 if bf16 else None
@@ -146,7 +147,7 @@ def train_loop_per_worker(cfg: dict) -> None:
         step += 1
         if ft.monitor_every and (step % ft.monitor_every == 0 or math.isnan(collapse)):
             collapse = mp.collapse_monitor(heldout)  # at a (re)start, then every monitor_every steps
-        steps_log.add({"step": step, "epoch": epoch, "loss": loss.detach(), "lr": sched.get_last_lr()[0],
+        steps_log.add({"step": step, "start_step": start, "epoch": epoch, "loss": loss.detach(), "lr": sched.get_last_lr()[0],
                        "collapse_std": collapse, "clips": int(batch["waveform"].shape[0]),
                        "step_s": time.perf_counter() - t0, "wait_s": t0 - ready, "time": time.time()})
         epoch_end = step % per_epoch == 0

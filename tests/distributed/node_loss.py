@@ -11,12 +11,13 @@ removed at a fixed point of it:
 - ``fleet``: ``score_streams`` of every test clip through the bank and embedding actors, once its first request
   was answered (the actors on that node restart on the other one and their calls are retried).
 - ``finetune``: a 2-worker fine-tuning run (workers of 0.6 CPU, so that each worker node holds one, beside feed
-  tasks of 0.4), first without the fault, then again with the node of a training worker removed once the first
-  checkpoint exists; a node of 1 CPU joins in its place (what a cluster's autoscaler does), since the one node left
+  tasks of 0.4), first without the fault, then again with the node of a training worker removed once Ray Train has
+  registered the first checkpoint; a node of 1 CPU joins in its place (what a cluster's autoscaler does), since the one node left
   cannot hold both workers. Ray Train restarts the group from the last checkpoint.
 Writes ``<out dir>/result.json``: {"removed": node id, "scores": {machine: {file: raw score}}, "errors": [...],
 "requests": n}; for ``finetune``: {"removed", "checkpoints": {run: [step, ...]}, "max_abs_diff": {step: largest
-difference of the two runs' student weights}, "steps": {run: rank 0's step numbers}}. The reference run (no Ray),
+difference of the two runs' student weights}, "steps": {run: rank 0's step numbers}, "start_steps": {run: the steps its
+workers (re)started from}}. The reference run (no Ray),
 or for ``finetune`` the run before, is the run without the fault.
 """
 
@@ -42,6 +43,19 @@ def _worker_node_of(workers: dict[str, object], names: tuple[str, ...]) -> str |
         if ppid in raylets and any(title.startswith(f"ray::{n}") for n in names):
             return raylets[ppid]
     return None
+
+
+def registered_checkpoints(run_dir: Path) -> list[str]:
+    """The checkpoints Ray Train has registered for the run in ``run_dir`` (its checkpoint manager's snapshot), the
+    ones a restart resumes from; a checkpoint folder appears before it is registered, and a worker lost in between
+    restarts the run from scratch."""
+    import json
+
+    try:
+        snapshot = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())
+    except (OSError, ValueError):  # not written yet, or being written
+        return []
+    return [c["checkpoint_dir_name"] for c in snapshot.get("checkpoint_results", [])]
 
 
 def _checkpoints(folder: Path) -> dict[int, dict]:
@@ -77,8 +91,8 @@ def _finetune_twice(corpus: str, out_dir: Path, init: str, cluster, workers: dic
 
         thread = threading.Thread(target=run, daemon=True)
         thread.start()
-        while name == "faulted" and thread.is_alive():  # the first checkpoint: the node of a training worker goes
-            if any(d.is_dir() for d in (out_dir / "store" / name).glob("checkpoint_*")):
+        while name == "faulted" and thread.is_alive():  # the first checkpoint in: the node of a training worker goes
+            if registered_checkpoints(out_dir / "store" / name):
                 remove(("RayTrainWorker",))
                 node = cluster.add_node(num_cpus=1, object_store_memory=128 * 2**20)  # the autoscaler's replacement
                 workers[node.node_id] = node
@@ -97,7 +111,8 @@ def _finetune_twice(corpus: str, out_dir: Path, init: str, cluster, workers: dic
              for step in common}
     return {"checkpoints": {name: sorted(c) for name, c in got.items()}, "max_abs_diff": diffs,
             "final": {name: r.checkpoint.name for name, r in runs.items()},
-            "steps": {name: [s["step"] for s in r.steps] for name, r in runs.items()}}
+            "steps": {name: [s["step"] for s in r.steps] for name, r in runs.items()},
+            "start_steps": {name: sorted({s["start_step"] for s in r.steps}) for name, r in runs.items()}}
 
 
 def main(mode: str, corpus: str, out: str, *extra: str) -> None:
