@@ -85,9 +85,10 @@ def test_finetune_learns_survives_a_killed_worker_and_gives_a_backbone(ray_local
     steps = [s["step"] for s in result.steps]
     total = 4 * ((result.clips // 2) // 4)
     assert steps[-1] == total and sorted(set(steps)) == list(range(1, total + 1))
-    assert len(steps) > total  # steps after the last checkpoint ran twice: the run resumed, not restarted
-    restarts = [b for a, b in zip(steps, steps[1:]) if b <= a]
-    assert len(restarts) == 1 and restarts[0] > 1  # it resumed from a checkpoint, not from scratch
+    # Rank 0's steps since its last write die with it when it is the one killed: the restart shows in start_step.
+    starts = sorted({s["start_step"] for s in result.steps})
+    # resumed from a checkpoint (every 3 steps and at the end of each epoch), not from scratch
+    assert len(starts) == 2 and starts[0] == 0 and (starts[1] % 3 == 0 or starts[1] % (total // 4) == 0)
     losses = [s["loss"] for s in result.steps]
     assert np.mean(losses[-3:]) < 0.85 * np.mean(losses[:3])
     assert min(s["collapse_std"] for s in result.steps) > 1e-3
