@@ -164,7 +164,7 @@ def cmd_evaluate(args) -> int:
 
 def cmd_serve_fleet(args) -> int:
     from asd_ray.distributed import streams
-    from asd_ray.distributed.fleet import check_saved_banks
+    from asd_ray.distributed.bank_actors import check_saved_banks
 
     config = run_config(args.config, args.overrides)
     given = given_keys(args.config, args.overrides)  # score-time settings given here override the saved banks'
@@ -185,8 +185,8 @@ def cmd_serve_fleet(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    from asd_ray.distributed import service, streams
-    from asd_ray.distributed.fleet import check_saved_banks
+    from asd_ray.distributed import fleet, service
+    from asd_ray.distributed.bank_actors import check_saved_banks
     from asd_ray.distributed.http_requests import check_write_access
 
     overrides = [*args.overrides, *([f"serve.host={args.host}"] if args.host else []),
@@ -217,7 +217,7 @@ def cmd_serve(args) -> int:
     route_serve_logs()
     started = service.start_ray(config)
     # the banks load and take the settings, or the error now; detached, they outlive this command on a cluster
-    streams.fleet_banks(args.banks, config, given=given, detached=True)
+    fleet.fleet_banks(args.banks, config, given=given, detached=True)
     service.deploy(args.banks, config, given)
     writes = ("POST /normals refused without a token: set serve.token" if not s.allow_unauthenticated_writes else
               "POST /normals open to every local user (--allow-unauthenticated-writes)")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import typing
 from pathlib import Path
 
 from asd_ray.config import RunConfig
@@ -121,7 +122,7 @@ def _add_run(sub):
     _add_machines(p)
     p.add_argument("--local", action="store_true",
                    help="the single-process reference run (no Ray); results equal the Ray run's")
-    p.add_argument("--detector", choices=("knn", "pooled", "local", "ae-mse", "ae-maha", "fusion"),
+    p.add_argument("--detector", choices=typing.get_args(typing.get_type_hints(RunConfig)["detector"]),
                    help="clip k-NN bank (backbone or pooled log-mel), local-feature bank, the DCASE AE baseline "
                         f"or a fusion (= --set detector=; default: {config_default('detector')})")
     _add_config_args(p)

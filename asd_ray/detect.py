@@ -1,7 +1,7 @@
 """The run flow from a corpus to official files, and the single-process reference run. No ray here.
 
 ``run_detection`` plans the clips, has them embedded (clip embeddings or log-mel frame matrices, as the
-detector eats), fits one detector per machine (``detectors.py``) on its normal train clips, scores its
+detector eats), fits one detector per machine (``detectors/``) on its normal train clips, scores its
 test clips, post-processes, evaluates and writes. ``reference_run`` is the oracle the Ray pipeline must
 equal: it embeds every clip in this process and hands the same tables to the same flow as the Ray path.
 Every input clip ends up scored, used in a bank, or listed (``Reject``) with its reason.
@@ -23,7 +23,8 @@ import numpy as np
 from asd_ray.config import ConfigError, PostConfig, PreprocessConfig, RunConfig, save_config
 from asd_ray.data.audio import try_preprocess
 from asd_ray.data.layout import ClipRecord, discover
-from asd_ray.detectors import Detector, detector_features, features_key, make_detector
+from asd_ray.detectors import (REGISTRY, Detector, detector_features, features_key, make_detector,
+                               uses_noise)
 from asd_ray.models.frames import LogMelFrames, frames_needed_seconds
 from asd_ray.progress import advance, stage
 from asd_ray.report import clip_counts, write_report
@@ -156,7 +157,7 @@ def fit_machine(detector: Detector, train: Features, ids: list[str], domains: li
                 noise: Features | None = None) -> FittedMachine:
     """Fit ``detector`` on one machine's normal train features and score its test features (a job of ``MachineMap``);
     a detector that ``uses_noise`` also gets the machine's noise-only supplemental clips."""
-    detector.fit(train, ids, domains=domains, **({"noise": noise} if getattr(detector, "uses_noise", False) else {}))
+    detector.fit(train, ids, domains=domains, **({"noise": noise} if detector.uses_noise else {}))
     return FittedMachine(detector, detector.score(test), detector.loo_scores())
 
 
@@ -180,7 +181,7 @@ def machine_result(split: MachineSplit, records: Sequence[ClipRecord], fitted: F
     return MachineResult(machine=split.machine, section=split.section,
                          filenames=[records[i].filename for i in split.test], raw_scores=fitted.test_scores,
                          scores=scores, decisions=decisions, threshold=threshold, bank_size=det.size,
-                         detector=det.kind, train_losses=list(getattr(det, "losses", [])))
+                         detector=det.kind, train_losses=list(det.losses))
 
 
 def detect(features: Features, records: Sequence[ClipRecord], *, detector: Callable[[], Detector], post: PostConfig,
@@ -346,11 +347,6 @@ def check_batch_post(post: PostConfig) -> None:
                           "here")
 
 
-def uses_noise(config: RunConfig) -> bool:
-    """Whether the run's detector takes the noise-only supplemental clips (so they must be embedded)."""
-    return bool(getattr(make_detector(config), "uses_noise", False))
-
-
 def frame_feature_kwargs(config: RunConfig) -> dict:
     """``LogMelFrames`` keywords of a frame-eating detector; a ``min_seconds`` too short for one window of
     the detector's frames is a config error up front (otherwise the shortest clips would stop training or
@@ -359,9 +355,7 @@ def frame_feature_kwargs(config: RunConfig) -> dict:
     if config.embed.backbone != "logmel":  # a checkpoint the run would silently not use
         raise ConfigError(f"embed.backbone={config.embed.backbone}: only the knn detector embeds with a backbone; "
                           f"detector={config.detector} eats log-mel frames. Add --detector knn (--set detector=knn)")
-    names = config.fusion.members if config.detector == "fusion" else (config.detector,)
-    context = max(config.local.context if n == "local" else config.ae.frames if n.startswith("ae-") else 1
-                  for n in names)
+    context = REGISTRY.frames_needed(config)
     shortest = int(config.preprocess.min_seconds * sr)
     if 1 + shortest // fr.hop_length < context:
         raise ConfigError(f"preprocess.min_seconds={config.preprocess.min_seconds}: the detector stacks {context} "

@@ -79,7 +79,7 @@ def _constant_owner(module: str, owner: str | None) -> Any:
 def lower_ray_data_constants(poll_s: float, refresh_s: float) -> bool:
     """Lower (never raise) Ray Data's wait for task completion and its refresh of resource limits in this
     driver's streaming executor to ``poll_s`` and ``refresh_s``; neither has a setting in Ray 2.60 (why it matters:
-    ``distributed.embed.prompt_ray_data``). A constant that is gone is logged and left. Returns whether both were
+    ``distributed.pipeline.prompt_ray_data``). A constant that is gone is logged and left. Returns whether both were
     there."""
     _warn_untested("ray")
     found = True

@@ -10,6 +10,7 @@ from typing import Callable
 
 import numpy as np
 
+from asd_ray.detectors import REGISTRY
 from asd_ray.plots import compare_overview_png, compare_roc_png, machine_png, overview_png
 from asd_ray.results import RunReport
 from asd_ray.scoring.metrics import DECISION_KEYS, SPLITS
@@ -29,10 +30,6 @@ def headline_line(metrics: dict) -> str:
             + (f"; {', '.join(others)} is scored apart below, never mixed in." if others else "."))
 
 
-# What each detector is, in the words of `asd-ray run --detector`'s help
-DETECTOR_WORDS = {"knn": "clip k-NN bank over backbone embeddings", "pooled": "clip k-NN bank over pooled log-mel frames",
-                  "local": "local-feature bank over log-mel windows", "ae-mse": "the DCASE AE baseline, reconstruction MSE",
-                  "ae-maha": "the DCASE AE baseline, Mahalanobis distance of the reconstruction error"}
 # The run's timings as a person reads them (metrics.json keeps the keys); evaluation = score_evaluate - fit_score
 TIMING_WORDS = {"discover": "finding the clips", "warm_up": "Ray workers' warm-up", "embed": "embedding",
                 "fit_score": "fitting banks and scoring", "evaluate": "metrics", "report": "report"}
@@ -53,13 +50,10 @@ def clip_counts(records) -> dict[str, dict[str, int | str]]:
 def detector_line(config) -> str:
     """The detector by the name a user gives it (``--detector``), what it is, and what it eats."""
     name = config.detector
-    if name == "fusion":
-        words = f"fusion ({config.fusion.combine}) of {' + '.join(config.fusion.members)}, each z-scored by its train scores"
-    else:
-        words = DETECTOR_WORDS.get(name, name)
     eats = (f"backbone `{config.embed.backbone}`" + (f", layer {config.embed.layer}" if config.embed.layer != "last" else "")
-            if name == "knn" else f"log-mel frames ({config.frames.n_mels} mels, hop {config.frames.hop_length})")
-    return f"`{name}`: {words}; features: {eats}"
+            if REGISTRY.features(config) == "clip" else
+            f"log-mel frames ({config.frames.n_mels} mels, hop {config.frames.hop_length})")
+    return f"`{name}`: {REGISTRY.describe(config)}; features: {eats}"
 
 
 def changed_settings(config) -> list[tuple[str, object, object]]:

@@ -44,7 +44,7 @@ def steady_rate(records, embed, pool, args) -> float:
     """Clips/s of the same pipeline once it streams: from the first embedded batch to the last, as the driver
     receives them (the pipeline's start and first batch are left out)."""
     from asd_ray.config import PreprocessConfig
-    from asd_ray.distributed.embed import embedded_tables
+    from asd_ray.distributed.pipeline import embedded_tables
 
     tables = embedded_tables([r.to_row() for r in records], embed=embed, preprocess=PreprocessConfig(), pool=pool,
                              use_gpu=args.device == "cuda")
@@ -85,7 +85,9 @@ def main() -> None:
         import ray
         import torch
 
-        from asd_ray.distributed.embed import EmbeddingPool, embed_corpus, needs_actors
+        from asd_ray.distributed.embed import embed_corpus
+        from asd_ray.distributed.embed_pool import EmbeddingPool
+        from asd_ray.distributed.pipeline import needs_actors
 
         backbone = _hubert_base(work / "hubert") if args.backbone == "hubert-base-random" else args.backbone
         embed = EmbedConfig(backbone=backbone, device=args.device, batch_size=args.batch_size)

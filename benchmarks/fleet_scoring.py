@@ -29,7 +29,9 @@ import numpy as np
 from asd_ray.bank.memory_bank import MemoryBank
 from asd_ray.config import FleetConfig
 from asd_ray.data.layout import DEV_MACHINES
-from asd_ray.distributed.fleet import Request, Router, simulate_fleet, start_banks
+from asd_ray.distributed.bank_actors import start_banks
+from asd_ray.distributed.fleet import Request, Router
+from asd_ray.distributed.simulation import simulate_fleet
 
 
 def rate(fn, n_items: int, min_seconds: float = 1.5) -> float:
@@ -74,7 +76,8 @@ def frame_fleet(args) -> dict:
     from asd_ray.data.synth import generate_corpus
     from asd_ray.detect import reference_run
     from asd_ray.detectors import load_detector
-    from asd_ray.distributed.streams import fleet_router, query_pools
+    from asd_ray.distributed.fleet import fleet_router
+    from asd_ray.distributed.streams import query_pools
 
     work = args.work or Path(tempfile.mkdtemp(prefix="p3-frames-"))
     corpus, run = work / "corpus", work / "run"

@@ -272,8 +272,8 @@ def main() -> None:
 
     from asd_ray.config import RunConfig, load_config
     from asd_ray.distributed import service
-    from asd_ray.distributed.fleet import Request, actor_name
-    from asd_ray.distributed.streams import fleet_router
+    from asd_ray.distributed.bank_actors import actor_name
+    from asd_ray.distributed.fleet import Request, fleet_router
 
     banks, queries, clips = build_banks(args.work or Path(tempfile.mkdtemp(prefix="serve-load-")))
     sets = [f"serve.port={args.port}", "serve.app_name=load", *args.overrides]

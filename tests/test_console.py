@@ -53,7 +53,7 @@ def test_run_console_shows_stage_bars_and_a_summary_and_sends_ray_lines_to_the_r
 PROBE = """
 import json, sys
 import ray
-import asd_ray.distributed.embed as embed
+import asd_ray.distributed.embed_pool as embed_pool
 from asd_ray.cli import main
 
 HEAVY = ("ray.data", "pandas", "sklearn", "torch", "matplotlib", "asd_ray.detect")
@@ -66,7 +66,7 @@ def probe(name, fn):
     return wrapped
 
 ray.init = probe("ray.init", ray.init)
-embed.actor_embed_kwargs = probe("pool", embed.actor_embed_kwargs)  # called as the actors are submitted
+embed_pool.actor_embed_kwargs = probe("pool", embed_pool.actor_embed_kwargs)  # called as the actors are submitted
 code = main(sys.argv[2:])
 json.dump(seen, open(sys.argv[1], "w"))
 sys.exit(code)

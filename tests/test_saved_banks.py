@@ -128,14 +128,14 @@ def test_a_domain_bank_whose_sub_bank_changed_metric_is_named_from_the_machine_f
 def test_serve_and_serve_fleet_refuse_a_corrupt_bank_in_one_line_before_ray_starts(name, command, tmp_path,
                                                                                    monkeypatch, capsys):
     from asd_ray.cli import main
-    from asd_ray.distributed import service, session, streams
+    from asd_ray.distributed import fleet, service, session
 
     def no_ray(*args, **kwargs):
         raise AssertionError("Ray started")
 
     monkeypatch.setattr(service, "start_ray", no_ray)
     monkeypatch.setattr(session, "ensure_ray", no_ray)
-    monkeypatch.setattr(streams, "ensure_ray", no_ray)
+    monkeypatch.setattr(fleet, "ensure_ray", no_ray)
     kind, corrupt, file, problem = CORRUPTIONS[name]
     root = tmp_path / "banks"
     _clip_bank(root, machine="bearing")  # a sound bank before the corrupt one: every folder is checked

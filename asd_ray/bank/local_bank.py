@@ -27,6 +27,7 @@ from typing import Sequence
 import faiss
 import numpy as np
 
+from asd_ray.bank.base import Detector
 from asd_ray.bank.coreset import kcenter_coreset, kmeans_centroids, random_subset
 from asd_ray.bank.memory_bank import BankError, MemoryBank
 from asd_ray.bank.saved import finite, read_meta, read_npz, write_meta
@@ -54,12 +55,17 @@ def clip_score(window_distances: np.ndarray, how: str = "topq", top_q: float = 0
     raise BankError(f"clip score {how!r}: use one of {CLIP_SCORES}")
 
 
-class LocalFeatureBank:
+class LocalFeatureBank(Detector):
     """One machine's local-feature bank (see the module docstring); ``fit`` on clips' log-mel matrices
     (each T x n_mels), then ``score`` clips. Keywords are ``LocalConfig``'s."""
 
     kind = "LocalFeatureBank"
     features = "frames"
+    reads = ("frames", "embed.batch_size")
+
+    @classmethod
+    def frames_needed(cls, config, entry, registry) -> int:
+        return config.local.context
 
     def __init__(self, *, context: int = 5, stride: int = 1, standardise: bool = True, bank_size: int = 4096,
                  coreset: str = "kcenter", candidates: int = 32768, projection_dim: int = 128, k: int = 1,

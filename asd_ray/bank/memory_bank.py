@@ -12,12 +12,15 @@ Both are ``fit()`` then ``score()``; both persist as FAISS index files plus JSON
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Sequence
 
 import faiss
 import numpy as np
 
+from asd_ray.bank.base import Detector
+from asd_ray.bank.oversample import oversampled, smote  # noqa: F401 - smote re-exported
 from asd_ray.bank.saved import NUMBER, choice, read_index, read_meta, write_meta
 from asd_ray.errors import BankError, BankFolderError  # noqa: F401 - defined there, raised and re-exported here
 from asd_ray.threads import spread
@@ -39,11 +42,28 @@ def _as_matrix(x: np.ndarray, dim: int | None, what: str) -> np.ndarray:
     return x
 
 
-class MemoryBank:
+class ClipBank(Detector):
+    """What both clip k-NN banks declare: the ``knn`` detector reads ``bank`` and ``embed``, takes ``k`` and
+    ``metric`` at score time and takes added normals. The ``bank.strategy`` picks the class."""
+
+    features = "clip"
+    reads = ("bank", "embed")
+    takes_normals = True
+    score_keys = {"bank.k": "k", "bank.metric": "metric"}
+
+    @classmethod
+    def from_config(cls, config, entry, registry, *, device="cpu") -> "MemoryBank | DomainAwareBank":
+        bank = dataclasses.asdict(config.bank)
+        return STRATEGIES[bank.pop("strategy")](**bank)
+
+    def clip_members(self) -> np.ndarray:
+        return self.members()
+
+
+class MemoryBank(ClipBank):
     """One machine's bank of normal embeddings with a k-NN distance score."""
 
     kind = "MemoryBank"
-    features = "clip"
 
     def __init__(self, *, k: int = 3, metric: str = "euclidean", density: bool = False, oversample_target: int = 0,
                  seed: int = 0, faiss_threads: int = 1):
@@ -100,6 +120,14 @@ class MemoryBank:
         self.ids.extend(ids)
         self._radii = None  # density radii change with the members
         return self
+
+    def add_normals(self, embeddings: np.ndarray, ids: Sequence[str], domain: str = "target") -> int:
+        """``add`` the clips whose ids the bank does not hold yet (one bank for both domains); how many."""
+        have = set(self.ids)
+        keep = [i for i, name in enumerate(ids) if str(name) not in have]
+        if keep:
+            self.add(np.asarray(embeddings)[keep], [str(ids[i]) for i in keep])
+        return len(keep)
 
     def configure(self, *, k: int | None = None, metric: str | None = None) -> "MemoryBank":
         """Change the score-time settings of a (saved) bank without refitting: ``k``, and ``metric`` from
@@ -237,11 +265,10 @@ class MemoryBank:
         return bank
 
 
-class DomainAwareBank:
+class DomainAwareBank(ClipBank):
     """Source and target banks; distances scaled by each bank's typical leave-one-out NN distance; min of the two."""
 
     kind = "DomainAwareBank"
-    features = "clip"
 
     def __init__(self, *, k: int = 3, metric: str = "euclidean", density: bool = False, oversample_target: int = 0,
                  seed: int = 0, faiss_threads: int = 1):
@@ -299,6 +326,14 @@ class DomainAwareBank:
             raise BankError(f"add: no {domain} bank; fit() it with at least 2 {domain} members first")
         self.banks[domain].add(embeddings, ids)
         return self
+
+    def add_normals(self, embeddings: np.ndarray, ids: Sequence[str], domain: str = "target") -> int:
+        """``add`` to ``domain``'s bank the clips whose ids it does not hold yet; how many."""
+        have = set(self.banks[domain].ids) if domain in self.banks else set()
+        keep = [i for i, name in enumerate(ids) if str(name) not in have]
+        if keep:
+            self.add(np.asarray(embeddings)[keep], [str(ids[i]) for i in keep], domain=domain)
+        return len(keep)
 
     def configure(self, *, k: int | None = None, metric: str | None = None) -> "DomainAwareBank":
         """``MemoryBank.configure`` for each domain's bank; the domain scales are measured again when a
@@ -373,37 +408,6 @@ class DomainAwareBank:
             raise BankFolderError(d, "target/index.faiss", f"holds {bank.banks['target'].dim}-d vectors, source/"
                                                            f"index.faiss {bank.banks['source'].dim}-d ones")
         return bank
-
-
-def smote(x: np.ndarray, total: int, *, neighbours: int = 5, seed: int = 0) -> np.ndarray:
-    """SMOTE oversampling: ``x`` (n x dim) plus ``total - n`` new rows, each a + u (b - a) for a random row a,
-    one of its ``neighbours`` nearest other rows b and u ~ U[0, 1); ``x`` itself when n >= total or n < 2."""
-    x = np.asarray(x, dtype=np.float32)
-    n = len(x)
-    if n >= total or n < 2:
-        return x
-    rng = np.random.default_rng(seed)
-    d2 = ((x[:, None, :] - x[None, :, :]) ** 2).sum(-1)
-    np.fill_diagonal(d2, np.inf)
-    near = np.argsort(d2, axis=1)[:, :min(neighbours, n - 1)]
-    a = rng.integers(n, size=total - n)
-    b = near[a, rng.integers(near.shape[1], size=total - n)]
-    u = rng.random((total - n, 1)).astype(np.float32)
-    return np.concatenate([x, x[a] + u * (x[b] - x[a])])
-
-
-def oversampled(x: np.ndarray, ids: Sequence[str] | None, domains: Sequence[str], total: int, seed: int = 0
-                ) -> tuple[np.ndarray, list[str], list[str]]:
-    """(x, ids, domains) with the target rows SMOTE-oversampled to ``total`` (new ids ``smote-<i>``)."""
-    ids = [str(i) for i in ids] if ids is not None else [str(i) for i in range(len(x))]
-    domains = [str(d) for d in domains]
-    target = np.asarray(domains) == "target"
-    if total > target.sum() >= 2:
-        extra = smote(x[target], total, seed=seed)[target.sum():]
-        x = np.concatenate([x, extra])
-        ids += [f"smote-{i}" for i in range(len(extra))]
-        domains += ["target"] * len(extra)
-    return x, ids, domains
 
 
 STRATEGIES = {"seed": MemoryBank, "domain_aware": DomainAwareBank}

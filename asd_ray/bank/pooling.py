@@ -14,6 +14,8 @@ from __future__ import annotations
 import numpy as np
 from scipy.special import logsumexp
 
+from asd_ray.bank.base import Detector
+
 POOLINGS = ("mean", "mean_std", "gem", "reldev")
 
 
@@ -45,13 +47,23 @@ def pool_clips(clips, how: str = "mean_std", p: float = 3.0) -> np.ndarray:
     return np.stack([pool_clip(c, how, p) for c in clips]) if len(clips) else np.zeros((0, 0), np.float32)
 
 
-class PooledBank:
+class PooledBank(Detector):
     """A clip k-NN bank over pooled log-mel frames: ``fit``/``score`` take clips' (T x n_mels) matrices, pool
     each (``pooling``, ``gem_p``) and hand the clip vectors to a ``MemoryBank`` / ``DomainAwareBank``
     (``strategy`` and the other keywords as ``BankConfig``)."""
 
     kind = "PooledBank"
     features = "frames"
+    # ``bank.metric`` is its distance too, its k is ``pooled.k``
+    reads = ("frames", "bank.metric", "bank.seed", "bank.faiss_threads", "embed.batch_size")
+    score_keys = {"bank.metric": "metric", "pooled.k": "k"}
+
+    @classmethod
+    def from_config(cls, config, entry, registry, *, device="cpu") -> "PooledBank":
+        import dataclasses
+
+        b = config.bank
+        return cls(**dataclasses.asdict(config.pooled), metric=b.metric, seed=b.seed, faiss_threads=b.faiss_threads)
 
     def __init__(self, *, pooling: str = "mean_std", gem_p: float = 3.0, strategy: str = "seed", **bank_kwargs):
         from asd_ray.bank.memory_bank import STRATEGIES, BankError

@@ -20,17 +20,18 @@ same layout from the independently designed sound models of :mod:`asd_ray.data.s
 from __future__ import annotations
 
 import csv
-import zlib
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Iterable
 
 import numpy as np
 import soundfile as sf
 from scipy.signal import oaconvolve
 
 from asd_ray.data.layout import DEV_MACHINES, EVAL_MACHINES, ground_truth_paths
+from asd_ray.data.synth_parts import (NO_ATTRIBUTE, CorpusStyle, band_noise, coloured_noise, harmonics, random_gain,
+                                      ring, rms, seeded_rng, spectral_filter)
 from asd_ray.progress import advance, stage
 
 ANOMALY_KINDS = ("bearing", "imbalance", "shifted", "friction")
@@ -43,11 +44,6 @@ FAMILIES = {
     "ToyRCCar": "harmonic", "ToyPet": "impulsive", "HomeCamera": "harmonic", "AutoTrash": "impulsive",
     "Polisher": "broadband", "ScrewFeeder": "impulsive", "BandSealer": "broadband", "CoffeeGrinder": "broadband",
 }
-NO_ATTRIBUTE = {"gearbox", "slider", "ToyPet", "BandSealer"}  # DCASE has machines without attributes
-
-
-def _seed(*parts: object) -> np.random.Generator:
-    return np.random.default_rng([zlib.crc32(str(p).encode()) for p in parts])
 
 
 @dataclass(frozen=True)
@@ -67,7 +63,7 @@ class MachineProfile:
 
     @staticmethod
     def draw(machine: str, seed: int) -> "MachineProfile":
-        rng = _seed(seed, "profile", machine)
+        rng = seeded_rng(seed, "profile", machine)
         family = FAMILIES.get(machine) or str(rng.choice(["harmonic", "impulsive", "broadband"]))
         f0 = {"harmonic": rng.uniform(70, 180), "impulsive": rng.uniform(4, 12),
               "broadband": rng.uniform(30, 90)}[family]
@@ -94,40 +90,6 @@ class MachineProfile:
         return f"spd_{spd}_mic_{2 if domain == 'target' else 1}"
 
 
-def _coloured_noise(rng: np.random.Generator, n: int, rate: int, exponent: float) -> np.ndarray:
-    """Noise with power spectral density ~ f**exponent (0 white, -1 pink, -2 brown), unit RMS."""
-    spec = np.fft.rfft(rng.standard_normal(n))
-    f = np.fft.rfftfreq(n, 1.0 / rate)
-    f[0] = f[1]
-    spec *= f ** (exponent / 2.0)
-    x = np.fft.irfft(spec, n)
-    return x / (np.sqrt(np.mean(x**2)) + 1e-12)
-
-
-def _band_noise(rng: np.random.Generator, n: int, rate: int, lo: float, hi: float) -> np.ndarray:
-    """White noise band-limited to [lo, hi] Hz with soft edges, unit RMS."""
-    spec = np.fft.rfft(rng.standard_normal(n))
-    f = np.fft.rfftfreq(n, 1.0 / rate)
-    centre, width = (lo + hi) / 2, (hi - lo) / 2
-    spec *= np.exp(-0.5 * ((f - centre) / max(width, 1.0)) ** 4)
-    x = np.fft.irfft(spec, n)
-    return x / (np.sqrt(np.mean(x**2)) + 1e-12)
-
-
-def _harmonics(rng, t, f0, amps, detune=None):
-    """Sum of harmonics of a slowly drifting f0; ``detune`` shifts partial h to h*(1+detune[h])."""
-    rate = 1.0 / (t[1] - t[0])
-    drift = 1.0 + 0.004 * np.sin(2 * np.pi * rng.uniform(0.05, 0.3) * t + rng.uniform(0, 2 * np.pi))
-    phase = 2 * np.pi * np.cumsum(f0 * drift) / rate
-    out = np.zeros_like(t)
-    for h, a in enumerate(amps, start=1):
-        if h * np.max(f0) > 7000:
-            break
-        mult = h * (1.0 + (detune[h - 1] if detune is not None else 0.0))
-        out += a * np.sin(mult * phase + rng.uniform(0, 2 * np.pi))
-    return out
-
-
 def _impulses(rng, n, rate, strike_rate, resonances, decay, jitter=0.08, amp_jitter=0.25):
     """Resonances struck at ``strike_rate`` Hz with timing and amplitude jitter."""
     train = np.zeros(n)
@@ -136,18 +98,7 @@ def _impulses(rng, n, rate, strike_rate, resonances, decay, jitter=0.08, amp_jit
     while pos < n:
         train[int(pos)] = 1.0 + amp_jitter * rng.standard_normal()
         pos += period * (1.0 + jitter * rng.standard_normal())
-    return oaconvolve(train, _ring(rate, resonances, decay))[:n]
-
-
-def _ring(rate: int, resonances, decay: float) -> np.ndarray:
-    """What one strike sounds like: decaying sines at ``resonances`` Hz (the i-th decays 1 + i/2 times slower)."""
-    tk = np.arange(int(rate * min(0.25, 6 * decay))) / rate
-    return sum(np.exp(-tk / (decay * (1 + 0.5 * i))) * np.sin(2 * np.pi * f * tk + i)
-               for i, f in enumerate(resonances))
-
-
-def _rms(x: np.ndarray) -> float:
-    return float(np.sqrt(np.mean(x**2)) + 1e-12)
+    return oaconvolve(train, ring(rate, resonances, decay))[:n]
 
 
 def _machine_sound(profile: MachineProfile, rng, n, rate, speed, anomaly: str | None, severity: float):
@@ -163,20 +114,20 @@ def _machine_sound(profile: MachineProfile, rng, n, rate, speed, anomaly: str | 
         detune = np.zeros(len(amps))
         hit = rng.choice(np.arange(1, 6), size=3, replace=False)  # partials 2..6: audible in every family
         detune[hit] = (0.015 + 0.05 * severity) * rng.choice([-1, 1], size=3)
-    own_noise = _band_noise(rng, n, rate, profile.noise_centre * 0.5, profile.noise_centre * 2.0)
+    own_noise = band_noise(rng, n, rate, profile.noise_centre * 0.5, profile.noise_centre * 2.0)
     noise_level = 10 ** (rng.normal(0, 2.5) / 20)
     if profile.family == "harmonic":
-        main = _harmonics(rng, t, f0, amps, detune)
-        sound = main / _rms(main) + 0.3 * noise_level * own_noise
+        main = harmonics(rng, t, f0, amps, detune)
+        sound = main / rms(main) + 0.3 * noise_level * own_noise
     elif profile.family == "impulsive":
         main = _impulses(rng, n, rate, f0, resonances, profile.decay)
-        hum = _harmonics(rng, t, 50.0 * speed, amps[:6])
-        sound = main / _rms(main) + 0.1 * hum / _rms(hum) + 0.25 * noise_level * own_noise
+        hum = harmonics(rng, t, 50.0 * speed, amps[:6])
+        sound = main / rms(main) + 0.1 * hum / rms(hum) + 0.25 * noise_level * own_noise
     else:  # broadband: shaped noise dominates, with a blade-pass line and its harmonics
         main = own_noise
-        blade = _harmonics(rng, t, f0, amps[:6], detune[:6] if detune is not None else None)
-        sound = main * noise_level + 0.35 * blade / _rms(blade)
-    level = _rms(sound)
+        blade = harmonics(rng, t, f0, amps[:6], detune[:6] if detune is not None else None)
+        sound = main * noise_level + 0.35 * blade / rms(blade)
+    level = rms(sound)
     if anomaly == "imbalance":
         depth = 0.12 + 0.45 * severity
         f_mod = rng.uniform(3, 12)
@@ -184,18 +135,18 @@ def _machine_sound(profile: MachineProfile, rng, n, rate, speed, anomaly: str | 
     elif anomaly == "bearing":
         clicks = _impulses(rng, n, rate, rng.uniform(15, 45), (rng.uniform(2500, 6000),), 0.002,
                            jitter=0.02, amp_jitter=0.1)
-        sound = sound + level * 10 ** ((-24 + 14 * severity) / 20) * clicks / _rms(clicks)
+        sound = sound + level * 10 ** ((-24 + 14 * severity) / 20) * clicks / rms(clicks)
     elif anomaly == "friction":
         lo = rng.uniform(1200, 4000)
-        band = _band_noise(rng, n, rate, lo, lo * 1.6)
+        band = band_noise(rng, n, rate, lo, lo * 1.6)
         env = (np.convolve(rng.random(n // 800 + 1) < rng.uniform(0.3, 0.7), np.ones(3) / 3, "same")
                .repeat(800)[:n])
         sound = sound + level * 10 ** ((-20 + 12 * severity) / 20) * band * env
     elif anomaly == "shifted" and profile.family == "harmonic":
-        extra = _harmonics(rng, t, f0 * rng.uniform(1.3, 2.7), amps[:3])
-        sound = sound + level * 10 ** ((-26 + 12 * severity) / 20) * extra / _rms(extra)
+        extra = harmonics(rng, t, f0 * rng.uniform(1.3, 2.7), amps[:3])
+        sound = sound + level * 10 ** ((-26 + 12 * severity) / 20) * extra / rms(extra)
     # Put the level back: an anomaly must not be found by loudness.
-    return sound * (level / _rms(sound))
+    return sound * (level / rms(sound))
 
 
 _DOMAIN = {
@@ -207,24 +158,10 @@ _DOMAIN = {
 }
 
 
-def _filter(x: np.ndarray, rate: int, gain_db) -> np.ndarray:
-    """``x`` through a zero-phase filter whose gain in dB is ``gain_db(f)`` (f: array of Hz)."""
-    spec = np.fft.rfft(x)
-    f = np.fft.rfftfreq(len(x), 1.0 / rate)
-    spec *= 10 ** (gain_db(f) / 20)
-    return np.fft.irfft(spec, len(x))
-
-
 def _microphone(x: np.ndarray, rate: int, tilt_db_per_octave: float) -> np.ndarray:
     if tilt_db_per_octave == 0.0:
         return x
-    return _filter(x, rate, lambda f: tilt_db_per_octave * np.log2(np.maximum(f, 50.0) / 1000.0))
-
-
-def _random_gain(mix: np.ndarray, rng: np.random.Generator, lo_dbfs: float = -34, hi_dbfs: float = -20) -> np.ndarray:
-    """A random microphone gain (the absolute level says nothing about the clip); float32, peak below 1."""
-    gain_dbfs = rng.uniform(lo_dbfs, hi_dbfs)
-    return np.clip(mix * (10 ** (gain_dbfs / 20) / _rms(mix)), -0.99, 0.99).astype(np.float32)
+    return spectral_filter(x, rate, lambda f: tilt_db_per_octave * np.log2(np.maximum(f, 50.0) / 1000.0))
 
 
 def synth_clip(profile: MachineProfile, *, domain: str, variant: int, anomaly: str | None, severity: float,
@@ -234,32 +171,18 @@ def synth_clip(profile: MachineProfile, *, domain: str, variant: int, anomaly: s
     d = _DOMAIN[domain]
     speed = profile.target_speed if domain == "target" else profile.source_speeds[variant]
     sound = _machine_sound(profile, rng, n, rate, speed, anomaly, severity)
-    background = _coloured_noise(rng, n, rate, d["noise_exp"] + rng.normal(0, 0.2))
+    background = coloured_noise(rng, n, rate, d["noise_exp"] + rng.normal(0, 0.2))
     snr = d["snr"] + rng.normal(0, 2.5)
-    mix = sound / _rms(sound) + 10 ** (-snr / 20) * background
+    mix = sound / rms(sound) + 10 ** (-snr / 20) * background
     mix = _microphone(mix, rate, d["tilt"] + rng.normal(0, 1.0))  # every microphone differs a little
-    return _random_gain(mix, rng)
+    return random_gain(mix, rng)
 
 
 def noise_clip(rng: np.random.Generator, *, domain: str, seconds: float, rate: int = 16_000) -> np.ndarray:
     """A noise-only supplemental clip: the domain's background, no machine."""
     n = int(seconds * rate)
-    x = _microphone(_coloured_noise(rng, n, rate, _DOMAIN[domain]["noise_exp"]), rate, _DOMAIN[domain]["tilt"])
-    return (x * 10 ** (rng.uniform(-40, -30) / 20) / _rms(x)).astype(np.float32)
-
-
-@dataclass(frozen=True)
-class CorpusStyle:
-    """How one corpus style draws a machine's profile and sounds its clips.
-
-    ``draw(machine, seed)`` returns a profile with ``source_speeds`` (one per source operating point),
-    ``attributes(domain, variant)`` and ``anomaly_kinds``; ``clip`` and ``noise`` take the arguments of
-    :func:`synth_clip` and :func:`noise_clip`.
-    """
-
-    draw: Callable[[str, int], Any]
-    clip: Callable[..., np.ndarray]
-    noise: Callable[..., np.ndarray]
+    x = _microphone(coloured_noise(rng, n, rate, _DOMAIN[domain]["noise_exp"]), rate, _DOMAIN[domain]["tilt"])
+    return (x * 10 ** (rng.uniform(-40, -30) / 20) / rms(x)).astype(np.float32)
 
 
 STYLES = ("A", "B")  # A: this module's sound models; B: asd_ray.data.synth_b's, designed independently
@@ -270,7 +193,7 @@ def corpus_style(name: str) -> CorpusStyle:
     if name == "A":
         return CorpusStyle(MachineProfile.draw, synth_clip, noise_clip)
     if name == "B":
-        from asd_ray.data import synth_b  # it builds on this module's helpers
+        from asd_ray.data import synth_b  # style B: its sound models load only when asked for
 
         return synth_b.STYLE
     raise ValueError(f"unknown corpus style {name!r}; choose one of {', '.join(STYLES)}")
@@ -291,7 +214,7 @@ class _Job:
 
 
 def _write(job: _Job, seed: int, rate: int) -> None:
-    rng = _seed(seed, *job.key)
+    rng = seeded_rng(seed, *job.key)
     style = corpus_style(job.style)
     profile = style.draw(job.machine, seed)
     if job.noise_only:
@@ -316,7 +239,7 @@ def _plan_machine(root: Path, dataset: str, machine: str, *, seed: int, train_so
     (file name, label 0/1, domain 0/1, labelled name without ``.wav``)."""
     profile = corpus_style(style).draw(machine, seed)
     mdir = root / f"{dataset}_data" / "raw" / machine
-    rng = _seed(seed, "plan", dataset, machine)
+    rng = seeded_rng(seed, "plan", dataset, machine)
     jobs, attr_rows, truth = [], [], []
 
     def add(split, domain, label, index, name, anomaly=None, noise_only=False, test_name=None):

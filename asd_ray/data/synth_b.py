@@ -30,8 +30,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.signal import oaconvolve
 
-from asd_ray.data.synth import (NO_ATTRIBUTE, CorpusStyle, _band_noise, _coloured_noise, _filter, _harmonics,
-                                _random_gain, _ring, _rms, _seed)
+from asd_ray.data.synth_parts import (NO_ATTRIBUTE, CorpusStyle, band_noise, coloured_noise, harmonics, random_gain,
+                                      ring, rms, seeded_rng, spectral_filter)
 
 ANOMALY_KINDS = ("missing", "jitter", "rattle", "dropout", "cavitation", "damping", "sideband", "whine", "tilt")
 FAMILY_KINDS = {
@@ -76,7 +76,7 @@ class PlantProfile:
 
     @staticmethod
     def draw(machine: str, seed: int) -> "PlantProfile":
-        rng = _seed(seed, "profile-B", machine)
+        rng = seeded_rng(seed, "profile-B", machine)
         family = FAMILIES.get(machine) or str(rng.choice(sorted(FAMILY_KINDS)))
         lo, hi = _RATES[family]
         count = int(rng.integers(_COUNTS[family][0], _COUNTS[family][1] + 1))
@@ -134,8 +134,8 @@ def _cycle_events(rng, n, rate, cycle_hz, phases, amps, kernels, *, wander=0.006
 def _resonant_noise(rng, n, rate, centre, q):
     """White noise through one resonance at ``centre`` Hz of quality ``q``, unit RMS."""
     white = rng.standard_normal(n)
-    x = _filter(white, rate, lambda f: -10 * np.log10(1 + (q * (f / centre - centre / np.maximum(f, 1.0))) ** 2))
-    return x / _rms(x)
+    x = spectral_filter(white, rate, lambda f: -10 * np.log10(1 + (q * (f / centre - centre / np.maximum(f, 1.0))) ** 2))
+    return x / rms(x)
 
 
 def _gaps(rng, n, rate, depth):
@@ -173,10 +173,10 @@ def _plant_sound(p: PlantProfile, rng, n, rate, speed, anomaly: str | None, seve
 
     if p.family in ("reciprocating", "conveyor"):
         if p.family == "reciprocating":
-            kernels = [_ring(rate, res, decay) for res in p.event_resonances]
+            kernels = [ring(rate, res, decay) for res in p.event_resonances]
         else:  # two seams: a sharp click and a duller one
-            kernels = [_ring(rate, (p.carrier_hz * 1.3, p.event_resonances[0][0]), 0.3 * decay),
-                       _ring(rate, p.event_resonances[1], decay)]
+            kernels = [ring(rate, (p.carrier_hz * 1.3, p.event_resonances[0][0]), 0.3 * decay),
+                       ring(rate, p.event_resonances[1], decay)]
         amps = np.array(p.event_amps)
         late, drop, wander = None, None, 0.006
         if anomaly == "missing":  # a misfire / a lost seam: the main event is missing in some cycles
@@ -189,32 +189,32 @@ def _plant_sound(p: PlantProfile, rng, n, rate, speed, anomaly: str | None, seve
         events = _cycle_events(rng, n, rate, f, p.phases, amps * 10 ** (rng.normal(0, 1.0, len(amps)) / 20),
                                kernels, wander=wander, late=late, drop=drop)
         if p.family == "reciprocating":
-            pulsation = _harmonics(rng, t, f, tones)
-            sound = events / _rms(events) + 0.5 * pulsation / _rms(pulsation) + 0.2 * noise_level * structure
+            pulsation = harmonics(rng, t, f, tones)
+            sound = events / rms(events) + 0.5 * pulsation / rms(pulsation) + 0.2 * noise_level * structure
         else:
             roller = f * p.count
-            belt = _band_noise(rng, n, rate, 200, 3000) * _am(t, roller, 0.3, rng)
-            hum = _harmonics(rng, t, roller, tones[:4])
-            sound = 0.6 * events / _rms(events) + belt * noise_level + 0.3 * hum / _rms(hum)
+            belt = band_noise(rng, n, rate, 200, 3000) * _am(t, roller, 0.3, rng)
+            hum = harmonics(rng, t, roller, tones[:4])
+            sound = 0.6 * events / rms(events) + belt * noise_level + 0.3 * hum / rms(hum)
         sub_rate = f / 2 if p.family == "reciprocating" else f * p.count / 2
     elif p.family == "pump":
         vane = f * p.count
-        tone = _harmonics(rng, t, vane, tones[:4]) + 0.3 * _harmonics(rng, t, f, tones[:3])
+        tone = harmonics(rng, t, vane, tones[:4]) + 0.3 * harmonics(rng, t, f, tones[:3])
         if anomaly == "sideband":  # a damaged vane: the vane-pass tone swells once per revolution
             tone = tone * _am(t, f, 0.15 + 0.5 * severity, rng)
-        sound = 0.6 * tone / _rms(tone) + noise_level * structure
+        sound = 0.6 * tone / rms(tone) + noise_level * structure
         sub_rate = f / 2
     elif p.family == "motor":
         hum_hz = 4 * f  # twice the electrical frequency of a 2-pole-pair motor
-        hum = _harmonics(rng, t, hum_hz, tones[:5])
+        hum = harmonics(rng, t, hum_hz, tones[:5])
         slot = f * p.count
         slots = sum(np.sin(2 * np.pi * (slot + s * hum_hz / 2) * t + rng.uniform(0, 2 * np.pi)) for s in (-1, 1))
         if anomaly == "sideband":  # rotor eccentricity: slot harmonics modulated at the shaft rate
             slots = slots * _am(t, f, 0.2 + 0.6 * severity, rng)
         pwm = sum(a * np.sin(2 * np.pi * (p.carrier_hz + s * hum_hz / 2) * t + rng.uniform(0, 2 * np.pi))
                   for s, a in ((-1, 0.6), (0, 1.0), (1, 0.6)))
-        fan = _band_noise(rng, n, rate, 250, 2500)
-        sound = (hum / _rms(hum) + 0.35 * slots / _rms(slots) + 0.08 * pwm / _rms(pwm)
+        fan = band_noise(rng, n, rate, 250, 2500)
+        sound = (hum / rms(hum) + 0.35 * slots / rms(slots) + 0.08 * pwm / rms(pwm)
                  + 0.35 * noise_level * fan)
         sub_rate = f / 2
     else:  # gear
@@ -224,36 +224,36 @@ def _plant_sound(p: PlantProfile, rng, n, rate, speed, anomaly: str | None, seve
         if anomaly == "sideband":  # a cracked tooth: mesh amplitude and phase modulated at the shaft rate
             depth, fm = 0.15 + 0.5 * severity, 0.002 + 0.01 * severity
         f0 = mesh * (1.0 + fm * np.sin(2 * np.pi * f * t))
-        tone = _harmonics(rng, t, f0, tones[:5]) * _am(t, f, depth, rng)
-        sound = tone / _rms(tone) + 0.4 * noise_level * structure
+        tone = harmonics(rng, t, f0, tones[:5]) * _am(t, f, depth, rng)
+        sound = tone / rms(tone) + 0.4 * noise_level * structure
         sub_rate = f / 2
 
-    level = _rms(sound)
+    level = rms(sound)
     if anomaly == "rattle":  # a loose part struck at half the cycle / shaft / roller rate, not every time
         hits = _cycle_events(rng, n, rate, sub_rate, (rng.uniform(0, 1),), (1.0,),
-                             [_ring(rate, (p.carrier_hz * rng.uniform(0.9, 1.1),), 0.004)],
+                             [ring(rate, (p.carrier_hz * rng.uniform(0.9, 1.1),), 0.004)],
                              wander=0.03, drop=(0.3,), amp_jitter=0.4)
-        sound = sound + level * 10 ** ((-20 + 12 * severity) / 20) * hits / _rms(hits)
+        sound = sound + level * 10 ** ((-20 + 12 * severity) / 20) * hits / rms(hits)
     elif anomaly == "cavitation":  # vapour bubbles collapsing: short broadband bursts at random times
         n_bursts = rng.poisson((3 + 9 * severity) * n / rate)
         env = np.zeros(n)
         for start in rng.integers(0, n, n_bursts):
             width = int(rng.uniform(0.005, 0.03) * rate)
             env[start:start + width] += np.hanning(width)[: n - start] * rng.uniform(0.5, 1.0)
-        burst = _band_noise(rng, n, rate, rng.uniform(400, 1500), rng.uniform(3000, 6000)) * env
-        sound = sound + level * 10 ** ((-14 + 10 * severity) / 20) * burst / (_rms(burst) + 1e-9)
+        burst = band_noise(rng, n, rate, rng.uniform(400, 1500), rng.uniform(3000, 6000)) * env
+        sound = sound + level * 10 ** ((-14 + 10 * severity) / 20) * burst / (rms(burst) + 1e-9)
     elif anomaly == "whine":  # a tone sets in partway through the clip, wavering slightly
         onset = rng.uniform(0.1, 0.6) * n / rate
         hz = rng.uniform(600, 4000) * (1.0 + 0.003 * np.sin(2 * np.pi * rng.uniform(0.5, 3) * t))
-        tone = _harmonics(rng, t, hz, (1.0, 0.3)) / (1 + np.exp(-(t - onset) / 0.05))
+        tone = harmonics(rng, t, hz, (1.0, 0.3)) / (1 + np.exp(-(t - onset) / 0.05))
         sound = sound + level * 10 ** ((-22 + 12 * severity) / 20) * tone / 0.75
     elif anomaly == "dropout":  # an intermittent contact / a slipping belt: the machine drops out briefly
         sound = sound * _gaps(rng, n, rate, 0.5 + 0.45 * severity)
     elif anomaly == "tilt":  # wear moves energy up or down the spectrum
         tilt = (1.0 + 2.0 * severity) * rng.choice([-1, 1])
-        sound = _filter(sound, rate, lambda fr: tilt * np.log2(np.maximum(fr, 50.0) / 1000.0))
+        sound = spectral_filter(sound, rate, lambda fr: tilt * np.log2(np.maximum(fr, 50.0) / 1000.0))
     # Put the level back: an anomaly must not be found by loudness.
-    return sound * (level / _rms(sound))
+    return sound * (level / rms(sound))
 
 
 _DOMAIN = {
@@ -270,14 +270,14 @@ def _background(rng, n, rate, domain):
     """A hall's pink noise and mains hum (source) or ventilation rumble with a fan tone (target), unit RMS."""
     t = np.arange(n) / rate
     if domain == "source":
-        noise = _coloured_noise(rng, n, rate, -1.0 + rng.normal(0, 0.15))
-        tonal = _harmonics(rng, t, 50.0, (1.0, 0.5, 0.3, 0.2))
-        mix = noise + 0.25 * tonal / _rms(tonal)
+        noise = coloured_noise(rng, n, rate, -1.0 + rng.normal(0, 0.15))
+        tonal = harmonics(rng, t, 50.0, (1.0, 0.5, 0.3, 0.2))
+        mix = noise + 0.25 * tonal / rms(tonal)
     else:
-        noise = _coloured_noise(rng, n, rate, -2.0 + rng.normal(0, 0.15))
-        tonal = _harmonics(rng, t, rng.uniform(90, 130), (1.0, 0.4))
-        mix = noise + 0.35 * tonal / _rms(tonal)
-    return mix / _rms(mix)
+        noise = coloured_noise(rng, n, rate, -2.0 + rng.normal(0, 0.15))
+        tonal = harmonics(rng, t, rng.uniform(90, 130), (1.0, 0.4))
+        mix = noise + 0.35 * tonal / rms(tonal)
+    return mix / rms(mix)
 
 
 def _microphone(x, rate, domain, rng):
@@ -290,7 +290,7 @@ def _microphone(x, rate, domain, rng):
         return (-10 * np.log10(1 + (low / f) ** 4) - 10 * np.log10(1 + (f / high) ** 6)
                 + peak_db * np.exp(-0.5 * (np.log2(f / peak_hz) / 0.4) ** 2))
 
-    return _filter(x, rate, gain_db)
+    return spectral_filter(x, rate, gain_db)
 
 
 def _room(x, rate, rng, rt60, wet):
@@ -298,7 +298,7 @@ def _room(x, rate, rng, rt60, wet):
     m = int(rt60 * rate)
     ir = rng.standard_normal(m) * np.exp(-6.9 * np.arange(m) / m)
     tail = oaconvolve(x, ir)[: len(x)]
-    return x + wet * _rms(x) * tail / _rms(tail)
+    return x + wet * rms(x) * tail / rms(tail)
 
 
 def synth_clip(profile: PlantProfile, *, domain: str, variant: int, anomaly: str | None, severity: float,
@@ -310,14 +310,14 @@ def synth_clip(profile: PlantProfile, *, domain: str, variant: int, anomaly: str
     sound = _plant_sound(profile, rng, n, rate, speed, anomaly, severity)
     sound = _room(sound, rate, rng, d["rt60"] * 2 ** rng.normal(0, 0.15), d["wet"])
     snr = d["snr"] + rng.normal(0, 2.0)
-    mix = sound / _rms(sound) + 10 ** (-snr / 20) * _background(rng, n, rate, domain)
-    return _random_gain(_microphone(mix, rate, domain, rng), rng)
+    mix = sound / rms(sound) + 10 ** (-snr / 20) * _background(rng, n, rate, domain)
+    return random_gain(_microphone(mix, rate, domain, rng), rng)
 
 
 def noise_clip(rng: np.random.Generator, *, domain: str, seconds: float, rate: int = 16_000) -> np.ndarray:
     """A noise-only supplemental clip: the domain's background through its microphone, no machine."""
     n = int(seconds * rate)
-    return _random_gain(_microphone(_background(rng, n, rate, domain), rate, domain, rng), rng, -40, -30)
+    return random_gain(_microphone(_background(rng, n, rate, domain), rate, domain, rng), rng, -40, -30)
 
 
 STYLE = CorpusStyle(PlantProfile.draw, synth_clip, noise_clip)

@@ -1,7 +1,8 @@
-"""The clip-embedding cache: one Parquet folder per content key under ``ray.cache_dir``.
+"""The feature cache: one Parquet folder per content key under ``ray.cache_dir``, for clip embeddings
+(``embedding`` column) and for log-mel frame matrices (``logmel``, each flattened, with ``frames``).
 
-The key covers everything an embedding depends on (backbone and its files, embedding and pre-processing
-parameters, each input file's path, size and mtime). Writers never share a folder: each writes
+The key covers everything the features depend on (backbone and its files, or the log-mel settings; embedding
+and pre-processing parameters, each input file's path, size and mtime). Writers never share a folder: each writes
 ``<key>.partial-<host>-<pid>-<random>`` and publishes it with one ``os.rename`` once it is complete (its
 ``_COMPLETE`` manifest inside), so a reader sees a whole cache or none. When another writer of the same key
 published first, its folder is kept if it checks out, else replaced. A folder read back is checked against the
@@ -66,21 +67,29 @@ def _backbone_identity(backbone: str) -> list:
     return [backbone] + [file_identity(str(f)) for f in sorted(p.iterdir()) if f.is_file()]
 
 
-def cache_key(records: Sequence[ClipRecord], embed: EmbedConfig, preprocess: PreprocessConfig,
+FRAMES_VERSION = 1  # of the log-mel frame features' computation: a change that alters them raises it
+
+
+def cache_key(records: Sequence[ClipRecord], embed: EmbedConfig | Mapping[str, object], preprocess: PreprocessConfig,
               identities: Identities | None = None) -> str:
-    """Hex digest of everything an embedding depends on (not batch size, device or actor count); ``identities``:
-    the records' files as ``clip_identities`` gave them (stat'ed here when not given)."""
+    """Hex digest of everything the features depend on (not batch size, device or actor count). ``embed``: the
+    ``EmbedConfig`` of clip embeddings, or the ``LogMelFrames`` keywords of log-mel frames (n_mels, n_fft, hop,
+    power, sample rate). ``identities``: the records' files as ``clip_identities`` gave them (stat'ed here when
+    not given)."""
     ids = clip_identities(records) if identities is None else identities
-    decisive = {k: v for k, v in dataclasses.asdict(embed).items() if k not in ("batch_size", "device")}
-    body = json.dumps({"embed": decisive, "backbone": _backbone_identity(embed.backbone),
-                       "preprocess": dataclasses.asdict(preprocess),
+    if isinstance(embed, EmbedConfig):
+        decisive = {k: v for k, v in dataclasses.asdict(embed).items() if k not in ("batch_size", "device")}
+        what = {"embed": decisive, "backbone": _backbone_identity(embed.backbone)}
+    else:
+        what = {"frames": dict(embed), "frames_version": FRAMES_VERSION}
+    body = json.dumps({**what, "preprocess": dataclasses.asdict(preprocess),
                        "files": [(r.path, *ids[r.path]) for r in records]}, sort_keys=True, default=str)
     return hashlib.sha256(body.encode()).hexdigest()[:24]
 
 
-def cache_folder(records: Sequence[ClipRecord], embed: EmbedConfig, preprocess: PreprocessConfig,
-                 cache_dir: str | Path, identities: Identities | None = None) -> Path:
-    """Where the embeddings of ``records`` are cached: published when it holds ``_COMPLETE``."""
+def cache_folder(records: Sequence[ClipRecord], embed: EmbedConfig | Mapping[str, object],
+                 preprocess: PreprocessConfig, cache_dir: str | Path, identities: Identities | None = None) -> Path:
+    """Where the features of ``records`` are cached (``cache_key``): published when it holds ``_COMPLETE``."""
     return Path(cache_dir).expanduser().resolve() / cache_key(records, embed, preprocess, identities)
 
 
@@ -89,12 +98,13 @@ def _examples(paths) -> str:
     return ", ".join(paths[:2]) + (f" and {len(paths) - 2} more" if len(paths) > 2 else "")
 
 
-def verify_rows(columns: Mapping[str, list], identities: Identities, repeats: Mapping[str, int] | None = None
-                ) -> str:
-    """"" when the rows ``columns`` (a Parquet table's ``to_pydict()``) are exactly the clips of ``identities``:
+def verify_rows(columns: Mapping[str, list], identities: Identities, repeats: Mapping[str, int] | None = None,
+                feature: str = "embedding") -> str:
+    """"" when the rows ``columns`` (``read_columns``) are exactly the clips of ``identities``:
     one row per clip (``repeats[path]`` rows for a clip listed that many times: a root given twice), no other
-    path, each row's ``size`` and ``mtime_ns`` those of its clip. Else what is wrong, in words."""
-    missing_columns = [c for c in ("path", "embedding", "error", "flags", *IDENTITY_COLUMNS) if c not in columns]
+    path, each row's ``size`` and ``mtime_ns`` those of its clip, and a ``feature`` column. Else what is wrong,
+    in words."""
+    missing_columns = [c for c in ("path", feature, "error", "flags", *IDENTITY_COLUMNS) if c not in columns]
     if missing_columns:
         return f"no {', '.join(missing_columns)} column(s) (written by an older asd-ray?)"
     paths = columns["path"]
@@ -135,11 +145,43 @@ def table_parts(columns: Mapping[str, list]) -> tuple[np.ndarray, list[ClipRecor
     return (np.stack(emb) if emb else np.zeros((0, dim), np.float32)), records, rejects, flags
 
 
+def list_column(mats: Sequence[np.ndarray]):
+    """Float32 matrices -> one Arrow list<float> array (row i: matrix i flattened), its values in one buffer."""
+    import pyarrow as pa
+
+    sizes = np.array([m.size for m in mats], dtype=np.int64)
+    offsets = np.concatenate([[0], np.cumsum(sizes)])
+    values = (np.concatenate([np.asarray(m, np.float32).ravel() for m in mats]) if len(mats)
+              else np.zeros(0, np.float32))
+    if offsets[-1] >= 2**31:
+        return pa.LargeListArray.from_arrays(pa.array(offsets, pa.int64()), pa.array(values))
+    return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(values))
+
+
+def list_rows(column) -> list[np.ndarray]:
+    """An Arrow list<float> column (chunked or not) -> a float32 view per row, without a Python object per value
+    (``to_pydict`` made one per log-mel value: seconds for a corpus)."""
+    rows = []
+    for chunk in getattr(column, "chunks", [column]):
+        values = chunk.values.to_numpy(zero_copy_only=False)
+        offsets = chunk.offsets.to_numpy()
+        rows.extend(values[offsets[i]:offsets[i + 1]] for i in range(len(chunk)))
+    return rows
+
+
+ARRAY_COLUMNS = ("logmel",)  # read back as numpy rows, not Python lists
+
+
 def read_columns(folder: str | Path) -> dict[str, list]:
-    """Every row of a Parquet folder, as columns."""
+    """Every row of a Parquet folder, as columns (``ARRAY_COLUMNS`` as a float32 array per row)."""
     import pyarrow.parquet as pq
 
-    return pq.read_table(str(folder)).to_pydict()
+    table = pq.read_table(str(folder))
+    arrays = [c for c in ARRAY_COLUMNS if c in table.column_names]
+    columns = table.drop_columns(arrays).to_pydict()
+    for c in arrays:
+        columns[c] = list_rows(table.column(c))
+    return columns
 
 
 def read_table(folder: str | Path) -> tuple[np.ndarray, list[ClipRecord], list[dict], list[list[str]]]:
@@ -147,8 +189,8 @@ def read_table(folder: str | Path) -> tuple[np.ndarray, list[ClipRecord], list[d
     return table_parts(read_columns(folder))
 
 
-def check_folder(folder: Path, identities: Identities, repeats: Mapping[str, int] | None = None
-                 ) -> tuple[dict | None, str]:
+def check_folder(folder: Path, identities: Identities, repeats: Mapping[str, int] | None = None,
+                 feature: str = "embedding") -> tuple[dict | None, str]:
     """A published cache folder -> (its columns, "") when its rows are the clips of ``identities``, else
     (None, what is wrong); (None, "") when nothing is published there."""
     if not (folder / COMPLETE).is_file():
@@ -157,14 +199,16 @@ def check_folder(folder: Path, identities: Identities, repeats: Mapping[str, int
         columns = read_columns(folder)
     except Exception as err:  # noqa: BLE001 - a torn or foreign folder: reported, then embedded again
         return None, f"cannot be read: {type(err).__name__}: {err}"
-    problem = verify_rows(columns, identities, repeats)
+    problem = verify_rows(columns, identities, repeats, feature)
     return (None, problem) if problem else (columns, "")
 
 
-def read_cached(folder: Path, identities: Identities, repeats: Mapping[str, int] | None = None) -> dict | None:
-    """The columns cached in ``folder`` when it is published and its rows are the clips of ``identities``; None
-    otherwise, with a warning naming the folder and what is wrong when there is a folder that does not match."""
-    columns, problem = check_folder(folder, identities, repeats)
+def read_cached(folder: Path, identities: Identities, repeats: Mapping[str, int] | None = None,
+                feature: str = "embedding") -> dict | None:
+    """The columns cached in ``folder`` when it is published and its rows are the clips of ``identities`` with a
+    ``feature`` column; None otherwise, with a warning naming the folder and what is wrong when there is a folder
+    that does not match."""
+    columns, problem = check_folder(folder, identities, repeats, feature)
     if problem:
         log.warning("embedding cache %s does not match its clips: %s; embedding them again", folder, problem)
     return columns
@@ -237,7 +281,8 @@ class CacheWriter:
     def discard(self) -> None:
         shutil.rmtree(self.partial, ignore_errors=True)
 
-    def publish(self, manifest: dict, key_identities: Identities, repeats: Mapping[str, int] | None = None) -> dict:
+    def publish(self, manifest: dict, key_identities: Identities, repeats: Mapping[str, int] | None = None,
+                feature: str = "embedding") -> dict:
         """Publish the rows written, with ``manifest`` as ``_COMPLETE``, and return them (columns).
 
         Rows that are not exactly the clips of ``key_identities`` (the records' files when the key was made) are
@@ -246,11 +291,11 @@ class CacheWriter:
         returned), else replaced."""
         (self.partial / COMPLETE).write_text(json.dumps(manifest))
         ours = read_columns(self.partial)
-        problem = verify_rows(ours, key_identities, repeats)
+        problem = verify_rows(ours, key_identities, repeats, feature)
         if problem:
             self.discard()
             raise RuntimeError(f"embedding pipeline lost or repeated clips: {problem}")
-        problem = verify_rows(ours, {p: file_identity(p)[1:] for p in key_identities}, repeats)
+        problem = verify_rows(ours, {p: file_identity(p)[1:] for p in key_identities}, repeats, feature)
         if problem:
             log.warning("clip files changed while they were embedded (%s): embeddings not cached in %s",
                         problem, self.folder)
@@ -263,7 +308,7 @@ class CacheWriter:
             except OSError:
                 if not self.folder.exists():
                     continue  # moved away meanwhile: try again
-            theirs, problem = check_folder(self.folder, key_identities, repeats)
+            theirs, problem = check_folder(self.folder, key_identities, repeats, feature)
             if theirs is not None:  # embedded from the same files: theirs serve every later run as ours would
                 self.discard()
                 return theirs

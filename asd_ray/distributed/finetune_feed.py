@@ -19,7 +19,8 @@ import numpy as np
 from asd_ray.config import FinetuneConfig, PreprocessConfig
 from asd_ray.data.audio import try_preprocess
 from asd_ray.data.layout import ClipRecord
-from asd_ray.distributed.embed import batch_waveforms, limit_threads, preprocessed, task_memory
+from asd_ray.distributed.batches import batch_waveforms, limit_threads
+from asd_ray.distributed.pipeline import preprocessed, task_memory
 from asd_ray.models.finetune import augment, crop_or_tile, row_generator
 
 

@@ -1,20 +1,15 @@
-"""Bank actors and the fleet router: k-NN scoring for many machine streams (SPEC §4, §8).
-
-One named actor per machine type (``bank:<machine>`` in one namespace; replicas ``bank:<machine>#i``)
-wraps whatever detector was saved there (``load_detector``: a clip k-NN bank, a local-feature bank, an
-AE ...) and nothing more. Ray restarts a dead one (``max_restarts``), which
-reloads its bank from storage, and retries the calls that were in flight (``max_task_retries``), so
-no request is lost. ``add()`` persists before it returns, so a restarted actor serves what it had.
+"""The fleet router: k-NN scoring for many machine streams through the bank actors (``bank_actors``; SPEC §8).
 
 The ``Router`` lives in the caller's event loop. Requests ``(machine, stream_id, features or clip)``
 queue per machine; a batch leaves when a bank actor has a free slot (after ``max_wait_ms`` at most)
 or when ``max_batch`` requests wait, so that under load one actor call carries many requests
 (one call per request cannot go beyond about 2k requests/s here). Clips (paths, or a sound file's bytes
-from the HTTP service) are embedded first through a pool of embedding actors (clip embeddings, or log-mel
-frame matrices for detectors that eat frames). Raw scores come back per stream in request order and go
-through that stream's ``StreamPostprocessor`` (causal median, the bank's calibration range and threshold;
-added normals re-calibrate running streams too). A request without a score says why (``Result.failure``:
-the caller's mistake, or an actor that failed).
+from the HTTP service) are embedded first through a pool of embedding actors (``embed_pool.start_embedders``:
+clip embeddings, or log-mel frame matrices for detectors that eat frames). Raw scores come back per stream in
+request order and go through that stream's ``StreamPostprocessor`` (causal median, the bank's calibration range
+and threshold; added normals re-calibrate running streams too). A request without a score says why
+(``Result.failure``: the caller's mistake, or an actor that failed). ``fleet_router`` starts a fleet (bank and
+embedding actors) and its router: what ``serve-fleet`` and the HTTP service stand on.
 """
 
 from __future__ import annotations
@@ -22,10 +17,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import functools
-import gc
-import os
-import shutil
-import time
+import logging
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,256 +25,16 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
-from asd_ray.bank.memory_bank import BankError, DomainAwareBank, MemoryBank
-from asd_ray.config import EmbedConfig, FleetConfig, FramesConfig, PostConfig, PreprocessConfig
-from asd_ray.detectors import bank_version, check_bank_folder, configure_detector, load_detector
+from asd_ray.bank.memory_bank import BankError
+from asd_ray.config import FleetConfig, PostConfig, RunConfig
+from asd_ray.detectors import SCORE_SETTINGS, fit_time_keys, given_score_settings
+from asd_ray.distributed.bank_actors import start_banks
+from asd_ray.distributed.batches import actor_embed_kwargs
+from asd_ray.distributed.embed_pool import start_embedders
+from asd_ray.distributed.session import ensure_ray, gpu_wanted
 from asd_ray.scoring.postprocess import Calibration, StreamPostprocessor, calibrate
 
-
-def actor_name(machine: str, replica: int = 0) -> str:
-    return f"bank:{machine}" if replica == 0 else f"bank:{machine}#{replica}"
-
-
-class BankActor:
-    """One machine's saved detector as a Ray actor; ``__init__`` (also after a restart) loads it from ``bank_dir``."""
-
-    def __init__(self, machine: str, bank_dir: str, faiss_threads: int = 1, persist: bool = True,
-                 settings: dict[str, Any] | None = None):
-        self.machine = machine
-        self.bank_dir = Path(bank_dir)
-        self.persist = persist  # one replica writes the shared bank_dir; the others only apply the same add
-        self.bank = load_detector(self.bank_dir, faiss_threads=faiss_threads)
-        self.requested = dict(settings or {})  # score-time settings given in the config (``SCORE_SETTINGS`` keys)
-        self.settings = configure_detector(self.bank, self.requested)
-        self.version = bank_version(self.bank_dir)
-        self.pid = os.getpid()
-
-    def score(self, features: np.ndarray | list[np.ndarray]) -> np.ndarray:
-        """(m x dim) float32 clip embeddings, or m (T x n_mels) log-mel matrices -> (m,) raw scores, exactly
-        the saved detector's ``score``."""
-        return self.bank.score(features)
-
-    def loo_scores(self) -> np.ndarray:
-        return self.bank.loo_scores()
-
-    def add(self, embeddings: np.ndarray, ids: Sequence[str], domain: str = "target") -> dict:
-        """Append normals (first-shot calibration) and persist; ids already in the bank are skipped,
-        so a call retried after a restart does not add twice. Only clip k-NN banks take added normals.
-        Returns ``stats()`` and ``added``, how many were new."""
-        if not isinstance(self.bank, (MemoryBank, DomainAwareBank)):
-            raise BankError(f"a {self.bank.kind} takes no added normals: refit it with asd-ray run")
-        members = self.bank.banks.get(domain) if isinstance(self.bank, DomainAwareBank) else self.bank
-        have = set(members.ids) if members is not None else set()
-        keep = [i for i, name in enumerate(ids) if str(name) not in have]
-        if keep:
-            new, new_ids = np.asarray(embeddings)[keep], [str(ids[i]) for i in keep]
-            if isinstance(self.bank, DomainAwareBank):
-                self.bank.add(new, new_ids, domain=domain)
-            else:
-                self.bank.add(new, new_ids)
-            if self.persist:
-                self._save()
-        return {**self.stats(), "added": len(keep)}
-
-    def _save(self) -> None:
-        tmp, old = self.bank_dir.with_name(self.bank_dir.name + ".new"), self.bank_dir.with_name(self.bank_dir.name + ".old")
-        shutil.rmtree(tmp, ignore_errors=True)
-        self.bank.save(tmp)
-        shutil.rmtree(old, ignore_errors=True)
-        self.bank_dir.rename(old)
-        tmp.rename(self.bank_dir)
-        shutil.rmtree(old, ignore_errors=True)
-        self.version = bank_version(self.bank_dir)
-
-    def stats(self) -> dict:
-        """What the actor serves: the detector's kind, size and dimension, its score-time settings with where
-        each came from ({config key: (value, "config" | "saved bank")}), the bank version and the process."""
-        return {"machine": self.machine, "kind": self.bank.kind, "features": self.bank.features,
-                "size": self.bank.size, "dim": self.bank.dim, "k": getattr(self.bank, "k", None),
-                "metric": getattr(self.bank, "metric", None), "settings": self.settings,
-                "requested": self.requested, "version": self.version, "pid": self.pid,
-                "bank_dir": str(self.bank_dir)}
-
-
-def saved_banks(bank_root: str | Path, *, empty_ok: bool = False) -> tuple[Path, list[str]]:
-    """(the bank folder, the machines with a bank saved in it, sorted). A missing folder is a FileNotFoundError;
-    so are one machine's bank folder (its domain banks would pass for machines named source and target) and,
-    unless ``empty_ok``, a folder without a bank (a fleet over it would serve nothing: most often the run's
-    folder given for its ``banks/``). Every fleet, serve and stream command lists its banks here."""
-    root = Path(bank_root).expanduser().resolve()
-    if not root.is_dir():
-        raise FileNotFoundError(f"bank folder not found: {root}")
-    if (root / "bank.json").is_file():
-        raise FileNotFoundError(f"{root} is one machine's bank: give the folder that holds a folder per machine "
-                                f"({root.parent}?)")
-    machines = sorted(d.name for d in root.iterdir() if (d / "bank.json").is_file())
-    if not machines and not empty_ok:
-        inner = root / "banks"
-        hint = (f": did you mean {inner}?" if inner.is_dir() and any((d / "bank.json").is_file() for d in inner.iterdir())
-                else " (asd-ray run saves them to <out>/banks: a folder per machine holding its bank.json)")
-        raise FileNotFoundError(f"no saved bank in {root}{hint}")
-    return root, machines
-
-
-def check_saved_banks(bank_root: str | Path, *, n_mels: int | None = None) -> tuple[Path, list[str]]:
-    """``saved_banks``, then every machine's bank read and checked as a load would (``check_bank_folder``; frame
-    detectors against ``n_mels``, the config's ``frames.n_mels``): a corrupt or mismatched bank is refused in one
-    line naming its folder and file before Ray starts, not by a bank actor or a replica after it."""
-    root, machines = saved_banks(bank_root)
-    for machine in machines:
-        check_bank_folder(root / machine, n_mels=n_mels)
-    return root, machines
-
-
-def start_banks(bank_root: str | Path, *, machines: Iterable[str] | None = None, replicas: int = 1,
-                namespace: str = "asd-ray", faiss_threads: int = 1,
-                settings: dict[str, Any] | None = None, detached: bool = False) -> dict[str, list]:
-    """Start (or find) the bank actors of every machine saved under ``bank_root/<machine>``.
-
-    ``settings``: score-time settings given in the config ({``SCORE_SETTINGS`` key: value}); each saved
-    detector takes those of its kind and keeps its saved values for the rest (``configure_detector``).
-    Actors take no CPU slot (they mostly wait; FAISS threads are set explicitly), restart forever and
-    retry their calls. An actor found running with another bank folder or other settings is an error (a
-    restart would bring back its own). ``detached``: the actors outlive the process that starts them (a
-    service's: Serve replicas come and go, a submitted job's driver ends); else they go with it.
-    Returns {machine: [actor handles, replica 0 first]}.
-    """
-    import ray
-
-    root, found = saved_banks(bank_root)
-    wanted = set(machines) if machines is not None else None
-    missing = sorted(wanted - set(found)) if wanted else []
-    if missing:
-        raise FileNotFoundError(f"no saved bank for {missing} under {root} (banks there: {found})")
-    remote = ray.remote(BankActor)
-
-    def start(machine: str, r: int):
-        return (remote.options(name=actor_name(machine, r), namespace=namespace, get_if_exists=True, num_cpus=0,
-                               max_restarts=-1, max_task_retries=-1, max_concurrency=1,
-                               lifetime="detached" if detached else None)
-                .remote(machine, str(root / machine), faiss_threads, r == 0, dict(settings or {})))
-
-    banks = {machine: [start(machine, r) for r in range(replicas)]
-             for machine in found if wanted is None or machine in wanted}
-    stats = _started(banks, start, root, namespace)
-    for s in stats:
-        if s["bank_dir"] != str(root / s["machine"]) or s["requested"] != dict(settings or {}):
-            raise BankError(f"{actor_name(s['machine'])} in namespace {namespace!r} already runs {s['bank_dir']} "
-                            f"with settings {s['requested']}; asked for {root / s['machine']} with {settings or {}}: "
-                            f"use another fleet.namespace, or stop that fleet first")
-    return banks
-
-
-_OUT_OF_SCOPE = "all references to the actor were removed"  # Ray's words for an actor ended with its last handle
-_NAME_FREED_S = 10.0
-
-
-def _started(banks: dict[str, list], start: Callable, root: Path, namespace: str) -> list[dict]:
-    """Each bank actor's ``stats`` once it has loaded, or a ``BankError`` with the reason it cannot.
-
-    ``get_if_exists`` can hand back an actor that is being ended because the process that started it dropped its
-    last handle (two fleets started one after the other in one driver): Ray keeps its name until it is dead. Such an
-    actor is started again once its name is free. Not covered: an actor whose end begins after its ``stats``
-    answered (its later calls fail), and a handle got through ``get_if_exists`` does not keep alive an actor that
-    another handle started (Ray ties a non-detached actor's life to its creator's handles); ``detached`` fleets
-    have neither problem."""
-    import ray
-
-    stats = {}
-    for (machine, r), ref in [((m, r), a.stats.remote()) for m, actors in banks.items() for r, a in enumerate(actors)]:
-        for attempt in range(3):
-            try:
-                stats[machine, r] = ray.get(ref)
-                break
-            except ray.exceptions.RayActorError as err:  # a bank that cannot be loaded or take the settings
-                if _OUT_OF_SCOPE not in str(err) or attempt == 2:
-                    raise BankError(f"a bank actor under {root} could not start: {err}") from None
-            _await_name_freed(actor_name(machine, r), namespace)
-            banks[machine][r] = start(machine, r)
-            ref = banks[machine][r].stats.remote()
-    return list(stats.values())
-
-
-def _await_name_freed(name: str, namespace: str) -> None:
-    import ray
-
-    deadline = time.monotonic() + _NAME_FREED_S
-    while time.monotonic() < deadline:
-        try:
-            ray.get_actor(name, namespace=namespace)
-        except ValueError:  # no live actor holds the name
-            return
-        time.sleep(0.05)
-
-
-class ClipEmbedder:
-    """An embedding actor: clips (paths, or a sound file's bytes) -> pre-processed, embedded (the Ray Data
-    pipeline's own steps)."""
-
-    def __init__(self, embed: dict, preprocess: dict):
-        from asd_ray.distributed.embed import EmbedBatch
-
-        self.embedder = EmbedBatch(**embed)
-        self.preprocess = preprocess
-
-    def embed(self, clips: Sequence[str | bytes]) -> tuple[np.ndarray, list[str]]:
-        """-> (n x dim float32 embeddings, n reasons: "" where the clip was usable)."""
-        from asd_ray.distributed.embed import preprocess_batch
-
-        out = self.embedder(preprocess_batch({"path": _object_array(clips)}, **self.preprocess))
-        return out["embedding"], [str(e) for e in out["error"]]
-
-
-class FrameEmbedder:
-    """An embedding actor for detectors that eat frames: clips (paths or bytes) -> pre-processed log-mel matrices."""
-
-    def __init__(self, frames: dict, preprocess: dict):
-        from asd_ray.models.frames import LogMelFrames
-
-        self.extractor = LogMelFrames(sample_rate=preprocess["sample_rate"], **frames)
-        self.preprocess = preprocess
-
-    def embed(self, clips: Sequence[str | bytes]) -> tuple[list[np.ndarray], list[str]]:
-        """-> (n (T x n_mels) float32 matrices, n reasons: "" where the clip was usable)."""
-        from asd_ray.distributed.embed import batch_waveforms, preprocess_batch
-
-        out = preprocess_batch({"path": _object_array(clips)}, **self.preprocess)
-        mats = [self.extractor.embed([w])[0] if not e else np.zeros((0, 0), np.float32)
-                for w, e in zip(batch_waveforms(out), out["error"])]
-        return mats, [str(e) for e in out["error"]]
-
-
-def _object_array(items: Sequence) -> np.ndarray:
-    out = np.empty(len(items), dtype=object)  # np.array() would make bytes a fixed-width byte string column
-    out[:] = list(items)
-    return out
-
-
-def _preprocess_kwargs(preprocess: PreprocessConfig, decode_limit_s: float) -> dict:
-    return {**dataclasses.asdict(preprocess), "decode_limit_s": decode_limit_s}
-
-
-def start_frame_embedders(frames: FramesConfig, preprocess: PreprocessConfig, *, num_actors: int = 1,
-                          actor_cpus: float = 0.5, decode_limit_s: float = 0.0) -> list:
-    """``decode_limit_s`` > 0: longer sound files are refused while they are decoded (``audio.decode``)."""
-    import ray
-
-    return [ray.remote(FrameEmbedder).options(max_restarts=-1, max_task_retries=-1, num_cpus=actor_cpus)
-            .remote(dataclasses.asdict(frames), _preprocess_kwargs(preprocess, decode_limit_s))
-            for _ in range(num_actors)]
-
-
-def start_embedders(embed: EmbedConfig, preprocess: PreprocessConfig, *, num_actors: int = 1,
-                    actor_cpus: float = 0.5, use_gpu: bool = False, decode_limit_s: float = 0.0) -> list:
-    """``decode_limit_s`` > 0: longer sound files are refused while they are decoded (``audio.decode``)."""
-    import ray
-
-    from asd_ray.distributed.embed import actor_embed_kwargs
-
-    kwargs = actor_embed_kwargs(embed, use_gpu)
-    opts = {"num_gpus": 1} if use_gpu else {"num_cpus": actor_cpus}
-    return [ray.remote(ClipEmbedder).options(max_restarts=-1, max_task_retries=-1, **opts)
-            .remote(kwargs, _preprocess_kwargs(preprocess, decode_limit_s)) for _ in range(num_actors)]
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -550,69 +302,64 @@ def score_requests(router: Router, requests: Sequence[Request]) -> list[Result]:
     return asyncio.run(router.score(requests))
 
 
-@dataclass
-class FleetStats:
-    """A simulated fleet run: what was offered, what came back, and how long it took."""
+def settings_lines(stats: dict[str, dict], config: RunConfig, given: Iterable[str] = ()) -> list[str]:
+    """Where each scoring setting of a fleet came from, for people: per machine its detector's score-time
+    settings (the config where given, else the saved bank), the post-processing (the config: never saved
+    with a bank), and given keys that no bank took (fixed when the banks were fitted, or of another kind)."""
+    given = set(given)
+    lines = ["scoring settings (config: given in --config/--set; saved bank: as `asd-ray run` saved it):"]
+    applied = set()
+    for machine, st in sorted(stats.items()):
+        parts = [f"{key}={value} ({source})" for key, (value, source) in sorted(st["settings"].items())]
+        applied |= {key.split(".", 1)[1] if key.startswith("member_") else key for key in st["settings"]}
+        lines.append(f"  {machine}: {st['kind']}, {st['size']} members, version {st['version']}"
+                     + (f"; {', '.join(parts)}" if parts else "; no score-time settings"))
+    post = [f"post.{k}={v} ({'config' if f'post.{k}' in given else 'default'})"
+            for k, v in dataclasses.asdict(config.post).items()]
+    lines.append(f"  post-processing: {', '.join(post)}")
+    unused = sorted(k for k in given if k in SCORE_SETTINGS and k not in applied)
+    if unused:
+        lines.append(f"  not applied: {', '.join(unused)} (no saved detector here takes it)")
+    fixed = fit_time_keys(given)
+    if fixed:
+        lines.append(f"  not applied: {', '.join(fixed)} (fixed when the banks were fitted: the saved banks' "
+                     f"values are used; refit with asd-ray run to change them)")
+    return lines
 
-    streams: int
-    offered_per_s: float
-    requests: int
-    errors: int
-    seconds: float
-    sustained_per_s: float
-    latency_p50_ms: float
-    latency_p99_ms: float
+
+def fleet_banks(bank_root: str | Path, config: RunConfig, machines=None, given: Iterable[str] = (),
+                detached: bool = False) -> tuple[dict[str, list], dict[str, dict]]:
+    """Start (or find) the bank actors of the banks saved under ``bank_root``, taking the score-time settings
+    among the ``given`` config keys, and log where each setting came from. -> (actors, stats by machine)."""
+    import ray
+
+    ensure_ray(num_cpus=config.ray.num_cpus or None)
+    banks = start_banks(bank_root, machines=machines, replicas=config.fleet.replicas,
+                        namespace=config.fleet.namespace, faiss_threads=config.bank.faiss_threads,
+                        settings=given_score_settings(config, given), detached=detached)
+    stats = dict(zip(banks, ray.get([actors[0].stats.remote() for actors in banks.values()])))
+    for line in settings_lines(stats, config, given):
+        log.info(line)
+    return banks, stats
 
 
-async def simulate_fleet(router: Router, pools: dict[str, Sequence], *, streams: int, rate_hz: float,
-                         seconds: float, seed: int = 0) -> tuple[FleetStats, list[Result]]:
-    """``streams`` machine streams (machine types round-robin over ``pools``), each sending one clip's features
-    (drawn from its machine's pool: an (n x dim) array of clip embeddings, or a list of (T x n_mels) log-mel
-    matrices for frame detectors) every ``1 / rate_hz`` s at its own phase, open loop, for
-    ``seconds``. Latency runs from a request's scheduled time to its result, so a scheduler falling
-    behind shows up in it."""
-    rng = np.random.default_rng(seed)
-    machines = sorted(pools)
-    phase = rng.uniform(0, 1 / rate_hz, streams)
-    n_per = int(seconds * rate_hz)
-    times = (phase[:, None] + np.arange(n_per)[None, :] / rate_hz).ravel()
-    who = np.repeat(np.arange(streams), n_per)
-    order = np.argsort(times, kind="stable")
-    picks = rng.integers(0, 1 << 30, len(order))
-    latencies = np.zeros(len(order))
-    results: list[Result | None] = [None] * len(order)
-    loop = asyncio.get_running_loop()
-    all_done = loop.create_future()
-    remaining = [len(order)]
-    # The heap built so far (Ray, numpy, the pools) is frozen out of the cyclic GC: full collections over
-    # it stall the loop for 100-800 ms every few seconds, which is the whole p99 budget.
-    gc.freeze()
-    start = loop.time()
-
-    def finish(j: int, due: float) -> Callable:
-        def cb(fut: asyncio.Future) -> None:
-            latencies[j] = loop.time() - due
-            results[j] = fut.result()
-            remaining[0] -= 1
-            if remaining[0] == 0:
-                all_done.set_result(None)
-        return cb
-
-    for j, idx in enumerate(order):
-        due = start + times[idx]
-        delay = due - loop.time()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        s = int(who[idx])
-        machine = machines[s % len(machines)]
-        pool = pools[machine]
-        fut = router.submit(Request(machine, f"stream{s:05d}", embedding=pool[picks[j] % len(pool)]))
-        fut.add_done_callback(finish(j, due))
-    await all_done
-    took = loop.time() - start
-    gc.unfreeze()
-    stats = FleetStats(streams=streams, offered_per_s=streams * rate_hz, requests=len(results),
-                       errors=sum(1 for r in results if r.error), seconds=took, sustained_per_s=len(results) / took,
-                       latency_p50_ms=float(np.percentile(latencies, 50) * 1e3),
-                       latency_p99_ms=float(np.percentile(latencies, 99) * 1e3))
-    return stats, results
+def fleet_router(bank_root: str | Path, config: RunConfig, machines=None, with_embedders: bool = False,
+                 given: Iterable[str] = (), detached: bool = False, decode_limit_s: float = 0.0) -> Router:
+    """``fleet_banks``, embedding actors when clips are to be scored, and the router over them.
+    ``decode_limit_s`` > 0: the embedding actors refuse longer sound files while decoding them."""
+    banks, kinds = fleet_banks(bank_root, config, machines, given, detached)
+    embedders = None
+    frames = {s["features"] == "frames" for s in kinds.values()}
+    if with_embedders and len(frames) > 1:
+        raise BankError(f"{bank_root}: banks of clip and frame detectors mixed ({kinds}); serve one kind at a time")
+    if with_embedders and frames == {True}:
+        embedders = start_embedders("frames", {"sample_rate": config.preprocess.sample_rate,
+                                               **dataclasses.asdict(config.frames)}, config.preprocess,
+                                    num_actors=config.ray.embed_actors, actor_cpus=config.ray.actor_cpus,
+                                    decode_limit_s=decode_limit_s)
+    elif with_embedders:
+        use_gpu = gpu_wanted(config.ray.use_gpu, config.embed.device)
+        embedders = start_embedders("clip", actor_embed_kwargs(config.embed, use_gpu), config.preprocess,
+                                    num_actors=config.ray.embed_actors, actor_cpus=config.ray.actor_cpus,
+                                    use_gpu=use_gpu, decode_limit_s=decode_limit_s)
+    return Router(banks, post=config.post, fleet=config.fleet, embedders=embedders)

@@ -21,7 +21,7 @@ from typing import Callable, Iterable
 
 from asd_ray.config import ConfigError, FinetuneConfig, RunConfig
 from asd_ray.detectors import detector_features
-from asd_ray.distributed.embed import needs_actors, task_cpus
+from asd_ray.distributed.pipeline import needs_actors, task_cpus
 
 log = logging.getLogger(__name__)
 

@@ -1,8 +1,8 @@
 """The main job on Ray: the reference run's flow with the Ray Data embedding pipeline as its embedder.
 
-With a detector that eats log-mel frames (the local-feature bank, pooled k-NN, the AE baseline), Ray Data
-computes the log-mel matrices and each machine's detector is fitted in its own Ray task (an AE on a GPU
-each when there is one).
+With a detector that eats log-mel frames (the default fusion, the local-feature bank, pooled k-NN, the AE
+baseline), Ray Data computes the log-mel matrices (cached like clip embeddings) and each machine's detector is
+fitted in its own Ray task (an AE on a GPU each when there is one).
 """
 
 from __future__ import annotations
@@ -10,14 +10,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterable, Sequence
 
-import numpy as np
-
 from asd_ray.config import RunConfig
 from asd_ray.data.layout import ClipRecord
-from asd_ray.detectors import detector_features, features_key
+from asd_ray.detectors import REGISTRY, detector_features, features_key
+from asd_ray.distributed.batches import frames_batch
 from asd_ray.distributed.cache import COMPLETE, cache_folder
-from asd_ray.distributed.embed import (EmbeddingPool, EmbeddingTable, Stage, await_warm, clip_tasks, embed_corpus,
-                                       frames_batch, needs_actors, preprocessed, task_cpus, warm_workers)
+from asd_ray.distributed.embed import EmbeddingTable, embed_corpus, frames_corpus
+from asd_ray.distributed.embed_pool import EmbeddingPool
+from asd_ray.distributed.pipeline import Stage, await_warm, clip_tasks, needs_actors, task_cpus, warm_workers
 from asd_ray.distributed.session import ensure_ray, gpu_wanted, route_ray_data
 from asd_ray.progress import advance
 from asd_ray.results import Reject, RunReport
@@ -45,6 +45,15 @@ def is_cached(records: Sequence[ClipRecord], config: RunConfig) -> bool:
     return (cache_folder(records, config.embed, config.preprocess, config.ray.cache_dir) / COMPLETE).is_file()
 
 
+def frames_table(records, config: RunConfig) -> EmbeddingTable:
+    """The log-mel matrices of ``records`` with ``config``'s frame, pre-processing and Ray knobs, through Ray Data
+    (read back from the Parquet cache when it holds them already)."""
+    then, cpus, batch_size = pipeline_tasks(config)
+    (_, features), = then
+    return frames_corpus(records, features=features, preprocess=config.preprocess, cache_dir=config.ray.cache_dir,
+                         batch_size=batch_size, num_cpus=cpus)
+
+
 def ray_embedder(config: RunConfig, pools: list | None = None) -> Embedder:
     """The Ray embedder of clip embeddings; the first of ``pools`` (started by the run's warm-up), when there is
     one, holds its actors."""
@@ -60,31 +69,10 @@ def ray_embedder(config: RunConfig, pools: list | None = None) -> Embedder:
 
 
 def ray_frames_embedder(config: RunConfig) -> Embedder:
-    """Ray Data pre-processing + log-mel matrices of every clip (held in memory, no cache: a run's detectors
-    need them all)."""
-    then, cpus, batch_size = pipeline_tasks(config)
-
+    """Ray Data pre-processing + log-mel matrices of every clip, cached like clip embeddings (``frames_table``)."""
     def embedder(records: Sequence[ClipRecord]):
-        by_path = {r.path: r for r in records}
-        rows = {}  # path -> (error, flags, log-mel matrix); whole blocks at a time, not row by row
-        ds = preprocessed([{"path": r.path} for r in records], config.preprocess, batch_size=batch_size,
-                          num_cpus=cpus, then=then)
-        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-            for path, error, flag, n, mel in zip(batch["path"], batch["error"], batch["flags"], batch["frames"],
-                                                  batch["logmel"]):
-                rows[str(path)] = (error, flag, np.asarray(mel, dtype=np.float32).reshape(int(n), config.frames.n_mels))
-            advance(len(batch["path"]))
-        feats, kept, rejects, flags = [], [], [], []
-        for path in sorted(rows):
-            error, flag, mel = rows[path]
-            rec = by_path[path]
-            if error:
-                rejects.append(Reject(rec.path, rec.machine, error))
-                continue
-            feats.append(mel)
-            kept.append(rec)
-            flags.append([f for f in flag.split(";") if f])
-        return feats, kept, rejects, flags
+        table = frames_table(records, config)
+        return table.embeddings, table.records, [Reject.of(r) for r in table.rejects], table.flags
 
     return embedder
 
@@ -180,7 +168,7 @@ def ray_run(roots: Sequence[str | Path], config: RunConfig, out_dir: str | Path 
         embedder = shared(embedder_for(config, pools), feature_cache, features_key(config))
         fitting = {}  # clip-embedding detectors: fitted in the driver (light)
         if kind == "frames":
-            gpu = gpu_wanted(config.ray.use_gpu) and (config.detector.startswith("ae-") or config.detector == "fusion")
+            gpu = gpu_wanted(config.ray.use_gpu) and REGISTRY.trains_a_model(config)  # an AE, alone or in a fusion
             fitting = {"machine_map": ray_task_map(config.ray.detector_cpus, 1 if gpu else 0),
                        "device": "cuda" if gpu else "cpu"}
         # the report's plots in parallel tasks (a machine's plot is a few tenths of a second; 15 machines took 5 s)

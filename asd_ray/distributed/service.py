@@ -42,7 +42,8 @@ import numpy as np
 
 from asd_ray.bank.memory_bank import BankError
 from asd_ray.config import RunConfig
-from asd_ray.distributed.fleet import BAD_INPUT, UNAVAILABLE, UNKNOWN_MACHINE, Request, actor_name, saved_banks
+from asd_ray.distributed.bank_actors import actor_name, saved_banks
+from asd_ray.distributed.fleet import BAD_INPUT, UNAVAILABLE, UNKNOWN_MACHINE, Request, fleet_router
 from asd_ray.distributed.http_requests import (EMBEDDING_TYPE, Access, HttpError, body_limit_env, check_write_access,
                                                content_kind, embedding, param, read_body)
 from asd_ray.scoring.postprocess import output_threshold
@@ -93,8 +94,6 @@ class ScoringService:
     """The Serve deployment (see the module docstring): one router per replica over the shared bank actors."""
 
     def __init__(self, bank_root: str, config: RunConfig, given: Iterable[str] = ()):
-        from asd_ray.distributed.streams import fleet_router
-
         self.serve, self.minmax = config.serve, config.post.minmax
         # detached bank actors: they outlive any one replica (a replica killed takes none down with it)
         if os.environ.get("RAY_SERVE_ENABLE_DIRECT_INGRESS") == "1":
@@ -177,7 +176,7 @@ class ScoringService:
         domain = param(request, "domain", "target")
         if domain not in ("source", "target"):
             raise HttpError(400, f"domain={domain!r}: source or target")
-        if self.router.frames[machine]:
+        if not self.router.stats[machine]["takes_normals"]:
             raise HttpError(422, f"the {machine} bank ({self.router.stats[machine]['kind']}) takes no added "
                                  f"normals: refit it with asd-ray run")
         features = await self._features(request, machine)

@@ -17,12 +17,12 @@ import numpy as np
 from asd_ray.bank.memory_bank import BankError
 from asd_ray.config import RunConfig
 from asd_ray.data.layout import discover, not_a_file
-from asd_ray.detectors import SCORE_SETTINGS, fit_time_keys, given_score_settings, load_detector
-from asd_ray.distributed.fleet import (FleetStats, Request, Result, Router, saved_banks, start_banks, start_embedders,
-                                       start_frame_embedders)
+from asd_ray.detectors import load_detector
+from asd_ray.distributed.bank_actors import saved_banks
+from asd_ray.distributed.fleet import Request, Result, Router, fleet_router
+from asd_ray.distributed.simulation import FleetStats, simulate_fleet
 from asd_ray.progress import advance, stage
 from asd_ray.results import Reject
-from asd_ray.distributed.session import ensure_ray, gpu_wanted
 from asd_ray.scoring.files import write_results
 
 log = logging.getLogger(__name__)
@@ -92,67 +92,6 @@ def write_stream_results(out_dir: str | Path, results: Sequence[Result], skipped
     return out
 
 
-def settings_lines(stats: dict[str, dict], config: RunConfig, given: Iterable[str] = ()) -> list[str]:
-    """Where each scoring setting of a fleet came from, for people: per machine its detector's score-time
-    settings (the config where given, else the saved bank), the post-processing (the config: never saved
-    with a bank), and given keys that no bank took (fixed when the banks were fitted, or of another kind)."""
-    given = set(given)
-    lines = ["scoring settings (config: given in --config/--set; saved bank: as `asd-ray run` saved it):"]
-    applied = set()
-    for machine, st in sorted(stats.items()):
-        parts = [f"{key}={value} ({source})" for key, (value, source) in sorted(st["settings"].items())]
-        applied |= {key.split(".", 1)[1] if key.startswith("member_") else key for key in st["settings"]}
-        lines.append(f"  {machine}: {st['kind']}, {st['size']} members, version {st['version']}"
-                     + (f"; {', '.join(parts)}" if parts else "; no score-time settings"))
-    post = [f"post.{k}={v} ({'config' if f'post.{k}' in given else 'default'})"
-            for k, v in dataclasses.asdict(config.post).items()]
-    lines.append(f"  post-processing: {', '.join(post)}")
-    unused = sorted(k for k in given if k in SCORE_SETTINGS and k not in applied)
-    if unused:
-        lines.append(f"  not applied: {', '.join(unused)} (no saved detector here takes it)")
-    fixed = fit_time_keys(given)
-    if fixed:
-        lines.append(f"  not applied: {', '.join(fixed)} (fixed when the banks were fitted: the saved banks' "
-                     f"values are used; refit with asd-ray run to change them)")
-    return lines
-
-
-def fleet_banks(bank_root: str | Path, config: RunConfig, machines=None, given: Iterable[str] = (),
-                detached: bool = False) -> tuple[dict[str, list], dict[str, dict]]:
-    """Start (or find) the bank actors of the banks saved under ``bank_root``, taking the score-time settings
-    among the ``given`` config keys, and log where each setting came from. -> (actors, stats by machine)."""
-    import ray
-
-    ensure_ray(num_cpus=config.ray.num_cpus or None)
-    banks = start_banks(bank_root, machines=machines, replicas=config.fleet.replicas,
-                        namespace=config.fleet.namespace, faiss_threads=config.bank.faiss_threads,
-                        settings=given_score_settings(config, given), detached=detached)
-    stats = dict(zip(banks, ray.get([actors[0].stats.remote() for actors in banks.values()])))
-    for line in settings_lines(stats, config, given):
-        log.info(line)
-    return banks, stats
-
-
-def fleet_router(bank_root: str | Path, config: RunConfig, machines=None, with_embedders: bool = False,
-                 given: Iterable[str] = (), detached: bool = False, decode_limit_s: float = 0.0) -> Router:
-    """``fleet_banks``, embedding actors when clips are to be scored, and the router over them.
-    ``decode_limit_s`` > 0: the embedding actors refuse longer sound files while decoding them."""
-    banks, kinds = fleet_banks(bank_root, config, machines, given, detached)
-    embedders = None
-    frames = {s["features"] == "frames" for s in kinds.values()}
-    if with_embedders and len(frames) > 1:
-        raise BankError(f"{bank_root}: banks of clip and frame detectors mixed ({kinds}); serve one kind at a time")
-    if with_embedders and frames == {True}:
-        embedders = start_frame_embedders(config.frames, config.preprocess, num_actors=config.ray.embed_actors,
-                                          actor_cpus=config.ray.actor_cpus, decode_limit_s=decode_limit_s)
-    elif with_embedders:
-        embedders = start_embedders(config.embed, config.preprocess, num_actors=config.ray.embed_actors,
-                                    actor_cpus=config.ray.actor_cpus,
-                                    use_gpu=gpu_wanted(config.ray.use_gpu, config.embed.device),
-                                    decode_limit_s=decode_limit_s)
-    return Router(banks, post=config.post, fleet=config.fleet, embedders=embedders)
-
-
 def score_streams(bank_root: str | Path, config: RunConfig, out_dir: str | Path, *,
                   roots: Sequence[str | Path] = (), clips: str | Path | None = None,
                   machine: str | None = None, given: Iterable[str] = ()) -> list[Result]:
@@ -219,10 +158,11 @@ def bank_members(bank_root: str | Path) -> dict[str, np.ndarray]:
     members = {}
     for machine in machines:
         bank = load_detector(root / machine)
-        if not hasattr(bank, "members") or bank.features != "clip":
-            raise BankError(f"{machine} holds a {bank.kind}, which eats log-mel frames: give --data ROOT, whose "
-                            f"test clips are the simulation's queries (without, they are clip-bank members)")
-        members[machine] = bank.members()
+        try:
+            members[machine] = bank.clip_members()
+        except BankError as err:
+            raise BankError(f"{machine}: {err}: give --data ROOT, whose test clips are the simulation's queries "
+                            f"(without, they are clip-bank members)") from None
     return members
 
 
@@ -233,8 +173,6 @@ def simulate(bank_root: str | Path, config: RunConfig, out_dir: str | Path | Non
     those of real test clips of each machine (``query_pools``: log-mel matrices for frame detectors such as the
     default ``fusion``, clip embeddings otherwise); without, clip-bank members plus noise (frame detectors need
     ``roots``)."""
-    from asd_ray.distributed.fleet import simulate_fleet
-
     rng = np.random.default_rng(seed)
     members = {} if roots else bank_members(bank_root)  # before any actor starts: a frame bank needs roots
     router = fleet_router(bank_root, config, with_embedders=bool(roots), given=given)

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from asd_ray.bank.base import Detector
 from asd_ray.bank.saved import choice, finite, one_line, read_meta, read_npz, write_meta
 from asd_ray.errors import BankFolderError
 from asd_ray.models.frames import stack_frames
@@ -129,7 +130,7 @@ def mahalanobis_score(errors: np.ndarray, precisions: dict[str, np.ndarray]) -> 
 SCORES = ("mse", "maha")
 
 
-class AEDetector:
+class AEDetector(Detector):
     """The AE baseline as a detector: ``fit`` trains one machine's AE on its normal train clips' log-mel
     matrices (each T x n_mels) and estimates the per-domain error covariances; ``score`` gives ``mse`` or
     ``maha`` scores (``score_kind``). Its calibration scores (``loo_scores``) are the train clips' own scores:
@@ -137,6 +138,21 @@ class AEDetector:
 
     kind = "AEDetector"
     features = "frames"
+    reads = ("frames", "embed.batch_size")
+
+    @classmethod
+    def from_config(cls, config, entry, registry, *, device="cpu") -> "AEDetector":
+        ae = config.ae
+        return cls(**entry.options, context=ae.frames, hidden=ae.hidden, bottleneck=ae.bottleneck, layers=ae.layers,
+                   epochs=ae.epochs, batch_size=ae.batch_size, lr=ae.lr, seed=ae.seed, device=device)
+
+    @classmethod
+    def frames_needed(cls, config, entry, registry) -> int:
+        return config.ae.frames
+
+    @classmethod
+    def trains_a_model(cls, config, entry, registry) -> bool:
+        return True
 
     def __init__(self, *, score_kind: str = "maha", context: int = 5, hidden: int = 128, bottleneck: int = 8,
                  layers: int = 4, epochs: int = 100, batch_size: int = 256, lr: float = 1e-3, seed: int = 0,

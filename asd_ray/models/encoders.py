@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from asd_ray.models.backbones import SAMPLE_RATE, Backbone, BackboneError, autocast_dtype, resolve_device
+from asd_ray.models.backbone_base import SAMPLE_RATE, Backbone, BackboneError, autocast_dtype, resolve_device
 from asd_ray.models.hub import check_available
 
 PREPROCESSOR_FILE = "preprocessor_config.json"  # where save_pretrained puts a feature extractor

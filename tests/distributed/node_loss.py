@@ -149,15 +149,16 @@ def main(mode: str, corpus: str, out: str, *extra: str) -> None:
 
     result: dict = {"errors": []}
     if mode == "run":
+        import asd_ray.distributed.embed as embed
         import asd_ray.distributed.run as run
 
-        advance = run.advance
+        advance = embed.advance
 
         def advance_then_fail(n: int = 1) -> None:  # the first batch of log-mel matrices is back: lose its node
             advance(n)
             remove(None)
 
-        run.advance = advance_then_fail
+        embed.advance = advance_then_fail
         report = run.ray_run([corpus], config, out_dir / "ray")
         result["scores"] = {m: dict(zip(r.filenames, map(float, r.raw_scores))) for m, r in report.results.items()}
         result["decisions"] = {m: r.decisions.tolist() for m, r in report.results.items()}
@@ -168,7 +169,7 @@ def main(mode: str, corpus: str, out: str, *extra: str) -> None:
 
         def finish_then_fail(self, pending, *args, **kwargs):  # one request answered: lose a node with actors
             finish(self, pending, *args, **kwargs)
-            remove(("FrameEmbedder", "BankActor"))
+            remove(("StreamEmbedder", "BankActor"))
 
         fleet.Router._finish = finish_then_fail
         results = streams.score_streams(out_dir / "ref" / "banks", config, out_dir / "fleet", roots=[corpus])

@@ -1,4 +1,5 @@
-"""The clip-embedding cache: writers that never mix, caches checked against their clips when read back."""
+"""The feature cache (clip embeddings, log-mel frames): writers that never mix, caches checked against their clips
+when read back, a second run that reads its features back."""
 
 import os
 import subprocess
@@ -113,11 +114,15 @@ def _repeat_a_test_row(folder):
     raise AssertionError("no test clip in the cache")
 
 
-@pytest.mark.parametrize("damage, words", [(_remove_a_part, "missing"), (_repeat_a_test_row, "in more than one row")])
-def test_a_damaged_cache_is_reported_and_embedded_again(ray_local, tiny_corpus, tmp_path, caplog, damage, words):
+@pytest.mark.parametrize("detector, damage, words", [("knn", _remove_a_part, "missing"),
+                                                     ("knn", _repeat_a_test_row, "in more than one row"),
+                                                     ("fusion", _repeat_a_test_row, "in more than one row")])
+def test_a_damaged_cache_is_reported_and_embedded_again(ray_local, tiny_corpus, tmp_path, caplog, detector, damage,
+                                                        words):
+    """Clip embeddings (knn) and log-mel frames (fusion, the default detector) alike."""
     from asd_ray.config import RunConfig, load_config
 
-    config = load_config(RunConfig, None, ["detector=knn", f"ray.cache_dir={tmp_path / 'cache'}"])
+    config = load_config(RunConfig, None, [f"detector={detector}", f"ray.cache_dir={tmp_path / 'cache'}"])
     clean = _ray_scores(tiny_corpus, config, tmp_path / "clean")
     (folder,) = (tmp_path / "cache").iterdir()
     named = damage(folder)
@@ -130,7 +135,8 @@ def test_a_damaged_cache_is_reported_and_embedded_again(ray_local, tiny_corpus, 
     # embedded again and published in its place, whole: the next run reads it back without a word
     from asd_ray.distributed.cache import check_folder, clip_identities
 
-    columns, problem = check_folder(folder, clip_identities(_valve(tiny_corpus)))
+    feature = "embedding" if detector == "knn" else "logmel"
+    columns, problem = check_folder(folder, clip_identities(_valve(tiny_corpus)), feature=feature)
     assert columns is not None and problem == ""
     assert [p.name for p in (tmp_path / "cache").iterdir()] == [folder.name]
 
@@ -223,3 +229,63 @@ def test_folders_of_writers_that_ended_are_removed_and_those_of_running_ones_kep
     left = {p.name for p in cache.iterdir()}
     assert left == {names["alive"], names["other_host"], names["cache"]} | {
         p for p in left if p.startswith("k8.partial-")}
+
+
+def _counting_pipeline(monkeypatch) -> list[int]:
+    """The clips each frames pipeline of ``asd_ray.distributed.embed`` is started for, as it starts."""
+    from asd_ray.distributed import embed
+
+    started, pipeline = [], embed.preprocessed
+
+    def counted(rows, *args, **kwargs):
+        started.append(len(rows))
+        return pipeline(rows, *args, **kwargs)
+
+    monkeypatch.setattr(embed, "preprocessed", counted)
+    return started
+
+
+def test_a_second_run_of_the_default_detector_reads_its_log_mel_frames_from_the_cache(ray_local, tiny_corpus,
+                                                                                    tmp_path, monkeypatch):
+    """The default detector (fusion) eats log-mel frames: the second run over the same clips computes none of
+    them (no pipeline starts) and scores exactly as the first."""
+    import numpy as np
+
+    from asd_ray.config import RunConfig, load_config
+    from asd_ray.distributed.run import ray_run
+
+    config = load_config(RunConfig, None, [f"ray.cache_dir={tmp_path / 'cache'}"])
+    assert config.detector == "fusion"
+    started = _counting_pipeline(monkeypatch)
+    first = ray_run([tiny_corpus], config, tmp_path / "first", machines=["valve"])
+    assert started == [first.clips_embedded + len(first.rejects)] and started[0] > 0
+    second = ray_run([tiny_corpus], config, tmp_path / "second", machines=["valve"])
+    assert len(started) == 1  # nothing computed the second time
+    assert second.clips_embedded == first.clips_embedded and second.rejects == first.rejects
+    r1, r2 = first.results["valve"], second.results["valve"]
+    assert r2.filenames == r1.filenames
+    np.testing.assert_array_equal(r2.raw_scores, r1.raw_scores)
+    np.testing.assert_array_equal(r2.scores, r1.scores)
+    assert r2.decisions.tolist() == r1.decisions.tolist()
+    assert _scores(tmp_path / "second") == _scores(tmp_path / "first")
+    (folder,) = (tmp_path / "cache").iterdir()
+    assert (folder / "_COMPLETE").is_file()
+
+
+def test_frames_cached_under_other_log_mel_settings_are_not_used(ray_local, tiny_corpus, tmp_path, monkeypatch):
+    """n_mels (like every log-mel or pre-processing setting) is part of the frames' key: a change misses the
+    cache and computes matrices of the new size; the old settings still find theirs."""
+    from asd_ray.config import RunConfig, load_config
+    from asd_ray.distributed.run import frames_table
+
+    records = _valve(tiny_corpus)
+    started = _counting_pipeline(monkeypatch)
+    base = [f"ray.cache_dir={tmp_path / 'cache'}"]
+    table = frames_table(records, load_config(RunConfig, None, base))
+    assert not table.from_cache and {m.shape[1] for m in table.embeddings} == {128}
+    other = frames_table(records, load_config(RunConfig, None, [*base, "frames.n_mels=64"]))
+    assert not other.from_cache and {m.shape[1] for m in other.embeddings} == {64}
+    assert started == [len(records), len(records)] and len(list((tmp_path / "cache").iterdir())) == 2
+    again = frames_table(records, load_config(RunConfig, None, base))
+    assert again.from_cache and len(started) == 2
+    assert all((a == b).all() for a, b in zip(again.embeddings, table.embeddings))

@@ -14,8 +14,8 @@ from asd_ray.bank.memory_bank import MemoryBank
 from asd_ray.detectors import load_detector
 from asd_ray.config import FleetConfig, PostConfig, RunConfig, load_config
 from asd_ray.detect import reference_run
-from asd_ray.distributed.fleet import (BAD_INPUT, UNKNOWN_MACHINE, Request, Router, actor_name, score_requests,
-                                       start_banks)
+from asd_ray.distributed.bank_actors import actor_name, start_banks
+from asd_ray.distributed.fleet import BAD_INPUT, UNKNOWN_MACHINE, Request, Router, score_requests
 from asd_ray.distributed.streams import score_streams, stream_requests
 from asd_ray.scoring.postprocess import StreamPostprocessor, calibrate
 from tiny import NOT_FILES, TINY
@@ -347,14 +347,14 @@ def test_a_folder_without_banks_is_an_error_before_ray_starts(command, tmp_path,
     (its domain banks would pass for machines), an empty folder and a missing one: each a one-line error naming
     the folder, and Ray is not started for it."""
     from asd_ray.cli import main
-    from asd_ray.distributed import service, session, streams
+    from asd_ray.distributed import fleet, service, session
 
     def no_ray(*args, **kwargs):
         raise AssertionError("Ray started")
 
     monkeypatch.setattr(service, "start_ray", no_ray)
     monkeypatch.setattr(session, "ensure_ray", no_ray)
-    monkeypatch.setattr(streams, "ensure_ray", no_ray)
+    monkeypatch.setattr(fleet, "ensure_ray", no_ray)
     bank = MemoryBank(k=3).fit(np.random.default_rng(0).standard_normal((20, DIM)).astype(np.float32),
                                [f"m{j}" for j in range(20)])
     bank.save(tmp_path / "run" / "banks" / "fan")

@@ -146,7 +146,8 @@ def test_preprocessing_tasks_feed_embedding_actors_started_before_the_pipeline(r
     those same processes; Ray Data runs only the pre-processing, in tasks of its own."""
     import ray
 
-    from asd_ray.distributed.embed import EmbeddingPool, embedded_tables
+    from asd_ray.distributed.embed_pool import EmbeddingPool
+    from asd_ray.distributed.pipeline import embedded_tables
 
     records, _ = plan_records(discover([tiny_corpus], ["valve"]))
     config = load_config(RunConfig, None, [f"embed.backbone={tiny_hubert}", "embed.device=cpu", "embed.batch_size=3"])
@@ -174,7 +175,8 @@ def test_pool_embeds_with_the_actors_that_started_when_another_cannot_be_schedul
                                                                                    tiny_hubert):
     """Two actors of 1.5 CPUs on a 2-CPU Ray (as two GPU actors on a one-GPU node): the one that started embeds
     everything; none of the work waits on the one that never will."""
-    from asd_ray.distributed.embed import EmbeddingPool, embedded_tables
+    from asd_ray.distributed.embed_pool import EmbeddingPool
+    from asd_ray.distributed.pipeline import embedded_tables
 
     records, _ = plan_records(discover([tiny_corpus], ["valve"]))
     config = load_config(RunConfig, None, [f"embed.backbone={tiny_hubert}", "embed.device=cpu", "embed.batch_size=4"])
@@ -188,7 +190,7 @@ def test_pool_embeds_with_the_actors_that_started_when_another_cannot_be_schedul
 
 
 def test_an_actor_that_cannot_load_its_backbone_fails_the_pool_in_one_line(ray_local, tmp_path):
-    from asd_ray.distributed.embed import EmbeddingPool
+    from asd_ray.distributed.embed_pool import EmbeddingPool
     from asd_ray.errors import BackboneError
 
     config = load_config(RunConfig, None, [f"embed.backbone={tmp_path / 'missing'}", "embed.device=cpu"])
@@ -209,18 +211,19 @@ def test_ray_run_starts_its_embedding_actors_before_the_pipeline_and_ends_them(r
 
     from asd_ray import detect
     from asd_ray.distributed import embed as embed_module
+    from asd_ray.distributed import pipeline as pipeline_module
     from asd_ray.distributed import run as run_module
 
     events, pools = [], []
 
-    class WatchedPool(embed_module.EmbeddingPool):
+    class WatchedPool(run_module.EmbeddingPool):
         def __init__(self, *args, **kwargs):
             events.append("pool")
             pools.append(self)
             super().__init__(*args, **kwargs)
             self.handles = list(self.actors)
 
-    preprocessed, discover_ = embed_module.preprocessed, detect.discover
+    preprocessed, discover_ = pipeline_module.preprocessed, detect.discover
 
     def spy_pipeline(*args, **kwargs):
         events.append("pipeline")
@@ -232,7 +235,7 @@ def test_ray_run_starts_its_embedding_actors_before_the_pipeline_and_ends_them(r
 
     for module in (run_module, embed_module):  # the run's pool, and any embed_corpus would start of its own
         monkeypatch.setattr(module, "EmbeddingPool", WatchedPool)
-    monkeypatch.setattr(embed_module, "preprocessed", spy_pipeline)
+    monkeypatch.setattr(pipeline_module, "preprocessed", spy_pipeline)
     monkeypatch.setattr(detect, "discover", spy_discover)
     config = _config(tmp_path, f"embed.backbone={tiny_hubert}", "embed.device=cpu", "detector=knn")
     first = ray_run([tiny_corpus], config, machines=["valve"])
@@ -247,7 +250,7 @@ def test_ray_run_starts_its_embedding_actors_before_the_pipeline_and_ends_them(r
 
 
 def test_weight_free_logmel_embeds_inside_the_preprocessing_tasks(ray_local, tiny_corpus):
-    from asd_ray.distributed.embed import embedded_tables
+    from asd_ray.distributed.pipeline import embedded_tables
 
     records, _ = plan_records(discover([tiny_corpus], ["valve"]))
     config = load_config(RunConfig, None, [])
@@ -287,7 +290,7 @@ def test_encoder_pipeline_embeds_mixed_length_batches_as_clip_by_clip(ray_local,
 
 
 def test_padded_samples_reads_rows_of_blocks_padded_to_different_widths():
-    from asd_ray.distributed.embed import batch_waveforms, object_array, padded_samples
+    from asd_ray.distributed.batches import batch_waveforms, object_array, padded_samples
 
     rows = object_array([np.arange(5, dtype=np.float32), np.ones(3, dtype=np.float32)])  # widths 5 and 3
     batch = {"samples": rows, "length": np.array([4, 2])}
@@ -311,7 +314,7 @@ def test_warm_up_runs_the_pipeline_tasks_stages_on_a_dummy_clip(ray_local, detec
 
 
 def test_warm_up_reports_a_failing_stage_instead_of_raising():
-    from asd_ray.distributed.embed import warm_batch
+    from asd_ray.distributed.pipeline import warm_batch
 
     def broken(batch):
         raise RuntimeError("no mel bank")
@@ -320,7 +323,7 @@ def test_warm_up_reports_a_failing_stage_instead_of_raising():
 
 
 def test_tasks_take_half_a_cpu_only_beside_embedding_actors_on_the_cpus():
-    from asd_ray.distributed.embed import clip_tasks
+    from asd_ray.distributed.pipeline import clip_tasks
 
     hubert = load_config(RunConfig, None, ["embed.backbone=/some/checkpoint"]).embed
     assert clip_tasks(hubert, use_gpu=False) == ([], 0.5)
@@ -336,7 +339,7 @@ def test_pipeline_tasks_run_side_by_side_on_every_cpu(ray_local):
     No share of the time is asserted, so a loaded machine that stretches every task cannot fail it."""
     import ray
 
-    from asd_ray.distributed.embed import prompt_ray_data, start_ray_data_actors
+    from asd_ray.distributed.pipeline import prompt_ray_data, start_ray_data_actors
 
     def timed_batch(batch, seconds):  # defined here: Ray pickles it by value (workers cannot import tests)
         import os

@@ -26,7 +26,7 @@ from asd_ray.data.audio import preprocess_clip
 from asd_ray.data.layout import discover
 from asd_ray.detect import reference_run
 from asd_ray.detectors import load_detector
-from asd_ray.distributed.fleet import actor_name
+from asd_ray.distributed.bank_actors import actor_name
 from asd_ray.distributed.service import stop
 from asd_ray.models.backbones import load_backbone
 from asd_ray.scoring.postprocess import StreamPostprocessor, calibrate
