@@ -73,7 +73,7 @@ def train_loop_per_worker(cfg: dict) -> None:
     import torch
     from transformers import AutoModel
 
-    from asd_ray.distributed.embed import prompt_ray_data
+    from asd_ray.distributed.pipeline import prompt_ray_data
     from asd_ray.models.backbones import native_bf16
     from asd_ray.models.finetune import MaskedPrediction, load_training_state, prepare_student, warmup_cosine
 
