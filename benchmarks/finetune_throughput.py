@@ -27,7 +27,7 @@ from asd_ray.config import RunConfig, load_config
 from asd_ray.data.audio import try_preprocess
 from asd_ray.data.layout import discover
 from asd_ray.data.synth import generate_corpus
-from asd_ray.distributed.finetune import augmentation
+from asd_ray.distributed.finetune_feed import augmentation
 from asd_ray.models.backbones import native_bf16
 from asd_ray.models.finetune import MaskedPrediction, augment, crop_or_tile, prepare_student
 

@@ -4,8 +4,14 @@ train clips of a corpus to ``train_loop_per_worker``, run by ``TorchTrainer`` on
 
 Checkpoints (every epoch and every ``checkpoint_every`` steps) hold the student in ``save_pretrained``
 format, so a checkpoint directory is a backbone for ``asd-ray run --backbone PATH``, plus the teacher,
-optimizer and scheduler state in ``training_state.pt``; after a worker dies, Ray Train restarts the
-group from the last checkpoint (``FailureConfig(max_failures)``). Rank 0 appends every step's loss,
+optimizer and scheduler state in ``training_state.pt``; after a worker (or its node) dies, Ray Train restarts the
+group from the last checkpoint (``FailureConfig(max_failures)``).
+
+A run is reproducible for a given seed and number of workers, and a resumed run ends with the weights of the
+unbroken one: each rank reads a dataset of its own, ``train_<rank>``, whose rows (clip, epoch) over the whole run
+are fixed in the driver (``rank_rows``) and come in order; a clip's augmentation draws from (seed, epoch, clip), a
+worker's masks and dropout at a step from (seed, rank, step). Resuming at step s reads the rank's rows again and
+trains from batch s on. Rank 0 appends every step's loss,
 learning rate and collapse monitor to ``steps.jsonl`` in the run folder; the same metrics go to
 ``ray.train.report``.
 """
@@ -14,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import json
 import logging
 import math
@@ -28,69 +33,14 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
-from asd_ray.config import FinetuneConfig, PreprocessConfig, RunConfig
+from asd_ray.config import FinetuneConfig, RunConfig
 from asd_ray.data.audio import try_preprocess
-from asd_ray.data.layout import ClipRecord, discover
-from asd_ray.distributed.batches import batch_waveforms, limit_threads
-from asd_ray.distributed.pipeline import preprocessed, task_memory
+from asd_ray.data.layout import discover
+from asd_ray.distributed.finetune_feed import check_clips, data_config, plan_finetune, training_datasets
 from asd_ray.distributed.session import ensure_ray, gpu_wanted
-from asd_ray.models.finetune import augment, crop_or_tile
+from asd_ray.models.finetune import crop_or_tile
 
 log = logging.getLogger(__name__)
-
-AUGMENT_KEYS = ("noise_prob", "snr_low", "snr_high", "stretch_prob", "stretch_low", "stretch_high")
-
-
-def augmentation(finetune: FinetuneConfig) -> dict[str, float]:
-    """The config's augmentation settings as ``models.finetune.augment`` keywords."""
-    return {k: getattr(finetune, k) for k in AUGMENT_KEYS}
-
-
-@functools.lru_cache(maxsize=64)
-def _noise_clip(path: str, preprocess: tuple) -> np.ndarray | None:
-    clip, _ = try_preprocess(path, **dict(preprocess))
-    return None if clip is None else clip.waveform
-
-
-def augment_batch(batch: dict[str, np.ndarray], *, noise_paths: Sequence[str], preprocess: dict,
-                  samples: int, **augmentation: float) -> dict[str, np.ndarray]:
-    """Ray Data map after ``preprocess_batch``: -> {"waveform": B x samples float32}, augmented crops.
-
-    Noise comes from the corpus's noise-only clips when it has some, else from another clip of the batch.
-    Rows whose pre-processing failed are dropped here (the check before training listed them).
-    """
-    limit_threads()
-    rng = np.random.default_rng()
-    everything = batch_waveforms(batch)
-    waves = [w for w, e in zip(everything, batch["error"]) if not e]
-    # Augment a window just long enough for the slowest stretch, not the whole clip: the same crops, less work.
-    window = int(math.ceil(samples * max(1.0, augmentation.get("stretch_high", 1.0)))) + 1
-    out = []
-    for j, w in enumerate(waves):
-        if noise_paths:
-            noise = _noise_clip(str(noise_paths[rng.integers(len(noise_paths))]), tuple(sorted(preprocess.items())))
-        else:
-            noise = waves[(j + 1) % len(waves)] if len(waves) > 1 else None
-        w = crop_or_tile(w, window, rng) if len(w) > window else w
-        out.append(crop_or_tile(augment(w, rng, noise, **augmentation), samples, rng))
-    return {"waveform": np.stack(out) if out else np.zeros((0, samples), np.float32)}
-
-
-def plan_finetune(records: Sequence[ClipRecord]) -> tuple[list[ClipRecord], list[str], list[dict]]:
-    """What fine-tuning takes of a corpus: (normal train clips, paths of noise-only supplemental clips for the
-    augmentation, every other entry with the reason it is not used: nothing found on disk goes unlisted)."""
-    train, noise, unused = [], [], []
-    for r in records:
-        if r.is_normal_train:
-            train.append(r)
-        elif r.kind == "noise" and not r.parse_error:
-            noise.append(r.path)
-        else:
-            reason = (r.parse_error or ("test clip: fine-tuning learns from normal train clips" if r.split == "test"
-                                        else "supplemental clip: not a train clip" if r.split == "supplemental"
-                                        else "train clip not known to be normal"))
-            unused.append({"path": r.path, "machine": r.machine, "reason": reason})
-    return train, noise, unused
 
 
 def default_run_name() -> str:
@@ -100,35 +50,6 @@ def default_run_name() -> str:
 def run_dir(finetune: FinetuneConfig) -> Path:
     """The run's folder: ``storage_path/name`` (``finetune-<time>`` when no name is given)."""
     return Path(finetune.storage_path).expanduser().resolve() / (finetune.name or default_run_name())
-
-
-def check_clips(records: Sequence[ClipRecord], preprocess: PreprocessConfig) -> tuple[list[ClipRecord], list[dict]]:
-    """One Ray Data pass that pre-processes every clip: (usable records, rejects with their reason)."""
-    got = (preprocessed([{"path": r.path} for r in records], preprocess, batch_size=16, num_cpus=0.5)
-           .select_columns(["path", "error"]).take_all())
-    reasons = {row["path"]: row["error"] for row in got}
-    ok = [r for r in records if not reasons[r.path]]
-    rejects = [{"path": r.path, "machine": r.machine, "reason": reasons[r.path]} for r in records if reasons[r.path]]
-    return ok, rejects
-
-
-def training_dataset(records: Sequence[ClipRecord], noise_paths: Sequence[str], preprocess: PreprocessConfig,
-                     finetune: FinetuneConfig):
-    """Ray Data dataset of augmented training crops: {"waveform": crop_seconds x sample_rate float32}.
-
-    Pre-processing and augmentation run fused in tasks of ``feed_cpus`` each: with half a CPU per task, two
-    feed processes would share the one core a 2-core machine has beside its worker, and the worker's steps
-    would lose a third of their CPU to them (a tiny model's Ray Train rate fell to 0.72 of a plain loop)."""
-    pre = dataclasses.asdict(preprocess)
-    aug = augmentation(finetune)
-    samples = int(round(finetune.crop_seconds * preprocess.sample_rate))
-    order = np.random.default_rng(finetune.seed).permutation(len(records))  # the same order every epoch, as before
-    return (preprocessed([{"path": records[i].path} for i in order], preprocess, batch_size=finetune.batch_size,
-                         num_cpus=finetune.feed_cpus)
-            .map_batches(augment_batch, fn_kwargs={"noise_paths": list(noise_paths), "preprocess": pre,
-                                                   "samples": samples, **aug},
-                         batch_size=finetune.batch_size, num_cpus=finetune.feed_cpus,
-                         memory=task_memory(finetune.batch_size, preprocess)))  # as pre-processing's: fused with it
 
 
 def _save_checkpoint(mp, state: dict, init_dir: Path | None) -> str:
@@ -145,16 +66,21 @@ def _save_checkpoint(mp, state: dict, init_dir: Path | None) -> str:
 
 def train_loop_per_worker(cfg: dict) -> None:
     """The DDP training loop (each worker): ``cfg`` holds ``finetune`` (FinetuneConfig fields),
-    ``total_steps``, ``heldout`` (H x samples float32) and ``log_path``."""
+    ``steps_per_epoch``, ``heldout`` (H x samples float32) and ``log_path``. Rank r reads ``train_<r>``
+    (``training_datasets``): batch i of the run is step i, in epoch i // steps_per_epoch."""
     import ray.train
     import ray.train.torch
     import torch
     from transformers import AutoModel
 
+    from asd_ray.distributed.pipeline import prompt_ray_data
     from asd_ray.models.backbones import native_bf16
     from asd_ray.models.finetune import MaskedPrediction, load_training_state, prepare_student, warmup_cosine
 
     ft = FinetuneConfig(**cfg["finetune"])
+    torch.manual_seed(ft.seed)  # what building the student draws (prepare_student's mask embedding) is the seed's
+    per_epoch = cfg["steps_per_epoch"]
+    total = per_epoch * ft.epochs
     rank = ray.train.get_context().get_world_rank()
     device = ray.train.torch.get_device()
     checkpoint = ray.train.get_checkpoint()
@@ -168,22 +94,23 @@ def train_loop_per_worker(cfg: dict) -> None:
         student = AutoModel.from_pretrained(ft.init)
     student = ray.train.torch.prepare_model(prepare_student(student).train())
     mp = MaskedPrediction(student, teacher=ft.teacher, ema_decay=ft.ema_decay, mask_prob=ft.mask_prob,
-                          mask_length=ft.mask_length, seed=ft.seed + 1000 * rank + state.get("step", 0))
+                          mask_length=ft.mask_length, seed=ft.seed)
     opt = torch.optim.AdamW(student.parameters(), lr=ft.lr, weight_decay=ft.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, ft.warmup_steps, cfg["total_steps"]))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, ft.warmup_steps, total))
     if state:
         mp.teacher.load_state_dict(state["teacher"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
-    step, start_epoch, done_in_epoch = state.get("step", 0), state.get("epoch", 0), state.get("batches_in_epoch", 0)
+    step = start = state.get("step", 0)
     heldout = torch.from_numpy(np.asarray(cfg["heldout"], dtype=np.float32)).to(device)
     bf16 = device.type == "cuda" and (ft.precision == "bf16" or (ft.precision == "auto" and native_bf16(device)))
     dtype = torch.bfloat16 if bf16 else None
-    shard = ray.train.get_dataset_shard("train")
+    prompt_ray_data()  # this worker's process runs its dataset's executor
+    shard = ray.train.get_dataset_shard(f"train_{rank}")
     collapse = float("nan")
     steps_log = StepLog(cfg["log_path"] if rank == 0 else None)
 
-    def report(metrics: dict, epoch: int, batches: int, with_checkpoint: bool) -> None:
+    def report(metrics: dict, with_checkpoint: bool) -> None:
         # Every worker reports at the same steps (a checkpoint report is a barrier); a report waits for the
         # controller's next poll, so it happens at checkpoints and every ``report_every`` steps, not every step.
         if not with_checkpoint:
@@ -192,41 +119,45 @@ def train_loop_per_worker(cfg: dict) -> None:
         path = None
         if rank == 0:
             path = _save_checkpoint(mp, {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "step": step,
-                                         "epoch": epoch, "batches_in_epoch": batches}, init_dir)
+                                         "epoch": step // per_epoch, "batches_in_epoch": step % per_epoch}, init_dir)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(path) if path else None)
         if path:
             shutil.rmtree(path, ignore_errors=True)
 
     metrics: dict = {"step": step}
     pin = device.type == "cuda"
-    for epoch in range(start_epoch, ft.epochs):
-        batches = 0
+    ready = time.perf_counter()
+    batches = shard.iter_torch_batches(batch_size=ft.batch_size, dtypes=torch.float32, device=device,
+                                       prefetch_batches=ft.prefetch_batches, pin_memory=pin) if step < total else ()
+    read = 0
+    for i, batch in enumerate(batches):
+        read = i + 1
+        if i < step:
+            continue  # trained on before the failure this run resumed from: read again, so that every later row
+            # comes where the unbroken run had it
+        t0 = time.perf_counter()
+        epoch = i // per_epoch
+        mp.seed_step(ft.seed, rank, step)  # masks and dropout as the unbroken run drew them at this step
+        loss = mp.loss(batch["waveform"], dtype)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        mp.update_teacher()
+        step += 1
+        if ft.monitor_every and (step % ft.monitor_every == 0 or math.isnan(collapse)):
+            collapse = mp.collapse_monitor(heldout)  # at a (re)start, then every monitor_every steps
+        steps_log.add({"step": step, "start_step": start, "epoch": epoch, "loss": loss.detach(), "lr": sched.get_last_lr()[0],
+                       "collapse_std": collapse, "clips": int(batch["waveform"].shape[0]),
+                       "step_s": time.perf_counter() - t0, "wait_s": t0 - ready, "time": time.time()})
+        epoch_end = step % per_epoch == 0
+        checkpoint_due = epoch_end or (bool(ft.checkpoint_every) and step % ft.checkpoint_every == 0)
+        if checkpoint_due or (ft.report_every and step % ft.report_every == 0):
+            metrics = steps_log.flush() or metrics
+            report({**metrics, "epoch_end": epoch} if epoch_end else metrics, checkpoint_due)
         ready = time.perf_counter()
-        for batch in shard.iter_torch_batches(batch_size=ft.batch_size, drop_last=True, dtypes=torch.float32,
-                                              device=device, prefetch_batches=ft.prefetch_batches, pin_memory=pin):
-            batches += 1
-            if epoch == start_epoch and batches <= done_in_epoch:
-                continue  # trained on before the failure this run resumed from
-            t0 = time.perf_counter()
-            loss = mp.loss(batch["waveform"], dtype)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            mp.update_teacher()
-            step += 1
-            if ft.monitor_every and (step % ft.monitor_every == 0 or math.isnan(collapse)):
-                collapse = mp.collapse_monitor(heldout)  # at a (re)start, then every monitor_every steps
-            steps_log.add({"step": step, "epoch": epoch, "loss": loss.detach(), "lr": sched.get_last_lr()[0],
-                           "collapse_std": collapse, "clips": int(batch["waveform"].shape[0]),
-                           "step_s": time.perf_counter() - t0, "wait_s": t0 - ready, "time": time.time()})
-            checkpoint_due = bool(ft.checkpoint_every) and step % ft.checkpoint_every == 0
-            if checkpoint_due or (ft.report_every and step % ft.report_every == 0):
-                metrics = steps_log.flush() or metrics
-                report(metrics, epoch, batches, checkpoint_due)
-            ready = time.perf_counter()
-        metrics = steps_log.flush() or metrics
-        report({**metrics, "epoch_end": epoch}, epoch + 1, 0, True)
+    if step != total:
+        raise RuntimeError(f"fine-tuning worker {rank}: its data feed gave {read} batches, {total} expected")
 
 
 class StepLog:
@@ -393,7 +324,7 @@ def finetune(roots: Sequence[str | Path], config: RunConfig, machines: Iterable[
     log_path = folder / "steps.jsonl"
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"finetune": dataclasses.asdict(ft), "total_steps": steps_per_epoch * ft.epochs,
+        train_loop_config={"finetune": dataclasses.asdict(ft), "steps_per_epoch": steps_per_epoch,
                            "heldout": heldout, "log_path": str(log_path)},
         scaling_config=ray.train.ScalingConfig(num_workers=ft.workers, use_gpu=use_gpu,
                                                resources_per_worker={"CPU": plan.worker_cpus,
@@ -401,7 +332,7 @@ def finetune(roots: Sequence[str | Path], config: RunConfig, machines: Iterable[
         run_config=ray.train.RunConfig(name=name, storage_path=str(storage),
                                        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=ft.keep_checkpoints),
                                        failure_config=ray.train.FailureConfig(max_failures=ft.max_failures)),
-        datasets={"train": training_dataset(fit, noise, pre, ft)})
+        datasets=training_datasets(fit, noise, pre, ft, steps_per_epoch), dataset_config=data_config())
     with step_progress(log_path, steps_per_epoch * ft.epochs):
         result = fit_keeping_ctrl_c(trainer)
     if result.checkpoint is None:

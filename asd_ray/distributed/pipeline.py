@@ -79,13 +79,15 @@ def prompt_ray_data(poll_s: float = COMPLETION_POLL_S, refresh_s: float = LIMITS
 
 
 def preprocessed(rows: list[dict], preprocess: PreprocessConfig, *, batch_size: int, num_cpus: float,
-                 then: Sequence[Stage] = ()):
+                 then: Sequence[Stage] = (), blocks: int | None = None):
     """Ray Data dataset of ``rows`` (dicts with at least ``path``) after ``preprocess_batch`` and the stages
-    ``then``, fused in CPU tasks of ``num_cpus`` each that are never fused into a following actor stage."""
+    ``then``, fused in CPU tasks of ``num_cpus`` each that are never fused into a following actor stage.
+    ``blocks``: that many input blocks (Ray Data's choice when None; ``len(rows) / batch_size`` makes every batch the
+    same rows whatever the cluster's size)."""
     import ray
 
     prompt_ray_data()
-    ds = ray.data.from_items(rows)
+    ds = ray.data.from_items(rows, override_num_blocks=blocks)
     for fn, kwargs in task_stages(preprocess, then):
         ds = ds.map_batches(fn, fn_kwargs=kwargs, batch_size=batch_size, num_cpus=num_cpus,
                             memory=task_memory(batch_size, preprocess))

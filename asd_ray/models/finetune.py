@@ -6,6 +6,10 @@ clip; the loss is the MSE between student and teacher features at the masked fra
 from another network state than the prediction and the inputs differ, so the loss cannot be
 minimised by a constant output of one network. Augmentation (noise mixing at a random SNR,
 phase-vocoder time-stretch) runs on waveforms before batching.
+
+Every random draw of a run is a function of the seed and where it is drawn: a clip's augmentation of
+(seed, epoch, clip), a worker's masks and dropout at a step of (seed, rank, step) (``row_generator``,
+``step_generators``), so that a run resumed from a checkpoint draws what the unbroken run drew.
 """
 
 from __future__ import annotations
@@ -25,6 +29,24 @@ from asd_ray.models.backbones import pool_frames
 
 # What a fine-tuning checkpoint's training_state.pt holds beside the student (saved with save_pretrained).
 TRAINING_STATE_KEYS = ("teacher", "optimizer", "scheduler", "step", "epoch", "batches_in_epoch")
+
+
+# Tags that keep the seed sequences of a clip's augmentation and of a step's masks apart (both are 3 integers).
+_ROW, _STEP = 1, 2
+
+
+def row_generator(seed: int, epoch: int, index: int) -> np.random.Generator:
+    """The generator of one clip's augmentation (crops, stretch, noise) in one epoch: a function of the run's
+    ``seed``, the ``epoch`` and the clip's ``index`` alone, not of the process or batch that draws it."""
+    return np.random.default_rng([seed, _ROW, epoch, index])
+
+
+def step_generators(seed: int, rank: int, step: int) -> tuple[np.random.Generator, int]:
+    """One worker's random state for one training step: (numpy generator of its span masks, torch seed of its
+    dropout), a function of (``seed``, ``rank``, ``step``) alone, so that a run resumed at a step draws what the
+    unbroken run drew there."""
+    masks, dropout = np.random.SeedSequence([seed, _STEP, rank, step]).spawn(2)
+    return np.random.default_rng(masks), int(dropout.generate_state(1, np.uint64)[0] >> 1)
 
 
 def crop_or_tile(waveform: np.ndarray, samples: int, rng: np.random.Generator) -> np.ndarray:
@@ -131,6 +153,12 @@ class MaskedPrediction:
         self.teacher = copy.deepcopy(self.module).eval().requires_grad_(False)
         self.mask_prob, self.mask_length = mask_prob, mask_length
         self.rng = np.random.default_rng(seed)
+
+    def seed_step(self, seed: int, rank: int, step: int) -> None:
+        """Draw the next loss's masks and dropout from (``seed``, ``rank``, ``step``) (``step_generators``).
+        torch's seed is the process's: nothing else in a training worker draws from it."""
+        self.rng, torch_seed = step_generators(seed, rank, step)
+        torch.manual_seed(torch_seed)
 
     @property
     def module(self) -> torch.nn.Module:

@@ -2,6 +2,7 @@
 test_node_loss.py in a process of its own: the test session's own Ray is never touched.
 
     python tests/distributed/node_loss.py {run|fleet} <corpus root> <out dir>
+    python tests/distributed/node_loss.py finetune <corpus root> <out dir> <init checkpoint>
 
 A head without CPUs (the driver's node) and two worker nodes of 1 CPU each; the worker node holding the work is
 removed at a fixed point of it:
@@ -9,8 +10,15 @@ removed at a fixed point of it:
   tasks on the workers go on elsewhere; the fitting tasks that follow find one node);
 - ``fleet``: ``score_streams`` of every test clip through the bank and embedding actors, once its first request
   was answered (the actors on that node restart on the other one and their calls are retried).
+- ``finetune``: a 2-worker fine-tuning run (workers of 0.6 CPU, so that each worker node holds one, beside feed
+  tasks of 0.4), first without the fault, then again with the node of a training worker removed once Ray Train has
+  registered the first checkpoint; a node of 1 CPU joins in its place (what a cluster's autoscaler does), since the one node left
+  cannot hold both workers. Ray Train restarts the group from the last checkpoint.
 Writes ``<out dir>/result.json``: {"removed": node id, "scores": {machine: {file: raw score}}, "errors": [...],
-"requests": n}. The reference run (no Ray) is the run without the fault.
+"requests": n}; for ``finetune``: {"removed", "checkpoints": {run: [step, ...]}, "max_abs_diff": {step: largest
+difference of the two runs' student weights}, "steps": {run: rank 0's step numbers}, "start_steps": {run: the steps its
+workers (re)started from}}. The reference run (no Ray),
+or for ``finetune`` the run before, is the run without the fault.
 """
 
 from __future__ import annotations
@@ -37,7 +45,77 @@ def _worker_node_of(workers: dict[str, object], names: tuple[str, ...]) -> str |
     return None
 
 
-def main(mode: str, corpus: str, out: str) -> None:
+def registered_checkpoints(run_dir: Path) -> list[str]:
+    """The checkpoints Ray Train has registered for the run in ``run_dir`` (its checkpoint manager's snapshot), the
+    ones a restart resumes from; a checkpoint folder appears before it is registered, and a worker lost in between
+    restarts the run from scratch."""
+    import json
+
+    try:
+        snapshot = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())
+    except (OSError, ValueError):  # not written yet, or being written
+        return []
+    return [c["checkpoint_dir_name"] for c in snapshot.get("checkpoint_results", [])]
+
+
+def _checkpoints(folder: Path) -> dict[int, dict]:
+    """{step: the student's weights (name -> array)} of every checkpoint of a fine-tuning run's folder."""
+    from safetensors.numpy import load_file
+
+    from asd_ray.models.finetune import load_training_state
+
+    return {int(load_training_state(d / "training_state.pt")["step"]): load_file(str(d / "model.safetensors"))
+            for d in sorted(folder.glob("checkpoint_*")) if d.is_dir()}
+
+
+def _finetune_twice(corpus: str, out_dir: Path, init: str, cluster, workers: dict, remove) -> dict:
+    import threading
+    import time
+
+    from asd_ray.config import RunConfig, load_config
+    from asd_ray.distributed.finetune import finetune
+
+    settings = [f"finetune.init={init}", "finetune.workers=2", "finetune.worker_cpus=0.6", "finetune.feed_cpus=0.4",
+                "finetune.epochs=3", "finetune.batch_size=2", "finetune.crop_seconds=1.0", "finetune.lr=1e-3",
+                "finetune.warmup_steps=2", "finetune.checkpoint_every=2", "finetune.keep_checkpoints=100",
+                "finetune.max_failures=2", "finetune.heldout_clips=2", f"finetune.storage_path={out_dir / 'store'}"]
+    runs: dict = {}
+    for name in ("unbroken", "faulted"):
+        config = load_config(RunConfig, None, [*settings, f"finetune.name={name}"])
+
+        def run(name=name, config=config) -> None:  # in a thread: nodes are added from the main thread only
+            try:
+                runs[name] = finetune([corpus], config, machines=["valve"])
+            except BaseException as err:  # noqa: BLE001 - raised again in the main thread
+                runs[name] = err
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        while name == "faulted" and thread.is_alive():  # the first checkpoint in: the node of a training worker goes
+            if registered_checkpoints(out_dir / "store" / name):
+                remove(("RayTrainWorker",))
+                node = cluster.add_node(num_cpus=1, object_store_memory=128 * 2**20)  # the autoscaler's replacement
+                workers[node.node_id] = node
+                print("replacement node added", node.node_id, flush=True)
+                break
+            time.sleep(0.02)
+        thread.join()
+        if isinstance(runs[name], BaseException):
+            raise runs[name]
+        print(name, "done:", runs[name].checkpoint, flush=True)
+    got = {name: _checkpoints(r.run_dir) for name, r in runs.items()}
+    common = sorted(set(got["unbroken"]) & set(got["faulted"]))
+    diffs = {str(step): max(float(abs(got["faulted"][step][k].astype("float64") - w.astype("float64")).max())
+                            if got["faulted"][step][k].shape == w.shape else float("inf")
+                            for k, w in got["unbroken"][step].items())
+             for step in common}
+    return {"checkpoints": {name: sorted(c) for name, c in got.items()}, "max_abs_diff": diffs,
+            "final": {name: r.checkpoint.name for name, r in runs.items()},
+            "steps": {name: [s["step"] for s in r.steps] for name, r in runs.items()},
+            "start_steps": {name: sorted({s["start_step"] for s in r.steps}) for name, r in runs.items()}}
+
+
+def main(mode: str, corpus: str, out: str, *extra: str) -> None:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import ray
@@ -101,8 +179,10 @@ def main(mode: str, corpus: str, out: str) -> None:
         for r in results:
             scores.setdefault(r.machine, {})[r.path.rsplit("/", 1)[1]] = r.raw_score
         result["scores"] = scores
+    elif mode == "finetune":
+        result.update(_finetune_twice(corpus, out_dir, extra[0], cluster, workers, remove))
     else:
-        raise SystemExit(f"mode {mode!r}: run or fleet")
+        raise SystemExit(f"mode {mode!r}: run, fleet or finetune")
     result["removed"] = removed[0] if removed else None
     result["alive_nodes"] = sum(1 for n in ray.nodes() if n["Alive"])
     (out_dir / "result.json").write_text(json.dumps(result))

@@ -1,5 +1,5 @@
-"""Losing a worker node (SPEC §8, issue 22 item 9): a run and a fleet on a multi-node Ray on one machine end as
-they would without the fault. Each runs ``node_loss.py`` in a process of its own (its own Ray cluster), so the
+"""Losing a worker node (SPEC §8, issue 22 item 9): a run, a fleet and a fine-tuning run on a multi-node Ray on one
+machine end as they would without the fault. Each runs ``node_loss.py`` in a process of its own (its own Ray cluster), so the
 session's Ray and the tests after these never see it."""
 
 import json
@@ -23,12 +23,12 @@ def _reference(corpus, out: Path):
     return reference_run([corpus], config, out / "ref")
 
 
-def _with_a_node_lost(mode: str, corpus, out: Path) -> dict:
+def _with_a_node_lost(mode: str, corpus, out: Path, *extra: str) -> dict:
     env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")
     env.pop("RAY_ADDRESS", None)
     log = out / f"{mode}.log"
     with open(log, "w") as fh:  # a group of its own: a timeout ends its Ray cluster's processes too
-        proc = subprocess.Popen([sys.executable, str(SCRIPT), mode, str(corpus), str(out)], env=env, stdout=fh,
+        proc = subprocess.Popen([sys.executable, str(SCRIPT), mode, str(corpus), str(out), *extra], env=env, stdout=fh,
                                 stderr=subprocess.STDOUT, start_new_session=True)
         try:
             rc = proc.wait(timeout=780)
@@ -63,3 +63,17 @@ def test_a_fleet_that_loses_a_worker_node_while_it_scores_streams_answers_every_
     assert got["removed"] and got["alive_nodes"] == 2
     assert got["errors"] == [] and got["requests"] == sum(len(r.filenames) for r in ref.results.values())
     _assert_same_scores(got, ref)
+
+
+@pytest.mark.timeout(900)
+def test_a_finetuning_run_that_loses_a_worker_node_checkpoints_as_without_the_fault(tiny_corpus, tiny_hubert, tmp_path):
+    got = _with_a_node_lost("finetune", tiny_corpus, tmp_path, str(tiny_hubert))
+    assert got["removed"] and got["alive_nodes"] == 3  # the head, the worker node left and its replacement
+    # rank 0's steps since its last write before the loss may be lost with it: the restart shows in start_step
+    first, resumed = got["start_steps"]["faulted"]
+    assert first == 0 and resumed in got["checkpoints"]["faulted"]  # resumed from a checkpoint, not from scratch
+    assert got["start_steps"]["unbroken"] == [0]
+    assert got["steps"]["unbroken"] == sorted(set(got["steps"]["faulted"])) == list(range(1, 10))
+    assert got["checkpoints"]["faulted"] == got["checkpoints"]["unbroken"] == [2, 3, 4, 6, 8, 9]
+    # every checkpoint's student weights bit for bit (the same draws and rows, one torch thread per worker in both)
+    assert got["max_abs_diff"] == {str(s): 0.0 for s in got["checkpoints"]["unbroken"]}
