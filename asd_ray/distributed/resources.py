@@ -330,10 +330,10 @@ class Watchdog:
     def check(self) -> str | None:
         """One look at the cluster: the message to show now, if any (also passed to ``say``)."""
         now, wait = self.clock(), self.probe()
-        busy = self.busy(wait.total_cpus) if wait is not None else None
         if wait is None or not wait.waiting:
             self.since = self.said = None
             return None
+        busy = self.busy(wait.total_cpus)  # read only while something waits: no /proc walk every poll otherwise
         if self.since is None:
             self.since = now
         last = self.progressed()
