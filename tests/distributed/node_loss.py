@@ -10,15 +10,14 @@ removed at a fixed point of it:
   tasks on the workers go on elsewhere; the fitting tasks that follow find one node);
 - ``fleet``: ``score_streams`` of every test clip through the bank and embedding actors, once its first request
   was answered (the actors on that node restart on the other one and their calls are retried).
-- ``finetune``: a 2-worker fine-tuning run (workers of 0.6 CPU, so that each worker node holds one, beside feed
-  tasks of 0.4), first without the fault, then again with the node of a training worker removed once Ray Train has
-  registered the first checkpoint; a node of 1 CPU joins in its place (what a cluster's autoscaler does), since the one node left
+- ``finetune``: the fault tests' fine-tuning run (``fault_run_settings``; workers of 0.6 CPU, so that each worker node
+  holds one, beside feed tasks of 0.4) with the node of a training worker removed once Ray Train has registered the
+  first checkpoint; a node of 1 CPU joins in its place (what a cluster's autoscaler does), since the one node left
   cannot hold both workers. Ray Train restarts the group from the last checkpoint.
 Writes ``<out dir>/result.json``: {"removed": node id, "scores": {machine: {file: raw score}}, "errors": [...],
-"requests": n}; for ``finetune``: {"removed", "checkpoints": {run: [step, ...]}, "max_abs_diff": {step: largest
-difference of the two runs' student weights}, "steps": {run: rank 0's step numbers}, "start_steps": {run: the steps its
-workers (re)started from}}. The reference run (no Ray),
-or for ``finetune`` the run before, is the run without the fault.
+"requests": n}; for ``finetune``: {"removed", "run_dir", "final": the last checkpoint's folder name, "steps": rank 0's
+step numbers, "start_steps": the steps its workers (re)started from}. The run without the fault is the reference run
+(no Ray) for ``run`` and ``fleet``, the test session's unbroken run (``unbroken_finetune``) for ``finetune``.
 """
 
 from __future__ import annotations
@@ -58,7 +57,7 @@ def registered_checkpoints(run_dir: Path) -> list[str]:
     return [c["checkpoint_dir_name"] for c in snapshot.get("checkpoint_results", [])]
 
 
-def _checkpoints(folder: Path) -> dict[int, dict]:
+def checkpoints(folder: Path) -> dict[int, dict]:
     """{step: the student's weights (name -> array)} of every checkpoint of a fine-tuning run's folder."""
     from safetensors.numpy import load_file
 
@@ -68,51 +67,52 @@ def _checkpoints(folder: Path) -> dict[int, dict]:
             for d in sorted(folder.glob("checkpoint_*")) if d.is_dir()}
 
 
-def _finetune_twice(corpus: str, out_dir: Path, init: str, cluster, workers: dict, remove) -> dict:
+def fault_run_settings(init: str, store: Path, name: str) -> list[str]:
+    """The fine-tuning run the fault tests inject their faults into (this one's node loss, test_finetune's killed
+    worker) and the unbroken run they are compared with (the session's ``unbroken_finetune``): 2 workers over
+    every machine's train clips of ``corpus_with_bad_clips``, a checkpoint every 3 steps, all kept. Resources are
+    not in it: each test sets its own, and the weights do not depend on them (one torch thread per worker)."""
+    return [f"finetune.init={init}", "finetune.workers=2", "finetune.epochs=4", "finetune.batch_size=4",
+            "finetune.crop_seconds=1.0", "finetune.lr=1e-3", "finetune.warmup_steps=2", "finetune.checkpoint_every=3",
+            "finetune.keep_checkpoints=100", "finetune.max_failures=2", "finetune.heldout_clips=4",
+            f"finetune.storage_path={store}", f"finetune.name={name}"]
+
+
+def _finetune_faulted(corpus: str, out_dir: Path, init: str, cluster, workers: dict, remove) -> dict:
     import threading
     import time
 
     from asd_ray.config import RunConfig, load_config
     from asd_ray.distributed.finetune import finetune
 
-    settings = [f"finetune.init={init}", "finetune.workers=2", "finetune.worker_cpus=0.6", "finetune.feed_cpus=0.4",
-                "finetune.epochs=3", "finetune.batch_size=2", "finetune.crop_seconds=1.0", "finetune.lr=1e-3",
-                "finetune.warmup_steps=2", "finetune.checkpoint_every=2", "finetune.keep_checkpoints=100",
-                "finetune.max_failures=2", "finetune.heldout_clips=2", f"finetune.storage_path={out_dir / 'store'}"]
-    runs: dict = {}
-    for name in ("unbroken", "faulted"):
-        config = load_config(RunConfig, None, [*settings, f"finetune.name={name}"])
+    # workers of 0.6 CPU, so that each worker node of 1 CPU holds one, beside feed tasks of 0.4
+    config = load_config(RunConfig, None, [*fault_run_settings(init, out_dir / "store", "faulted"),
+                                           "finetune.worker_cpus=0.6", "finetune.feed_cpus=0.4"])
+    got: list = []
 
-        def run(name=name, config=config) -> None:  # in a thread: nodes are added from the main thread only
-            try:
-                runs[name] = finetune([corpus], config, machines=["valve"])
-            except BaseException as err:  # noqa: BLE001 - raised again in the main thread
-                runs[name] = err
+    def run() -> None:  # in a thread: nodes are added from the main thread only
+        try:
+            got.append(finetune([corpus], config))
+        except BaseException as err:  # noqa: BLE001 - raised again in the main thread
+            got.append(err)
 
-        thread = threading.Thread(target=run, daemon=True)
-        thread.start()
-        while name == "faulted" and thread.is_alive():  # the first checkpoint in: the node of a training worker goes
-            if registered_checkpoints(out_dir / "store" / name):
-                remove(("RayTrainWorker",))
-                node = cluster.add_node(num_cpus=1, object_store_memory=128 * 2**20)  # the autoscaler's replacement
-                workers[node.node_id] = node
-                print("replacement node added", node.node_id, flush=True)
-                break
-            time.sleep(0.02)
-        thread.join()
-        if isinstance(runs[name], BaseException):
-            raise runs[name]
-        print(name, "done:", runs[name].checkpoint, flush=True)
-    got = {name: _checkpoints(r.run_dir) for name, r in runs.items()}
-    common = sorted(set(got["unbroken"]) & set(got["faulted"]))
-    diffs = {str(step): max(float(abs(got["faulted"][step][k].astype("float64") - w.astype("float64")).max())
-                            if got["faulted"][step][k].shape == w.shape else float("inf")
-                            for k, w in got["unbroken"][step].items())
-             for step in common}
-    return {"checkpoints": {name: sorted(c) for name, c in got.items()}, "max_abs_diff": diffs,
-            "final": {name: r.checkpoint.name for name, r in runs.items()},
-            "steps": {name: [s["step"] for s in r.steps] for name, r in runs.items()},
-            "start_steps": {name: sorted({s["start_step"] for s in r.steps}) for name, r in runs.items()}}
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    while thread.is_alive():  # the first checkpoint in: the node of a training worker goes
+        if registered_checkpoints(out_dir / "store" / "faulted"):
+            remove(("RayTrainWorker",))
+            node = cluster.add_node(num_cpus=1, object_store_memory=128 * 2**20)  # the autoscaler's replacement
+            workers[node.node_id] = node
+            print("replacement node added", node.node_id, flush=True)
+            break
+        time.sleep(0.02)
+    thread.join()
+    if isinstance(got[0], BaseException):
+        raise got[0]
+    result = got[0]
+    print("faulted done:", result.checkpoint, flush=True)
+    return {"run_dir": str(result.run_dir), "final": result.checkpoint.name, "steps": [s["step"] for s in result.steps],
+            "start_steps": sorted({s["start_step"] for s in result.steps})}
 
 
 def main(mode: str, corpus: str, out: str, *extra: str) -> None:
@@ -180,7 +180,7 @@ def main(mode: str, corpus: str, out: str, *extra: str) -> None:
             scores.setdefault(r.machine, {})[r.path.rsplit("/", 1)[1]] = r.raw_score
         result["scores"] = scores
     elif mode == "finetune":
-        result.update(_finetune_twice(corpus, out_dir, extra[0], cluster, workers, remove))
+        result.update(_finetune_faulted(corpus, out_dir, extra[0], cluster, workers, remove))
     else:
         raise SystemExit(f"mode {mode!r}: run, fleet or finetune")
     result["removed"] = removed[0] if removed else None

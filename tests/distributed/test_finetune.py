@@ -17,7 +17,7 @@ from asd_ray.config import FinetuneConfig, RunConfig, load_config
 from asd_ray.distributed.finetune import finetune
 from asd_ray.distributed.finetune_feed import rank_rows
 from asd_ray.models.backbones import load_backbone
-from node_loss import registered_checkpoints
+from node_loss import fault_run_settings, registered_checkpoints
 from tiny import NOT_FILES, WritesAMarker, entries_named_like_clips
 
 
@@ -66,13 +66,10 @@ def test_rank_rows_are_fixed_by_the_seed_and_give_each_rank_its_own_clips():
 
 
 def test_finetune_learns_survives_a_killed_worker_and_gives_a_backbone(ray_local, corpus_with_bad_clips, tiny_hubert,
-                                                                       tmp_path):
+                                                                       unbroken_finetune, tmp_path):
     name = f"ft-{uuid.uuid4().hex[:8]}"
-    settings = [
-        f"finetune.init={tiny_hubert}", "finetune.workers=2", "finetune.worker_cpus=0.5", "finetune.epochs=4",
-        "finetune.batch_size=4", "finetune.crop_seconds=1.0", "finetune.lr=1e-3", "finetune.warmup_steps=2",
-        "finetune.checkpoint_every=3", "finetune.heldout_clips=4", f"finetune.storage_path={tmp_path / 'store'}"]
-    config = load_config(RunConfig, None, [*settings, f"finetune.name={name}"])
+    config = load_config(RunConfig, None, [*fault_run_settings(tiny_hubert, tmp_path / "store", name),
+                                           "finetune.worker_cpus=0.5"])
     killed, stop = [], threading.Event()
     killer = threading.Thread(target=_kill_a_worker_after_first_checkpoint,
                               args=(tmp_path / "store" / name, killed, stop), daemon=True)
@@ -108,11 +105,10 @@ def test_finetune_learns_survives_a_killed_worker_and_gives_a_backbone(ray_local
     for name, reason in NOT_FILES.items():  # in the train folder and in the test folder: listed, not lost
         assert reason in unused[name]
     assert "matches no DCASE naming form" in unused["clip recorded tuesday.wav"]
-    # The same run without the fault ends with the same weights: the resumed run drew every crop, mask and dropout
-    # the unbroken one drew, on the same rows in the same order.
-    unbroken = finetune([corpus_with_bad_clips], load_config(RunConfig, None, [*settings, "finetune.name=unbroken"]))
-    assert [s["step"] for s in unbroken.steps] == list(range(1, total + 1))
-    _assert_same_weights(_weights(result.checkpoint), _weights(unbroken.checkpoint))
+    # The same run without the fault (the session's, on other CPU shares) ends with the same weights: the resumed
+    # run drew every crop, mask and dropout the unbroken one drew, on the same rows in the same order.
+    assert [s["step"] for s in unbroken_finetune.steps] == list(range(1, total + 1))
+    _assert_same_weights(_weights(result.checkpoint), _weights(unbroken_finetune.checkpoint))
 
 
 def test_a_checkpoint_that_would_run_code_is_refused_before_ray_starts(tiny_hubert, tmp_path, monkeypatch, capsys):
@@ -140,14 +136,13 @@ def test_a_checkpoint_that_would_run_code_is_refused_before_ray_starts(tiny_hube
     assert not marker.exists()
 
 
-@pytest.mark.timeout(420)  # with its old default of 1 CPU per worker, the 2 workers held both CPUs and the feed waited
-def test_finetune_with_its_default_resources_runs_on_2_cpus(ray_local, tiny_corpus, tiny_hubert, tmp_path):
+def test_finetune_with_its_default_resources_runs_on_2_cpus(ray_local, tiny_hubert, unbroken_finetune, tmp_path):
+    """With its old default of 1 CPU per worker, the 2 workers held both CPUs and the feed waited: the session's
+    unbroken run (no resource setting) ran on the session's 2 CPUs."""
     assert ray_local.cluster_resources()["CPU"] == 2
-    config = load_config(RunConfig, None, [
-        f"finetune.init={tiny_hubert}", "finetune.epochs=1", "finetune.batch_size=4", "finetune.crop_seconds=1.0",
-        "finetune.heldout_clips=4", f"finetune.storage_path={tmp_path / 'store'}", f"finetune.name=d-{uuid.uuid4().hex[:8]}"])
-    assert (config.finetune.workers, config.finetune.worker_cpus) == (2, FinetuneConfig().worker_cpus)  # defaults
-    result = finetune([tiny_corpus], config, machines=["valve"])
-    assert result.steps and (result.checkpoint / "model.safetensors").is_file()
-    plan = json.loads((result.run_dir / "finetune.json").read_text())["resources"]
+    config = load_config(RunConfig, None, fault_run_settings(tiny_hubert, tmp_path, "x"))
+    assert (config.finetune.workers, config.finetune.worker_cpus, config.finetune.feed_cpus) == (
+        2, FinetuneConfig().worker_cpus, FinetuneConfig().feed_cpus)  # the defaults
+    assert unbroken_finetune.steps and (unbroken_finetune.checkpoint / "model.safetensors").is_file()
+    plan = json.loads((unbroken_finetune.run_dir / "finetune.json").read_text())["resources"]
     assert plan["workers"] == 2 and plan["workers"] * plan["worker_cpus"] + plan["feed_cpus"] <= 2
