@@ -109,12 +109,12 @@ def cmd_compare(args) -> int:
     embedding_config(args.config, args.overrides)
     run = runner(args.local)
     roots = args.data or [demo_corpus(args.out)]
-    reports, features = {}, {}  # detectors that eat the same features embed the corpus once
+    reports, features, fits = {}, {}, {}  # detectors that eat the same features embed the corpus once; one AE for two
     configs = {name: run_config(args.config, [*args.overrides, *DETECTORS[name]]) for name in names}
     check_settings_read(args.config, args.overrides, list(configs.values()))
     for i, (name, config) in enumerate(configs.items(), 1):
         print(f"compare: detector {i}/{len(configs)}: {name}", file=sys.stderr, flush=True)
-        reports[name] = run(roots, config, args.out / name, args.machines, feature_cache=features)
+        reports[name] = run(roots, config, args.out / name, args.machines, feature_cache=features, fits=fits)
         met = reports[name].metrics
         print(f"{name}: " + ("; ".join(f"{s} official score {v['official_score']:.4f}"
                                         for s, v in met["splits"].items()) if met else "no ground truth"))

@@ -186,23 +186,38 @@ def machine_result(split: MachineSplit, records: Sequence[ClipRecord], fitted: F
 
 def detect(features: Features, records: Sequence[ClipRecord], *, detector: Callable[[], Detector], post: PostConfig,
            unscored: list[Reject] | None = None, bank_dir: str | Path | None = None,
-           machine_map: MachineMap = local_map) -> dict[str, MachineResult]:
+           machine_map: MachineMap = local_map, fits: dict | None = None) -> dict[str, MachineResult]:
     """Per machine: ``detector()`` (a new, unfitted detector) fitted on its normal train clips, scores of its
     test clips, post-processing, decisions.
 
     ``records[i]`` describes ``features[i]``; see ``machine_splits`` for machines that cannot be scored.
     Machines are fitted through ``machine_map`` (here, or one Ray task each). With ``bank_dir``, each
     machine's fitted detector is saved to ``bank_dir/<machine>`` (what the bank actors of ``serve-fleet``
-    load). The threshold comes from the detector's leave-one-out train scores.
+    load). The threshold comes from the detector's leave-one-out train scores. ``fits`` (a dict the caller keeps
+    across runs on the same features, as ``compare`` does) holds fitted detectors by ``fit_key``, machine and train
+    clips: a detector whose fit is there adopts it instead of fitting again (one AE for ``ae-mse`` and ``ae-maha``).
     """
     splits = machine_splits(records, unscored)
-    jobs = [(detector(), take(features, s.train), [records[i].filename for i in s.train],
-             [records[i].domain for i in s.train], take(features, s.test), take(features, s.noise)) for s in splits]
-    with stage("banks", total=len(jobs), unit="machine"):
-        fitted = machine_map(fit_machine, jobs)
+    detectors = [detector() for _ in splits]
+    keys = [None if fits is None or d.fit_key() is None else (d.fit_key(), s.machine, tuple(records[i].path for i in s.train))
+            for d, s in zip(detectors, splits)]
+    todo = [i for i, k in enumerate(keys) if k is None or k not in fits]
+    jobs = [(detectors[i], take(features, s.train), [records[j].filename for j in s.train],
+             [records[j].domain for j in s.train], take(features, s.test), take(features, s.noise))
+            for i, s in enumerate(splits) if i in todo]
+    with stage("banks", total=len(splits), unit="machine"):
+        fitted = dict(zip(todo, machine_map(fit_machine, jobs)))
+        for i, (s, k) in enumerate(zip(splits, keys)):
+            if i not in fitted:  # fitted before: scored here (an AE's test clips: one forward pass, no training)
+                det = detectors[i].adopt(fits[k])
+                fitted[i] = FittedMachine(det, det.score(take(features, s.test)), det.loo_scores())
+                advance()
+            elif k is not None:
+                fits[k] = fitted[i].detector
     results = {}
-    with stage("scoring", total=len(jobs), unit="machine"):
-        for s, f in zip(splits, fitted):
+    with stage("scoring", total=len(splits), unit="machine"):
+        for i, s in enumerate(splits):
+            f = fitted[i]
             if bank_dir is not None:
                 f.detector.save(Path(bank_dir) / s.machine)
             results[s.machine] = machine_result(s, records, f, post)
@@ -285,13 +300,14 @@ def run_detection(roots: Sequence[str | Path], config: RunConfig, embedder: Embe
                   out_dir: str | Path | None = None, machines: Iterable[str] | None = None,
                   machine_map: MachineMap = local_map, device: str = "cpu",
                   warm_up: Callable[[Sequence[ClipRecord]], None] | None = None,
-                  plot_map: MachineMap | None = None) -> RunReport:
+                  plot_map: MachineMap | None = None, fits: dict | None = None) -> RunReport:
     """Discover a corpus, embed it with ``embedder``, detect, evaluate; write outputs when ``out_dir`` is set.
 
     ``embedder(records)`` returns what ``embed_records`` returns, in the features ``config.detector`` eats;
     the reference run embeds in this process, the Ray pipeline on a cluster, and everything else is this
     one function. ``machine_map`` fits the per-machine detectors (an AE on ``device``), ``plot_map`` draws
-    the report's plots (both: in this process by default). ``warm_up(records)``
+    the report's plots (both: in this process by default); ``fits`` (a dict kept across runs, ``compare``'s) lets
+    detectors that share a fit on the same features fit it once (``detect``). ``warm_up(records)``
     (the Ray run's: starting its embedding actors for the clips to embed, waiting for its warm workers) runs after
     discovery and is timed on its own (``timings["warm_up"]``), as the reference run's imports and backbone
     loading are not part of its embedding time either.
@@ -314,7 +330,8 @@ def run_detection(roots: Sequence[str | Path], config: RunConfig, embedder: Embe
     unscored: list[Reject] = []
     results = detect(features, kept, detector=lambda: make_detector(config, device=device), post=config.post,
                      unscored=unscored, bank_dir=None if out_dir is None else Path(out_dir) / "banks",
-                     machine_map=machine_map)
+                     machine_map=machine_map,
+                     fits=None if fits is None else fits.setdefault(features_key(config), {}))
     t3 = time.perf_counter()
     truth = known_truth(results, roots, eval_list)
     metrics = evaluate_results(results, truth)
@@ -393,9 +410,11 @@ def shared(embedder: Embedder, cache: dict | None, key: tuple) -> Embedder:
 
 
 def reference_run(roots: Sequence[str | Path], config: RunConfig, out_dir: str | Path | None = None,
-                  machines: Iterable[str] | None = None, feature_cache: dict | None = None) -> RunReport:
+                  machines: Iterable[str] | None = None, feature_cache: dict | None = None,
+                  fits: dict | None = None) -> RunReport:
     """Single-process run over a corpus: the oracle for the Ray pipeline. With ``feature_cache`` (a dict
-    kept by the caller), runs of several detectors over the same clips embed them once."""
+    kept by the caller), runs of several detectors over the same clips embed them once; with ``fits``, detectors
+    that share a fit fit it once (``detect``)."""
     if detector_features(config) == "clip":
         from asd_ray.models.backbones import load_backbone
 
@@ -406,4 +425,5 @@ def reference_run(roots: Sequence[str | Path], config: RunConfig, out_dir: str |
     def embedder(records):
         return embed_records(records, backbone, config.preprocess, config.embed.batch_size)
 
-    return run_detection(roots, config, shared(embedder, feature_cache, features_key(config)), out_dir, machines)
+    return run_detection(roots, config, shared(embedder, feature_cache, features_key(config)), out_dir, machines,
+                         fits=fits)

@@ -119,6 +119,17 @@ class Detector(abc.ABC):
     def loo_ids(self) -> list[str]:
         """The train clips ``loo_scores`` are given for, in its order."""
 
+    def fit_key(self) -> tuple | None:
+        """What its fit depends on besides the train features: two detectors with equal keys fitted on the same
+        features hold the same model, so ``compare`` fits it once and the other ``adopt``s it (``ae-mse`` and
+        ``ae-maha``: one AE, two scores). None (the default): nothing shared."""
+        return None
+
+    def adopt(self, fitted: "Detector") -> "Detector":
+        """Take the fit of ``fitted`` (a fitted detector with this one's ``fit_key``, on the same train features)
+        instead of fitting: the same state ``fit`` would give."""
+        raise BankError(f"a {self.kind} shares no fit (its fit_key is None)")
+
     def configure(self, **settings: Any) -> "Detector":
         """Change score-time settings (the ``score_keys`` keywords) of a fitted detector without refitting."""
         if settings:

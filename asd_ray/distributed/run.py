@@ -134,14 +134,16 @@ def warm_pipeline(config: RunConfig) -> list:
 
 
 def ray_run(roots: Sequence[str | Path], config: RunConfig, out_dir: str | Path | None = None,
-            machines: Iterable[str] | None = None, feature_cache: dict | None = None) -> RunReport:
+            machines: Iterable[str] | None = None, feature_cache: dict | None = None,
+            fits: dict | None = None) -> RunReport:
     """Embed the corpus with Ray Data (clip embeddings: cached Parquet), then fit, score, decide, evaluate, write.
 
     Joins the Ray at ``RAY_ADDRESS`` or the running session, else starts a local one. The embedding actors
     start right after (their imports, checkpoint and first forward pass overlap discovery, the workers' warm-up
     and the pipeline's start) and are ended once embedding is done, or after discovery when the cache holds
     every clip. Clip-embedding detectors are fitted in the driver (light); frame detectors in one Ray task per
-    machine. With ``feature_cache`` (a dict kept by the caller), runs of several detectors share their features.
+    machine. With ``feature_cache`` (a dict kept by the caller), runs of several detectors share their features;
+    with ``fits``, the fits they share (``detect``).
     """
     started = ensure_ray(num_cpus=config.ray.num_cpus or None, data_logs_now=False)
     check_resources(config, strict=started)
@@ -173,7 +175,8 @@ def ray_run(roots: Sequence[str | Path], config: RunConfig, out_dir: str | Path 
                        "device": "cuda" if gpu else "cpu"}
         # the report's plots in parallel tasks (a machine's plot is a few tenths of a second; 15 machines took 5 s)
         plots = ray_task_map(1, progress=False)
-        return run_detection(roots, config, embedder, out_dir, machines, warm_up=warm_up, plot_map=plots, **fitting)
+        return run_detection(roots, config, embedder, out_dir, machines, warm_up=warm_up, plot_map=plots, fits=fits,
+                             **fitting)
     finally:
         for pool in pools:
             pool.close()

@@ -19,7 +19,7 @@ from torch import nn
 
 from asd_ray.bank.base import Detector
 from asd_ray.bank.saved import choice, finite, one_line, read_meta, read_npz, write_meta
-from asd_ray.errors import BankFolderError
+from asd_ray.errors import BankError, BankFolderError
 from asd_ray.models.frames import stack_frames
 from asd_ray.threads import one_thread
 
@@ -166,6 +166,7 @@ class AEDetector(Detector):
         self.model: DenseAE | None = None
         self.precisions: dict[str, np.ndarray] = {}
         self.train_scores = np.zeros(0)
+        self.train_both: dict[str, np.ndarray] = {}  # the train clips' scores of both kinds (what adopt takes)
         self.losses: list[float] = []
         self.ids: list[str] = []
 
@@ -199,8 +200,24 @@ class AEDetector(Detector):
         for c, d in zip(clips, domains):
             acc.add(reconstruction_errors(self.model, stack_frames(c, p["context"])), d if d in DOMAINS else "source")
         self.precisions = acc.precisions()
-        self.train_scores = self.score(clips)
+        self.train_both = self.score_both(clips)
+        self.train_scores = self.train_both[self.score_kind]
         self.ids = [str(i) for i in ids] if ids is not None else [str(i) for i in range(len(clips))]
+        return self
+
+    def fit_key(self) -> tuple:
+        """The AE and its error covariances depend on its parameters and device, not on the score kind."""
+        return self.kind, tuple(sorted(self.params.items())), self.device
+
+    def adopt(self, fitted: "AEDetector") -> "AEDetector":
+        """The AE, covariances and train clips of ``fitted`` (the other score kind's detector, fitted on the same
+        clips), scored with this one's kind: what its own ``fit`` would give, bit for bit (one thread both ways)."""
+        if fitted.fit_key() != self.fit_key() or fitted.model is None or not fitted.train_both:
+            raise BankError(f"adopt: a fitted AE with this one's parameters is needed ({fitted.fit_key()} vs "
+                            f"{self.fit_key()})")
+        self.model, self.precisions, self.losses = fitted.model, fitted.precisions, list(fitted.losses)
+        self.train_both, self.ids = fitted.train_both, list(fitted.ids)
+        self.train_scores = self.train_both[self.score_kind]
         return self
 
     def score_both(self, clips: Sequence[np.ndarray]) -> dict[str, np.ndarray]:

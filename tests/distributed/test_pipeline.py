@@ -96,21 +96,24 @@ def torch_state(path) -> dict:
 @pytest.fixture(scope="module")
 def compared_runs(tiny_corpus, tmp_path_factory):
     """compared_runs(name) -> (reference report, Ray report) of ``asd-ray compare``'s detector ``name`` on the
-    tiny corpus; each path embeds the corpus once for all detectors (as ``compare`` does). The AE trains 5
+    tiny corpus; each path embeds the corpus once for all detectors and fits the AE once for both AE scores (as
+    ``compare`` does: the second adopts the first's fit, on Ray from a task's result). The AE trains 5
     epochs: scores far from perfect (the tiny corpus' AE AUCs are 0.1-0.9), and the Ray task's AE parts from
     the driver's within the first epoch when the thread counts differ."""
     from asd_ray.cli import DETECTORS
 
     cache = tmp_path_factory.mktemp("compare_cache")
-    features = {"ref": {}, "ray": {}}
+    features, fits = {"ref": {}, "ray": {}}, {"ref": {}, "ray": {}}
     done = {}
 
     def get(name):
         if name not in done:
             config = load_config(RunConfig, None, [f"ray.cache_dir={cache}", "ae.epochs=5", "ae.batch_size=128",
                                                    *DETECTORS[name]])
-            done[name] = (reference_run([tiny_corpus], config, feature_cache=features["ref"]),
-                          ray_run([tiny_corpus], config, feature_cache=features["ray"]))
+            done[name] = (reference_run([tiny_corpus], config, feature_cache=features["ref"], fits=fits["ref"]),
+                          ray_run([tiny_corpus], config, feature_cache=features["ray"], fits=fits["ray"]))
+            if name.startswith("ae-"):  # one fit per machine for both AE scores, on either path
+                assert [len(by_key) for by_key in fits["ray"].values()] == [3] == [len(f) for f in fits["ref"].values()]
         return done[name]
 
     return get
