@@ -1,7 +1,8 @@
 """Losing a worker node of a multi-node Ray on one machine (``ray.cluster_utils.Cluster``), run by
 test_node_loss.py in a process of its own: the test session's own Ray is never touched.
 
-    python tests/distributed/node_loss.py {run|fleet} <corpus root> <out dir>
+    python tests/distributed/node_loss.py run <corpus root> <out dir>
+    python tests/distributed/node_loss.py fleet <corpus root> <out dir> <banks folder>
     python tests/distributed/node_loss.py finetune <corpus root> <out dir> <init checkpoint>
 
 A head without CPUs (the driver's node) and two worker nodes of 1 CPU each; the worker node holding the work is
@@ -172,7 +173,7 @@ def main(mode: str, corpus: str, out: str, *extra: str) -> None:
             remove(("StreamEmbedder", "BankActor"))
 
         fleet.Router._finish = finish_then_fail
-        results = streams.score_streams(out_dir / "ref" / "banks", config, out_dir / "fleet", roots=[corpus])
+        results = streams.score_streams(extra[0], config, out_dir / "fleet", roots=[corpus])
         result["requests"] = len(results)
         result["errors"] = [r.error for r in results if r.error]
         scores: dict = {}

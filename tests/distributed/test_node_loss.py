@@ -19,12 +19,16 @@ from node_loss import checkpoints
 SCRIPT = Path(__file__).with_name("node_loss.py")
 
 
-def _reference(corpus, out: Path):
+@pytest.fixture(scope="module")
+def reference(tiny_corpus, tmp_path_factory):
+    """The run without the fault (no Ray), and its banks (``<folder>/banks``, what the fleet serves)."""
     config = load_config(RunConfig, None, ["detector=local", "local.bank_size=300"])
-    return reference_run([corpus], config, out / "ref")
+    folder = tmp_path_factory.mktemp("node-loss-ref")
+    return reference_run([tiny_corpus], config, folder), folder
 
 
 def _with_a_node_lost(mode: str, corpus, out: Path, *extra: str) -> dict:
+    """``node_loss.py mode corpus out *extra`` in a process group of its own; its result.json."""
     env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")
     env.pop("RAY_ADDRESS", None)
     log = out / f"{mode}.log"
@@ -49,8 +53,8 @@ def _assert_same_scores(got: dict, ref) -> None:
 
 
 @pytest.mark.timeout(900)
-def test_a_run_that_loses_a_worker_node_while_it_embeds_scores_as_without_the_fault(tiny_corpus, tmp_path):
-    ref = _reference(tiny_corpus, tmp_path)
+def test_a_run_that_loses_a_worker_node_while_it_embeds_scores_as_without_the_fault(tiny_corpus, reference, tmp_path):
+    ref = reference[0]
     got = _with_a_node_lost("run", tiny_corpus, tmp_path)
     assert got["removed"] and got["alive_nodes"] == 2  # the head and the worker node left
     _assert_same_scores(got, ref)
@@ -58,9 +62,10 @@ def test_a_run_that_loses_a_worker_node_while_it_embeds_scores_as_without_the_fa
 
 
 @pytest.mark.timeout(900)
-def test_a_fleet_that_loses_a_worker_node_while_it_scores_streams_answers_every_request(tiny_corpus, tmp_path):
-    ref = _reference(tiny_corpus, tmp_path)
-    got = _with_a_node_lost("fleet", tiny_corpus, tmp_path)
+def test_a_fleet_that_loses_a_worker_node_while_it_scores_streams_answers_every_request(tiny_corpus, reference,
+                                                                                      tmp_path):
+    ref, folder = reference
+    got = _with_a_node_lost("fleet", tiny_corpus, tmp_path, str(folder / "banks"))
     assert got["removed"] and got["alive_nodes"] == 2
     assert got["errors"] == [] and got["requests"] == sum(len(r.filenames) for r in ref.results.values())
     _assert_same_scores(got, ref)
