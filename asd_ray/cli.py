@@ -265,9 +265,11 @@ def cmd_finetune(args) -> int:
 
 
 def cmd_sweep(args) -> int:
-    from asd_ray.distributed.sweep import load_space, sweep
+    from asd_ray.distributed.sweep import check_space_settings, load_space, sweep
 
-    result = sweep(args.data, load_space(args.space), run_config(args.config, args.overrides), args.out, args.machines)
+    space, config = load_space(args.space), run_config(args.config, args.overrides)
+    check_space_settings(space, config, given_keys(args.config, args.overrides))
+    result = sweep(args.data, space, config, args.out, args.machines)
     print((args.out / "sweep.md").read_text())
     print(f"{len(result.embedded)} embedding set(s) computed, {len(result.cached)} read from the cache; "
           f"best config: {result.best_config_path} (asd-ray run --config {result.best_config_path})")

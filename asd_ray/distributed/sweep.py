@@ -166,6 +166,23 @@ def trial_configs(space: SweepSpace, base: RunConfig) -> list[RunConfig]:
     return [with_overrides(base, dict(zip(keys, combo))) for combo in itertools.product(*options)]
 
 
+def check_space_settings(space: SweepSpace, config: RunConfig, given: Iterable[str] = ()) -> None:
+    """A setting of the space (base, grid, sample) or among ``given`` (the command line's and config file's keys)
+    that no trial's detector reads is a ``ConfigError`` naming what applies instead, before any trial starts (a
+    grid over ``bank.k`` with the default detector would give trials that differ in nothing)."""
+    from asd_ray.detectors import unread_settings
+
+    configs = trial_configs(space, with_overrides(config, space.base))
+    keys = sorted({*given, *space.base, *space.grid, *space.sample} - {"detector"})
+    lines = []
+    for key in keys:
+        unread = [unread_settings(c, [key], [c.detector]) for c in configs]
+        if all(unread):  # read by no trial
+            lines.append(unread[0][0])
+    if lines:
+        raise ConfigError("; ".join(lines))
+
+
 def trial_count(space: SweepSpace) -> int:
     """How many trials the space gives: every grid combination, ``num_samples`` times."""
     n = 1
@@ -217,6 +234,7 @@ def sweep(roots: Sequence[str | Path], space: SweepSpace, config: RunConfig, out
     from asd_ray.distributed.resources import sweep_resources
     from asd_ray.progress import stage
 
+    check_space_settings(space, config)
     started = ensure_ray(num_cpus=config.ray.num_cpus or None)
     roots = [str(Path(r).resolve()) for r in roots]
     machines = list(machines) if machines else None

@@ -12,6 +12,8 @@ from asd_ray.distributed.run import ray_run
 from asd_ray.distributed.sweep import (EMBEDDING_SECTIONS, SweepSpace, embedding_variants, load_space, sweep,
                                       trial_count)
 
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+
 
 def test_sweep_embeds_once_and_its_best_config_reproduces(ray_local, tiny_corpus, tmp_path):
     space_file = tmp_path / "space.yaml"
@@ -66,7 +68,38 @@ def test_space_errors_are_clear(tmp_path):
         load_space(Path(__file__).resolve().parents[2] / "configs" / name)
 
 
-CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+def test_a_space_setting_that_no_trial_reads_is_refused_before_ray_starts(tmp_path, monkeypatch, capsys):
+    from asd_ray.cli import main
+    from asd_ray.distributed import sweep as sweep_module
+    from asd_ray.distributed.sweep import check_space_settings
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("Ray started")
+
+    monkeypatch.setattr(sweep_module, "ensure_ray", no_ray)
+    space = tmp_path / "space.yaml"
+    space.write_text("grid:\n  bank.k: [1, 3]\n")  # the default detector (fusion) reads local.k and pooled.k
+    code = main(["sweep", "--data", str(tmp_path), "--space", str(space), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2 and "bank.k is not read by detector fusion: use pooled.k / local.k" in err
+    config = load_config(RunConfig, None, [])
+    # read by one trial's detector of a grid over detectors: fine; given on the command line and read by none: refused
+    check_space_settings(load_space_text(tmp_path, "grid:\n  detector: [knn, fusion]\n  bank.k: [1, 3]\n"), config)
+    with pytest.raises(ConfigError, match="ae.epochs is not read by detector knn"):
+        check_space_settings(load_space_text(tmp_path, "base:\n  detector: knn\ngrid:\n  bank.k: [1, 3]\n"), config,
+                             ["ae.epochs"])
+    with pytest.raises(ConfigError, match="ray.embed_actors"):  # no embedding actor runs for log-mel frames
+        check_space_settings(load_space_text(tmp_path, "grid:\n  local.k: [1, 3]\n"), config, ["ray.embed_actors"])
+    for name in sorted(p.name for p in CONFIGS.glob("sweep_*.yaml")):  # every shipped space reads what it sets
+        check_space_settings(load_space(CONFIGS / name), config)
+
+
+def load_space_text(folder: Path, text: str) -> SweepSpace:
+    path = folder / f"space-{uuid.uuid4().hex[:6]}.yaml"
+    path.write_text(text)
+    return load_space(path)
+
+
 TINY_FINETUNE = ["finetune.batch_size=4", "finetune.crop_seconds=1.0", "finetune.heldout_clips=4",
                  "finetune.warmup_steps=2"]
 
