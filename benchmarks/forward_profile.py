@@ -6,8 +6,8 @@
 Measures ``Backbone.embed_padded`` on one batch of random clips, the way the embedding actor calls it:
 - ``off``: steady ms per batch as the actor runs it (no cuDNN autotuning);
 - ``first_layer_by_conv``, ``positional_by_conv``, ``all_by_conv``: the same with cuDNN's convolution instead of
-  the GPU's path for the first conv layer (a matrix product, ``encoders.single_channel_conv``), for the
-  positional convolution (by FFT, ``encoders.grouped_conv_by_fft``), for both (the code before 2026-11-26);
+  the GPU's path for the first conv layer (a matrix product, ``exact_layers.single_channel_conv``), for the
+  positional convolution (by FFT, ``exact_layers.grouped_conv_by_fft``), for both (the code before 2026-11-26);
 - the 15 operators with the most GPU time over two batches (``torch.profiler``), and the share of the
   convolution kernels;
 - ``autotune``: the first batch with ``torch.backends.cudnn.benchmark`` on (the tuning), then steady, on a batch
@@ -85,7 +85,7 @@ def main() -> None:
     import torch
     from torch.profiler import ProfilerActivity, profile
 
-    from asd_ray.models import encoders
+    from asd_ray.models import exact_layers
     from asd_ray.models.backbones import load_backbone
 
     backbone = load_backbone(args.checkpoint, device=args.device)
@@ -105,13 +105,13 @@ def main() -> None:
     out["off_clips_per_s"] = b / out["off_ms"] * 1000
     gpu_paths = {"first_layer": "windows_by_matmul", "positional": "long_kernel_by_fft"}
     for name, switches in {**{n: [f] for n, f in gpu_paths.items()}, "all": list(gpu_paths.values())}.items():
-        saved = {f: getattr(encoders, f) for f in switches}  # cuDNN's convolution instead of the GPU path(s)
+        saved = {f: getattr(exact_layers, f) for f in switches}  # cuDNN's convolution instead of the GPU path(s)
         for f in switches:
-            setattr(encoders, f, lambda x: False)
+            setattr(exact_layers, f, lambda x: False)
         run()
         out[f"{name}_by_conv_ms"] = steady_ms(run, args.repeats)
         for f, fn in saved.items():
-            setattr(encoders, f, fn)
+            setattr(exact_layers, f, fn)
     with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
         run()
         run()

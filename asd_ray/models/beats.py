@@ -34,7 +34,8 @@ import torch
 from torch import nn
 
 from asd_ray.models.backbone_base import SAMPLE_RATE, BackboneError
-from asd_ray.models.encoders import EncoderBackbone, grouped_conv_by_fft, long_kernel_by_fft
+from asd_ray.models.encoders import EncoderBackbone
+from asd_ray.models.exact_layers import grouped_conv_by_fft, long_kernel_by_fft
 
 FBANK_MEAN, FBANK_STD = 15.41663, 6.55582  # the reference's normalisation of its fbank (AudioSet statistics)
 N_MELS = 128

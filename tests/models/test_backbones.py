@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from asd_ray.models.backbones import BackboneError, load_backbone, pool_frames
-from asd_ray.models.encoders import PaddingExactGroupNorm
+from asd_ray.models.exact_layers import PaddingExactGroupNorm
 
 
 def _clips():

@@ -10,7 +10,7 @@ import torch
 
 from asd_ray.cli import main
 from asd_ray.models.backbones import BackboneError, load_backbone
-from asd_ray.models import encoders
+from asd_ray.models import exact_layers
 from asd_ray.models.encoders import FAMILIES, SpectrogramBackbone, check_finetunable, clip_windows
 from tiny import FAMILIES as TINY_FAMILIES, WAVEFORM_FAMILIES
 
@@ -43,11 +43,11 @@ def test_a_one_channel_convolution_as_a_matrix_product_equals_the_convolution(bi
     torch.manual_seed(0)
     conv = torch.nn.Conv1d(1, 8, kernel_size=10, stride=5, bias=bias)
     x = torch.randn(3, 1, 1003)
-    torch.testing.assert_close(encoders.single_channel_conv(conv, x), conv(x), atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(exact_layers.single_channel_conv(conv, x), conv(x), atol=1e-6, rtol=1e-6)
     padded = torch.nn.Conv1d(1, 8, kernel_size=10, stride=5, padding=2)  # not the plain case: the convolution itself
-    torch.testing.assert_close(encoders.single_channel_conv(padded, x), padded(x))
+    torch.testing.assert_close(exact_layers.single_channel_conv(padded, x), padded(x))
     with torch.autocast("cpu", dtype=torch.bfloat16):  # as on a GPU: the convolution's dtype and values
-        by_conv, by_product = conv(x), encoders.single_channel_conv(conv, x)
+        by_conv, by_product = conv(x), exact_layers.single_channel_conv(conv, x)
     assert by_product.dtype == by_conv.dtype == torch.bfloat16 and by_product.is_contiguous()
     torch.testing.assert_close(by_product.float(), by_conv.float(), atol=0.05, rtol=0.02)
 
@@ -64,18 +64,18 @@ def test_a_grouped_convolution_by_fft_equals_the_convolution(bias):
     x = torch.randn(3, 37, 96).transpose(1, 2)  # B x C x T, not contiguous: as the encoder hands it over
     with torch.no_grad():
         exact = conv(x)
-        torch.testing.assert_close(encoders.grouped_conv_by_fft(conv, x), exact, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(exact_layers.grouped_conv_by_fft(conv, x), exact, atol=1e-5, rtol=1e-5)
         with torch.autocast("cpu", dtype=torch.bfloat16):  # as on a GPU: the convolution's dtype, its values
-            by_conv, by_fft = conv(x), encoders.grouped_conv_by_fft(conv, x)
+            by_conv, by_fft = conv(x), exact_layers.grouped_conv_by_fft(conv, x)
     assert by_fft.dtype == by_conv.dtype == torch.bfloat16
     # against the fp32 convolution at bf16's precision: the CPU's own bf16 grouped convolution is no reference,
     # since oneDNN's kernel on CPUs with AMX (torch 2.11) is off by 2.3 here, against 0.007 without oneDNN
     torch.testing.assert_close(by_fft.float(), exact, atol=0.05, rtol=0.02)
-    assert not encoders.long_kernel_by_fft(x)  # fp32 on the CPU: the convolution
+    assert not exact_layers.long_kernel_by_fft(x)  # fp32 on the CPU: the convolution
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert encoders.long_kernel_by_fft(x)  # bf16 on the CPU: by FFT, whatever the CPU's oneDNN does
+        assert exact_layers.long_kernel_by_fft(x)  # bf16 on the CPU: by FFT, whatever the CPU's oneDNN does
     strided = torch.nn.Conv1d(96, 96, kernel_size=32, stride=2, groups=16)  # not its case: the convolution itself
-    torch.testing.assert_close(encoders.grouped_conv_by_fft(strided, x), strided(x))
+    torch.testing.assert_close(exact_layers.grouped_conv_by_fft(strided, x), strided(x))
 
 
 def test_the_gpu_paths_of_the_convolutions_embed_as_the_convolutions(tiny_hubert, monkeypatch):
@@ -83,12 +83,12 @@ def test_the_gpu_paths_of_the_convolutions_embed_as_the_convolutions(tiny_hubert
     the same embeddings, one clip or a mixed batch."""
     clips = _clips(16_000, 40_000, 23_456, 11_000)
     backbone = load_backbone(str(tiny_hubert))
-    assert isinstance(backbone.model.feature_extractor.conv_layers[0], encoders.PaddingExactGroupNorm)
-    assert isinstance(backbone.model.encoder.pos_conv_embed.conv, encoders.PositionalConvByFFT)
+    assert isinstance(backbone.model.feature_extractor.conv_layers[0], exact_layers.PaddingExactGroupNorm)
+    assert isinstance(backbone.model.encoder.pos_conv_embed.conv, exact_layers.PositionalConvByFFT)
     by_conv = backbone.embed(clips)
     calls = []
-    monkeypatch.setattr(encoders, "windows_by_matmul", lambda x: calls.append("first") or True)
-    monkeypatch.setattr(encoders, "long_kernel_by_fft", lambda x: calls.append("positional") or True)
+    monkeypatch.setattr(exact_layers, "windows_by_matmul", lambda x: calls.append("first") or True)
+    monkeypatch.setattr(exact_layers, "long_kernel_by_fft", lambda x: calls.append("positional") or True)
     np.testing.assert_allclose(backbone.embed(clips), by_conv, atol=1e-5, rtol=0)
     np.testing.assert_allclose(backbone.embed(clips[1:2])[0], by_conv[1], atol=1e-5, rtol=0)
     assert calls == ["first", "positional"] * 2
