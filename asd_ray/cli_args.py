@@ -109,8 +109,9 @@ def _add_synth(sub):
     p.add_argument("--seed", type=int, default=0, help="the same seed writes the same corpus")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes writing clips (default: this machine's CPUs, %(default)s)")
     p.add_argument("--style", default="A",
-                   help="sound models and anomaly kinds: A (rotating / impulsive / broadband) or B (reciprocating, "
-                        "conveyor, pump, motor, gear; designed independently of A)")
+                   help="sound models and anomaly kinds: A (rotating / impulsive / broadband), B (reciprocating, "
+                        "conveyor, pump, motor, gear; designed independently of A) or C (rhythms: press, sorter, "
+                        "indexer, spindle; anomalies in timing and in narrow bands)")
 
 
 def _add_run(sub):

@@ -185,7 +185,9 @@ def noise_clip(rng: np.random.Generator, *, domain: str, seconds: float, rate: i
     return (x * 10 ** (rng.uniform(-40, -30) / 20) / rms(x)).astype(np.float32)
 
 
-STYLES = ("A", "B")  # A: this module's sound models; B: asd_ray.data.synth_b's, designed independently
+# A: this module's sound models; B: asd_ray.data.synth_b's, designed independently; C: asd_ray.data.synth_c's,
+# rhythms with anomalies in timing and in narrow bands
+STYLES = ("A", "B", "C")
 
 
 def corpus_style(name: str) -> CorpusStyle:
@@ -196,6 +198,10 @@ def corpus_style(name: str) -> CorpusStyle:
         from asd_ray.data import synth_b  # style B: its sound models load only when asked for
 
         return synth_b.STYLE
+    if name == "C":
+        from asd_ray.data import synth_c
+
+        return synth_c.STYLE
     raise ValueError(f"unknown corpus style {name!r}; choose one of {', '.join(STYLES)}")
 
 

@@ -109,8 +109,9 @@ def _mean(per_machine, key):
     return float(np.mean([v[key] for v in per_machine.values()]))
 
 
-def _trivial_and_knn(corpus):
-    """Per-machine metrics of loudness-normalised RMS (both signs), random scores and log-mel k-NN (seed bank)."""
+def _trivial_and_knn(corpus, knn_by_file: dict | None = None):
+    """Per-machine metrics of loudness-normalised RMS (both signs), random scores and log-mel k-NN (seed bank);
+    ``knn_by_file`` gets the k-NN's raw score of every test clip, by (machine, file name)."""
     records, _ = plan_records(discover([corpus]))
     test = [r for r in records if r.split == "test"]
     rms = [float(np.sqrt(np.mean(preprocess_clip(r.path).waveform ** 2))) for r in test]
@@ -119,6 +120,8 @@ def _trivial_and_knn(corpus):
     assert not rejects
     knn = detect(emb, kept, detector=lambda: make_detector(RunConfig(), "knn"), post=PostConfig())
     knn_scores = {f: s for r in knn.values() for f, s in zip(r.filenames, r.raw_scores)}
+    if knn_by_file is not None:
+        knn_by_file.update({(m, f): s for m, r in knn.items() for f, s in zip(r.filenames, r.raw_scores)})
     per = {"rms": _per_machine(test, rms), "-rms": _per_machine(test, -np.array(rms)),
            "random": _per_machine(test, random),
            "knn": _per_machine(test, [knn_scores[r.filename] for r in test])}
@@ -168,7 +171,7 @@ def test_style_b_is_laid_out_like_style_a_and_sounds_different(tiny_corpus, tiny
 
 def test_unknown_style_is_refused_before_writing(tmp_path):
     with pytest.raises(ValueError, match="unknown corpus style"):
-        generate_corpus(tmp_path / "c", style="C")
+        generate_corpus(tmp_path / "c", style="D")
     assert not (tmp_path / "c").exists()
 
 
@@ -190,3 +193,42 @@ def test_style_b_trivial_detectors_land_near_chance_and_logmel_knn_above_on_sour
     assert _mean(per["knn"], "pauc") >= 0.55, per["knn"]
     # target normals sound unlike source normals: a seed bank with only 10 of them scores them high
     assert _mean(per["knn"], "auc_target") <= _mean(per["knn"], "auc_source") - 0.2, per["knn"]
+
+
+# Style C: rhythms, with anomalies in timing and in narrow bands (asd_ray/data/synth_c.py).
+
+@pytest.fixture(scope="module")
+def fairness_corpus_c(tmp_path_factory):
+    # one machine of each of style C's four families
+    return generate_corpus(tmp_path_factory.mktemp("fair_c"), dev_machines=("valve", "ToyTrain", "ToyCar", "fan"),
+                           eval_machines=(), train_source=60, train_target=10, test_per_cell=20, supplemental=0,
+                           seconds=4.0, seed=11, workers=2, style="C")
+
+
+def test_style_c_hides_its_timing_anomalies_from_a_spectral_detector_and_not_its_narrow_bands(fairness_corpus_c):
+    """Loudness says nothing (trivial detectors near chance); a k-NN on each clip's log-mel mean and std finds the
+    narrow-band anomalies (a line, a band of noise) but not those in timing (irregular spacing, a sorter's pattern in
+    another order, a bounce after each strike), which change when events come, not the spectrum."""
+    from sklearn.metrics import roc_auc_score
+
+    from asd_ray.data.synth_c import RhythmProfile
+
+    knn: dict = {}
+    per = _trivial_and_knn(fairness_corpus_c, knn)
+    for name in ("rms", "-rms", "random"):
+        for key in ("auc_source", "auc_target", "pauc"):
+            assert 0.35 <= _mean(per[name], key) <= 0.65, (name, key, per[name])
+    by_kind: dict = {}
+    for machine in ("valve", "ToyTrain", "ToyCar", "fan"):
+        kinds = RhythmProfile.draw(machine, 11).anomaly_kinds  # the generator's order: test anomaly i is kind i % 4
+        scores = {f: v for (m, f), v in knn.items() if m == machine}
+        normal = [v for f, v in scores.items() if "_source_test_normal_" in f]
+        for f, v in scores.items():
+            if "_source_test_anomaly_" in f:
+                by_kind.setdefault(kinds[int(f.split("_anomaly_")[1][:4]) % 4], {}).setdefault(machine, []).append(v)
+        for kind, found in by_kind.items():
+            if machine in found:
+                found[machine] = roc_auc_score([0] * len(normal) + [1] * len(found[machine]), normal + found[machine])
+    timing = [auc for k in ("irregular", "reordered", "double") for auc in by_kind[k].values()]
+    narrow = [auc for k in ("tone", "hiss") for auc in by_kind[k].values()]
+    assert 0.3 <= np.mean(timing) <= 0.62 and np.mean(narrow) >= 0.8, by_kind
