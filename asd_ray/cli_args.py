@@ -23,6 +23,7 @@ DETECTORS = {
     "pooled-gem": ["detector=pooled", "pooled.pooling=gem"],
     "pooled-reldev": ["detector=pooled", "pooled.pooling=reldev"],
     "pooled-smote": ["detector=pooled", "pooled.oversample_target=100"],
+    "rhythm": ["detector=rhythm"],  # pooled's bank over when events come (issue 26), not yet a fusion member
     "local": ["detector=local"],
     "fusion": ["detector=fusion"],  # local + pooled, z-normalised by their train scores, max
     "fusion-mean": ["detector=fusion", "fusion.combine=mean"],

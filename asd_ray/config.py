@@ -73,7 +73,7 @@ class PooledConfig:
     literature on DCASE 2025: domain-wise banks, local-density-normalised distances, K = 1.
     """
 
-    pooling: Literal["mean", "mean_std", "gem", "reldev"] = "mean_std"
+    pooling: Literal["mean", "mean_std", "gem", "reldev", "rhythm"] = "mean_std"  # rhythm: when events come
     gem_p: float = 3.0  # exponent of generalised-mean pooling
     k: int = 1
     strategy: Literal["seed", "domain_aware"] = "domain_aware"
@@ -273,7 +273,7 @@ class RunConfig:
     # frames; local: local-feature bank over log-mel windows; ae-mse / ae-maha: the AE baseline's two scores;
     # fusion: the ``fusion.members`` z-normalised and combined
     # The default is the measured best on both synthetic corpus styles (README, "Detectors").
-    detector: Literal["knn", "pooled", "local", "ae-mse", "ae-maha", "fusion"] = "fusion"
+    detector: Literal["knn", "pooled", "rhythm", "local", "ae-mse", "ae-maha", "fusion"] = "fusion"
     normals_only_roots: tuple[str, ...] = ()  # roots whose unparsed names are trusted as normal train clips
     # eval ground truth from the official baseline repo's single list (datasets/eval_data_list_2025.csv);
     # "": from each root's eval_data/ground_truth_{data,domain}/ tables when present

@@ -6,7 +6,12 @@ Frames are 10 log10 mel powers (dB, ``models/frames.py``); P = 10^(x/10) is the 
 - ``gem``: generalised mean of the power, in dB: 10/p log10(mean_t P^p) (n_mels); p = 1 is the mean
   power, large p tends to the maximum, so short loud events are not averaged away;
 - ``reldev``: the mean of x and the relative deviation of the power, std_t(P) / mean_t(P) (2 n_mels),
-  which is scale-free: a band's fluctuation (modulation, impulses) whatever its level.
+  which is scale-free: a band's fluctuation (modulation, impulses) whatever its level;
+- ``rhythm``: when things happen, not what they sound like (``rhythm_features``): in each of 4 band groups, the
+  autocorrelation of the onset strength (the rise of the group's level from frame to frame) and of the level
+  itself, at lags of 1 to ``RHYTHM_LAGS`` frames (2 x 4 x 64 values, whatever n_mels): a regular beat gives sharp
+  peaks at its period and its multiples, irregular spacing, dropped events or a pattern in another order other
+  shapes, with the spectrum left as it was.
 """
 
 from __future__ import annotations
@@ -16,30 +21,67 @@ from scipy.special import logsumexp
 
 from asd_ray.bank.base import Detector
 
-POOLINGS = ("mean", "mean_std", "gem", "reldev")
+POOLINGS = ("mean", "mean_std", "gem", "reldev", "rhythm")
+RHYTHM_GROUPS, RHYTHM_LAGS = 4, 64  # band groups; lags in frames (64 hops of 512 samples at 16 kHz: 2 s)
+
+
+def _autocorrelation(x: np.ndarray, lags: int) -> np.ndarray:
+    """(T x g) -> (lags x g): each column's autocorrelation at lags 1..lags, normalised by its lag-0 value (0 for
+    a constant column, and at lags the clip is too short for)."""
+    x = x - x.mean(axis=0)
+    n = len(x)
+    size = 1 << int(np.ceil(np.log2(2 * n)))
+    spec = np.fft.rfft(x, size, axis=0)
+    r = np.fft.irfft(spec * spec.conj(), size, axis=0)[: lags + 1]
+    out = np.zeros((lags, x.shape[1]))
+    usable = min(lags, n - 1)
+    ok = r[0] > 1e-12 * n
+    out[:usable, ok] = r[1:usable + 1, ok] / r[0, ok]
+    return out
+
+
+def rhythm_features(frames: np.ndarray, groups: int = RHYTHM_GROUPS, lags: int = RHYTHM_LAGS) -> np.ndarray:
+    """(T x n_mels) dB frames -> the ``rhythm`` pooling's (2 x groups x lags) vector (module docstring)."""
+    x = np.asarray(frames, dtype=np.float64)
+    if x.shape[1] < groups:
+        raise ValueError(f"rhythm pooling splits the bands into {groups} groups: {x.shape[1]} bands are too few")
+    level = np.stack([g.mean(axis=1) for g in np.array_split(x, groups, axis=1)], axis=1)  # T x groups
+    onset = np.maximum(0.0, np.diff(level, axis=0, prepend=level[:1]))
+    return np.concatenate([_autocorrelation(onset, lags).T.ravel(), _autocorrelation(level, lags).T.ravel()])
+
+
+def _gem(x: np.ndarray, p: float) -> np.ndarray:
+    if p <= 0:
+        raise ValueError(f"generalised-mean exponent must be positive, got {p}")
+    # 10/p log10 mean_t 10^(p x / 10), through logsumexp in natural logs so that loud frames do not overflow
+    a = p * x * np.log(10.0) / 10.0
+    return (logsumexp(a, axis=0) - np.log(len(x))) * 10.0 / (p * np.log(10.0))
+
+
+def _reldev(x: np.ndarray, p: float) -> np.ndarray:
+    power = 10.0 ** ((x - x.max(axis=0)) / 10.0)  # per band up to a factor: the ratio std/mean ignores it
+    return np.concatenate([x.mean(axis=0), power.std(axis=0) / power.mean(axis=0)])
+
+
+# pooling -> (function of the (T x n_mels) dB frames and gem_p, the vector's length in units of n_mels; 0: a fixed
+# length whatever n_mels)
+_POOLS = {
+    "mean": (lambda x, p: x.mean(axis=0), 1),
+    "mean_std": (lambda x, p: np.concatenate([x.mean(axis=0), x.std(axis=0)]), 2),
+    "gem": (_gem, 1),
+    "reldev": (_reldev, 2),
+    "rhythm": (lambda x, p: rhythm_features(x), 0),
+}
 
 
 def pool_clip(frames: np.ndarray, how: str = "mean_std", p: float = 3.0) -> np.ndarray:
-    """(T x n_mels) dB frames -> one float32 clip vector (n_mels or 2 n_mels, see the module docstring)."""
+    """(T x n_mels) dB frames -> one float32 clip vector (see the module docstring)."""
     x = np.asarray(frames, dtype=np.float64)
     if x.ndim != 2 or len(x) == 0:
         raise ValueError(f"pooling takes a (frames x bands) matrix with at least one frame, got shape {x.shape}")
-    if how == "mean":
-        out = x.mean(axis=0)
-    elif how == "mean_std":
-        out = np.concatenate([x.mean(axis=0), x.std(axis=0)])
-    elif how == "gem":
-        if p <= 0:
-            raise ValueError(f"generalised-mean exponent must be positive, got {p}")
-        # 10/p log10 mean_t 10^(p x / 10), through logsumexp in natural logs so that loud frames do not overflow
-        a = p * x * np.log(10.0) / 10.0
-        out = (logsumexp(a, axis=0) - np.log(len(x))) * 10.0 / (p * np.log(10.0))
-    elif how == "reldev":
-        power = 10.0 ** ((x - x.max(axis=0)) / 10.0)  # per band up to a factor: the ratio std/mean ignores it
-        out = np.concatenate([x.mean(axis=0), power.std(axis=0) / power.mean(axis=0)])
-    else:
+    if how not in _POOLS:
         raise ValueError(f"pooling {how!r}: use one of {POOLINGS}")
-    return out.astype(np.float32)
+    return _POOLS[how][0](x, p).astype(np.float32)
 
 
 def pool_clips(clips, how: str = "mean_std", p: float = 3.0) -> np.ndarray:
@@ -63,7 +105,8 @@ class PooledBank(Detector):
         import dataclasses
 
         b = config.bank
-        return cls(**dataclasses.asdict(config.pooled), metric=b.metric, seed=b.seed, faiss_threads=b.faiss_threads)
+        settings = {**dataclasses.asdict(config.pooled), **entry.options}  # rhythm: the pooled section, its pooling
+        return cls(**settings, metric=b.metric, seed=b.seed, faiss_threads=b.faiss_threads)
 
     def __init__(self, *, pooling: str = "mean_std", gem_p: float = 3.0, strategy: str = "seed", **bank_kwargs):
         from asd_ray.bank.memory_bank import STRATEGIES, BankError
@@ -82,8 +125,11 @@ class PooledBank(Detector):
     @property
     def dim(self) -> int | None:
         """What a query row must have: n_mels (a query is one clip's T x n_mels matrix)."""
-        d = self.bank.dim
-        return None if d is None else (d if self.pooling in ("mean", "gem") else d // 2)
+        d, width = self.bank.dim, _POOLS[self.pooling][1]
+        return None if d is None or not width else d // width  # a fixed-length pooling takes any band count
+
+    def eats(self) -> str:
+        return super().eats() if _POOLS[self.pooling][1] else f"log-mel frames ({self.pooling} pooling: any band count)"
 
     def configure(self, *, k: int | None = None, metric: str | None = None) -> "PooledBank":
         """The clip bank's score-time settings (``MemoryBank.configure``)."""
@@ -130,9 +176,12 @@ class PooledBank(Detector):
         choice(d, meta, "strategy", STRATEGIES)
         out = cls(pooling=meta["pooling"], gem_p=meta["gem_p"], strategy=meta["strategy"])
         out.bank = STRATEGIES[meta["strategy"]].load(d / "bank", faiss_threads=faiss_threads)
-        if meta["pooling"] in ("mean_std", "reldev") and out.bank.dim % 2:
+        width = _POOLS[meta["pooling"]][1]
+        fixed = len(rhythm_features(np.zeros((2, RHYTHM_GROUPS))))
+        if (out.bank.dim % width) if width else (out.bank.dim != fixed):
             from asd_ray.errors import BankFolderError
 
-            raise BankFolderError(d, "bank/bank.json", f"{meta['pooling']} pooling gives 2 x n_mels values per clip, "
+            what = f"{width} x n_mels values" if width else f"{fixed} values"
+            raise BankFolderError(d, "bank/bank.json", f"{meta['pooling']} pooling gives {what} per clip, "
                                                        f"but the bank holds {out.bank.dim}-d vectors")
         return out

@@ -42,6 +42,8 @@ KINDS = {
 ENTRIES = {e.name: e for e in (
     DetectorEntry("knn", "MemoryBank", "bank", "clip k-NN bank over backbone embeddings"),
     DetectorEntry("pooled", "PooledBank", "pooled", "clip k-NN bank over pooled log-mel frames"),
+    DetectorEntry("rhythm", "PooledBank", "pooled", "clip k-NN bank over the rhythm of log-mel frames (when events "
+                                                  "come, not the spectrum)", {"pooling": "rhythm"}),
     DetectorEntry("local", "LocalFeatureBank", "local", "local-feature bank over log-mel windows"),
     DetectorEntry("ae-mse", "AEDetector", "ae", "the DCASE AE baseline, reconstruction MSE", {"score_kind": "mse"}),
     DetectorEntry("ae-maha", "AEDetector", "ae", "the DCASE AE baseline, Mahalanobis distance of the reconstruction "

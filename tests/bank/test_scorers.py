@@ -80,6 +80,56 @@ def test_pooled_bank_save_load(tmp_path):
     np.testing.assert_array_equal(loaded.score(clips[:3]), bank.score(clips[:3]))
 
 
+def _beats(onsets, frames=160, bands=8, level=20.0):
+    """dB frames of a machine whose events (one frame each, every band) come at ``onsets``, over a floor of 0 dB."""
+    x = np.zeros((frames, bands))
+    x[np.asarray(onsets)] = level
+    return x
+
+
+def test_rhythm_pooling_sees_when_events_come_not_what_they_sound_like():
+    from asd_ray.bank.pooling import RHYTHM_GROUPS, RHYTHM_LAGS, rhythm_features
+
+    regular = rhythm_features(_beats(np.arange(0, 160, 16)))
+    assert regular.shape == (2 * RHYTHM_GROUPS * RHYTHM_LAGS,)
+    onset = regular[:RHYTHM_LAGS]  # the first band group's onset autocorrelation: peaks at the period and its multiples
+    assert {15, 31, 47} <= set(np.argsort(onset)[-3:]) and onset[15] > 0.8
+    # the same events at irregular times: the same spectrum (mean and std of every band), another rhythm
+    irregular = _beats(np.sort(np.random.default_rng(0).choice(160, 10, replace=False)))
+    np.testing.assert_allclose(pool_clip(irregular, "mean_std"), pool_clip(_beats(np.arange(0, 160, 16)), "mean_std"))
+    assert rhythm_features(irregular)[15] < 0.5
+    # a pattern of four events with gaps 2, 4, 6, 12 against 2, 6, 4, 12 (not the first reversed, which an
+    # autocorrelation cannot tell): the same spectrum, another autocorrelation
+    a = _beats(np.concatenate([[c, c + 2, c + 6, c + 12] for c in range(0, 140, 24)]))
+    b = _beats(np.concatenate([[c, c + 2, c + 8, c + 12] for c in range(0, 140, 24)]))
+    np.testing.assert_allclose(pool_clip(a, "mean_std"), pool_clip(b, "mean_std"))
+    assert np.abs(rhythm_features(a) - rhythm_features(b)).max() > 0.2  # lag 6 (two gaps of 6 in a) against 8
+    # any band count, one length; a constant clip and a clip shorter than the lags give zeros where undefined
+    assert rhythm_features(np.zeros((5, 64))).tolist() == [0.0] * len(regular)
+    with pytest.raises(ValueError, match="too few"):
+        rhythm_features(np.zeros((20, 3)))
+
+
+def test_rhythm_bank_scores_an_irregular_machine_above_regular_ones_and_saves(tmp_path):
+    from asd_ray.config import RunConfig
+    from asd_ray.detectors import make_detector
+
+    rng = np.random.default_rng(1)
+
+    def regular():  # a beat every 16 frames from a random start, each a frame early or late at times
+        onsets = np.arange(rng.integers(0, 16), 160, 16)
+        return _beats(np.clip(onsets + rng.integers(-1, 2, len(onsets)), 0, 159))
+
+    train = [regular() + rng.normal(0, 0.5, (160, 8)) for _ in range(12)]
+    bank = make_detector(RunConfig(), "rhythm").fit(train, domains=["source"] * 12)
+    odd = _beats(np.sort(rng.choice(160, 10, replace=False))) + rng.normal(0, 0.5, (160, 8))
+    scores = bank.score([regular() + rng.normal(0, 0.5, (160, 8)), odd])
+    assert scores[1] > scores[0] and bank.dim is None and "any band count" in bank.eats()
+    loaded = load_detector(bank.save(tmp_path / "rhythm"))
+    assert loaded.pooling == "rhythm"
+    np.testing.assert_array_equal(loaded.score(train[:3]), bank.score(train[:3]))
+
+
 def test_znormalise_and_combine_by_hand():
     np.testing.assert_allclose(znormalise([3.0, 5.0], [1.0, 3.0]), [1.0, 3.0])  # mean 2, std 1
     np.testing.assert_allclose(znormalise([3.0], [2.0, 2.0]), [1.0])  # zero spread counts as 1
