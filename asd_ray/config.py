@@ -33,6 +33,10 @@ class PreprocessConfig:
     trim_frame: int = 1024  # samples per energy frame
     min_seconds: float = 1.0  # clips shorter than this after decoding are rejected; trim keeps at least this
     max_seconds: float = 0.0  # 0 = no cap; else clips are cut to this many seconds
+    # a clip of two or more channels (DCASE 2026: channel 0 the near microphone, 1 the far one): mix (the channels'
+    # mean, flagged), near (channel 0), far (channel 1), cancel (the near channel with the far one's least-squares
+    # prediction of it removed per frequency, data/audio.py: cancel_far); mono clips are taken as they are
+    channels: Literal["mix", "near", "far", "cancel"] = "mix"
 
 
 @dataclass(frozen=True)

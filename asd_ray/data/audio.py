@@ -113,6 +113,45 @@ def downmix(samples: np.ndarray) -> np.ndarray:
     return samples.mean(axis=1, dtype=np.float32) if samples.ndim == 2 else samples.astype(np.float32)
 
 
+CHANNELS = ("mix", "near", "far", "cancel")
+CANCEL_FFT, CANCEL_HOP = 1024, 256  # the cancellation's STFT (samples), whatever the rate
+
+
+def cancel_far(near: np.ndarray, far: np.ndarray) -> np.ndarray:
+    """The near channel with what the far one predicts of it removed: per frequency f, the complex least-squares
+    gain H(f) = sum_t N(f,t) F*(f,t) / sum_t |F(f,t)|^2 over the clip's STFT frames, and Y = N - H F back to a
+    waveform of the near channel's length. Sound that reaches both microphones alike (the factory around the
+    machine) goes; what only the near microphone hears well (the machine) stays. float32."""
+    from scipy.signal import istft, stft
+
+    window = "hann"
+    _, _, n = stft(near.astype(np.float64), nperseg=CANCEL_FFT, noverlap=CANCEL_FFT - CANCEL_HOP, window=window)
+    _, _, f = stft(far.astype(np.float64), nperseg=CANCEL_FFT, noverlap=CANCEL_FFT - CANCEL_HOP, window=window)
+    power = (np.abs(f) ** 2).sum(axis=1)
+    h = (n * f.conj()).sum(axis=1) / np.maximum(power, 1e-12 * max(float(power.max()), 1e-30))
+    _, y = istft(n - h[:, None] * f, nperseg=CANCEL_FFT, noverlap=CANCEL_FFT - CANCEL_HOP, window=window)
+    out = np.zeros(len(near), dtype=np.float32)
+    out[: min(len(near), len(y))] = y[: len(near)]
+    return out
+
+
+def pick_channels(data: np.ndarray, channels: str = "mix") -> tuple[np.ndarray, list[str]]:
+    """(samples x channels) -> (mono float32 samples, flags) as ``preprocess.channels`` says: a mono clip as it
+    is; of more channels, their mean (flag ``downmixed:<n>ch``), channel 0 (``channel:near``), channel 1
+    (``channel:far``) or channel 0 with channel 1's prediction of it cancelled (``cancelled:far``)."""
+    if channels not in CHANNELS:
+        raise ValueError(f"preprocess.channels {channels!r}: use one of {', '.join(CHANNELS)}")
+    if data.ndim == 1 or data.shape[1] == 1:
+        return downmix(data), []
+    if channels == "mix":
+        return downmix(data), [f"downmixed:{data.shape[1]}ch"]
+    if channels == "near":
+        return np.ascontiguousarray(data[:, 0], dtype=np.float32), ["channel:near"]
+    if channels == "far":
+        return np.ascontiguousarray(data[:, 1], dtype=np.float32), ["channel:far"]
+    return cancel_far(data[:, 0], data[:, 1]), ["cancelled:far"]
+
+
 @functools.lru_cache(maxsize=16)
 def _resampler(orig: int, new: int):
     import torchaudio.transforms as T
@@ -181,7 +220,7 @@ def trim_silence(waveform: np.ndarray, *, rate: int = 16_000, top_db: float = 60
 def preprocess_clip(path: str | Path | bytes, *, sample_rate: int = 16_000, target_lufs: float = -23.0,
                     loudness_normalise: bool = True, trim: bool = True, trim_top_db: float = 60.0,
                     trim_frame: int = 1024, min_seconds: float = 1.0, max_seconds: float = 0.0,
-                    decode_limit_s: float = 0.0) -> Clip:
+                    channels: str = "mix", decode_limit_s: float = 0.0) -> Clip:
     """Decode and pre-process one file (a path, or a sound file's bytes). Keyword names are those of
     ``PreprocessConfig``, and ``decode_limit_s`` (``decode``: longer files are refused while they are read;
     the HTTP service's ``serve.max_audio_seconds``).
@@ -189,10 +228,7 @@ def preprocess_clip(path: str | Path | bytes, *, sample_rate: int = 16_000, targ
     Returns a mono float32 Clip at ``sample_rate``. Raises ClipError for unusable files.
     """
     data, rate = decode(path, decode_limit_s)
-    flags = []
-    if data.shape[1] > 1:
-        flags.append(f"downmixed:{data.shape[1]}ch")
-    wave = downmix(data)
+    wave, flags = pick_channels(data, channels)  # before resampling: the cancellation's STFT is in samples
     if rate != sample_rate:
         flags.append(f"resampled:{rate}Hz")
         wave = resample(wave, rate, sample_rate)
