@@ -107,13 +107,15 @@ TINY_FINETUNE = ["finetune.batch_size=4", "finetune.crop_seconds=1.0", "finetune
 def _tiny_space(name: str, backbone: Path) -> SweepSpace:
     """A space of configs/ cut to a few trials: one value of each embedding choice (each is a pipeline run up front),
     two values of the first two scoring choices (four trials: as many as 0.5-CPU trials fill 2 CPUs), one fine-tuning
-    epoch, one sample."""
+    epoch, one sample. A fine-tuning space keeps one trial: its trial and its Train worker and feed fill the 2 CPUs
+    alone (the resource plan): a second trial waited for the first (117 s for two here, 89 s for one beside other work)."""
     space = load_space(CONFIGS / name)
     grid, trials = {}, 1
+    most = 1 if space.finetunes else 4
     for key, values in space.grid.items():
         if key == "embed.backbone":
             values = [str(backbone)]
-        keep = 2 if not key.startswith(EMBEDDING_SECTIONS) and trials * 2 <= 4 and len(values) > 1 else 1
+        keep = 2 if not key.startswith(EMBEDDING_SECTIONS) and trials * 2 <= most and len(values) > 1 else 1
         grid[key], trials = values[:keep], trials * keep
     sample = {k: ({"choice": [1]} if k == "finetune.epochs" else v) for k, v in space.sample.items()}
     return dataclasses.replace(space, grid=grid, sample=sample, num_samples=1)
