@@ -13,7 +13,7 @@ from pathlib import Path
 
 from asd_ray.cli_args import DETECTORS, build_parser as _build_parser, detector_names
 from asd_ray.config import ConfigError, RunConfig, given_keys, load_config
-from asd_ray.data.layout import EVAL_MACHINES, LayoutError, discover, summarise
+from asd_ray.data.layout import LayoutError, discover, summarise
 
 log = logging.getLogger("asd_ray")
 
@@ -43,12 +43,13 @@ def embedding_config(config_path, overrides, backbone=None) -> RunConfig:
 def cmd_synth(args) -> int:
     from asd_ray.data.synth import generate_corpus
 
-    # eval machines only when asked: --eval-machines alone is all of them
-    eval_machines = () if args.eval_machines is None else (args.eval_machines or list(EVAL_MACHINES))
-    root = generate_corpus(args.out, dev_machines=args.machines, eval_machines=eval_machines,
+    # eval machines only when asked: --eval-machines alone is all of the year's (None: generate_corpus's default)
+    eval_machines = () if args.eval_machines is None else (args.eval_machines or None)
+    root = generate_corpus(args.out, dev_machines=args.machines or None, eval_machines=eval_machines,
                            train_source=args.train_source, train_target=args.train_target,
                            test_per_cell=args.test_per_cell, supplemental=args.supplemental,
-                           seconds=args.seconds, seed=args.seed, workers=args.workers, style=args.style)
+                           seconds=args.seconds, seed=args.seed, workers=args.workers, style=args.style,
+                           year=args.year)
     s = summarise(discover([root]))
     print(f"wrote {s['clips']} clips under {root}")
     return 0

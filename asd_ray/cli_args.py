@@ -12,7 +12,7 @@ import typing
 from pathlib import Path
 
 from asd_ray.config import RunConfig
-from asd_ray.data.layout import DEV_MACHINES, EVAL_MACHINES
+from asd_ray.data.layout import DEV_MACHINES, DEV_MACHINES_2026, EVAL_MACHINES, EVAL_MACHINES_2026
 
 # Detector names for `asd-ray compare`: each is config overrides on top of the run's config.
 DETECTORS = {
@@ -95,18 +95,24 @@ def _add_config_args(p):
 
 
 def _add_synth(sub):
-    p = _parser(sub, "synth", "write a synthetic corpus laid out exactly like DCASE 2025 Task 2")
+    p = _parser(sub, "synth", "write a synthetic corpus laid out exactly like DCASE 2025 Task 2 (or 2026: --year)")
     p.add_argument("--out", required=True, type=Path, help="root of the corpus (dev_data/, eval_data/ under it)")
-    p.add_argument("--machines", nargs="*", default=list(DEV_MACHINES), metavar="MACHINE",
-                   help="dev machine types to write (dev_data/)")
+    p.add_argument("--year", type=int, choices=(2025, 2026), default=2025,
+                   help="the DCASE set-up: 2025 (mono clips), or 2026 (its machine names and clip lengths; each clip "
+                        "two channels, a near and a far microphone, with factory noise that both hear)")
+    p.add_argument("--machines", nargs="*", default=None, metavar="MACHINE",
+                   help=f"dev machine types to write (dev_data/); default: the year's (2025: {' '.join(DEV_MACHINES)}; "
+                        f"2026: {' '.join(DEV_MACHINES_2026)})")
     p.add_argument("--eval-machines", nargs="*", default=None, metavar="MACHINE",
-                   help="also write these eval machine types (eval_data/); the flag alone: all 8 of DCASE 2025 "
-                        f"({' '.join(EVAL_MACHINES)}); without it: none")
+                   help="also write these eval machine types (eval_data/); the flag alone: all of the year's (2025: "
+                        f"{' '.join(EVAL_MACHINES)}; 2026: {' '.join(EVAL_MACHINES_2026)}); without it: none")
     p.add_argument("--train-source", type=int, default=990, help="source-domain normal train clips per machine")
     p.add_argument("--train-target", type=int, default=10, help="target-domain normal train clips per machine")
     p.add_argument("--test-per-cell", type=int, default=50, help="test clips per domain x label")
-    p.add_argument("--supplemental", type=int, default=5, help="noise-only and clean supplemental clips each")
-    p.add_argument("--seconds", type=float, default=10.0, help="length of every clip")
+    p.add_argument("--supplemental", type=int, default=None,
+                   help="noise-only and clean supplemental clips each (default: 5 for 2025, none for 2026)")
+    p.add_argument("--seconds", type=float, default=None,
+                   help="length of every clip (default: 10 for 2025; each machine type's for 2026, 6 to 16 s)")
     p.add_argument("--seed", type=int, default=0, help="the same seed writes the same corpus")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes writing clips (default: this machine's CPUs, %(default)s)")
     p.add_argument("--style", default="A",

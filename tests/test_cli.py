@@ -48,7 +48,7 @@ def test_every_option_of_every_command_has_help_and_help_shows_the_defaults():
     text = {name: " ".join(p.format_help().split()) for name, p in commands.items()}
     assert "--verbose" in parser.format_help() and "--version" in parser.format_help()
     assert "(default: 990)" in text["synth"] and "(default: 50)" in text["synth"]
-    assert "(default: ToyCar ToyTrain bearing fan gearbox slider valve)" in text["synth"]
+    assert "(2025: ToyCar ToyTrain bearing fan gearbox slider valve; 2026: ToyCar ToyCarEmu" in text["synth"]
     assert "(default: runs/demo)" in text["run"] and "default: fusion" in text["run"]
     assert "default: logmel" in text["run"] and "default: logmel" in text["embed"]
     assert "default: facebook/hubert-base-ls960" in text["finetune"] and "default: 8000" in text["serve"]

@@ -113,7 +113,7 @@ def downmix(samples: np.ndarray) -> np.ndarray:
     return samples.mean(axis=1, dtype=np.float32) if samples.ndim == 2 else samples.astype(np.float32)
 
 
-CHANNELS = ("mix", "near", "far", "cancel")
+CHANNELS = ("auto", "mix", "near", "far", "cancel")
 CANCEL_FFT, CANCEL_HOP = 1024, 256  # the cancellation's STFT (samples), whatever the rate
 
 
@@ -137,12 +137,15 @@ def cancel_far(near: np.ndarray, far: np.ndarray) -> np.ndarray:
 
 def pick_channels(data: np.ndarray, channels: str = "mix") -> tuple[np.ndarray, list[str]]:
     """(samples x channels) -> (mono float32 samples, flags) as ``preprocess.channels`` says: a mono clip as it
-    is; of more channels, their mean (flag ``downmixed:<n>ch``), channel 0 (``channel:near``), channel 1
-    (``channel:far``) or channel 0 with channel 1's prediction of it cancelled (``cancelled:far``)."""
+    is; of more channels, their mean (``mix``, flag ``downmixed:<n>ch``), channel 0 (``near``, ``channel:near``),
+    channel 1 (``far``, ``channel:far``) or channel 0 with channel 1's prediction of it cancelled (``cancel``,
+    ``cancelled:far``); ``auto``: ``cancel`` for a two-channel clip, ``mix`` for more channels."""
     if channels not in CHANNELS:
         raise ValueError(f"preprocess.channels {channels!r}: use one of {', '.join(CHANNELS)}")
     if data.ndim == 1 or data.shape[1] == 1:
         return downmix(data), []
+    if channels == "auto":  # a near/far pair (DCASE 2026): cancel, the best measured; more channels: their mean
+        channels = "cancel" if data.shape[1] == 2 else "mix"
     if channels == "mix":
         return downmix(data), [f"downmixed:{data.shape[1]}ch"]
     if channels == "near":

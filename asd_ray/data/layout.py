@@ -22,6 +22,9 @@ DEV_MACHINES = ("ToyCar", "ToyTrain", "bearing", "fan", "gearbox", "slider", "va
 EVAL_MACHINES = (
     "ToyRCCar", "ToyPet", "HomeCamera", "AutoTrash", "Polisher", "ScrewFeeder", "BandSealer", "CoffeeGrinder",
 )
+# DCASE 2026 Task 2: two-channel clips (near, far microphone), no supplemental clips
+DEV_MACHINES_2026 = ("ToyCar", "ToyCarEmu", "bearingEmu", "fan", "gearboxEmu", "sliderEmu", "valveEmu")
+EVAL_MACHINES_2026 = ("ToyDrone", "ToothBrush", "SewingMachine", "BlowerDustCollector", "Sander")
 SPLITS = ("train", "test", "supplemental")
 
 _SECTION_FORM = re.compile(

@@ -217,6 +217,7 @@ class _Job:
     key: tuple
     seconds: float
     style: str = "A"
+    year: int = 2025  # 2026: a near/far pair (synth_2026.two_channels)
 
 
 def _write(job: _Job, seed: int, rate: int) -> None:
@@ -228,6 +229,10 @@ def _write(job: _Job, seed: int, rate: int) -> None:
     else:
         x = style.clip(profile, domain=job.domain, variant=job.variant, anomaly=job.anomaly,
                        severity=job.severity, rng=rng, seconds=job.seconds, rate=rate)
+    if job.year == 2026:
+        from asd_ray.data.synth_2026 import two_channels
+
+        x = two_channels(x, rng, rate, job.domain)
     sf.write(job.path, x, rate, subtype="PCM_16")
 
 
@@ -240,7 +245,7 @@ def _write_many(args):
 
 def _plan_machine(root: Path, dataset: str, machine: str, *, seed: int, train_source: int, train_target: int,
                   test_per_cell: int, supplemental: int, seconds: float,
-                  style: str = "A") -> tuple[list[_Job], list[list[str]], list]:
+                  style: str = "A", year: int = 2025) -> tuple[list[_Job], list[list[str]], list]:
     """Jobs for one machine, its attributes_00.csv rows and its test clips' ground-truth rows
     (file name, label 0/1, domain 0/1, labelled name without ``.wav``)."""
     profile = corpus_style(style).draw(machine, seed)
@@ -255,7 +260,7 @@ def _plan_machine(root: Path, dataset: str, machine: str, *, seed: int, train_so
         fname = test_name or f"{name}_{index:04d}_{attrs}.wav"
         path = mdir / split / fname
         jobs.append(_Job(str(path), machine, domain, variant, anomaly, severity, noise_only,
-                         (dataset, machine, split, domain, label, index), seconds, style))
+                         (dataset, machine, split, domain, label, index), seconds, style, year))
         values = [] if attrs == "noAttribute" else attrs.split("_")
         attr_rows.append([f"{machine}/{split}/{fname}", *values])
         if split == "test":  # the labelled name: the file's own on dev, the one the eval list gives on eval
@@ -285,10 +290,10 @@ def _plan_machine(root: Path, dataset: str, machine: str, *, seed: int, train_so
     return jobs, attr_rows, truth
 
 
-def generate_corpus(out: str | Path, *, dev_machines: Iterable[str] = DEV_MACHINES,
-                    eval_machines: Iterable[str] = EVAL_MACHINES, train_source: int = 990, train_target: int = 10,
-                    test_per_cell: int = 50, supplemental: int = 5, seconds: float = 10.0, rate: int = 16_000,
-                    seed: int = 0, workers: int = 1, style: str = "A") -> Path:
+def generate_corpus(out: str | Path, *, dev_machines: Iterable[str] | None = None,
+                    eval_machines: Iterable[str] | None = None, train_source: int = 990, train_target: int = 10,
+                    test_per_cell: int = 50, supplemental: int | None = None, seconds: float | None = None,
+                    rate: int = 16_000, seed: int = 0, workers: int = 1, style: str = "A", year: int = 2025) -> Path:
     """Write a DCASE 2025-format corpus under ``out`` and return ``out``.
 
     Sizes default to DCASE's (990 + 10 train normals, 50 test clips per domain x label, 10 s);
@@ -297,18 +302,36 @@ def generate_corpus(out: str | Path, *, dev_machines: Iterable[str] = DEV_MACHIN
     (run the evaluator in either folder), and the eval labels also in ``eval_data_list.csv`` at the root, in
     the format of the official baseline repo's ``datasets/eval_data_list_2025.csv``. ``style`` picks
     the sound models and anomaly kinds (:data:`STYLES`); the layout is the same for every style.
+
+    ``year=2026``: DCASE 2026's set-up (``synth_2026``): its machine names, two-channel clips (near, far), no
+    supplemental clips, each machine type's clip length unless ``seconds`` is given. None (machines, supplemental,
+    seconds): the year's own (2025: the 7 dev and 8 eval machines, 5 supplemental clips of each kind, 10 s).
     """
     root = Path(out)
     corpus_style(style)  # an unknown style fails before anything is written
+    if year not in (2025, 2026):
+        raise ValueError(f"year {year}: the synthetic corpus is laid out as DCASE 2025 or 2026")
+    if year == 2026:
+        from asd_ray.data import synth_2026 as y
+
+        machines = (y.DEV_MACHINES, y.EVAL_MACHINES, 0, y.SECONDS)
+    else:
+        machines = (DEV_MACHINES, EVAL_MACHINES, 5, {})
+    dev_machines = machines[0] if dev_machines is None else dev_machines
+    eval_machines = machines[1] if eval_machines is None else eval_machines
+    supplemental = machines[2] if supplemental is None else supplemental
+    lengths = machines[3]
     all_jobs: list[_Job] = []
     eval_list: list[list[str]] = []
     for dataset, machines in (("dev", dev_machines), ("eval", eval_machines)):
         for machine in machines:
             jobs, attr_rows, truth = _plan_machine(root, dataset, machine, seed=seed, train_source=train_source,
                                                    train_target=train_target, test_per_cell=test_per_cell,
-                                                   supplemental=supplemental, seconds=seconds, style=style)
+                                                   supplemental=supplemental,
+                                                   seconds=seconds or lengths.get(machine, 10.0), style=style,
+                                                   year=year)
             mdir = root / f"{dataset}_data" / "raw" / machine
-            for split in ("train", "test", "supplemental"):
+            for split in ("train", "test", *(("supplemental",) if year == 2025 else ())):  # 2026 has none
                 (mdir / split).mkdir(parents=True, exist_ok=True)
             width = max((len(r) for r in attr_rows), default=1) - 1
             header = ["file_name"] + [f"d{i // 2 + 1}{'pv'[i % 2]}" for i in range(width)]
