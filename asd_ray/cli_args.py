@@ -26,6 +26,8 @@ DETECTORS = {
     "rhythm": ["detector=rhythm"],  # pooled's bank over when events come (issue 26), not yet a fusion member
     "local": ["detector=local"],
     "fusion": ["detector=fusion"],  # local + pooled, z-normalised by their train scores, max
+    # + the rhythm bank, mean: better on small corpora of all three styles (benchmarks/results_style_c_small_cpu2.txt)
+    "fusion-rhythm": ["detector=fusion", "fusion.members=[local, pooled, rhythm]", "fusion.combine=mean"],
     "fusion-mean": ["detector=fusion", "fusion.combine=mean"],
     "fusion-noise": ["detector=fusion", "supplemental.noise_profile=true"],  # minus each machine's noise profile
     "ae-mse": ["detector=ae-mse"],
