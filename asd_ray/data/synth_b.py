@@ -30,8 +30,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.signal import oaconvolve
 
-from asd_ray.data.synth_parts import (NO_ATTRIBUTE, CorpusStyle, band_noise, coloured_noise, harmonics, random_gain,
-                                      ring, rms, seeded_rng, spectral_filter)
+from asd_ray.data.synth_parts import (NO_ATTRIBUTE, CorpusStyle, band_noise, coloured_noise, harmonics, placed,
+                                      random_gain, ring, rms, seeded_rng, spectral_filter)
 
 ANOMALY_KINDS = ("missing", "jitter", "rattle", "dropout", "cavitation", "damping", "sideband", "whine", "tilt")
 FAMILY_KINDS = {
@@ -293,14 +293,6 @@ def _microphone(x, rate, domain, rng):
     return spectral_filter(x, rate, gain_db)
 
 
-def _room(x, rate, rng, rt60, wet):
-    """``x`` in a room: the direct sound plus exponentially decaying diffuse reverberation."""
-    m = int(rt60 * rate)
-    ir = rng.standard_normal(m) * np.exp(-6.9 * np.arange(m) / m)
-    tail = oaconvolve(x, ir)[: len(x)]
-    return x + wet * rms(x) * tail / rms(tail)
-
-
 def synth_clip(profile: PlantProfile, *, domain: str, variant: int, anomaly: str | None, severity: float,
                rng: np.random.Generator, seconds: float, rate: int = 16_000) -> np.ndarray:
     """One style-B clip of ``profile``'s machine in ``domain`` (float32, mono, peak below 1)."""
@@ -308,10 +300,9 @@ def synth_clip(profile: PlantProfile, *, domain: str, variant: int, anomaly: str
     d = _DOMAIN[domain]
     speed = profile.target_speed if domain == "target" else profile.source_speeds[variant]
     sound = _plant_sound(profile, rng, n, rate, speed, anomaly, severity)
-    sound = _room(sound, rate, rng, d["rt60"] * 2 ** rng.normal(0, 0.15), d["wet"])
-    snr = d["snr"] + rng.normal(0, 2.0)
-    mix = sound / rms(sound) + 10 ** (-snr / 20) * _background(rng, n, rate, domain)
-    return random_gain(_microphone(mix, rate, domain, rng), rng)
+    return placed(sound, rng, rate=rate, rt60=d["rt60"] * 2 ** rng.normal(0, 0.15), wet=d["wet"], snr_db=d["snr"],
+                  background=lambda: _background(rng, n, rate, domain),
+                  microphone=lambda mix: _microphone(mix, rate, domain, rng))
 
 
 def noise_clip(rng: np.random.Generator, *, domain: str, seconds: float, rate: int = 16_000) -> np.ndarray:

@@ -31,8 +31,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.signal import oaconvolve
 
-from asd_ray.data.synth_parts import (NO_ATTRIBUTE, CorpusStyle, band_noise, coloured_noise, harmonics, random_gain,
-                                      ring, rms, seeded_rng, spectral_filter)
+from asd_ray.data.synth_parts import (NO_ATTRIBUTE, CorpusStyle, band_noise, coloured_noise, harmonics, placed,
+                                      random_gain, ring, rms, seeded_rng, spectral_filter)
 
 ANOMALY_KINDS = ("irregular", "dropped", "double", "reordered", "wobble", "tone", "hiss")
 FAMILY_KINDS = {
@@ -227,12 +227,6 @@ def _background(rng, n: int, rate: int, domain: str) -> np.ndarray:
     return mix / rms(mix)
 
 
-def _room(x: np.ndarray, rate: int, rng, rt60: float, wet: float) -> np.ndarray:
-    m = int(rt60 * rate)
-    tail = oaconvolve(x, rng.standard_normal(m) * np.exp(-6.9 * np.arange(m) / m))[: len(x)]
-    return x + wet * rms(x) * tail / rms(tail)
-
-
 def _microphone(x: np.ndarray, rate: int, domain: str, rng) -> np.ndarray:
     tilt = _DOMAIN[domain]["tilt"] + rng.normal(0, 0.3)
     return spectral_filter(x, rate, lambda fr: tilt * np.log2(np.maximum(fr, 60.0) / 1000.0)
@@ -245,11 +239,10 @@ def synth_clip(profile: RhythmProfile, *, domain: str, variant: int, anomaly: st
     n = int(seconds * rate)
     d = _DOMAIN[domain]
     speed = profile.target_speed if domain == "target" else profile.source_speeds[variant]
-    sound = _room(_machine_sound(profile, rng, n, rate, speed, anomaly, severity), rate, rng,
-                  d["rt60"] * 2 ** rng.normal(0, 0.15), d["wet"])
-    snr = d["snr"] + rng.normal(0, 2.0)
-    mix = sound / rms(sound) + 10 ** (-snr / 20) * _background(rng, n, rate, domain)
-    return random_gain(_microphone(mix, rate, domain, rng), rng)
+    sound = _machine_sound(profile, rng, n, rate, speed, anomaly, severity)
+    return placed(sound, rng, rate=rate, rt60=d["rt60"] * 2 ** rng.normal(0, 0.15), wet=d["wet"], snr_db=d["snr"],
+                  background=lambda: _background(rng, n, rate, domain),
+                  microphone=lambda mix: _microphone(mix, rate, domain, rng))
 
 
 def noise_clip(rng: np.random.Generator, *, domain: str, seconds: float, rate: int = 16_000) -> np.ndarray:

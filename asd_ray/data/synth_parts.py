@@ -78,6 +78,26 @@ def random_gain(mix: np.ndarray, rng: np.random.Generator, lo_dbfs: float = -34,
     return np.clip(mix * (10 ** (gain_dbfs / 20) / rms(mix)), -0.99, 0.99).astype(np.float32)
 
 
+def room(x: np.ndarray, rate: int, rng: np.random.Generator, rt60: float, wet: float) -> np.ndarray:
+    """``x`` in a room: the direct sound plus exponentially decaying diffuse reverberation."""
+    from scipy.signal import oaconvolve
+
+    m = int(rt60 * rate)
+    ir = rng.standard_normal(m) * np.exp(-6.9 * np.arange(m) / m)
+    tail = oaconvolve(x, ir)[: len(x)]
+    return x + wet * rms(x) * tail / rms(tail)
+
+
+def placed(sound: np.ndarray, rng: np.random.Generator, *, rate: int, rt60: float, wet: float, snr_db: float,
+           background: Callable[[], np.ndarray], microphone: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+    """A machine's ``sound`` in its room (``room``), over ``background()`` at ``snr_db`` (plus a random 2 dB),
+    through ``microphone``, at a random gain: a clip of styles B and C."""
+    sound = room(sound, rate, rng, rt60, wet)
+    snr = snr_db + rng.normal(0, 2.0)
+    mix = sound / rms(sound) + 10 ** (-snr / 20) * background()
+    return random_gain(microphone(mix), rng)
+
+
 @dataclass(frozen=True)
 class CorpusStyle:
     """How one corpus style draws a machine's profile and sounds its clips.
