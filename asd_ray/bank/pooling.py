@@ -23,6 +23,7 @@ from asd_ray.bank.base import Detector
 
 POOLINGS = ("mean", "mean_std", "gem", "reldev", "rhythm")
 RHYTHM_GROUPS, RHYTHM_LAGS = 4, 64  # band groups; lags in frames (64 hops of 512 samples at 16 kHz: 2 s)
+RHYTHM_DIM = 2 * RHYTHM_GROUPS * RHYTHM_LAGS  # onset and level autocorrelations of every group
 
 
 def _autocorrelation(x: np.ndarray, lags: int) -> np.ndarray:
@@ -177,11 +178,10 @@ class PooledBank(Detector):
         out = cls(pooling=meta["pooling"], gem_p=meta["gem_p"], strategy=meta["strategy"])
         out.bank = STRATEGIES[meta["strategy"]].load(d / "bank", faiss_threads=faiss_threads)
         width = _POOLS[meta["pooling"]][1]
-        fixed = len(rhythm_features(np.zeros((2, RHYTHM_GROUPS))))
-        if (out.bank.dim % width) if width else (out.bank.dim != fixed):
+        if (out.bank.dim % width) if width else (out.bank.dim != RHYTHM_DIM):
             from asd_ray.errors import BankFolderError
 
-            what = f"{width} x n_mels values" if width else f"{fixed} values"
+            what = f"{width} x n_mels values" if width else f"{RHYTHM_DIM} values"
             raise BankFolderError(d, "bank/bank.json", f"{meta['pooling']} pooling gives {what} per clip, "
                                                        f"but the bank holds {out.bank.dim}-d vectors")
         return out

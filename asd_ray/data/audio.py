@@ -124,18 +124,18 @@ def cancel_far(near: np.ndarray, far: np.ndarray) -> np.ndarray:
     machine) goes; what only the near microphone hears well (the machine) stays. float32."""
     from scipy.signal import istft, stft
 
-    window = "hann"
-    _, _, n = stft(near.astype(np.float64), nperseg=CANCEL_FFT, noverlap=CANCEL_FFT - CANCEL_HOP, window=window)
-    _, _, f = stft(far.astype(np.float64), nperseg=CANCEL_FFT, noverlap=CANCEL_FFT - CANCEL_HOP, window=window)
+    frames = {"nperseg": CANCEL_FFT, "noverlap": CANCEL_FFT - CANCEL_HOP, "window": "hann"}
+    _, _, n = stft(near.astype(np.float64), **frames)
+    _, _, f = stft(far.astype(np.float64), **frames)
     power = (np.abs(f) ** 2).sum(axis=1)
     h = (n * f.conj()).sum(axis=1) / np.maximum(power, 1e-12 * max(float(power.max()), 1e-30))
-    _, y = istft(n - h[:, None] * f, nperseg=CANCEL_FFT, noverlap=CANCEL_FFT - CANCEL_HOP, window=window)
+    _, y = istft(n - h[:, None] * f, **frames)
     out = np.zeros(len(near), dtype=np.float32)
     out[: min(len(near), len(y))] = y[: len(near)]
     return out
 
 
-def pick_channels(data: np.ndarray, channels: str = "mix") -> tuple[np.ndarray, list[str]]:
+def pick_channels(data: np.ndarray, channels: str = "auto") -> tuple[np.ndarray, list[str]]:
     """(samples x channels) -> (mono float32 samples, flags) as ``preprocess.channels`` says: a mono clip as it
     is; of more channels, their mean (``mix``, flag ``downmixed:<n>ch``), channel 0 (``near``, ``channel:near``),
     channel 1 (``far``, ``channel:far``) or channel 0 with channel 1's prediction of it cancelled (``cancel``,
@@ -223,7 +223,7 @@ def trim_silence(waveform: np.ndarray, *, rate: int = 16_000, top_db: float = 60
 def preprocess_clip(path: str | Path | bytes, *, sample_rate: int = 16_000, target_lufs: float = -23.0,
                     loudness_normalise: bool = True, trim: bool = True, trim_top_db: float = 60.0,
                     trim_frame: int = 1024, min_seconds: float = 1.0, max_seconds: float = 0.0,
-                    channels: str = "mix", decode_limit_s: float = 0.0) -> Clip:
+                    channels: str = "auto", decode_limit_s: float = 0.0) -> Clip:
     """Decode and pre-process one file (a path, or a sound file's bytes). Keyword names are those of
     ``PreprocessConfig``, and ``decode_limit_s`` (``decode``: longer files are refused while they are read;
     the HTTP service's ``serve.max_audio_seconds``).
