@@ -125,8 +125,9 @@ def cancel_far(near: np.ndarray, far: np.ndarray) -> np.ndarray:
     from scipy.signal import istft, stft
 
     frames = {"nperseg": CANCEL_FFT, "noverlap": CANCEL_FFT - CANCEL_HOP, "window": "hann"}
-    _, _, n = stft(near.astype(np.float64), **frames)
-    _, _, f = stft(far.astype(np.float64), **frames)
+    size = max(len(near), CANCEL_FFT)  # a clip shorter than one STFT frame, zero-padded (it is rejected as too short)
+    _, _, n = stft(np.pad(near.astype(np.float64), (0, size - len(near))), **frames)
+    _, _, f = stft(np.pad(far.astype(np.float64), (0, size - len(far))), **frames)
     power = (np.abs(f) ** 2).sum(axis=1)
     h = (n * f.conj()).sum(axis=1) / np.maximum(power, 1e-12 * max(float(power.max()), 1e-30))
     _, y = istft(n - h[:, None] * f, **frames)

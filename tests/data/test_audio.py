@@ -65,6 +65,11 @@ def test_cancelling_the_far_channel_removes_the_noise_both_hear_and_keeps_the_ma
     assert noise_db > 10, noise_db  # the shared noise is mostly gone (12.8 dB here) ...
     kept = np.dot(clip.waveform[middle], machine[middle]) / np.dot(machine[middle], machine[middle])
     assert 0.9 < kept < 1.05, kept  # ... the machine, which the far microphone hardly hears, stays
+    # a pair shorter than one STFT frame is rejected as too short, naming the file (it raised scipy's ValueError)
+    short = make_wav("short.wav", pair[:40], subtype="FLOAT")
+    with pytest.raises(ClipError, match="too short") as info:
+        preprocess_clip(short, channels="cancel")
+    assert info.value.path == str(short)
 
 
 def test_all_zero_clip_is_flagged_silent_not_divided_by_zero(make_wav):
