@@ -103,7 +103,8 @@ def test_detector_classes_default_to_the_configs_defaults():
     import inspect
 
     from asd_ray.bank.local_bank import LocalFeatureBank
-    from asd_ray.bank.memory_bank import DomainAwareBank, MemoryBank
+    from asd_ray.bank.domain_bank import DomainAwareBank
+    from asd_ray.bank.memory_bank import MemoryBank
     from asd_ray.config import BankConfig, FusionConfig, LocalConfig
     from asd_ray.detectors import FusionDetector
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from asd_ray.bank.memory_bank import BankError, DomainAwareBank, MemoryBank
+from asd_ray.bank.domain_bank import DomainAwareBank
+from asd_ray.bank.memory_bank import BankError, MemoryBank
 from asd_ray.bank.pooling import PooledBank
 from asd_ray.config import ConfigError, RunConfig, load_config
 from asd_ray.detect import fit_machine, frame_feature_kwargs, machine_result

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from asd_ray.bank.local_bank import LocalFeatureBank
-from asd_ray.bank.memory_bank import DomainAwareBank, MemoryBank
+from asd_ray.bank.domain_bank import DomainAwareBank
+from asd_ray.bank.memory_bank import MemoryBank
 from asd_ray.bank.pooling import PooledBank
 from asd_ray.detectors import FusionDetector, NoiseRemovedDetector, check_bank_folder, load_detector
 from asd_ray.errors import BankFolderError

@@ -14,7 +14,8 @@ SCRIPT = r"""
 import sys
 import numpy as np
 from asd_ray.bank.local_bank import LocalFeatureBank
-from asd_ray.bank.memory_bank import DomainAwareBank, MemoryBank
+from asd_ray.bank.domain_bank import DomainAwareBank
+from asd_ray.bank.memory_bank import MemoryBank
 from asd_ray.bank.pooling import PooledBank
 from asd_ray.models.autoencoder import AEDetector
 

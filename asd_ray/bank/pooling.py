@@ -110,7 +110,7 @@ class PooledBank(Detector):
         return cls(**settings, metric=b.metric, seed=b.seed, faiss_threads=b.faiss_threads)
 
     def __init__(self, *, pooling: str = "mean_std", gem_p: float = 3.0, strategy: str = "seed", **bank_kwargs):
-        from asd_ray.bank.memory_bank import STRATEGIES, BankError
+        from asd_ray.bank.domain_bank import STRATEGIES, BankError
 
         if pooling not in POOLINGS:
             raise BankError(f"pooling {pooling!r}: use one of {POOLINGS}")
@@ -168,7 +168,7 @@ class PooledBank(Detector):
     def load(cls, directory, *, faiss_threads: int = 1, **_ignored) -> "PooledBank":
         from pathlib import Path
 
-        from asd_ray.bank.memory_bank import STRATEGIES
+        from asd_ray.bank.domain_bank import STRATEGIES
         from asd_ray.bank.saved import choice, read_meta
 
         d = Path(directory)

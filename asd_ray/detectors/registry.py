@@ -30,7 +30,7 @@ from asd_ray.errors import BankError, BankFolderError
 # saved kind -> "module:class", imported when first used (torch only where an AE is built or loaded)
 KINDS = {
     "MemoryBank": "asd_ray.bank.memory_bank:MemoryBank",
-    "DomainAwareBank": "asd_ray.bank.memory_bank:DomainAwareBank",
+    "DomainAwareBank": "asd_ray.bank.domain_bank:DomainAwareBank",
     "PooledBank": "asd_ray.bank.pooling:PooledBank",
     "LocalFeatureBank": "asd_ray.bank.local_bank:LocalFeatureBank",
     "AEDetector": "asd_ray.models.autoencoder:AEDetector",

@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from asd_ray.bank.memory_bank import BankError, DomainAwareBank, MemoryBank, build_bank
+from asd_ray.bank.domain_bank import DomainAwareBank, build_bank
+from asd_ray.bank.memory_bank import BankError, MemoryBank
 from asd_ray.detectors import load_detector
 
 TOY = np.array([[0, 0], [3, 0], [0, 4], [10, 10]], dtype=np.float32)

@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from asd_ray.bank.memory_bank import BankError, DomainAwareBank, MemoryBank, smote
+from asd_ray.bank.domain_bank import DomainAwareBank
+from asd_ray.bank.memory_bank import BankError, MemoryBank, smote
 from asd_ray.bank.pooling import PooledBank, pool_clip
 from asd_ray.detectors import FusionDetector, combine, configure_detector, load_detector, znormalise
 
