@@ -23,6 +23,10 @@ def pytest_configure(config):
     puts its root first on this process's path, and PYTHONPATH here on the path of Ray's worker processes and of
     the commands the tests start."""
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(CHECKOUT), os.environ.get("PYTHONPATH")) if p)
+    # every Ray the suite starts (the session's, `ray start` heads, multi-node clusters, the commands' own) keeps
+    # its workers at the suite's priority, as asd-ray's own local Ray does: Ray's default (15 nice levels below)
+    # left them about 1/30 of a CPU beside another busy process, and the suite crawled
+    os.environ.setdefault("RAY_worker_niceness", "0")
 
 
 @pytest.fixture(scope="session")

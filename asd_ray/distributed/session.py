@@ -38,6 +38,11 @@ def ensure_ray(num_cpus: int | None = None, *, data_logs_now: bool = True) -> bo
             log.info("joined the Ray cluster at %s", os.environ["RAY_ADDRESS"])
         else:
             num_cpus = num_cpus or os.cpu_count()
+            # The run's work runs in Ray's worker processes, which Ray starts 15 nice levels below their raylet:
+            # on a machine busy with other work they got about 1/30 of a CPU each, and a run crawled where
+            # --local gets a fair share. A run's own Ray keeps its workers at the run's priority (a user's own
+            # RAY_worker_niceness wins; a cluster joined above keeps its setting).
+            os.environ.setdefault("RAY_worker_niceness", "0")
             # address="local": a Ray of its own even when a `ray start` cluster runs on this machine (plain
             # ray.init() would join that one and refuse num_cpus); RAY_ADDRESS=auto joins it instead.
             ray.init(address="local", include_dashboard=False, num_cpus=num_cpus)
