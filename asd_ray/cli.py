@@ -169,7 +169,7 @@ def cmd_serve_fleet(args) -> int:
 
     config = run_config(args.config, args.overrides)
     given = given_keys(args.config, args.overrides)  # score-time settings given here override the saved banks'
-    check_saved_banks(args.banks, n_mels=config.frames.n_mels)  # a missing folder or a bad bank: an error before Ray
+    check_saved_banks(args.banks, config)  # a missing folder or a bad bank: an error before Ray
     if args.simulate:
         stats = streams.simulate(args.banks, config, args.out, streams=args.simulate, rate_hz=args.rate,
                                  seconds=args.seconds, given=given, roots=args.data)
@@ -207,7 +207,7 @@ def cmd_serve(args) -> int:
               f"{', Serve stopped' if done['serve_stopped'] else ''}; bank actors stopped: "
               f"{', '.join(done['banks']) or 'none running'}")
         return 0
-    check_saved_banks(args.banks, n_mels=config.frames.n_mels)  # a missing folder or a bad bank: an error before Ray
+    check_saved_banks(args.banks, config)  # a missing folder or a bad bank: an error before Ray
     s = config.serve
     try:
         check_write_access(s.token, s.allow_unauthenticated_writes, s.host)

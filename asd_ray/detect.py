@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
 import numpy as np
 
+from asd_ray.bank.saved import write_preprocess
 from asd_ray.config import ConfigError, PostConfig, PreprocessConfig, RunConfig, save_config
 from asd_ray.data.audio import try_preprocess
 from asd_ray.data.layout import ClipRecord, discover
@@ -343,6 +344,9 @@ def run_detection(roots: Sequence[str | Path], config: RunConfig, embedder: Embe
     check_counts(report)
     report.roots, report.clips = [str(r) for r in roots], clip_counts(kept)
     if out_dir is not None:
+        for machine in results:  # how the banks' clips were pre-processed: a service pre-processes requests alike
+            if (Path(out_dir) / "banks" / machine).is_dir():
+                write_preprocess(Path(out_dir) / "banks" / machine, dataclasses.asdict(config.preprocess))
         t4 = time.perf_counter()
         with stage("report", total=1, unit="run"):
             write_outputs(report, out_dir, config, plot_map)

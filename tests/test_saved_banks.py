@@ -1,6 +1,7 @@
 """Saved banks are checked before anything serves them: `serve` and `serve-fleet` refuse a corrupt or mismatched
 bank folder in one line naming the folder, the file and what is wrong, before Ray starts (issue 22, item 6)."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -10,6 +11,8 @@ from asd_ray.bank.local_bank import LocalFeatureBank
 from asd_ray.bank.domain_bank import DomainAwareBank
 from asd_ray.bank.memory_bank import MemoryBank
 from asd_ray.bank.pooling import PooledBank
+from asd_ray.bank.saved import write_preprocess
+from asd_ray.config import PreprocessConfig
 from asd_ray.detectors import FusionDetector, NoiseRemovedDetector, check_bank_folder, load_detector
 from asd_ray.errors import BankFolderError
 from asd_ray.models.autoencoder import AEDetector
@@ -43,8 +46,17 @@ def _truncate(path):
     path.write_bytes(data[: len(data) // 2])
 
 
+def _preprocessed(folder, **changes):
+    write_preprocess(folder, {**dataclasses.asdict(PreprocessConfig()), **changes})
+
+
 # corruption -> (bank kind, what to do in the machine's folder, the file named, words of the problem)
 CORRUPTIONS = {
+    "near channel only": ("clip", lambda d: _preprocessed(d, channels="near"), "preprocess.json",
+                          "its clips were pre-processed with preprocess.channels=near (here auto): requests would be "
+                          "turned into features of another kind (serve it with --set preprocess.channels=near)"),
+    "no loudness normalisation": ("frames", lambda d: _preprocessed(d, loudness_normalise=False), "preprocess.json",
+                                  "preprocess.loudness_normalise=false (here true)"),
     "garbage bank.json": ("clip", lambda d: (d / "bank.json").write_text("{'kind': MemoryBank"),
                           "bank.json", "not valid JSON"),
     "wrong dim": ("clip", lambda d: _edit_json(d / "bank.json", dim=DIM + 1),
@@ -73,10 +85,11 @@ CORRUPTIONS = {
 def test_each_corruption_is_named_by_folder_file_and_problem(name, tmp_path):
     kind, corrupt, file, problem = CORRUPTIONS[name]
     folder = _clip_bank(tmp_path) if kind == "clip" else _fusion_bank(tmp_path)
-    check_bank_folder(folder, n_mels=N_MELS)  # sound as saved
+    service = dataclasses.asdict(PreprocessConfig())  # the pre-processing a service with the defaults applies
+    check_bank_folder(folder, n_mels=N_MELS, preprocess=service)  # sound as saved
     corrupt(folder)
     with pytest.raises(BankFolderError) as err:
-        check_bank_folder(folder, n_mels=N_MELS)
+        check_bank_folder(folder, n_mels=N_MELS, preprocess=service)
     assert (err.value.folder, err.value.file) == (str(folder), file)
     assert problem in err.value.what
     assert str(err.value) == f"saved bank {folder}: {file}: {err.value.what}" and "\n" not in str(err.value)
@@ -125,7 +138,8 @@ def test_a_domain_bank_whose_sub_bank_changed_metric_is_named_from_the_machine_f
 @pytest.mark.parametrize("command", [["serve"], ["serve-fleet", "--simulate", "2"],
                                      ["serve-fleet", "--clips", "CLIPS", "--machine", "fan"]])
 @pytest.mark.parametrize("name", ["garbage bank.json", "wrong dim", "metric changed", "truncated FAISS file",
-                                  "fusion n_mels changed", "calibration missing"])
+                                  "fusion n_mels changed", "calibration missing", "near channel only",
+                                  "no loudness normalisation"])
 def test_serve_and_serve_fleet_refuse_a_corrupt_bank_in_one_line_before_ray_starts(name, command, tmp_path,
                                                                                    monkeypatch, capsys):
     from asd_ray.cli import main
@@ -171,3 +185,16 @@ def test_banks_saved_before_format_versions_still_load(tmp_path):
     (folder / "bank.json").write_text(json.dumps(meta))
     check_bank_folder(folder)
     assert load_detector(folder).size == 30
+
+
+def test_a_bank_pre_processed_as_the_service_would_or_without_a_record_passes(tmp_path):
+    """The record of how a bank's clips were pre-processed is checked against the service's settings: equal passes,
+    a bank saved without one (by the library's ``save``) is taken as it is, a setting that only limits clip length
+    (max_seconds) is the service's own."""
+    folder = _clip_bank(tmp_path)
+    preprocess = dataclasses.asdict(PreprocessConfig())
+    check_bank_folder(folder, preprocess=preprocess)  # no record
+    _preprocessed(folder, max_seconds=10.0)
+    check_bank_folder(folder, preprocess=preprocess)
+    with pytest.raises(BankFolderError, match=r"preprocess.channels=auto \(here cancel\)"):
+        check_bank_folder(folder, preprocess={**preprocess, "channels": "cancel"})

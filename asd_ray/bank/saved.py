@@ -4,7 +4,9 @@ A saved detector is a folder: ``bank.json`` (its kind, format version and parame
 indices (``index.faiss``), arrays (``calibration.npz``, read without pickle) or model weights; detectors made of
 others keep those in sub-folders. Every reader here raises ``BankFolderError(folder, file, what)``: a bank that
 was truncated, edited or written by a newer asd-ray is refused at load with one line, never with a
-``JSONDecodeError`` or a FAISS assertion that names no file.
+``JSONDecodeError`` or a FAISS assertion that names no file. Beside ``bank.json``, ``preprocess.json`` records how the
+clips of the bank were pre-processed (``write_preprocess``): a service that would turn requests into features
+another way refuses the bank (``check_preprocess``).
 """
 
 from __future__ import annotations
@@ -138,3 +140,44 @@ def finite(directory: str | Path, name: str, label: str, x: np.ndarray, shape: t
     if not np.issubdtype(x.dtype, np.number) or not np.isfinite(x).all():
         raise BankFolderError(directory, name, f"{label} holds NaN, Inf or non-numbers")
     return x
+
+
+PREPROCESS_RECORD = "preprocess.json"
+# The pre-processing settings that change a clip's features (preprocess.min_seconds and max_seconds only accept or
+# cut clips: a service may set its own limits).
+PREPROCESS_KEYS = ("sample_rate", "target_lufs", "loudness_normalise", "trim", "trim_top_db", "trim_frame", "channels")
+
+
+def write_preprocess(directory: str | Path, preprocess: dict) -> None:
+    """Record in a saved bank's folder how its clips were pre-processed (``PREPROCESS_KEYS`` of ``preprocess``,
+    the run's ``PreprocessConfig`` as a dict)."""
+    record = {k: preprocess[k] for k in PREPROCESS_KEYS}
+    (Path(directory) / PREPROCESS_RECORD).write_text(json.dumps(record, indent=1) + "\n")
+
+
+def check_preprocess(directory: str | Path, preprocess: dict) -> None:
+    """Refuse a bank whose clips were pre-processed otherwise than ``preprocess`` (the service's settings) would
+    pre-process a request: a near/far pair cancelled for the bank and down-mixed for the query, another sample
+    rate, no loudness normalisation... would score features of another kind. ``BankFolderError`` naming the file,
+    each differing setting and the ``--set`` that serves the bank. A bank without the record (saved before banks
+    recorded it, or by the library's ``save`` alone) is taken as it is."""
+    d = Path(directory)
+    p = d / PREPROCESS_RECORD
+    if not p.is_file():
+        return
+    try:
+        record = json.loads(p.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise BankFolderError(d, PREPROCESS_RECORD, f"not valid JSON ({one_line(err)})") from None
+    if not isinstance(record, dict):
+        raise BankFolderError(d, PREPROCESS_RECORD, f"holds a JSON {type(record).__name__}, not an object")
+    differ = [k for k in PREPROCESS_KEYS if k in record and record[k] != preprocess[k]]
+    if differ:
+        said = ", ".join(f"preprocess.{k}={_setting(record[k])} (here {_setting(preprocess[k])})" for k in differ)
+        sets = " ".join(f"--set preprocess.{k}={_setting(record[k])}" for k in differ)
+        raise BankFolderError(d, PREPROCESS_RECORD, f"its clips were pre-processed with {said}: requests would be "
+                                                    f"turned into features of another kind (serve it with {sets})")
+
+
+def _setting(value) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from asd_ray.bank.base import Detector, DetectorEntry
-from asd_ray.bank.saved import one_line, read_meta
+from asd_ray.bank.saved import check_preprocess, one_line, read_meta
 from asd_ray.config import ConfigError, RunConfig
 from asd_ray.errors import BankError, BankFolderError
 
@@ -159,12 +159,15 @@ def configure_detector(detector: Detector, settings: dict[str, Any]) -> dict[str
     return out
 
 
-def check_bank_folder(directory: str | Path, *, n_mels: int | None = None) -> None:
+def check_bank_folder(directory: str | Path, *, n_mels: int | None = None, preprocess: dict | None = None) -> None:
     """Refuse a saved detector that cannot be served as it is, before anything starts: its files are read and
     checked as a load does (JSON, format version, kind, fields, FAISS files, calibration arrays, dimensions
     against the indices, members against each other) and, with ``n_mels`` (the ``frames.n_mels`` the clips will
-    be turned into), a frame detector's bands against it. Raises ``BankFolderError(directory, file, what)``."""
+    be turned into), a frame detector's bands against it; with ``preprocess`` (the service's ``PreprocessConfig`` as
+    a dict), the pre-processing its clips had (``preprocess.json``). Raises ``BankFolderError(directory, file, what)``."""
     d = Path(directory)
+    if preprocess is not None:
+        check_preprocess(d, preprocess)
     try:
         detector = load_detector(d)
     except BankFolderError as err:

@@ -9,6 +9,7 @@ actor serves what it had. Also where the saved banks of a fleet are listed and c
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import time
@@ -18,6 +19,7 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 
 from asd_ray.bank.memory_bank import BankError
+from asd_ray.bank.saved import PREPROCESS_RECORD
 from asd_ray.detectors import bank_version, check_bank_folder, configure_detector, load_detector
 
 
@@ -60,6 +62,8 @@ class BankActor:
         tmp, old = self.bank_dir.with_name(self.bank_dir.name + ".new"), self.bank_dir.with_name(self.bank_dir.name + ".old")
         shutil.rmtree(tmp, ignore_errors=True)
         self.bank.save(tmp)
+        if (self.bank_dir / PREPROCESS_RECORD).is_file():  # how its clips were pre-processed stays with the bank
+            shutil.copy2(self.bank_dir / PREPROCESS_RECORD, tmp / PREPROCESS_RECORD)
         shutil.rmtree(old, ignore_errors=True)
         self.bank_dir.rename(old)
         tmp.rename(self.bank_dir)
@@ -96,13 +100,14 @@ def saved_banks(bank_root: str | Path, *, empty_ok: bool = False) -> tuple[Path,
     return root, machines
 
 
-def check_saved_banks(bank_root: str | Path, *, n_mels: int | None = None) -> tuple[Path, list[str]]:
-    """``saved_banks``, then every machine's bank read and checked as a load would (``check_bank_folder``; frame
-    detectors against ``n_mels``, the config's ``frames.n_mels``): a corrupt or mismatched bank is refused in one
-    line naming its folder and file before Ray starts, not by a bank actor or a replica after it."""
+def check_saved_banks(bank_root: str | Path, config) -> tuple[Path, list[str]]:
+    """``saved_banks``, then every machine's bank read and checked as a load would (``check_bank_folder``: frame
+    detectors against the ``config``'s ``frames.n_mels``, the clips' pre-processing against its ``preprocess``):
+    a corrupt or mismatched bank is refused in one line naming its folder and file before Ray starts, not by a
+    bank actor or a replica after it."""
     root, machines = saved_banks(bank_root)
     for machine in machines:
-        check_bank_folder(root / machine, n_mels=n_mels)
+        check_bank_folder(root / machine, n_mels=config.frames.n_mels, preprocess=dataclasses.asdict(config.preprocess))
     return root, machines
 
 

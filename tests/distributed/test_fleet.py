@@ -2,6 +2,8 @@
 
 import asyncio
 import csv
+import dataclasses
+import json
 import re
 import uuid
 from pathlib import Path
@@ -11,8 +13,9 @@ import pytest
 import soundfile as sf
 
 from asd_ray.bank.memory_bank import MemoryBank
+from asd_ray.bank.saved import write_preprocess
 from asd_ray.detectors import load_detector
-from asd_ray.config import FleetConfig, PostConfig, RunConfig, load_config
+from asd_ray.config import FleetConfig, PostConfig, PreprocessConfig, RunConfig, load_config
 from asd_ray.detect import reference_run
 from asd_ray.distributed.bank_actors import actor_name, start_banks
 from asd_ray.distributed.fleet import BAD_INPUT, UNKNOWN_MACHINE, Request, Router, score_requests
@@ -31,7 +34,8 @@ def fleet(ray_local, tmp_path):
     for i, machine in enumerate(("fan", "valve")):
         bank = MemoryBank(k=3).fit(rng.standard_normal((300, DIM)).astype(np.float32) + i,
                                    [f"m{j}" for j in range(300)])
-        bank.save(tmp_path / "banks" / machine)
+        write_preprocess(bank.save(tmp_path / "banks" / machine), {**dataclasses.asdict(PreprocessConfig()),
+                                                                    "channels": "near"})
         banks[machine] = bank
     namespace = f"test-{uuid.uuid4().hex[:8]}"
     actors = start_banks(tmp_path / "banks", namespace=namespace)
@@ -81,6 +85,8 @@ def test_add_changes_scores_and_persists(fleet, ray_local):
     assert all(a.raw_score < b.raw_score for a, b in zip(after, before))
     assert router.add("fan", new, [f"new{i}" for i in range(5)])["size"] == 305  # a retried add is not doubled
     assert load_detector(bank_root / "fan").size == 305  # persisted: a restart reloads it
+    # how its clips were pre-processed stays with the bank it persisted
+    assert json.loads((bank_root / "fan" / "preprocess.json").read_text())["channels"] == "near"
 
 
 def test_add_recalibrates_running_streams(fleet):
@@ -177,6 +183,23 @@ def test_clip_streams_equal_the_batch_run(ray_local, corpus_with_bad_clips, tmp_
     ray = ray_local
     for machine in ref.results:
         ray.kill(ray.get_actor(actor_name(machine), namespace=config.fleet.namespace), no_restart=True)
+
+
+def test_two_channel_clip_streams_equal_the_batch_run(ray_local, two_channel_corpus, tmp_path):
+    """DCASE 2026's near/far clips through the fleet: pre-processed as the batch run did (``auto``: the far channel
+    cancelled from the near one), recorded with the banks, scored alike."""
+    config = load_config(RunConfig, None, [f"fleet.namespace=t-{uuid.uuid4().hex[:8]}", "detector=knn"])
+    ref = reference_run([two_channel_corpus], config, tmp_path / "ref")
+    clips = ref.clips["valve"]["train"] + ref.clips["valve"]["test"]
+    assert ref.flags.get("cancelled") == clips and "downmixed" not in ref.flags
+    record = json.loads((tmp_path / "ref" / "banks" / "valve" / "preprocess.json").read_text())
+    assert record["channels"] == "auto"
+    results = score_streams(tmp_path / "ref" / "banks", config, tmp_path / "fleet", roots=[two_channel_corpus])
+    assert not [r.error for r in results if r.error]
+    scored = {r.path.rsplit("/", 1)[1]: r.raw_score for r in results}
+    res = ref.results["valve"]
+    np.testing.assert_allclose([scored[f] for f in res.filenames], res.raw_scores, rtol=1e-6)
+    ray_local.kill(ray_local.get_actor(actor_name("valve"), namespace=config.fleet.namespace), no_restart=True)
 
 
 def test_every_entry_of_a_clip_folder_is_a_request_or_listed_with_its_reason(tmp_path, make_tone):

@@ -40,28 +40,6 @@ def test_ray_run_equals_reference_run(ray_local, tiny_corpus, tmp_path, detector
     assert got.timings["embed"] > 0 and got.timings["discover"] >= 0
 
 
-@pytest.fixture(scope="module")
-def two_channel_corpus(tiny_corpus, tmp_path_factory):
-    """The tiny corpus' valve as DCASE 2026 records it: every clip two channels, the clip at the near microphone and
-    a far one that hears it faintly beside noise of its own (the other machines' folders left out)."""
-    import shutil
-
-    import soundfile as sf
-
-    root = tmp_path_factory.mktemp("two_channel") / "data"
-    shutil.copytree(tiny_corpus / "dev_data" / "raw" / "valve", root / "dev_data" / "raw" / "valve")
-    for table in ("ground_truth_data", "ground_truth_domain", "ground_truth_attributes"):
-        for f in (tiny_corpus / "dev_data" / table).glob("*valve*"):
-            (root / "dev_data" / table).mkdir(parents=True, exist_ok=True)
-            shutil.copy(f, root / "dev_data" / table / f.name)
-    rng = np.random.default_rng(0)
-    for wav in sorted((root / "dev_data" / "raw" / "valve").glob("*/*.wav")):
-        near, rate = sf.read(str(wav))
-        far = 0.1 * np.roll(near, 7) + 0.02 * rng.standard_normal(len(near))
-        sf.write(str(wav), np.stack([near, far], axis=1), rate, subtype="FLOAT")
-    return root
-
-
 @pytest.mark.parametrize("channels", ["near", "cancel"])
 def test_a_two_channel_corpus_scores_the_same_on_ray_and_in_one_process(ray_local, two_channel_corpus, tmp_path,
                                                                         channels):

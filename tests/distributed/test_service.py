@@ -113,6 +113,26 @@ def test_scores_clips_and_embeddings_like_the_library(service):
     assert machines["machines"]["ToyCar"]["settings"]["bank.metric"] == {"value": "euclidean", "from": "saved bank"}
 
 
+def test_a_two_channel_request_is_pre_processed_as_the_banks_clips_were(service):
+    """A request carries a near/far pair as one two-channel body: the service cancels the far channel as the run
+    that saved the banks did (``preprocess.channels=auto``, recorded beside each bank)."""
+    assert json.loads((service.banks / "ToyCar" / "preprocess.json").read_text())["channels"] == "auto"
+    bank = load_detector(service.banks / "ToyCar").configure(k=4)
+    near, rate = sf.read(str(_clips(service, "ToyCar")[0].path), dtype="float32")
+    far = 0.2 * np.roll(near, 11) + 0.05 * np.random.default_rng(3).standard_normal(len(near)).astype(np.float32)
+    body = io.BytesIO()
+    sf.write(body, np.stack([near, far], axis=1), rate, format="WAV", subtype="PCM_16")  # 128 kB: under LIMIT
+    backbone = load_backbone(backbone="logmel")
+    clip = preprocess_clip(body.getvalue())
+    assert "cancelled:far" in clip.flags
+    expected = float(bank.score(backbone.embed([clip.waveform])[0].astype(np.float32)[None])[0])
+    mono = float(bank.score(_embedding(_clips(service, "ToyCar")[0].path)[None])[0])
+    assert abs(expected - mono) > 1e-3  # the far channel matters: a service that dropped it would be caught
+    status, got = http(service, "POST", "/score", body.getvalue(), "audio/wav", machine="ToyCar", stream="stereo-1")
+    assert status == 200, got
+    assert got["raw_score"] == pytest.approx(expected, rel=1e-6)
+
+
 def _wav(samples, rate=16_000) -> bytes:
     out = io.BytesIO()
     sf.write(out, samples, rate, format="WAV", subtype="PCM_16")
