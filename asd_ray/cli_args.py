@@ -156,7 +156,7 @@ def _add_evaluate(sub):
     p.add_argument("--data", required=True, type=Path,
                    help="data root with the test clips (eval ground truth: eval_data/ground_truth_{data,domain}/)")
     p.add_argument("--eval-list", type=Path,
-                   help="eval ground truth from the baseline repo's single list (datasets/eval_data_list_2025.csv)")
+                   help="eval ground truth from the baseline repo's single list (datasets/eval_data_list_<year>.csv)")
     p.add_argument("--out", type=Path, help="also write metrics.json and evaluator/<split>/<system>_result.csv here "
                                             "(system: the --scores folder's name); default: print metrics as JSON")
     _add_machines(p)

@@ -35,7 +35,10 @@ from asd_ray.data.synth_parts import (NO_ATTRIBUTE, CorpusStyle, band_noise, col
 from asd_ray.progress import advance, stage
 
 ANOMALY_KINDS = ("bearing", "imbalance", "shifted", "friction")
-EVAL_LIST = "eval_data_list.csv"  # at the root: every eval test clip's labelled name, as the baseline repo's list
+def eval_list_name(year: int = 2025) -> str:
+    """The eval list a corpus of ``year`` has at its root: every eval test clip's labelled name, named and laid out
+    as the official baseline repo's ``datasets/eval_data_list_<year>.csv`` (``--eval-list`` reads it)."""
+    return f"eval_data_list_{year}.csv"
 
 # Machine families: which sound model a machine type uses. Machine types absent here get one from the seed.
 FAMILIES = {
@@ -299,8 +302,8 @@ def generate_corpus(out: str | Path, *, dev_machines: Iterable[str] | None = Non
     Sizes default to DCASE's (990 + 10 train normals, 50 test clips per domain x label, 10 s);
     eval test clips are named ``section_00_0000.wav`` in shuffled order. The official evaluator's
     ground-truth tables of every machine are under ``{dev,eval}_data/ground_truth_{data,domain,attributes}/``
-    (run the evaluator in either folder), and the eval labels also in ``eval_data_list.csv`` at the root, in
-    the format of the official baseline repo's ``datasets/eval_data_list_2025.csv``. ``style`` picks
+    (run the evaluator in either folder), and the eval labels also in ``eval_data_list_<year>.csv`` at the root,
+    named and laid out as the official baseline repo's ``datasets/eval_data_list_<year>.csv``. ``style`` picks
     the sound models and anomaly kinds (:data:`STYLES`); the layout is the same for every style.
 
     ``year=2026``: DCASE 2026's set-up (``synth_2026``): its machine names, two-channel clips (near, far), no
@@ -346,7 +349,7 @@ def generate_corpus(out: str | Path, *, dev_machines: Iterable[str] | None = Non
                 eval_list += [[machine]] + [[row[0], f"{row[3]}.wav"] for row in truth]
             all_jobs.extend(jobs)
     if eval_list:
-        with (root / EVAL_LIST).open("w", newline="") as fh:
+        with (root / eval_list_name(year)).open("w", newline="") as fh:
             csv.writer(fh, lineterminator="\n").writerows(eval_list)
     # small chunks, so that the bar moves (a chunk of 32 ten-second clips takes a second or two on one core)
     chunks = [c for c in (all_jobs[i:i + 32] for i in range(0, len(all_jobs), 32)) if c]

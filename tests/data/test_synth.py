@@ -10,10 +10,11 @@ from asd_ray.cli import main
 from asd_ray.config import PostConfig, PreprocessConfig, RunConfig
 from asd_ray.data.audio import preprocess_clip
 from asd_ray.data.layout import EVAL_MACHINES, discover, ground_truth_paths, read_attributes_csv, summarise
-from asd_ray.data.synth import EVAL_LIST, generate_corpus
+from asd_ray.data.synth import eval_list_name, generate_corpus
 from asd_ray.detect import detect, embed_records, plan_records
 from asd_ray.detectors import make_detector
 from asd_ray.models.backbones import load_backbone
+from asd_ray.scoring.files import read_eval_list
 from asd_ray.scoring.metrics import machine_metrics
 from tiny import TINY
 
@@ -45,7 +46,7 @@ def _table(path):
 def test_official_evaluator_tables_for_every_machine(tiny_corpus):
     """ground_truth_{data,domain,attributes} for eval and dev machines (the evaluator skips a system silently
     without the attributes table), and the eval labels also in the baseline repo's single-list format."""
-    listing = list(csv.reader((tiny_corpus / EVAL_LIST).open()))
+    listing = list(csv.reader((tiny_corpus / eval_list_name()).open()))
     assert listing[0] == ["ToyPet"] and len(listing) == 1 + 4 * TINY["test_per_cell"]
     listed = dict(listing[1:])
     for dataset, machines in (("dev", TINY["dev_machines"]), ("eval", TINY["eval_machines"])):
@@ -71,7 +72,7 @@ def test_synth_command_eval_machines_flag(tmp_path):
     assert main(["synth", "--out", str(tmp_path / "two"), *small, "--eval-machines", "ToyPet", "Polisher"]) == 0
     assert sorted(p.name for p in (tmp_path / "two/eval_data/raw").iterdir()) == ["Polisher", "ToyPet"]
     assert main(["synth", "--out", str(tmp_path / "none"), *small]) == 0  # eval machines only when asked
-    assert not (tmp_path / "none/eval_data").exists() and not (tmp_path / "none" / EVAL_LIST).exists()
+    assert not (tmp_path / "none/eval_data").exists() and not (tmp_path / "none" / eval_list_name()).exists()
     assert [p.name for p in (tmp_path / "none/dev_data/raw").iterdir()] == ["fan"]
 
 
@@ -249,6 +250,12 @@ def test_a_2026_corpus_is_two_channel_and_cancelling_the_far_channel_beats_the_n
         info = sf.info(str(next((mdir / "test").iterdir())))
         assert (info.channels, info.samplerate, info.frames) == (2, 16_000, int(SECONDS[machine] * 16_000))
     assert not summarise(discover([root]))["unparsed"]
+    # the eval labels as the baseline repo lists them for 2026, read by --eval-list with the 2026 attribute names
+    listed = read_eval_list(root / eval_list_name(2026))
+    assert list(listed) == ["ToothBrush"] and sorted(listed["ToothBrush"]) == sorted(
+        p.name for p in (root / "eval_data/raw/ToothBrush/test").iterdir())
+    labels = _table(ground_truth_paths(root, "ToothBrush", dataset="eval")[0])
+    assert {name: str(label) for name, (label, _) in listed["ToothBrush"].items()} == labels
     dev = tmp_path / "dev"  # the dev machines alone, at 4 s: what the detectors are compared on
     generate_corpus(dev, dev_machines=("valveEmu", "fan"), eval_machines=(), train_source=40, train_target=6,
                     test_per_cell=12, seconds=4.0, seed=3, workers=2, year=2026)

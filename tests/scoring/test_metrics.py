@@ -11,7 +11,7 @@ from sklearn.metrics import roc_auc_score
 
 from asd_ray.cli import main
 from asd_ray.data.layout import LayoutError, discover
-from asd_ray.data.synth import EVAL_LIST
+from asd_ray.data.synth import eval_list_name
 from asd_ray.scoring.files import (ClipTruth, decision_path, evaluate_dir, evaluate_scores, ground_truth, read_eval_list, read_rows,
                                    score_path, write_evaluator_result, write_results)
 from asd_ray.scoring.metrics import (EVALUATOR_COLUMNS, MetricError, decision_metrics, jackknife, leave_one_out_auc,
@@ -109,10 +109,10 @@ def test_evaluate_command_on_dev_and_eval_ground_truth(tiny_corpus, tmp_path, ca
     assert out["official_score"] == out["splits"]["dev_data"]["official_score"]
     assert "f1_source" in out["machines"]["valve"]  # the decision files were read
     # the baseline repo's single eval list gives the same eval metrics as the per-machine tables
-    listed = evaluate_dir(scores_dir, tiny_corpus, eval_list=tiny_corpus / EVAL_LIST)
+    listed = evaluate_dir(scores_dir, tiny_corpus, eval_list=tiny_corpus / eval_list_name())
     assert listed["splits"] == out["splits"]
     assert main(["evaluate", "--scores", str(scores_dir), "--data", str(tiny_corpus), "--out", str(tmp_path / "ev"),
-                 "--eval-list", str(tiny_corpus / EVAL_LIST)]) == 0
+                 "--eval-list", str(tiny_corpus / eval_list_name())]) == 0
     printed = capsys.readouterr().out
     assert "eval_data official score" in printed and "official score = the dev_data score" in printed
     assert json.loads((tmp_path / "ev" / "metrics.json").read_text())["splits"] == out["splits"]
