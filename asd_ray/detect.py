@@ -24,7 +24,7 @@ from asd_ray.bank.saved import write_preprocess
 from asd_ray.config import ConfigError, PostConfig, PreprocessConfig, RunConfig, save_config
 from asd_ray.data.audio import try_preprocess
 from asd_ray.data.layout import ClipRecord, discover
-from asd_ray.detectors import (REGISTRY, Detector, detector_features, features_key, make_detector,
+from asd_ray.detectors import (REGISTRY, Detector, detector_features, features_key, frame_settings, make_detector,
                                uses_noise)
 from asd_ray.models.frames import LogMelFrames, frames_needed_seconds
 from asd_ray.progress import advance, stage
@@ -369,20 +369,34 @@ def check_batch_post(post: PostConfig) -> None:
 
 
 def frame_feature_kwargs(config: RunConfig) -> dict:
-    """``LogMelFrames`` keywords of a frame-eating detector; a ``min_seconds`` too short for one window of
-    the detector's frames is a config error up front (otherwise the shortest clips would stop training or
-    scoring instead of being rejected by pre-processing)."""
+    """The keywords of a frame-eating detector's frames (``models.backbones.frame_extractor``): ``LogMelFrames``'s,
+    or with ``embed.backbone`` a checkpoint, ``EmbedConfig``'s (the backbone's frames before pooling). A
+    ``min_seconds`` too short for one window of the detector's frames is a config error up front (otherwise the
+    shortest clips would stop training or scoring instead of being rejected by pre-processing)."""
     fr, sr = config.frames, config.preprocess.sample_rate
-    if config.embed.backbone != "logmel":  # a checkpoint the run would silently not use
-        raise ConfigError(f"embed.backbone={config.embed.backbone}: only the knn detector embeds with a backbone; "
-                          f"detector={config.detector} eats log-mel frames. Add --detector knn (--set detector=knn)")
     context = REGISTRY.frames_needed(config)
+    if config.embed.backbone != "logmel":
+        need = backbone_frames_seconds(config.embed.backbone, context)
+        if need and config.preprocess.min_seconds < need:
+            raise ConfigError(f"preprocess.min_seconds={config.preprocess.min_seconds}: the detector stacks {context} "
+                              f"frames of {config.embed.backbone}, so clips must be at least {need:.3f} s; raise "
+                              f"min_seconds")
+        return frame_settings(config)
     shortest = int(config.preprocess.min_seconds * sr)
     if 1 + shortest // fr.hop_length < context:
         raise ConfigError(f"preprocess.min_seconds={config.preprocess.min_seconds}: the detector stacks {context} "
                           f"frames of hop {fr.hop_length}, so clips must be at least "
                           f"{frames_needed_seconds(context, fr.hop_length, sr):.3f} s; raise min_seconds")
-    return {"sample_rate": sr, **dataclasses.asdict(fr)}
+    return frame_settings(config)
+
+
+def backbone_frames_seconds(backbone: str, frames: int) -> float | None:
+    """The shortest clip (s) that gives a backbone ``frames`` frames, known without loading it where the file says
+    it: a BEATs checkpoint's frame is a patch of 16 Kaldi fbank frames (25 ms, 10 ms apart; every official
+    release). None where it is not known up front."""
+    if not Path(backbone).expanduser().is_file():
+        return None
+    return (400 + 160 * (16 * frames - 1)) / 16_000
 
 
 def shared(embedder: Embedder, cache: dict | None, key: tuple) -> Embedder:
@@ -423,8 +437,12 @@ def reference_run(roots: Sequence[str | Path], config: RunConfig, out_dir: str |
         from asd_ray.models.backbones import load_backbone
 
         backbone = load_backbone(**dataclasses.asdict(config.embed))
-    else:
+    elif config.embed.backbone == "logmel":
         backbone = LogMelFrames(**frame_feature_kwargs(config))
+    else:
+        from asd_ray.models.backbones import frame_extractor
+
+        backbone = frame_extractor(**frame_feature_kwargs(config))
 
     def embedder(records):
         return embed_records(records, backbone, config.preprocess, config.embed.batch_size)

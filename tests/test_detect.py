@@ -165,10 +165,17 @@ def test_a_clip_that_cannot_be_opened_for_lack_of_permission_is_rejected_saying_
     assert report.clips_in == report.clips_embedded + len(report.rejects) + len(report.unused)
 
 
-def test_a_backbone_checkpoint_with_a_frame_detector_is_a_clear_error(tiny_corpus, tiny_hubert, tmp_path, capsys):
-    assert main(["run", "--data", str(tiny_corpus), "--backbone", str(tiny_hubert), "--out", str(tmp_path),
-                 "--detector", "fusion"]) == 2
-    assert "embed.backbone is not read by detector fusion: only knn reads it" in capsys.readouterr().err
+def test_a_frame_detector_over_an_encoder_checkpoint_eats_its_frames(tiny_corpus, tiny_hubert, tmp_path, capsys):
+    """The default detector with ``--backbone`` a transformers encoder (it refused one before): its banks hold the
+    encoder's frames (20 ms, the hidden size wide) through Ray; the log-mel settings are refused as unread."""
+    from asd_ray.detectors import load_detector
+
+    args = ["run", "--data", str(tiny_corpus), "--backbone", str(tiny_hubert), "--machines", "valve",
+            "--detector", "fusion", "--set", f"ray.cache_dir={tmp_path / 'cache'}"]
+    assert main([*args, "--out", str(tmp_path / "run")]) == 0
+    assert load_detector(tmp_path / "run" / "banks" / "valve").dim == 32  # the tiny HuBERT's hidden size
+    assert main([*args, "--out", str(tmp_path / "bad"), "--set", "frames.n_mels=64"]) == 2
+    assert "frames.n_mels is not read by detector fusion" in capsys.readouterr().err
 
 
 def test_a_batch_run_refuses_the_median_filter(tiny_corpus, tmp_path, capsys):

@@ -17,13 +17,13 @@ from asd_ray.bank.base import Detector, DetectorEntry
 from asd_ray.detectors.fusion import COMBINE, FusionDetector, combine, znormalise
 from asd_ray.detectors.noise_removed import NoiseRemovedDetector
 from asd_ray.detectors.registry import (ENTRIES, KINDS, REGISTRY, bank_version, check_bank_folder, configure_detector,
-                                        detector_features, detector_names, features_key, load_detector, make_detector,
-                                        uses_noise)
+                                        detector_features, detector_names, features_key, frame_settings,
+                                        load_detector, make_detector, uses_noise)
 from asd_ray.detectors.settings import (DETECTOR_SECTIONS, FIT_SECTIONS, SCORE_SETTINGS, fit_time_keys,
                                         given_score_settings, settings_read, unread_settings)
 
 __all__ = ["COMBINE", "DETECTOR_SECTIONS", "ENTRIES", "FIT_SECTIONS", "KINDS", "REGISTRY", "SCORE_SETTINGS", "Detector",
            "DetectorEntry", "FusionDetector", "NoiseRemovedDetector", "bank_version", "check_bank_folder", "combine",
-           "configure_detector", "detector_features", "detector_names", "features_key", "fit_time_keys",
+           "configure_detector", "detector_features", "detector_names", "features_key", "fit_time_keys", "frame_settings",
            "given_score_settings", "load_detector", "make_detector", "settings_read", "unread_settings", "uses_noise",
            "znormalise"]

@@ -17,6 +17,7 @@ With ``supplemental.noise_profile``, a frame detector is wrapped in ``NoiseRemov
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib
 from pathlib import Path
@@ -104,10 +105,15 @@ class Registry:
         return cls.features_for(config, entry, self)
 
     def reads(self, config: RunConfig, name: str) -> set[str]:
-        """The config sections and keys detector ``name`` reads (a frame detector: ``supplemental`` too)."""
+        """The config sections and keys detector ``name`` reads (a frame detector: ``supplemental`` too, and over a
+        backbone's frames ``embed`` in place of ``frames``)."""
         cls, entry = self.cls(name)
         out = cls.settings_read(config, entry, self)
-        return out | {"supplemental"} if "frames" in out else out
+        if "frames" not in out:
+            return out
+        if config.embed.backbone != "logmel":
+            out = (out - {"frames"}) | {"embed"}
+        return out | {"supplemental"}
 
     def frames_needed(self, config: RunConfig, name: str | None = None) -> int:
         cls, entry = self.cls(name or config.detector)
@@ -132,7 +138,16 @@ detector_names = REGISTRY.names
 def features_key(config: RunConfig) -> tuple:
     """What a run's features depend on: equal keys, equal features (for sharing them between detectors)."""
     kind = detector_features(config)
-    return kind, config.preprocess, config.embed if kind == "clip" else config.frames
+    return kind, config.preprocess, config.embed if kind == "clip" or config.embed.backbone != "logmel" else config.frames
+
+
+def frame_settings(config: RunConfig) -> dict:
+    """The keywords of the frames a frame detector eats (``models.backbones.frame_extractor``): ``LogMelFrames``'s
+    (``frames`` + the sample rate), or with ``embed.backbone`` a checkpoint, ``EmbedConfig``'s (the backbone's
+    frames before pooling)."""
+    if config.embed.backbone != "logmel":
+        return {k: v for k, v in dataclasses.asdict(config.embed).items() if k not in ("batch_size", "pooling")}
+    return {"sample_rate": config.preprocess.sample_rate, **dataclasses.asdict(config.frames)}
 
 
 def uses_noise(config: RunConfig) -> bool:

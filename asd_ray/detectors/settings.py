@@ -56,8 +56,8 @@ def unread_settings(config: RunConfig, given: Iterable[str], names: Sequence[str
     actors = config.embed.backbone != "logmel" and any(REGISTRY.features(config, n) == "clip" for n in names)
     for key in sorted(set(given) & set(ACTOR_SETTINGS)) if not actors else ():
         lines.append(f"{key} is not read by detector {', '.join(names)} with backbone {config.embed.backbone}: no "
-                     f"embedding actor runs (log-mel frames, and the logmel backbone, are computed in the Ray Data "
-                     f"tasks): use ray.preprocess_cpus")
+                     f"embedding actor runs (frames, and the logmel backbone's clip embeddings, are computed in the Ray "
+                     f"Data tasks): use ray.preprocess_cpus")
     return lines
 
 

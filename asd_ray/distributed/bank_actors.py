@@ -107,7 +107,8 @@ def check_saved_banks(bank_root: str | Path, config) -> tuple[Path, list[str]]:
     bank actor or a replica after it."""
     root, machines = saved_banks(bank_root)
     for machine in machines:
-        check_bank_folder(root / machine, n_mels=config.frames.n_mels, preprocess=dataclasses.asdict(config.preprocess))
+        check_bank_folder(root / machine, n_mels=config.frames.n_mels if config.embed.backbone == "logmel" else None,
+                          preprocess=dataclasses.asdict(config.preprocess))
     return root, machines
 
 

@@ -138,12 +138,21 @@ class EmbedBatch:
 
 
 class FrameBatch:
-    """Log-mel frame matrices of the detectors that eat frames. Keywords: ``FramesConfig``'s + sample_rate."""
+    """Frame matrices of the detectors that eat frames: log-mel (keywords: ``FramesConfig``'s + sample_rate) or a
+    backbone's frames (``EmbedConfig``'s; ``models.backbones.frame_extractor``)."""
 
     def __init__(self, **features: object):
-        from asd_ray.models.frames import LogMelFrames
+        if "backbone" in features:
+            import torch
 
-        self.extractor = LogMelFrames(**features)
+            from asd_ray.models.backbones import frame_extractor
+
+            torch.set_num_threads(max(1, int(os.environ.get("ASD_RAY_TORCH_THREADS", "1"))))
+            self.extractor = frame_extractor(**features)
+        else:
+            from asd_ray.models.frames import LogMelFrames
+
+            self.extractor = LogMelFrames(**features)
 
     def features(self, batch: dict[str, np.ndarray]) -> list[np.ndarray]:
         """A batch after ``preprocess_batch`` -> B (T_i x n_mels) float32 matrices, (0 x 0) for rejected clips."""
@@ -151,7 +160,7 @@ class FrameBatch:
                 for w, e in zip(batch_waveforms(batch), batch["error"])]
 
     def warm(self) -> None:
-        self.extractor.embed([np.zeros(16_000, np.float32)])
+        self.extractor.embed([0.01 * np.random.default_rng(0).standard_normal(16_000).astype(np.float32)])
 
     def __call__(self, batch: dict[str, np.ndarray]) -> "pyarrow.Table":
         """-> an Arrow table of the batch's columns (no samples) plus ``frames`` (T_i) and ``logmel`` (each

@@ -82,6 +82,8 @@ def cache_key(records: Sequence[ClipRecord], embed: EmbedConfig | Mapping[str, o
         what = {"embed": decisive, "backbone": _backbone_identity(embed.backbone)}
     else:
         what = {"frames": dict(embed), "frames_version": FRAMES_VERSION}
+        if "backbone" in embed:  # a backbone's frames: its files too
+            what["backbone"] = _backbone_identity(str(embed["backbone"]))
     body = json.dumps({**what, "preprocess": dataclasses.asdict(preprocess),
                        "files": [(r.path, *ids[r.path]) for r in records]}, sort_keys=True, default=str)
     return hashlib.sha256(body.encode()).hexdigest()[:24]

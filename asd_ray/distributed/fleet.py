@@ -27,7 +27,7 @@ import numpy as np
 
 from asd_ray.bank.memory_bank import BankError
 from asd_ray.config import FleetConfig, PostConfig, RunConfig
-from asd_ray.detectors import SCORE_SETTINGS, fit_time_keys, given_score_settings
+from asd_ray.detectors import SCORE_SETTINGS, fit_time_keys, frame_settings, given_score_settings
 from asd_ray.distributed.bank_actors import start_banks
 from asd_ray.distributed.batches import actor_embed_kwargs
 from asd_ray.distributed.embed_pool import start_embedders
@@ -353,8 +353,7 @@ def fleet_router(bank_root: str | Path, config: RunConfig, machines=None, with_e
     if with_embedders and len(frames) > 1:
         raise BankError(f"{bank_root}: banks of clip and frame detectors mixed ({kinds}); serve one kind at a time")
     if with_embedders and frames == {True}:
-        embedders = start_embedders("frames", {"sample_rate": config.preprocess.sample_rate,
-                                               **dataclasses.asdict(config.frames)}, config.preprocess,
+        embedders = start_embedders("frames", frame_settings(config), config.preprocess,
                                     num_actors=config.ray.embed_actors, actor_cpus=config.ray.actor_cpus,
                                     decode_limit_s=decode_limit_s)
     elif with_embedders:

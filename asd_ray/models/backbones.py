@@ -9,12 +9,21 @@ Two kinds share one interface (``Backbone``):
 
 A clip's embedding never depends on which other clips share its batch (each kind says how it keeps padding
 out; ``models/encoders.py`` for the encoders).
+
+``BackboneFrames``: the frames of a backbone with weights, before pooling, for the detectors that eat frames
+(``local``, ``pooled``, ``fusion``, the AE): one vector per time step (BEATs: 160 ms, its frequency patches averaged;
+HuBERT-like encoders: 20 ms), the chosen layers side by side, each L2-normalised as the clip embedding's are.
+``frame_extractor`` builds them or the log-mel frames from the settings a run gives (``detect.frame_feature_kwargs``).
 """
 
 from __future__ import annotations
 
+from typing import Sequence
+
+import numpy as np
 import torch
 
+from asd_ray.data.audio import pad_waveforms
 from asd_ray.errors import BackboneError  # noqa: F401 - defined there, raised and re-exported here
 # the interface and shared helpers live in backbone_base.py (encoders.py subclasses Backbone from there); re-exported
 from asd_ray.models.backbone_base import (SAMPLE_RATE, Backbone, autocast_dtype, native_bf16,  # noqa: F401
@@ -60,3 +69,41 @@ def load_backbone(backbone: str = "logmel", *, layer: str = "last", pooling: str
     opener = open_beats if is_beats_file(backbone) else open_encoder
     return opener(backbone, layer=layer, pooling="mean" if pooling == "auto" else pooling, device=device,
                   precision=precision)
+
+
+class BackboneFrames:
+    """A backbone's frames as a frame extractor: ``embed(waveforms)`` -> per-clip (time steps x D) float32 matrices,
+    the chosen layers side by side (D = the clip embedding's size under mean pooling), each frame L2-normalised
+    where the backbone normalises frames before pooling; ``dim`` is None because clips differ in length. One
+    padded forward pass per batch: a clip's frames are the same alone and in any batch (the backbone's own
+    padding rules)."""
+
+    dim = None
+
+    def __init__(self, backbone: Backbone):
+        self.backbone = backbone
+
+    @torch.no_grad()
+    def embed(self, waveforms: Sequence[np.ndarray]) -> list[np.ndarray]:
+        if not len(waveforms):
+            return []
+        batch, lengths = pad_waveforms(waveforms)
+        layers = self.backbone.forward(self.backbone._host_tensor(batch), torch.tensor(lengths))
+        per_layer = []
+        for frames, counts in layers:
+            frames = frames.float()
+            if self.backbone.l2_normalise:
+                frames = torch.nn.functional.normalize(frames, dim=-1)
+            per_layer.append((frames.cpu().numpy(), counts.tolist()))
+        return [np.ascontiguousarray(np.concatenate([f[i, : int(n[i])] for f, n in per_layer], axis=1),
+                                     dtype=np.float32) for i in range(len(waveforms))]
+
+
+def frame_extractor(**settings):
+    """The frames a frame detector eats: with ``backbone`` (``EmbedConfig``'s keywords, a backbone with weights)
+    ``BackboneFrames``; else ``LogMelFrames`` (``FramesConfig``'s keywords + sample_rate)."""
+    if "backbone" in settings:
+        return BackboneFrames(load_backbone(**settings))
+    from asd_ray.models.frames import LogMelFrames
+
+    return LogMelFrames(**settings)

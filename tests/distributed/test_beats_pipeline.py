@@ -1,6 +1,8 @@
 """A BEATs checkpoint file through the Ray Data pipeline: mixed-length batches embed as clips alone, and a knn run
 on Ray equals the single-process reference run."""
 
+import dataclasses
+
 import numpy as np
 
 from asd_ray.config import RunConfig, load_config
@@ -8,6 +10,7 @@ from asd_ray.data.layout import discover
 from asd_ray.detect import plan_records, reference_run
 from asd_ray.distributed.embed import embed_corpus
 from asd_ray.distributed.run import ray_run
+from test_cache import _counting_pipeline
 
 
 def test_beats_pipeline_embeds_mixed_length_batches_as_clip_by_clip(ray_local, tiny_beats, tmp_path):
@@ -42,6 +45,22 @@ def test_knn_over_beats_on_ray_equals_the_reference_run(ray_local, tiny_corpus, 
     assert 0 <= got.metrics["official_score"] <= 1
 
 
+def test_fusion_over_beats_frames_on_ray_equals_the_reference_run_and_is_cached(ray_local, tiny_corpus, tiny_beats,
+                                                                                  tmp_path, monkeypatch):
+    """The default detector over a BEATs file's frames: computed in the Ray Data tasks (the model loaded once per
+    worker), scored as the single-process run scores, cached under a key of the checkpoint's contents."""
+    config = load_config(RunConfig, None, [f"ray.cache_dir={tmp_path / 'cache'}", "detector=fusion",
+                                           f"embed.backbone={tiny_beats}", "embed.device=cpu"])
+    ref = reference_run([tiny_corpus], config, tmp_path / "ref", ["valve"])
+    started = _counting_pipeline(monkeypatch)
+    got = ray_run([tiny_corpus], config, tmp_path / "ray", ["valve"])
+    np.testing.assert_allclose(got.results["valve"].raw_scores, ref.results["valve"].raw_scores, rtol=1e-5)
+    assert got.metrics["official_score"] == ref.metrics["official_score"]
+    again = ray_run([tiny_corpus], config, tmp_path / "again", ["valve"])
+    assert len(started) == 1  # the second run computed no frame: it read them from the cache
+    np.testing.assert_array_equal(again.results["valve"].raw_scores, got.results["valve"].raw_scores)
+
+
 def test_the_embedding_cache_key_follows_a_beats_checkpoint_files_contents(tiny_beats, tmp_path):
     """A BEATs backbone is one file: another checkpoint written to the same path must not reuse its embeddings."""
     import os
@@ -58,3 +77,8 @@ def test_the_embedding_cache_key_follows_a_beats_checkpoint_files_contents(tiny_
     write_random_checkpoint(path, torch.load(tiny_beats, weights_only=True)["cfg"], seed=99)  # other weights
     os.utime(path, ns=(1, 1))  # a file system's coarse clock must not hide the change
     assert cache_key([], config.embed, config.preprocess) != first
+    frames = {k: v for k, v in dataclasses.asdict(config.embed).items() if k not in ("batch_size", "pooling")}
+    before = cache_key([], frames, config.preprocess)  # a backbone's frames: the same for its file's contents
+    write_random_checkpoint(path, torch.load(tiny_beats, weights_only=True)["cfg"], seed=98)
+    os.utime(path, ns=(2, 2))
+    assert cache_key([], frames, config.preprocess) != before

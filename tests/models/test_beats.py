@@ -221,3 +221,47 @@ def test_bf16_on_the_cpu_embeds_close_to_fp32(tiny_beats):
     exact = open_fp32(tiny_beats).embed(waves)
     half = load_backbone(str(tiny_beats), device="cpu", precision="bf16").embed(waves)
     np.testing.assert_allclose(half, exact, atol=0.01, rtol=0)
+
+
+def test_a_beats_frames_are_its_time_steps_before_pooling_alike_alone_and_in_a_batch(tiny_beats):
+    """The frames the frame detectors eat over a BEATs file: one per time step, the layer's frequency patches
+    averaged and L2-normalised, whose mean is the clip embedding; a clip's frames alike alone and in a mixed
+    batch."""
+    from asd_ray.models.backbones import BackboneFrames
+
+    backbone = open_fp32(tiny_beats, layer="0,2")
+    frames = BackboneFrames(backbone)
+    waves = clips()
+    batch = frames.embed(waves)
+    for w, got, emb in zip(waves, batch, backbone.embed(waves)):
+        steps = len(hidden(backbone, w)[-1]) // 8
+        assert got.shape == (steps, 2 * 32) and got.dtype == np.float32
+        np.testing.assert_allclose(got, frames.embed([w])[0], atol=1e-5, rtol=0)
+        np.testing.assert_allclose(np.linalg.norm(got[:, :32], axis=1), 1.0, rtol=1e-5)
+        close(got.mean(0), emb, rtol=1e-5)
+
+
+@pytest.mark.parametrize("detector", ["local", "fusion"])
+def test_frame_detectors_run_over_a_beats_files_frames(tiny_corpus, tiny_beats, tmp_path, capsys, detector):
+    """``--backbone FILE.pt`` with a frame detector: its banks hold BEATs frames (the layer's width, not n_mels),
+    the embed settings apply and the frames ones are refused as unread; a min_seconds too short for the
+    detector's windows of 160 ms frames is one line up front."""
+    from asd_ray.config import ConfigError, RunConfig, load_config
+    from asd_ray.detect import reference_run
+    from asd_ray.detectors import load_detector
+
+    config = load_config(RunConfig, None, [f"detector={detector}", f"embed.backbone={tiny_beats}",
+                                           "embed.device=cpu", "embed.layer=1"])
+    report = reference_run([tiny_corpus], config, tmp_path / "run", ["valve"])
+    scores = report.results["valve"].raw_scores
+    assert len(scores) == 20 and np.isfinite(scores).all() and len(set(np.round(scores, 6))) > 10
+    saved = load_detector(tmp_path / "run" / "banks" / "valve")
+    assert saved.dim == 32  # BEATs frames of the tiny model's width
+    args = ["run", "--local", "--data", str(tiny_corpus), "--machines", "valve", "--detector", detector,
+            "--backbone", str(tiny_beats), "--out", str(tmp_path / "cli")]
+    assert main([*args, "--set", "frames.n_mels=64"]) == 2  # log-mel settings: not read over a backbone's frames
+    assert "frames.n_mels is not read by detector" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match=r"stacks 5 frames of .*tiny.pt, so clips must be at least 0.815 s"):
+        reference_run([tiny_corpus], load_config(RunConfig, None, [f"detector={detector}",
+                                                                   f"embed.backbone={tiny_beats}",
+                                                                   "preprocess.min_seconds=0.5"]), None, ["valve"])
