@@ -32,24 +32,6 @@ def assert_quiet(console: str) -> None:
     assert not re.search(r"\bINFO\b", console) and "WARNING" not in console and "streaming_executor" not in console
 
 
-def test_run_console_shows_stage_bars_and_a_summary_and_sends_ray_lines_to_the_run_log(tiny_corpus, tmp_path):
-    out = tmp_path / "run"
-    done = asd_ray("run", "--data", tiny_corpus, "--out", out, "--machines", "valve", "--detector", "knn",
-                   "--set", f"ray.cache_dir={tmp_path / 'cache'}", python=("-X", "importtime"))
-    modules, stderr = imported(done)
-    # the driver of a Ray run never needs torch (seconds of its start on a GPU node, before Ray is up), and the
-    # report's plots are drawn in Ray tasks
-    assert "ray.data" in modules and "sklearn" in modules and "torch" not in modules and "matplotlib" not in modules
-    assert (out / "plot_valve.png").read_bytes().startswith(b"\x89PNG") and "(plot_valve.png)" in (out / "report.md").read_text()
-    for name in ("discover", "embed", "banks", "scoring", "report"):
-        assert name in stderr
-    assert "100%" in stderr and "clip/s" in stderr
-    assert "official score" in done.stdout and "time: discover" in done.stdout and "run.log" in done.stdout
-    assert_quiet(done.stdout + stderr)
-    ray_lines = (out / "run.log").read_text()
-    assert "Started a local Ray instance" in ray_lines and "Starting execution of Dataset" in ray_lines
-
-
 PROBE = """
 import json, sys
 import ray
@@ -73,18 +55,32 @@ sys.exit(code)
 """
 
 
-def test_run_starts_ray_and_the_embedding_actors_before_its_heavy_imports(tiny_corpus, tiny_hubert, tmp_path):
-    """The embedding actors' start (their own imports of torch and transformers: 11 s on a GPU node) can only
-    follow Ray's, so the driver starts Ray and the actors before importing Ray Data, scoring and the report
-    (5.4 s on the GPU node; before this, all of it came first)."""
-    seen = tmp_path / "seen.json"
-    done = subprocess.run([sys.executable, "-c", PROBE, seen, "run", "--data", tiny_corpus, "--out", tmp_path / "run",
-                           "--machines", "valve", "--detector", "knn", "--backbone", tiny_hubert,
+def test_a_run_shows_stage_bars_and_a_summary_and_starts_ray_and_its_actors_before_its_heavy_imports(
+        tiny_corpus, tiny_hubert, tmp_path):
+    """One run of the clip k-NN detector over a tiny HuBERT, under ``python -X importtime`` and the probe above:
+    - the console shows a bar per stage and a summary; Ray's own lines go to run.log only;
+    - the embedding actors' start (their own imports of torch and transformers: 11 s on a GPU node) can only
+      follow Ray's, so the driver starts Ray and the actors before importing Ray Data, scoring and the report
+      (5.4 s on the GPU node; before this, all of it came first);
+    - the driver never needs torch (seconds of its start on a GPU node, before Ray is up), and the report's plots
+      are drawn in Ray tasks."""
+    seen, out = tmp_path / "seen.json", tmp_path / "run"
+    done = subprocess.run([sys.executable, "-X", "importtime", "-c", PROBE, seen, "run", "--data", tiny_corpus,
+                           "--out", out, "--machines", "valve", "--detector", "knn", "--backbone", tiny_hubert,
                            "--set", f"ray.cache_dir={tmp_path / 'cache'}"], env=ENV, capture_output=True, text=True,
                           timeout=400)
     assert done.returncode == 0, done.stderr[-2000:]
     assert json.loads(seen.read_text()) == {"ray.init": [], "pool": []}
-    assert "official score" in done.stdout
+    modules, stderr = imported(done)
+    assert "ray.data" in modules and "sklearn" in modules and "torch" not in modules and "matplotlib" not in modules
+    assert (out / "plot_valve.png").read_bytes().startswith(b"\x89PNG") and "(plot_valve.png)" in (out / "report.md").read_text()
+    for name in ("discover", "embed", "banks", "scoring", "report"):
+        assert name in stderr
+    assert "100%" in stderr and "clip/s" in stderr
+    assert "official score" in done.stdout and "time: discover" in done.stdout and "run.log" in done.stdout
+    assert_quiet(done.stdout + stderr)
+    ray_lines = (out / "run.log").read_text()
+    assert "Started a local Ray instance" in ray_lines and "Starting execution of Dataset" in ray_lines
 
 
 def test_embed_sends_ray_lines_to_its_run_log_and_verbose_shows_them(tiny_corpus, tmp_path):

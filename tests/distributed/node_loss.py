@@ -127,8 +127,12 @@ def main(mode: str, corpus: str, out: str, *extra: str) -> None:
     out_dir = Path(out)
     config = load_config(RunConfig, None, [f"fleet.namespace=t-{uuid.uuid4().hex[:8]}", "detector=local",
                                            "local.bank_size=300", f"ray.cache_dir={out_dir / 'cache'}"])
+    # a lost node is known dead after 5 missed health checks, 1 s apart (Ray's default: 3 s apart, 15 s of waiting
+    # in each test); a live raylet still has Ray's own 10 s to answer each
+    health = {"health_check_period_ms": 1000, "health_check_failure_threshold": 5}
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False,
-                                                            "object_store_memory": 128 * 2**20})
+                                                            "object_store_memory": 128 * 2**20,
+                                                            "_system_config": health})
     workers = {}
     for _ in range(2):
         node = cluster.add_node(num_cpus=1, object_store_memory=128 * 2**20)
