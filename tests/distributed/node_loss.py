@@ -116,6 +116,32 @@ def _finetune_faulted(corpus: str, out_dir: Path, init: str, cluster, workers: d
             "start_steps": sorted({s["start_step"] for s in result.steps})}
 
 
+def _start_cluster(Cluster, attempts: int = 3):
+    """The head (no CPU) and two worker nodes of 1 CPU: (cluster, {node id: node}). Ray waits a fixed 30 s for a new
+    raylet to register (ray/_private/node.py), which a machine busy with other work can exceed: the whole cluster
+    is then started again, so the scenario is always the same three nodes."""
+    # a lost node is known dead after 5 missed health checks, 1 s apart (Ray's default: 3 s apart, 15 s of waiting
+    # in each test); a live raylet still has Ray's own 10 s to answer each
+    health = {"health_check_period_ms": 1000, "health_check_failure_threshold": 5}
+    for attempt in range(1, attempts + 1):
+        cluster = None
+        try:
+            cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False,
+                                                                    "object_store_memory": 128 * 2**20,
+                                                                    "_system_config": health})
+            workers = {}
+            for _ in range(2):
+                node = cluster.add_node(num_cpus=1, object_store_memory=128 * 2**20)
+                workers[node.node_id] = node
+            return cluster, workers
+        except Exception as err:  # noqa: BLE001 - Ray raises a bare Exception for it
+            if "timed out during startup" not in str(err) or attempt == attempts:
+                raise
+            print(f"a node timed out starting (attempt {attempt}): the cluster again", flush=True)
+            if cluster is not None:
+                cluster.shutdown()
+
+
 def main(mode: str, corpus: str, out: str, *extra: str) -> None:
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -127,16 +153,7 @@ def main(mode: str, corpus: str, out: str, *extra: str) -> None:
     out_dir = Path(out)
     config = load_config(RunConfig, None, [f"fleet.namespace=t-{uuid.uuid4().hex[:8]}", "detector=local",
                                            "local.bank_size=300", f"ray.cache_dir={out_dir / 'cache'}"])
-    # a lost node is known dead after 5 missed health checks, 1 s apart (Ray's default: 3 s apart, 15 s of waiting
-    # in each test); a live raylet still has Ray's own 10 s to answer each
-    health = {"health_check_period_ms": 1000, "health_check_failure_threshold": 5}
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False,
-                                                            "object_store_memory": 128 * 2**20,
-                                                            "_system_config": health})
-    workers = {}
-    for _ in range(2):
-        node = cluster.add_node(num_cpus=1, object_store_memory=128 * 2**20)
-        workers[node.node_id] = node
+    cluster, workers = _start_cluster(Cluster)
     ray.init(address=cluster.address, log_to_driver=False)
     cluster.wait_for_nodes()
     print("cluster up:", len(workers), "worker nodes", flush=True)
