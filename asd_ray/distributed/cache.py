@@ -81,8 +81,8 @@ def cache_key(records: Sequence[ClipRecord], embed: EmbedConfig | Mapping[str, o
         decisive = {k: v for k, v in dataclasses.asdict(embed).items() if k not in ("batch_size", "device")}
         what = {"embed": decisive, "backbone": _backbone_identity(embed.backbone)}
     else:
-        what = {"frames": dict(embed), "frames_version": FRAMES_VERSION}
-        if "backbone" in embed:  # a backbone's frames: its files too
+        what = {"frames": {k: v for k, v in dict(embed).items() if k != "device"}, "frames_version": FRAMES_VERSION}
+        if "backbone" in embed:  # a backbone's frames: its files too (not the device they were computed on)
             what["backbone"] = _backbone_identity(str(embed["backbone"]))
     body = json.dumps({**what, "preprocess": dataclasses.asdict(preprocess),
                        "files": [(r.path, *ids[r.path]) for r in records]}, sort_keys=True, default=str)

@@ -82,3 +82,4 @@ def test_the_embedding_cache_key_follows_a_beats_checkpoint_files_contents(tiny_
     write_random_checkpoint(path, torch.load(tiny_beats, weights_only=True)["cfg"], seed=98)
     os.utime(path, ns=(2, 2))
     assert cache_key([], frames, config.preprocess) != before
+    assert cache_key([], {**frames, "device": "cuda"}, config.preprocess) == cache_key([], frames, config.preprocess)
