@@ -437,8 +437,6 @@ def reference_run(roots: Sequence[str | Path], config: RunConfig, out_dir: str |
         from asd_ray.models.backbones import load_backbone
 
         backbone = load_backbone(**dataclasses.asdict(config.embed))
-    elif config.embed.backbone == "logmel":
-        backbone = LogMelFrames(**frame_feature_kwargs(config))
     else:
         from asd_ray.models.backbones import frame_extractor
 

@@ -20,7 +20,7 @@ import numpy as np
 
 from asd_ray.bank.memory_bank import BankError
 from asd_ray.bank.saved import PREPROCESS_RECORD
-from asd_ray.detectors import bank_version, check_bank_folder, configure_detector, load_detector
+from asd_ray.detectors import bank_version, check_bank_folder, configure_detector, frame_settings, load_detector
 
 
 def actor_name(machine: str, replica: int = 0) -> str:
@@ -62,7 +62,8 @@ class BankActor:
         tmp, old = self.bank_dir.with_name(self.bank_dir.name + ".new"), self.bank_dir.with_name(self.bank_dir.name + ".old")
         shutil.rmtree(tmp, ignore_errors=True)
         self.bank.save(tmp)
-        if (self.bank_dir / PREPROCESS_RECORD).is_file():  # how its clips were pre-processed stays with the bank
+        # how its clips were pre-processed stays with the bank
+        if (self.bank_dir / PREPROCESS_RECORD).is_file():
             shutil.copy2(self.bank_dir / PREPROCESS_RECORD, tmp / PREPROCESS_RECORD)
         shutil.rmtree(old, ignore_errors=True)
         self.bank_dir.rename(old)
@@ -107,7 +108,7 @@ def check_saved_banks(bank_root: str | Path, config) -> tuple[Path, list[str]]:
     bank actor or a replica after it."""
     root, machines = saved_banks(bank_root)
     for machine in machines:
-        check_bank_folder(root / machine, n_mels=config.frames.n_mels if config.embed.backbone == "logmel" else None,
+        check_bank_folder(root / machine, n_mels=frame_settings(config).get("n_mels"),  # a backbone's frames: none
                           preprocess=dataclasses.asdict(config.preprocess))
     return root, machines
 

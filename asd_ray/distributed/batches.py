@@ -142,17 +142,13 @@ class FrameBatch:
     backbone's frames (``EmbedConfig``'s; ``models.backbones.frame_extractor``)."""
 
     def __init__(self, **features: object):
-        if "backbone" in features:
+        from asd_ray.models.backbones import frame_extractor
+
+        if "backbone" in features:  # a model's forward passes: as many torch threads as EmbedBatch's
             import torch
 
-            from asd_ray.models.backbones import frame_extractor
-
             torch.set_num_threads(max(1, int(os.environ.get("ASD_RAY_TORCH_THREADS", "1"))))
-            self.extractor = frame_extractor(**features)
-        else:
-            from asd_ray.models.frames import LogMelFrames
-
-            self.extractor = LogMelFrames(**features)
+        self.extractor = frame_extractor(**features)
 
     def features(self, batch: dict[str, np.ndarray]) -> list[np.ndarray]:
         """A batch after ``preprocess_batch`` -> B (T_i x n_mels) float32 matrices, (0 x 0) for rejected clips."""
