@@ -49,7 +49,7 @@ def cmd_synth(args) -> int:
                            train_source=args.train_source, train_target=args.train_target,
                            test_per_cell=args.test_per_cell, supplemental=args.supplemental,
                            seconds=args.seconds, seed=args.seed, workers=args.workers, style=args.style,
-                           year=args.year)
+                           year=args.year, noise=args.noise)
     s = summarise(discover([root]))
     print(f"wrote {s['clips']} clips under {root}")
     return 0

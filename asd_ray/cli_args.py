@@ -121,6 +121,10 @@ def _add_synth(sub):
                    help="sound models and anomaly kinds: A (rotating / impulsive / broadband), B (reciprocating, "
                         "conveyor, pump, motor, gear; designed independently of A) or C (rhythms: press, sorter, "
                         "indexer, spindle; anomalies in timing and in narrow bands)")
+    p.add_argument("--noise", choices=("direct", "diffuse"), default="direct",
+                   help="--year 2026: how the factory reaches the two microphones: direct (short responses, heard "
+                        "coherently by both) or diffuse (a reverberant hall with neighbouring machines; about half "
+                        "the noise at each microphone incoherent with the other's)")
 
 
 def _add_run(sub):

@@ -35,9 +35,10 @@ class PreprocessConfig:
     max_seconds: float = 0.0  # 0 = no cap; else clips are cut to this many seconds
     # a clip of two or more channels (DCASE 2026: channel 0 the near microphone, 1 the far one): mix (the channels'
     # mean, flagged), near (channel 0), far (channel 1), cancel (the near channel with the far one's least-squares
-    # prediction of it removed per frequency, data/audio.py: cancel_far); auto: cancel for two channels (measured
-    # best, README), mix for more; mono clips are taken as they are
-    channels: Literal["auto", "mix", "near", "far", "cancel"] = "auto"
+    # prediction of it removed per frequency, data/audio.py: cancel_far), subtract (the far channel's magnitude
+    # subtracted per frequency, subtract_far); auto: cancel for two channels (measured best, README), mix for more;
+    # mono clips are taken as they are
+    channels: Literal["auto", "mix", "near", "far", "cancel", "subtract"] = "auto"
 
 
 @dataclass(frozen=True)

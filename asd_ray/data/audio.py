@@ -113,8 +113,31 @@ def downmix(samples: np.ndarray) -> np.ndarray:
     return samples.mean(axis=1, dtype=np.float32) if samples.ndim == 2 else samples.astype(np.float32)
 
 
-CHANNELS = ("auto", "mix", "near", "far", "cancel")
+CHANNELS = ("auto", "mix", "near", "far", "cancel", "subtract")
 CANCEL_FFT, CANCEL_HOP = 1024, 256  # the cancellation's STFT (samples), whatever the rate
+SUBTRACT_FLOOR = 0.05  # spectral subtraction keeps at least this fraction of the near channel's magnitude
+SUBTRACT_SMOOTH = 31  # STFT bins (about 480 Hz at 16 kHz) over which its gain is median-filtered
+
+
+def _far_removed(near: np.ndarray, far: np.ndarray, remove) -> np.ndarray:
+    """The near channel through ``remove(N, F) -> Y`` on the two channels' STFTs (CANCEL_FFT, hop CANCEL_HOP, Hann),
+    back to a float32 waveform of the near channel's length."""
+    from scipy.signal import istft, stft
+
+    frames = {"nperseg": CANCEL_FFT, "noverlap": CANCEL_FFT - CANCEL_HOP, "window": "hann"}
+    size = max(len(near), CANCEL_FFT)  # a clip shorter than one STFT frame, zero-padded (it is rejected as too short)
+    _, _, n = stft(np.pad(near.astype(np.float64), (0, size - len(near))), **frames)
+    _, _, f = stft(np.pad(far.astype(np.float64), (0, size - len(far))), **frames)
+    _, y = istft(remove(n, f), **frames)
+    out = np.zeros(len(near), dtype=np.float32)
+    out[: min(len(near), len(y))] = y[: len(near)]
+    return out
+
+
+def _least_squares_gain(target: np.ndarray, source: np.ndarray) -> np.ndarray:
+    """Per frequency (row), the gain g minimising sum_t |target - g source|^2 (complex or real arrays)."""
+    power = (np.abs(source) ** 2).sum(axis=1)
+    return (target * source.conj()).sum(axis=1) / np.maximum(power, 1e-12 * max(float(power.max()), 1e-30))
 
 
 def cancel_far(near: np.ndarray, far: np.ndarray) -> np.ndarray:
@@ -122,25 +145,33 @@ def cancel_far(near: np.ndarray, far: np.ndarray) -> np.ndarray:
     gain H(f) = sum_t N(f,t) F*(f,t) / sum_t |F(f,t)|^2 over the clip's STFT frames, and Y = N - H F back to a
     waveform of the near channel's length. Sound that reaches both microphones alike (the factory around the
     machine) goes; what only the near microphone hears well (the machine) stays. float32."""
-    from scipy.signal import istft, stft
+    return _far_removed(near, far, lambda n, f: n - _least_squares_gain(n, f)[:, None] * f)
 
-    frames = {"nperseg": CANCEL_FFT, "noverlap": CANCEL_FFT - CANCEL_HOP, "window": "hann"}
-    size = max(len(near), CANCEL_FFT)  # a clip shorter than one STFT frame, zero-padded (it is rejected as too short)
-    _, _, n = stft(np.pad(near.astype(np.float64), (0, size - len(near))), **frames)
-    _, _, f = stft(np.pad(far.astype(np.float64), (0, size - len(far))), **frames)
-    power = (np.abs(f) ** 2).sum(axis=1)
-    h = (n * f.conj()).sum(axis=1) / np.maximum(power, 1e-12 * max(float(power.max()), 1e-30))
-    _, y = istft(n - h[:, None] * f, **frames)
-    out = np.zeros(len(near), dtype=np.float32)
-    out[: min(len(near), len(y))] = y[: len(near)]
-    return out
+
+def subtract_far(near: np.ndarray, far: np.ndarray) -> np.ndarray:
+    """Magnitude spectral subtraction of the far channel from the near one: per frequency f, the least-squares gain
+    of |F| on |N| over the clip's frames, median-filtered over SUBTRACT_SMOOTH bins into G(f) (a machine's tone
+    heard faintly at the far microphone inflates its own bin's gain, not its neighbours'; the hall's transfer is
+    smooth), |Y| = max(|N| - G |F|, SUBTRACT_FLOOR |N|) with the near channel's phase, back to a waveform. Unlike
+    ``cancel_far`` it needs no phase relation between the microphones, so it also removes noise that reaches them
+    incoherently (a reverberant hall), at the cost of musical noise. float32."""
+    from scipy.ndimage import median_filter
+
+    def remove(n, f):
+        mag_n, mag_f = np.abs(n), np.abs(f)
+        gain = median_filter(_least_squares_gain(mag_n, mag_f), size=SUBTRACT_SMOOTH, mode="nearest")
+        mag = np.maximum(mag_n - gain[:, None] * mag_f, SUBTRACT_FLOOR * mag_n)
+        return mag * np.exp(1j * np.angle(n))
+
+    return _far_removed(near, far, remove)
 
 
 def pick_channels(data: np.ndarray, channels: str = "auto") -> tuple[np.ndarray, list[str]]:
     """(samples x channels) -> (mono float32 samples, flags) as ``preprocess.channels`` says: a mono clip as it
     is; of more channels, their mean (``mix``, flag ``downmixed:<n>ch``), channel 0 (``near``, ``channel:near``),
-    channel 1 (``far``, ``channel:far``) or channel 0 with channel 1's prediction of it cancelled (``cancel``,
-    ``cancelled:far``); ``auto``: ``cancel`` for a two-channel clip, ``mix`` for more channels."""
+    channel 1 (``far``, ``channel:far``), channel 0 with channel 1's prediction of it cancelled (``cancel``,
+    ``cancelled:far``) or channel 1's magnitude subtracted from it (``subtract``, ``subtracted:far``); ``auto``:
+    ``cancel`` for a two-channel clip, ``mix`` for more channels."""
     if channels not in CHANNELS:
         raise ValueError(f"preprocess.channels {channels!r}: use one of {', '.join(CHANNELS)}")
     if data.ndim == 1 or data.shape[1] == 1:
@@ -153,6 +184,8 @@ def pick_channels(data: np.ndarray, channels: str = "auto") -> tuple[np.ndarray,
         return np.ascontiguousarray(data[:, 0], dtype=np.float32), ["channel:near"]
     if channels == "far":
         return np.ascontiguousarray(data[:, 1], dtype=np.float32), ["channel:far"]
+    if channels == "subtract":
+        return subtract_far(data[:, 0], data[:, 1]), ["subtracted:far"]
     return cancel_far(data[:, 0], data[:, 1]), ["cancelled:far"]
 
 

@@ -221,6 +221,7 @@ class _Job:
     seconds: float
     style: str = "A"
     year: int = 2025  # 2026: a near/far pair (synth_2026.two_channels)
+    noise: str = "direct"  # 2026: the factory's noise style (synth_2026.NOISE_STYLES)
 
 
 def _write(job: _Job, seed: int, rate: int) -> None:
@@ -235,7 +236,7 @@ def _write(job: _Job, seed: int, rate: int) -> None:
     if job.year == 2026:
         from asd_ray.data.synth_2026 import two_channels
 
-        x = two_channels(x, rng, rate, job.domain)
+        x = two_channels(x, rng, rate, job.domain, job.noise)
     sf.write(job.path, x, rate, subtype="PCM_16")
 
 
@@ -248,7 +249,8 @@ def _write_many(args):
 
 def _plan_machine(root: Path, dataset: str, machine: str, *, seed: int, train_source: int, train_target: int,
                   test_per_cell: int, supplemental: int, seconds: float,
-                  style: str = "A", year: int = 2025) -> tuple[list[_Job], list[list[str]], list]:
+                  style: str = "A", year: int = 2025,
+                  noise: str = "direct") -> tuple[list[_Job], list[list[str]], list]:
     """Jobs for one machine, its attributes_00.csv rows and its test clips' ground-truth rows
     (file name, label 0/1, domain 0/1, labelled name without ``.wav``)."""
     profile = corpus_style(style).draw(machine, seed)
@@ -263,7 +265,7 @@ def _plan_machine(root: Path, dataset: str, machine: str, *, seed: int, train_so
         fname = test_name or f"{name}_{index:04d}_{attrs}.wav"
         path = mdir / split / fname
         jobs.append(_Job(str(path), machine, domain, variant, anomaly, severity, noise_only,
-                         (dataset, machine, split, domain, label, index), seconds, style, year))
+                         (dataset, machine, split, domain, label, index), seconds, style, year, noise))
         values = [] if attrs == "noAttribute" else attrs.split("_")
         attr_rows.append([f"{machine}/{split}/{fname}", *values])
         if split == "test":  # the labelled name: the file's own on dev, the one the eval list gives on eval
@@ -296,7 +298,8 @@ def _plan_machine(root: Path, dataset: str, machine: str, *, seed: int, train_so
 def generate_corpus(out: str | Path, *, dev_machines: Iterable[str] | None = None,
                     eval_machines: Iterable[str] | None = None, train_source: int = 990, train_target: int = 10,
                     test_per_cell: int = 50, supplemental: int | None = None, seconds: float | None = None,
-                    rate: int = 16_000, seed: int = 0, workers: int = 1, style: str = "A", year: int = 2025) -> Path:
+                    rate: int = 16_000, seed: int = 0, workers: int = 1, style: str = "A", year: int = 2025,
+                    noise: str = "direct") -> Path:
     """Write a DCASE 2025-format corpus under ``out`` and return ``out``.
 
     Sizes default to DCASE's (990 + 10 train normals, 50 test clips per domain x label, 10 s);
@@ -307,7 +310,8 @@ def generate_corpus(out: str | Path, *, dev_machines: Iterable[str] | None = Non
     the sound models and anomaly kinds (:data:`STYLES`); the layout is the same for every style.
 
     ``year=2026``: DCASE 2026's set-up (``synth_2026``): its machine names, two-channel clips (near, far), no
-    supplemental clips, each machine type's clip length unless ``seconds`` is given. None (machines, supplemental,
+    supplemental clips, each machine type's clip length unless ``seconds`` is given, the factory's noise in the
+    style ``noise`` (``synth_2026.NOISE_STYLES``: ``direct``, ``diffuse``). None (machines, supplemental,
     seconds): the year's own (2025: the 7 dev and 8 eval machines, 5 supplemental clips of each kind, 10 s).
     """
     root = Path(out)
@@ -317,8 +321,12 @@ def generate_corpus(out: str | Path, *, dev_machines: Iterable[str] | None = Non
     if year == 2026:
         from asd_ray.data import synth_2026 as y
 
+        if noise not in y.NOISE_STYLES:
+            raise ValueError(f"unknown noise style {noise!r}; choose one of {', '.join(y.NOISE_STYLES)}")
         machines = (y.DEV_MACHINES, y.EVAL_MACHINES, 0, y.SECONDS)
     else:
+        if noise != "direct":
+            raise ValueError(f"noise style {noise!r}: a 2025 corpus is mono, without the 2026 factory (year=2026)")
         machines = (DEV_MACHINES, EVAL_MACHINES, 5, {})
     dev_machines = machines[0] if dev_machines is None else dev_machines
     eval_machines = machines[1] if eval_machines is None else eval_machines
@@ -332,7 +340,7 @@ def generate_corpus(out: str | Path, *, dev_machines: Iterable[str] | None = Non
                                                    train_target=train_target, test_per_cell=test_per_cell,
                                                    supplemental=supplemental,
                                                    seconds=seconds or lengths.get(machine, 10.0), style=style,
-                                                   year=year)
+                                                   year=year, noise=noise)
             mdir = root / f"{dataset}_data" / "raw" / machine
             for split in ("train", "test", *(("supplemental",) if year == 2025 else ())):  # 2026 has none
                 (mdir / split).mkdir(parents=True, exist_ok=True)
