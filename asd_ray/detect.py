@@ -376,6 +376,10 @@ def frame_feature_kwargs(config: RunConfig) -> dict:
     fr, sr = config.frames, config.preprocess.sample_rate
     context = REGISTRY.frames_needed(config)
     if config.embed.backbone != "logmel":
+        if REGISTRY.needs_log_mel(config):
+            raise ConfigError(f"detector {config.detector} pools the rhythm of log-mel bands (onsets of their levels "
+                              f"in dB), which {config.embed.backbone}'s frames do not have: use it with the logmel "
+                              f"backbone, or another pooling")
         need = backbone_frames_seconds(config.embed.backbone, context)
         if need and config.preprocess.min_seconds < need:
             raise ConfigError(f"preprocess.min_seconds={config.preprocess.min_seconds}: the detector stacks {context} "

@@ -77,6 +77,11 @@ class Detector(abc.ABC):
         return False
 
     @classmethod
+    def needs_log_mel(cls, config: "RunConfig", entry: DetectorEntry, registry: "Registry") -> bool:
+        """Whether its frames must be log-mel bands in dB (what it computes means nothing over a backbone's)."""
+        return False
+
+    @classmethod
     def describe(cls, config: "RunConfig", entry: DetectorEntry, registry: "Registry") -> str:
         """What the detector is, in a few words (report.md's header)."""
         return entry.words

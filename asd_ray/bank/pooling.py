@@ -22,6 +22,7 @@ from scipy.special import logsumexp
 from asd_ray.bank.base import Detector
 
 POOLINGS = ("mean", "mean_std", "gem", "reldev", "rhythm")
+LOG_MEL_POOLINGS = ("rhythm",)  # poolings whose frames must be log-mel bands in dB (onsets of band levels)
 RHYTHM_GROUPS, RHYTHM_LAGS = 4, 64  # band groups; lags in frames (64 hops of 512 samples at 16 kHz: 2 s)
 RHYTHM_DIM = 2 * RHYTHM_GROUPS * RHYTHM_LAGS  # onset and level autocorrelations of every group
 
@@ -100,6 +101,10 @@ class PooledBank(Detector):
     # ``bank.metric`` is its distance too, its k is ``pooled.k``
     reads = ("frames", "bank.metric", "bank.seed", "bank.faiss_threads", "embed.batch_size")
     score_keys = {"bank.metric": "metric", "pooled.k": "k"}
+
+    @classmethod
+    def needs_log_mel(cls, config, entry, registry) -> bool:
+        return entry.options.get("pooling", config.pooled.pooling) in LOG_MEL_POOLINGS
 
     @classmethod
     def from_config(cls, config, entry, registry, *, device="cpu") -> "PooledBank":

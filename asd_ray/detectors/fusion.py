@@ -83,6 +83,10 @@ class FusionDetector(Detector):
         return any(registry.trains_a_model(config, m) for m in cls._member_names(config, entry))
 
     @classmethod
+    def needs_log_mel(cls, config, entry, registry) -> bool:
+        return any(registry.needs_log_mel(config, m) for m in cls._member_names(config, entry))
+
+    @classmethod
     def describe(cls, config, entry, registry) -> str:
         return (f"fusion ({config.fusion.combine}) of {' + '.join(config.fusion.members)}, each z-scored by its "
                 f"train scores")

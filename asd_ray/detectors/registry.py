@@ -119,6 +119,10 @@ class Registry:
         cls, entry = self.cls(name or config.detector)
         return cls.frames_needed(config, entry, self)
 
+    def needs_log_mel(self, config: RunConfig, name: str | None = None) -> bool:
+        cls, entry = self.cls(name or config.detector)
+        return cls.needs_log_mel(config, entry, self)
+
     def trains_a_model(self, config: RunConfig, name: str | None = None) -> bool:
         cls, entry = self.cls(name or config.detector)
         return cls.trains_a_model(config, entry, self)

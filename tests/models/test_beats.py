@@ -265,3 +265,20 @@ def test_frame_detectors_run_over_a_beats_files_frames(tiny_corpus, tiny_beats, 
         reference_run([tiny_corpus], load_config(RunConfig, None, [f"detector={detector}",
                                                                    f"embed.backbone={tiny_beats}",
                                                                    "preprocess.min_seconds=0.5"]), None, ["valve"])
+
+
+def test_the_rhythm_pooling_is_refused_over_a_beats_files_frames(tiny_corpus, tiny_beats, tmp_path, capsys):
+    """``rhythm`` reads onsets of log-mel band levels in dB: over a backbone's frames it would run and mean nothing,
+    so it (alone or as a fusion member) is one line before anything is embedded."""
+    from asd_ray.config import RunConfig, load_config
+    from asd_ray.detectors import REGISTRY
+
+    args = ["run", "--local", "--data", str(tiny_corpus), "--machines", "valve", "--backbone", str(tiny_beats),
+            "--out", str(tmp_path / "cli")]
+    for detector in (["--detector", "rhythm"], ["--set", "fusion.members=[local, pooled, rhythm]"]):
+        assert main([*args, *detector]) == 2
+        err = capsys.readouterr().err
+        assert "pools the rhythm of log-mel bands" in err and str(tiny_beats) in err and "Traceback" not in err
+    assert not (tmp_path / "cli" / "banks").exists()
+    config = load_config(RunConfig, None, ["detector=rhythm"])
+    assert REGISTRY.needs_log_mel(config) and not REGISTRY.needs_log_mel(config, "pooled")
