@@ -40,7 +40,7 @@ def test_ray_run_equals_reference_run(ray_local, tiny_corpus, tmp_path, detector
     assert got.timings["embed"] > 0 and got.timings["discover"] >= 0
 
 
-@pytest.mark.parametrize("channels", ["near", "cancel"])
+@pytest.mark.parametrize("channels", ["near", "cancel", "subtract"])
 def test_a_two_channel_corpus_scores_the_same_on_ray_and_in_one_process(ray_local, two_channel_corpus, tmp_path,
                                                                         channels):
     config = _config(tmp_path, "detector=pooled", f"preprocess.channels={channels}")
@@ -48,7 +48,7 @@ def test_a_two_channel_corpus_scores_the_same_on_ray_and_in_one_process(ray_loca
     got = ray_run([two_channel_corpus], config)
     assert set(ref.results) == set(got.results) == {"valve"}
     np.testing.assert_allclose(got.results["valve"].raw_scores, ref.results["valve"].raw_scores, rtol=1e-6)
-    flag = {"near": "channel", "cancel": "cancelled"}[channels]  # no clip down-mixed, every clip flagged
+    flag = {"near": "channel", "cancel": "cancelled", "subtract": "subtracted"}[channels]  # none down-mixed, all flagged
     assert got.flags == ref.flags == {flag: got.clips_embedded}
 
 
