@@ -23,7 +23,8 @@ DETECTORS = {
     "pooled-gem": ["detector=pooled", "pooled.pooling=gem"],
     "pooled-reldev": ["detector=pooled", "pooled.pooling=reldev"],
     "pooled-smote": ["detector=pooled", "pooled.oversample_target=100"],
-    "rhythm": ["detector=rhythm"],  # pooled's bank over when events come (issue 26), not yet a fusion member
+    "rhythm": ["detector=rhythm"],
+    "bands": ["detector=bands"],  # a pooled bank per group of log-mel bands (as BEAM), not yet a fusion member  # pooled's bank over when events come (issue 26), not yet a fusion member
     "local": ["detector=local"],
     "fusion": ["detector=fusion"],  # local + pooled, z-normalised by their train scores, max
     # + the rhythm bank, mean: better on small corpora of all three styles (benchmarks/results_style_c_small_cpu2.txt)

@@ -128,6 +128,15 @@ class FusionConfig:
 
 
 @dataclass(frozen=True)
+class BandsConfig:
+    """Per-band memory banks (``detector=bands``, as BEAM): a pooled bank per group of log-mel bands, each z-scored
+    by its train (leave-one-out) scores, then combined."""
+
+    groups: int = 4  # equal groups of the log-mel bands, low first
+    combine: Literal["min", "mean", "max"] = "max"  # max: anomalous when any group finds the clip unusual
+
+
+@dataclass(frozen=True)
 class SupplementalConfig:
     """Supplemental clips (DCASE 2025: noise-only and clean-machine clips of some machines, mostly source domain)."""
 
@@ -273,13 +282,14 @@ class RunConfig:
     pooled: PooledConfig = field(default_factory=PooledConfig)
     local: LocalConfig = field(default_factory=LocalConfig)
     fusion: FusionConfig = field(default_factory=FusionConfig)
+    bands: BandsConfig = field(default_factory=BandsConfig)
     supplemental: SupplementalConfig = field(default_factory=SupplementalConfig)
     ae: AEConfig = field(default_factory=AEConfig)
     # knn: clip k-NN bank over the backbone's embeddings (SPEC §4); pooled: clip k-NN bank over pooled log-mel
     # frames; local: local-feature bank over log-mel windows; ae-mse / ae-maha: the AE baseline's two scores;
     # fusion: the ``fusion.members`` z-normalised and combined
     # The default is the measured best on both synthetic corpus styles (README, "Detectors").
-    detector: Literal["knn", "pooled", "rhythm", "local", "ae-mse", "ae-maha", "fusion"] = "fusion"
+    detector: Literal["knn", "pooled", "rhythm", "bands", "local", "ae-mse", "ae-maha", "fusion"] = "fusion"
     normals_only_roots: tuple[str, ...] = ()  # roots whose unparsed names are trusted as normal train clips
     # eval ground truth from the official baseline repo's single list (datasets/eval_data_list_2025.csv);
     # "": from each root's eval_data/ground_truth_{data,domain}/ tables when present

@@ -61,7 +61,7 @@ def test_compare_runs_four_detectors_unless_told_all():
     parsed = build_parser().parse_args(["compare"])
     assert detector_names(parsed.detectors) == ["fusion", "knn", "local", "ae-maha"]
     every = build_parser().parse_args(["compare", "--detectors", "all"])
-    assert detector_names(every.detectors) == list(DETECTORS) and len(DETECTORS) == 15
+    assert detector_names(every.detectors) == list(DETECTORS) and len(DETECTORS) == 16
     assert detector_names(["knn", "pooled", "knn"]) == ["knn", "pooled"]
     with pytest.raises(SystemExit):
         build_parser().parse_args(["compare", "--detectors", "nearest"])

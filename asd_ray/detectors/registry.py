@@ -10,6 +10,7 @@ The detectors:
 - ``pooled``: the clip k-NN bank over a clip's log-mel frames pooled over time (``bank/pooling.py``);
 - ``local``: the local-feature bank over windows of log-mel frames (``bank/local_bank.py``);
 - ``ae-mse`` / ``ae-maha``: the DCASE AE baseline (``models/autoencoder.py``);
+- ``bands``: a pooled bank per group of log-mel bands, combined as a fusion (``sub_bands.py``);
 - ``fusion``: several of these on the same features, each z-normalised by its own leave-one-out train
   scores, combined (``fusion.py``).
 With ``supplemental.noise_profile``, a frame detector is wrapped in ``NoiseRemovedDetector`` (``noise_removed.py``).
@@ -36,6 +37,8 @@ KINDS = {
     "LocalFeatureBank": "asd_ray.bank.local_bank:LocalFeatureBank",
     "AEDetector": "asd_ray.models.autoencoder:AEDetector",
     "FusionDetector": "asd_ray.detectors.fusion:FusionDetector",
+    "SubBandDetector": "asd_ray.detectors.sub_bands:SubBandDetector",
+    "BandSlice": "asd_ray.detectors.sub_bands:BandSlice",
     "NoiseRemovedDetector": "asd_ray.detectors.noise_removed:NoiseRemovedDetector",
 }
 
@@ -45,6 +48,7 @@ ENTRIES = {e.name: e for e in (
     DetectorEntry("pooled", "PooledBank", "pooled", "clip k-NN bank over pooled log-mel frames"),
     DetectorEntry("rhythm", "PooledBank", "pooled", "clip k-NN bank over the rhythm of log-mel frames (when events "
                                                   "come, not the spectrum)", {"pooling": "rhythm"}),
+    DetectorEntry("bands", "SubBandDetector", "bands", "per-band pooled banks over groups of log-mel bands"),
     DetectorEntry("local", "LocalFeatureBank", "local", "local-feature bank over log-mel windows"),
     DetectorEntry("ae-mse", "AEDetector", "ae", "the DCASE AE baseline, reconstruction MSE", {"score_kind": "mse"}),
     DetectorEntry("ae-maha", "AEDetector", "ae", "the DCASE AE baseline, Mahalanobis distance of the reconstruction "

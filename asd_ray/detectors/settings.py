@@ -15,13 +15,13 @@ from asd_ray.detectors.registry import REGISTRY
 
 # Settings a saved detector takes at score time (the rest is fixed when it is fitted): the ``score_keys`` of the
 # detector classes, each applied to the classes that declare it (``configure_detector``).
-SCORE_SETTINGS = ("bank.k", "bank.metric", "pooled.k", "fusion.combine")
+SCORE_SETTINGS = ("bank.k", "bank.metric", "pooled.k", "fusion.combine", "bands.combine")
 
 # Config sections and keys that describe how a detector is fitted: a saved one keeps what it was fitted with.
-FIT_SECTIONS = ("bank", "pooled", "local", "fusion", "ae", "supplemental")
+FIT_SECTIONS = ("bank", "pooled", "local", "fusion", "bands", "ae", "supplemental")
 
 # Sections some detectors read; the others (preprocess, post, ray ...) belong to every run.
-DETECTOR_SECTIONS = ("bank", "embed", "pooled", "local", "ae", "frames", "fusion", "supplemental")
+DETECTOR_SECTIONS = ("bank", "embed", "pooled", "local", "ae", "frames", "fusion", "bands", "supplemental")
 
 
 def given_score_settings(config: RunConfig, given: Iterable[str]) -> dict[str, Any]:
