@@ -12,7 +12,7 @@ import typing
 from pathlib import Path
 
 from asd_ray.config import RunConfig
-from asd_ray.data.layout import DEV_MACHINES, DEV_MACHINES_2026, EVAL_MACHINES, EVAL_MACHINES_2026
+from asd_ray.data.layout import DEV_MACHINES, DEV_MACHINES_2026, EVAL_MACHINES, EVAL_MACHINES_2026, NOISE_STYLES_2026
 
 # Detector names for `asd-ray compare`: each is config overrides on top of the run's config.
 DETECTORS = {
@@ -23,8 +23,8 @@ DETECTORS = {
     "pooled-gem": ["detector=pooled", "pooled.pooling=gem"],
     "pooled-reldev": ["detector=pooled", "pooled.pooling=reldev"],
     "pooled-smote": ["detector=pooled", "pooled.oversample_target=100"],
-    "rhythm": ["detector=rhythm"],
-    "bands": ["detector=bands"],  # a pooled bank per group of log-mel bands (as BEAM), not yet a fusion member  # pooled's bank over when events come (issue 26), not yet a fusion member
+    "rhythm": ["detector=rhythm"],  # pooled's bank over when events come (issue 26), not yet a fusion member
+    "bands": ["detector=bands"],  # a pooled bank per group of log-mel bands (as BEAM), not yet a fusion member
     "local": ["detector=local"],
     "fusion": ["detector=fusion"],  # local + pooled, z-normalised by their train scores, max
     # + the rhythm bank, mean: better on small corpora of all three styles (benchmarks/results_style_c_small_cpu2.txt)
@@ -122,7 +122,7 @@ def _add_synth(sub):
                    help="sound models and anomaly kinds: A (rotating / impulsive / broadband), B (reciprocating, "
                         "conveyor, pump, motor, gear; designed independently of A) or C (rhythms: press, sorter, "
                         "indexer, spindle; anomalies in timing and in narrow bands)")
-    p.add_argument("--noise", choices=("direct", "diffuse"), default="direct",
+    p.add_argument("--noise", choices=NOISE_STYLES_2026, default=NOISE_STYLES_2026[0],
                    help="--year 2026: how the factory reaches the two microphones: direct (short responses, heard "
                         "coherently by both) or diffuse (a reverberant hall with neighbouring machines; about half "
                         "the noise at each microphone incoherent with the other's)")

@@ -23,6 +23,8 @@ EVAL_MACHINES = (
     "ToyRCCar", "ToyPet", "HomeCamera", "AutoTrash", "Polisher", "ScrewFeeder", "BandSealer", "CoffeeGrinder",
 )
 # DCASE 2026 Task 2: two-channel clips (near, far microphone), no supplemental clips
+# the synthetic 2026 corpus's noise styles (data/synth_2026.py), the first the default
+NOISE_STYLES_2026 = ("direct", "diffuse")
 DEV_MACHINES_2026 = ("ToyCar", "ToyCarEmu", "bearingEmu", "fan", "gearboxEmu", "sliderEmu", "valveEmu")
 EVAL_MACHINES_2026 = ("ToyDrone", "ToothBrush", "SewingMachine", "BlowerDustCollector", "Sander")
 SPLITS = ("train", "test", "supplemental")

@@ -28,10 +28,10 @@ import numpy as np
 from scipy.signal import oaconvolve
 
 from asd_ray.data.layout import DEV_MACHINES_2026 as DEV_MACHINES, EVAL_MACHINES_2026 as EVAL_MACHINES
+from asd_ray.data.layout import NOISE_STYLES_2026 as NOISE_STYLES
 from asd_ray.data.synth_parts import band_noise, coloured_noise, harmonics, ring, rms, room, spectral_filter
 
 __all__ = ["DEV_MACHINES", "EVAL_MACHINES", "NOISE_STYLES", "SECONDS", "factory_noise", "two_channels"]
-NOISE_STYLES = ("direct", "diffuse")
 # clip length by machine type (s): the 2026 set's lengths are 6, 10, 11, 12 and 16 s
 SECONDS = {"ToyCar": 12.0, "ToyCarEmu": 12.0, "bearingEmu": 10.0, "fan": 10.0, "gearboxEmu": 11.0,
            "sliderEmu": 10.0, "valveEmu": 6.0, "ToyDrone": 10.0, "ToothBrush": 6.0, "SewingMachine": 16.0,
