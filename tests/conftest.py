@@ -113,3 +113,16 @@ def tiny_beats(tmp_path_factory):
     made = np.load(CHECKOUT / "tests/fixtures/beats/tiny.npz")
     return write_random_checkpoint(tmp_path_factory.mktemp("beats") / "tiny.pt", json.loads(str(made["cfg"])),
                                    int(made["seed"]))
+
+
+@pytest.fixture(scope="session")
+def tiny_eat(tmp_path_factory):
+    """A 2-block EAT checkpoint file in the fairseq layout ({"cfg": {"model"}, "model"}), the seeded weights of the
+    fixtures that the reference implementation made (tests/fixtures/eat/tiny.npz)."""
+    import json
+
+    from asd_ray.models.eat import write_random_checkpoint
+
+    made = np.load(CHECKOUT / "tests/fixtures/eat/tiny.npz")
+    return write_random_checkpoint(tmp_path_factory.mktemp("eat") / "tiny.pt", **json.loads(str(made["size"])),
+                                   seed=int(made["seed"]))

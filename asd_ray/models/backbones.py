@@ -18,6 +18,7 @@ HuBERT-like encoders: 20 ms), the chosen layers side by side, each L2-normalised
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -57,18 +58,26 @@ class LogMelBackbone(Backbone):
 def load_backbone(backbone: str = "logmel", *, layer: str = "last", pooling: str = "auto", n_mels: int = 128,
                   n_fft: int = 1024, hop_length: int = 512, device: str = "auto", precision: str = "auto",
                   batch_size: int = 16) -> Backbone:
-    """Backbone by name: ``logmel``, a BEATs checkpoint file (``models/beats.py``), or a transformers audio
+    """Backbone by name: ``logmel``, a BEATs or EAT checkpoint file (``models/beats.py``, ``models/eat.py``; told
+    apart by its contents), or a transformers audio
     encoder's checkpoint directory / hub id (the families of ``models/encoders.py``). Keywords as ``EmbedConfig``
     (``batch_size`` is the caller's business; ``pooling="auto"`` is mean_std for logmel, mean for an encoder)."""
     if backbone == "logmel":
         return LogMelBackbone(n_mels=n_mels, n_fft=n_fft, hop_length=hop_length,
                               pooling="mean_std" if pooling == "auto" else pooling)
-    from asd_ray.models.beats import is_beats_file, open_beats  # torch models: loaded only when asked for
+    from asd_ray.models.beats import is_beats_file, open_beats, read_torch_file  # loaded only when asked for
     from asd_ray.models.encoders import open_encoder
 
-    opener = open_beats if is_beats_file(backbone) else open_encoder
-    return opener(backbone, layer=layer, pooling="mean" if pooling == "auto" else pooling, device=device,
-                  precision=precision)
+    kwargs = {"layer": layer, "pooling": "mean" if pooling == "auto" else pooling, "device": device,
+              "precision": precision}
+    if not is_beats_file(backbone):
+        return open_encoder(backbone, **kwargs)
+    from asd_ray.models.eat import is_eat_state, open_eat
+
+    ckpt = read_torch_file(Path(backbone).expanduser(), mmap=True)  # a file is BEATs or EAT, told by its contents
+    if isinstance(ckpt, dict) and isinstance(ckpt.get("model"), dict) and is_eat_state(ckpt["model"]):
+        return open_eat(backbone, ckpt, **kwargs)
+    return open_beats(backbone, **kwargs)
 
 
 class BackboneFrames:

@@ -26,6 +26,7 @@ Frames: the tokens of one time step (160 ms) averaged over the frequency patches
 from __future__ import annotations
 
 import math
+import re
 import types
 from pathlib import Path
 
@@ -229,14 +230,26 @@ def fbank(waveform: torch.Tensor) -> torch.Tensor:
     return (bands - FBANK_MEAN) / (2 * FBANK_STD)
 
 
+def read_torch_file(path: str | Path, *, mmap: bool = False):
+    """A checkpoint file's contents, read with ``weights_only=True`` (no pickled code runs; ``mmap``: tensors are
+    read when used); a file that is not a torch archive, is truncated or holds pickled objects beyond tensors and
+    plain types is a ``BackboneError`` naming it."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as err:  # noqa: BLE001 - torch raises RuntimeError, UnpicklingError, EOFError ...
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+        if found:  # a training run's pickled state (fairseq keeps meters, an argparse.Namespace ...)
+            raise BackboneError(f"{path}: not a readable torch checkpoint: it holds pickled Python objects "
+                                f"({found.group(1)}), which asd-ray does not unpickle (weights_only); where you "
+                                "trust the file, save its 'cfg' and 'model' again as plain dicts and tensors") from None
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise BackboneError(f"{path}: not a readable torch checkpoint ({type(err).__name__}: {first})") from None
+
+
 def read_checkpoint(path: str | Path) -> tuple[dict, dict]:
     """(config with defaults filled in, state dict) of an official BEATs checkpoint file, read with
     ``weights_only=True``; anything else is a ``BackboneError`` naming the file."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # not a torch file, truncated, or pickled objects beyond tensors and plain types
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise BackboneError(f"{path}: not a readable torch checkpoint ({type(err).__name__}: {first})") from None
+    ckpt = read_torch_file(path)
     if not (isinstance(ckpt, dict) and isinstance(ckpt.get("cfg"), dict) and isinstance(ckpt.get("model"), dict)):
         keys = sorted(map(str, ckpt)) if isinstance(ckpt, dict) else type(ckpt).__name__
         raise BackboneError(f"{path}: not a BEATs checkpoint (a dict with 'cfg' and 'model', as the official "
@@ -253,12 +266,17 @@ def read_checkpoint(path: str | Path) -> tuple[dict, dict]:
 def load_model(path: str | Path) -> BEATs:
     """The BEATs network of a checkpoint file, weights loaded with ``strict=True``, in eval mode."""
     cfg, state = read_checkpoint(path)
-    model = BEATs(cfg)
+    return load_strictly(BEATs(cfg), state, f"{path}: its weights do not fit its cfg")
+
+
+def load_strictly(model: nn.Module, state: dict, unfit: str) -> nn.Module:
+    """``model`` with ``state`` loaded (``strict=True``), in eval mode; names that do not fit are a
+    ``BackboneError``: ``unfit`` (the file and what they should fit), then torch's missing / unexpected keys."""
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:
         lines = [line.strip() for line in str(err).splitlines()[1:] if line.strip()]
-        raise BackboneError(f"{path}: its weights do not fit its cfg: {' '.join(lines)[:500]}") from None
+        raise BackboneError(f"{unfit}: {' '.join(lines)[:500]}") from None
     return model.eval()
 
 
@@ -303,7 +321,10 @@ class BEATsBackbone(EncoderBackbone):
         if patches not in ("mean", "stack"):
             raise BackboneError(f"patches {patches!r}: use 'mean' or 'stack'")
         self.patches = patches
-        super().__init__(checkpoint, load_model(checkpoint), None, **kwargs)
+        super().__init__(checkpoint, self._load(checkpoint), None, **kwargs)
+
+    def _load(self, checkpoint: str) -> nn.Module:
+        return load_model(checkpoint)
 
     def min_samples(self) -> int:
         """The shortest clip that gives one time patch (``patch`` fbank frames)."""

@@ -347,8 +347,8 @@ def check_finetunable(checkpoint: str) -> None:
     waveform families take it; any other checkpoint is a ``BackboneError`` naming it and its family."""
     takers = ", ".join(t for t, (a, _) in FAMILIES.items() if issubclass(a, WaveformBackbone))
     if Path(checkpoint).expanduser().is_file():
-        raise BackboneError(f"{checkpoint!r} is a file (a BEATs checkpoint): fine-tuning supports the transformers "
-                            f"waveform models with a conv feature encoder ({takers}), not BEATs")
+        raise BackboneError(f"{checkpoint!r} is a file (a BEATs or EAT checkpoint): fine-tuning supports the "
+                            f"transformers waveform models with a conv feature encoder ({takers}), not BEATs or EAT")
     config, (adapter, _) = encoder_family(checkpoint, "finetune.init")
     if not issubclass(adapter, WaveformBackbone):
         raise BackboneError(f"{checkpoint!r} is a {config.model_type!r} checkpoint (spectrogram input): masked-"

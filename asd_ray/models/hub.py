@@ -1,7 +1,7 @@
 """Whether a backbone checkpoint can be opened here, answered in one line before any worker starts.
 
-A checkpoint is ``logmel``, a BEATs checkpoint file (one ``torch.save`` archive; its contents are checked when
-it loads), a local directory (``config.json`` and the weights, as ``save_pretrained`` writes them) or a hub id.
+A checkpoint is ``logmel``, a BEATs or EAT checkpoint file (one ``torch.save`` archive; its contents are checked
+when it loads), a local directory (``config.json`` and the weights, as ``save_pretrained`` writes them) or a hub id.
 A hub id that is neither in the local hub cache nor downloadable (no network, or ``HF_HUB_OFFLINE=1``) used to
 surface as the traceback of every embedding actor that tried to load it; here it is one ``BackboneError`` that
 says what to pass instead. Imports neither torch nor transformers: the
@@ -40,10 +40,10 @@ def check_available(checkpoint: str, setting: str = "embed.backbone") -> None:
     downloaded (fetching it is what transformers does first anyway)."""
     if checkpoint == "logmel":
         return
-    if Path(checkpoint).expanduser().is_file():  # a BEATs checkpoint is one torch.save file, a zip archive
+    if Path(checkpoint).expanduser().is_file():  # a BEATs or EAT checkpoint is one torch.save file, a zip archive
         if not zipfile.is_zipfile(Path(checkpoint).expanduser()):
-            raise BackboneError(f"{setting}={checkpoint}: a file, but not a torch checkpoint (a BEATs checkpoint is "
-                                "the .pt file of the official release; other backbones are directories)")
+            raise BackboneError(f"{setting}={checkpoint}: a file, but not a torch checkpoint (a BEATs or EAT "
+                                "checkpoint is the .pt file of the official release; other backbones are directories)")
         return
     if is_local(checkpoint):
         if Path(checkpoint).suffix in (".pt", ".pth") and not Path(checkpoint).expanduser().exists():

@@ -186,7 +186,7 @@ def test_bad_checkpoint_files_are_one_line_errors_naming_the_file(tmp_path, tiny
 
 
 def test_fine_tuning_refuses_a_beats_checkpoint_naming_what_it_supports(tiny_beats):
-    with pytest.raises(BackboneError, match="BEATs checkpoint.*fine-tuning supports .*hubert, wav2vec2.*not BEATs"):
+    with pytest.raises(BackboneError, match="BEATs or EAT checkpoint.*fine-tuning supports .*hubert, wav2vec2.*not BEATs"):
         check_finetunable(str(tiny_beats))
 
 
