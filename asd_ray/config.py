@@ -56,6 +56,9 @@ class EmbedConfig:
     batch_size: int = 16
     device: str = "auto"  # "auto", "cpu", "cuda"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: fp32 on CPU, bf16 on GPUs that have it, else fp16
+    # run a checkpoint folder's own model code (config.json's auto_map: EAT's Hugging Face folders); off, such a
+    # folder is refused, for its code would run with the user's permissions
+    trust_remote_code: bool = False
 
 
 @dataclass(frozen=True)

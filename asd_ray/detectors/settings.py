@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 from asd_ray.config import RunConfig
@@ -53,6 +54,11 @@ def unread_settings(config: RunConfig, given: Iterable[str], names: Sequence[str
     naming the settings of the same name that do apply (``bank.k`` with ``fusion``: ``local.k`` / ``pooled.k``)
     or else the detectors that read it; and the embedding actors' settings when no actor would run."""
     lines = _unread_detector_settings(config, given, names)
+    backbone = config.embed.backbone
+    if ("embed.trust_remote_code" in given and not any(line.startswith("embed.") for line in lines)
+            and (backbone == "logmel" or Path(backbone).expanduser().is_file())):
+        lines.append(f"embed.trust_remote_code is read only for a checkpoint folder or hub id with its own model "
+                     f"code (EAT's Hugging Face folders); backbone {backbone} has none")
     actors = config.embed.backbone != "logmel" and any(REGISTRY.features(config, n) == "clip" for n in names)
     for key in sorted(set(given) & set(ACTOR_SETTINGS)) if not actors else ():
         lines.append(f"{key} is not read by detector {', '.join(names)} with backbone {config.embed.backbone}: no "

@@ -57,11 +57,12 @@ class LogMelBackbone(Backbone):
 
 def load_backbone(backbone: str = "logmel", *, layer: str = "last", pooling: str = "auto", n_mels: int = 128,
                   n_fft: int = 1024, hop_length: int = 512, device: str = "auto", precision: str = "auto",
-                  batch_size: int = 16) -> Backbone:
+                  batch_size: int = 16, trust_remote_code: bool = False) -> Backbone:
     """Backbone by name: ``logmel``, a BEATs or EAT checkpoint file (``models/beats.py``, ``models/eat.py``; told
     apart by its contents), or a transformers audio
     encoder's checkpoint directory / hub id (the families of ``models/encoders.py``). Keywords as ``EmbedConfig``
-    (``batch_size`` is the caller's business; ``pooling="auto"`` is mean_std for logmel, mean for an encoder)."""
+    (``batch_size`` is the caller's business; ``pooling="auto"`` is mean_std for logmel, mean for an encoder;
+    ``trust_remote_code``: a folder with its own model code, EAT's, may run it)."""
     if backbone == "logmel":
         return LogMelBackbone(n_mels=n_mels, n_fft=n_fft, hop_length=hop_length,
                               pooling="mean_std" if pooling == "auto" else pooling)
@@ -71,6 +72,14 @@ def load_backbone(backbone: str = "logmel", *, layer: str = "last", pooling: str
     kwargs = {"layer": layer, "pooling": "mean" if pooling == "auto" else pooling, "device": device,
               "precision": precision}
     if not is_beats_file(backbone):
+        if trust_remote_code:
+            from asd_ray.models.encoders import encoder_family
+
+            config, family = encoder_family(backbone, trust_remote_code=True)
+            if family is None:  # EAT's own code, trusted
+                from asd_ray.models.eat import open_remote_eat
+
+                return open_remote_eat(backbone, config, **kwargs)
         return open_encoder(backbone, **kwargs)
     from asd_ray.models.eat import is_eat_state, open_eat
 

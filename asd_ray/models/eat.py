@@ -34,6 +34,7 @@ from torch import nn
 
 from asd_ray.models.backbone_base import SAMPLE_RATE, BackboneError
 from asd_ray.models.beats import N_MELS, BEATsBackbone, load_strictly
+from asd_ray.models.encoders import EncoderBackbone
 
 FBANK_MEAN, FBANK_STD = -4.268, 4.569  # the reference's normalisation of its fbank (AudioSet statistics)
 TARGET_FRAMES = 1024  # the reference pads (or cuts) every clip's fbank to this many frames
@@ -162,6 +163,23 @@ def normalise(bands: torch.Tensor) -> torch.Tensor:
     return (bands - FBANK_MEAN) / (FBANK_STD * 2)
 
 
+def model_inputs(name: str, waveforms: torch.Tensor, lengths: torch.Tensor, patch: int, device
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(B x T padded 16 kHz samples, B counts) -> (B x F x 128 normalised fbanks, B time patches of each clip's own
+    padded fbank, B time patches its audio reaches). Each clip's fbank is its own, zero-padded to 1,024 frames as
+    the reference pads it (or to whole patches past that), then normalised; F is the batch's longest."""
+    short = [int(n) for n in lengths if int(n) < 400]
+    if short:
+        raise BackboneError(f"{name}: a clip of {short[0]} samples is shorter than one fbank window (400 samples "
+                            "at 16 kHz)")
+    banks = [fbank(waveforms[i, : int(n)].to(device)) for i, n in enumerate(lengths)]
+    own = torch.tensor([max(TARGET_FRAMES, -(-len(b) // patch) * patch) // patch for b in banks])
+    padded = torch.zeros(len(banks), int(own.max()) * patch, N_MELS, device=device)
+    for i, b in enumerate(banks):
+        padded[i, : len(b)] = b
+    return normalise(padded), own, torch.tensor([-(-len(b) // patch) for b in banks])
+
+
 def is_eat_state(state: dict) -> bool:
     """Whether a checkpoint's state dict is EAT's (pre-trained, or fine-tuned with its encoder under ``model.``)."""
     return any(str(k).startswith((PREFIX, "model." + PREFIX)) for k in state)
@@ -273,10 +291,6 @@ class EATBackbone(BEATsBackbone):
         self._ckpt = ckpt
         super().__init__(checkpoint, **kwargs)
 
-    def min_samples(self) -> int:
-        """One fbank window: the fbank is padded to 1,024 frames whatever the clip's length."""
-        return 400
-
     def _load(self, checkpoint: str) -> EAT:
         model, self._ckpt = load_model(checkpoint, self._ckpt), None
         return model
@@ -293,19 +307,51 @@ class EATBackbone(BEATsBackbone):
                                                                                      torch.Tensor]:
         """As ``tokens``, the CLS token first in each state. Each clip's fbank is its own, padded to 1,024 frames
         as the reference pads it (or to whole patches past that); a batch pads further, masked out."""
-        patch = self.model.patch
-        short = [int(n) for n in lengths if int(n) < self.min_samples()]
-        if short:
-            raise BackboneError(f"{self.name}: a clip of {short[0]} samples is shorter than one EAT patch "
-                                f"({self.min_samples()} samples at 16 kHz)")
-        banks = [fbank(waveforms[i, : int(n)].to(self.device)) for i, n in enumerate(lengths)]
-        own = torch.tensor([max(TARGET_FRAMES, -(-len(b) // patch) * patch) // patch for b in banks])
-        padded = torch.zeros(len(banks), int(own.max()) * patch, N_MELS, device=self.device)
-        for i, b in enumerate(banks):
-            padded[i, : len(b)] = b
+        inputs, own, reached = model_inputs(self.name, waveforms, lengths, self.model.patch, self.device)
         with self.autocast():
-            hidden = self.model(normalise(padded), own)
-        return hidden, torch.tensor([-(-len(b) // patch) for b in banks])
+            return self.model(inputs, own), reached
+
+
+class RemoteEATBackbone(EncoderBackbone):
+    """EAT from its Hugging Face folder (``worstchan/EAT-base_epoch30_pretrain`` ...), whose model is the folder's
+    own code (``trust_remote_code``), run only when the user opts in (``embed.trust_remote_code=true``). The front
+    end is this module's, the reference's; the model's ``extract_features`` gives its last layer (the CLS token
+    first), hence ``layer=last`` only and ``patches`` mean. The folder's code takes no padding mask: clips are run
+    in groups of one padded length (1,024 frames up to 10.24 s, each longer clip its own), so a clip embeds alike
+    alone and in any batch."""
+
+    def __init__(self, checkpoint: str, model: nn.Module, **kwargs):
+        if kwargs.get("layer", "last") != "last":
+            raise BackboneError(f"{checkpoint!r}: an EAT folder's own code gives its last layer only; use "
+                                "embed.layer=last, or the release's fairseq .pt file for other layers")
+        self.patch = 16
+        super().__init__(checkpoint, model, None, **kwargs)
+
+    def forward(self, waveforms, lengths):
+        inputs, own, reached = model_inputs(self.name, waveforms, lengths, self.patch, self.device)
+        parts = {}
+        for length in sorted(set(own.tolist())):
+            rows = torch.nonzero(own == length).flatten()
+            with self.autocast():
+                tokens = self.model.extract_features(inputs[rows, : length * self.patch][:, None])
+            parts[length] = (rows, tokens[:, 1:].float().unflatten(1, (length, N_MELS // self.patch)).mean(2))
+        width = next(iter(parts.values()))[1].shape[-1]
+        frames = torch.zeros(len(own), int(own.max()), width, device=self.device)
+        for rows, grid in parts.values():
+            frames[rows.to(self.device), : grid.shape[1]] = grid
+        return [(frames, reached)]
+
+
+def open_remote_eat(checkpoint: str, config, **kwargs) -> RemoteEATBackbone:
+    """The backbone of an EAT folder whose model is its own code (``config``: its transformers config, read with
+    ``trust_remote_code``, which the user asked for); keywords as ``EncoderBackbone``."""
+    from transformers import AutoModel
+
+    try:
+        model = AutoModel.from_pretrained(checkpoint, config=config, trust_remote_code=True)
+    except Exception as err:  # noqa: BLE001 - the folder's own code may raise anything
+        raise BackboneError(f"cannot load backbone {checkpoint!r}: {type(err).__name__}: {err}") from None
+    return RemoteEATBackbone(checkpoint, model, **kwargs)
 
 
 def open_eat(checkpoint: str, ckpt: dict, **kwargs) -> EATBackbone:

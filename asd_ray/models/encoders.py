@@ -297,21 +297,33 @@ FAMILIES: dict[str, tuple[type[EncoderBackbone], str]] = {
 }
 
 
-def encoder_family(checkpoint: str, setting: str = "embed.backbone"):
+REMOTE_EAT = "eat"  # the model_type of EAT's Hugging Face folders, whose model is their own code
+
+
+def encoder_family(checkpoint: str, setting: str = "embed.backbone", trust_remote_code: bool = False):
     """(transformers config, (adapter, loader class name)) of a checkpoint (the value of ``setting``); reads its
-    config only. A missing directory or a hub id that cannot be fetched here is a one-line ``BackboneError``."""
+    config only. A missing directory or a hub id that cannot be fetched here is a one-line ``BackboneError``; so
+    is a folder with its own model code unless ``trust_remote_code`` (then only EAT's: ``REMOTE_EAT``)."""
     from transformers import AutoConfig
 
     check_available(checkpoint, setting)
     try:
-        config = AutoConfig.from_pretrained(checkpoint)
+        config = AutoConfig.from_pretrained(checkpoint, trust_remote_code=trust_remote_code)
     except Exception as err:  # transformers raises OSError, ValueError, KeyError ...
+        if "trust_remote_code" in str(err):
+            raise BackboneError(f"{checkpoint!r} holds its own model code (config.json's auto_map), which asd-ray "
+                                "runs only with --set embed.trust_remote_code=true: that code runs with your "
+                                "permissions, so pass it only for a folder you trust (EAT's Hugging Face folders "
+                                "are such; EAT's fairseq .pt files need no code)") from None
         raise BackboneError(f"cannot load backbone {checkpoint!r}: {type(err).__name__}: {err}") from None
+    if trust_remote_code and config.model_type == REMOTE_EAT:
+        return config, None
     if config.model_type not in FAMILIES:
         classes = ", ".join(getattr(config, "architectures", None) or ())
         kind = f"{config.model_type!r} checkpoint" + (f" ({classes})" if classes else "")
         raise BackboneError(f"{checkpoint!r} is a {kind}, not an audio encoder asd-ray embeds with; supported model "
-                            f"types: {', '.join(FAMILIES)}")
+                            f"types: {', '.join(FAMILIES)} (and {REMOTE_EAT!r}, EAT's own code, with "
+                            "embed.trust_remote_code=true)")
     return config, FAMILIES[config.model_type]
 
 
@@ -349,7 +361,14 @@ def check_finetunable(checkpoint: str) -> None:
     if Path(checkpoint).expanduser().is_file():
         raise BackboneError(f"{checkpoint!r} is a file (a BEATs or EAT checkpoint): fine-tuning supports the "
                             f"transformers waveform models with a conv feature encoder ({takers}), not BEATs or EAT")
-    config, (adapter, _) = encoder_family(checkpoint, "finetune.init")
+    try:
+        config, (adapter, _) = encoder_family(checkpoint, "finetune.init")
+    except BackboneError as err:
+        if "its own model code" not in str(err):
+            raise
+        raise BackboneError(f"{checkpoint!r} is a folder with its own model code (EAT's Hugging Face release): "
+                            f"fine-tuning supports the transformers waveform models with a conv feature encoder "
+                            f"({takers})") from None
     if not issubclass(adapter, WaveformBackbone):
         raise BackboneError(f"{checkpoint!r} is a {config.model_type!r} checkpoint (spectrogram input): masked-"
                             f"prediction fine-tuning needs a waveform model with a conv feature encoder ({takers})")

@@ -151,3 +151,95 @@ def test_asd_ray_run_over_an_eat_file(tiny_corpus, tiny_eat, tmp_path, capsys, d
     assert main(args) == 0, capsys.readouterr().err
     assert "official score" in capsys.readouterr().out
     assert 0 <= json.loads((tmp_path / "metrics.json").read_text())["official_score"] <= 1
+
+
+CONFIG_CODE = '''
+from transformers import PretrainedConfig
+
+
+class EATConfig(PretrainedConfig):
+    model_type = "eat"
+
+    def __init__(self, dim=32, depth=2, heads=4, hidden=48, max_time_patches=768, **kwargs):
+        super().__init__(**kwargs)
+        self.dim, self.depth, self.heads, self.hidden, self.max_time_patches = dim, depth, heads, hidden, max_time_patches
+'''
+
+MODEL_CODE = '''
+import os
+import pathlib
+
+import torch
+from transformers import PreTrainedModel
+
+from asd_ray.models.eat import EAT
+
+from .configuration_eat import EATConfig
+
+pathlib.Path(os.environ["EAT_REMOTE_CODE_MARKER"]).write_text("ran")  # shows when this file's code runs
+
+
+class EATModel(PreTrainedModel):
+    """A stand-in for EAT's Hugging Face model code: ``extract_features`` of a B x 1 x T x 128 fbank -> the last
+    layer's tokens, the CLS token first (as the release's code answers)."""
+
+    config_class = EATConfig
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.model = EAT({"dim": config.dim, "patch": 16, "depth": config.depth, "hidden": config.hidden,
+                          "heads": config.heads, "eps": 1e-6, "max_time_patches": config.max_time_patches})
+        self.post_init()
+
+    def extract_features(self, x):
+        return self.model(x[:, 0], torch.full((x.shape[0],), x.shape[2] // 16))[-1]
+'''
+
+
+@pytest.fixture
+def remote_eat(tmp_path, tiny_eat, monkeypatch):
+    """A folder as EAT's Hugging Face releases are: config.json with an auto_map, the model's own code, the weights
+    (those of ``tiny_eat``, the reference's fixtures' seed, as model.safetensors). Its code writes a marker when it
+    runs; nothing here runs it (transformers would register its classes in this process)."""
+    from safetensors.torch import save_file
+
+    folder = tmp_path / "EAT-tiny"
+    folder.mkdir()
+    (folder / "configuration_eat.py").write_text(CONFIG_CODE)
+    (folder / "modeling_eat.py").write_text(MODEL_CODE)
+    auto_map = {"AutoConfig": "configuration_eat.EATConfig", "AutoModel": "modeling_eat.EATModel"}
+    (folder / "config.json").write_text(json.dumps({"model_type": "eat", "auto_map": auto_map, "dim": 32, "depth": 2,
+                                                    "heads": 4, "hidden": 48, "architectures": ["EATModel"]}))
+    state = torch.load(tiny_eat, weights_only=True)["model"]
+    save_file({f"model.{k}": v.contiguous() for k, v in state.items()}, str(folder / "model.safetensors"))
+    marker = tmp_path / "remote-code-ran"
+    monkeypatch.setenv("EAT_REMOTE_CODE_MARKER", str(marker))
+    monkeypatch.setenv("HF_MODULES_CACHE", str(tmp_path / "hf-modules"))
+    return folder, marker
+
+
+def test_an_eat_folder_with_its_own_code_runs_only_when_trusted_and_embeds_as_the_file(remote_eat, tiny_eat,
+                                                                                       capsys):
+    folder, marker = remote_eat
+    with pytest.raises(BackboneError, match="holds its own model code .* embed.trust_remote_code=true"):
+        load_backbone(str(folder), device="cpu")
+    assert not marker.exists()  # refused before any of its code ran
+    trusted = load_backbone(str(folder), device="cpu", precision="fp32", trust_remote_code=True)
+    assert marker.exists() and type(trusted).__name__ == "RemoteEATBackbone"
+    rng = np.random.default_rng(4)
+    waves = [*clips(), (0.1 * rng.standard_normal(11 * 16_000)).astype(np.float32)]
+    got = trusted.embed(waves)
+    np.testing.assert_allclose(got, open_fp32(tiny_eat).embed(waves), atol=1e-5, rtol=0)
+    for clip, row in zip(waves, got):  # batches of mixed padded lengths: each clip as alone
+        np.testing.assert_allclose(row, trusted.embed([clip])[0], atol=1e-5, rtol=0)
+    from asd_ray.models.encoders import check_finetunable
+
+    with pytest.raises(BackboneError, match="its own model code .*fine-tuning supports .*hubert"):
+        check_finetunable(str(folder))
+    with pytest.raises(BackboneError, match="BEATs or EAT checkpoint.*fine-tuning supports"):
+        check_finetunable(str(tiny_eat))
+    with pytest.raises(BackboneError, match="last layer only"):
+        load_backbone(str(folder), device="cpu", layer="1", trust_remote_code=True)
+    assert main(["run", "--local", "--data", str(tiny_eat.parent), "--detector", "knn", "--set",
+                 "embed.trust_remote_code=true", "--out", str(folder.parent / "x")]) == 2
+    assert "embed.trust_remote_code is read only for a checkpoint folder" in capsys.readouterr().err
