@@ -10,7 +10,11 @@ P1: embedding clips/s of the whole pipeline (Ray Data read + pre-process tasks, 
     python benchmarks/embed_throughput.py --clips 2048 --backbone hubert-base-random --device cuda --batch-size 128
 
 ``hubert-base-random`` is a randomly initialised HuBERT-Base (95 M parameters, same compute as the
-real one) saved with save_pretrained, for machines that cannot download weights.
+real one) saved with save_pretrained, for machines that cannot download weights; ``beats-iter3-random`` and
+``eat-base-random`` are the official BEATs_iter3 and EAT-base architectures with seeded random weights, written in
+their official checkpoint formats (neither imports transformers).
+
+    python benchmarks/embed_throughput.py --clips 64 --backbone beats-iter3-random --device cpu --batch-size 8
 """
 
 from __future__ import annotations
@@ -40,6 +44,20 @@ def _hubert_base(where: Path) -> str:
     return str(where)
 
 
+def _random_file(name: str, where: Path) -> str:
+    """``beats-iter3-random`` / ``eat-base-random``: the official architecture, seeded weights, official format."""
+    if name == "beats-iter3-random":
+        from asd_ray.models import beats
+
+        cfg = {"input_patch_size": 16, "encoder_layers": 12, "layer_norm_first": False, "deep_norm": True,
+               "conv_pos": 128, "conv_pos_groups": 16, "relative_position_embedding": True, "num_buckets": 320,
+               "max_distance": 800, "gru_rel_pos": True}
+        return str(beats.write_random_checkpoint(where / "beats_iter3.pt", cfg, seed=3))
+    from asd_ray.models import eat
+
+    return str(eat.write_random_checkpoint(where / "eat_base.pt", dim=768, depth=12, heads=12, hidden=3072, seed=3))
+
+
 def steady_rate(records, embed, pool, args) -> float:
     """Clips/s of the same pipeline once it streams: from the first embedded batch to the last, as the driver
     receives them (the pipeline's start and first batch are left out)."""
@@ -59,7 +77,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--clips", type=int, default=256)
     ap.add_argument("--seconds", type=float, default=10.0)
-    ap.add_argument("--backbone", default="logmel", help="logmel, hubert-base-random, or a checkpoint path")
+    ap.add_argument("--backbone", default="logmel", help="logmel, hubert-base-random, beats-iter3-random, "
+                    "eat-base-random, or a checkpoint path")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--actors", type=int, default=1)
@@ -89,7 +108,11 @@ def main() -> None:
         from asd_ray.distributed.embed_pool import EmbeddingPool
         from asd_ray.distributed.pipeline import needs_actors
 
-        backbone = _hubert_base(work / "hubert") if args.backbone == "hubert-base-random" else args.backbone
+        backbone = args.backbone
+        if backbone == "hubert-base-random":
+            backbone = _hubert_base(work / "hubert")
+        elif backbone in ("beats-iter3-random", "eat-base-random"):
+            backbone = _random_file(backbone, work)
         embed = EmbedConfig(backbone=backbone, device=args.device, batch_size=args.batch_size)
         model = load_backbone(backbone=backbone, device=args.device)
         model.embed(waves[: args.batch_size])  # warm-up

@@ -6,7 +6,7 @@ out=${OUT:-gpu-results}; mkdir -p "$out"
 export RAY_AUTH_MODE=disabled RAY_USAGE_STATS_ENABLED=0 PYTHONUNBUFFERED=1
 { nvidia-smi -L; nproc; python3 -c "import torch, transformers, ray; print(torch.__version__, transformers.__version__, ray.__version__)"; } > "$out/device.txt" 2>&1
 cat "$out/device.txt"
-parts=" ${PARTS:-p1 p4 p5} "  # PARTS="p5 probe" runs only those
+parts=" ${PARTS:-p1 p4 p5} "  # PARTS="p5 probe" runs only those; p1beats: P1 and the start for BEATs and EAT
 python3 -c "
 import torch; from transformers import HubertConfig, HubertModel
 torch.manual_seed(0); HubertModel(HubertConfig(layerdrop=0.0)).save_pretrained('/tmp/hubert-base-random')" 2>/dev/null
@@ -20,6 +20,19 @@ if [[ $parts == *" p1 "* ]]; then
 # P1: the Ray Data embedding pipeline vs the raw forward, random HuBERT-Base, 10 s clips, bf16
 python3 benchmarks/embed_throughput.py --clips 2048 --backbone hubert-base-random --device cuda --batch-size 128 \
     > "$out/p1.log" 2>&1; grep -v " INFO \|WARNING" "$out/p1.log" | tail -22
+fi
+if [[ $parts == *" p1beats "* ]]; then
+# P1 for BEATs and EAT (issue 24: >= 0.9 of the raw forward, bf16) and their actors' start without transformers
+for b in beats-iter3-random eat-base-random; do
+    python3 benchmarks/embed_throughput.py --clips 2048 --backbone "$b" --device cuda --batch-size 128 \
+        > "$out/p1_$b.log" 2>&1; grep -v " INFO \|WARNING" "$out/p1_$b.log" | tail -16
+done
+python3 -c "
+from asd_ray.models import beats, eat
+beats.write_random_checkpoint('/tmp/beats_iter3.pt', {'input_patch_size': 16, 'deep_norm': True, 'conv_pos': 128,
+    'relative_position_embedding': True, 'max_distance': 800, 'gru_rel_pos': True}, seed=3)
+eat.write_random_checkpoint('/tmp/eat_base.pt', dim=768, depth=12, heads=12, hidden=3072, seed=3)"
+for f in beats_iter3 eat_base; do python3 benchmarks/startup_probe.py /tmp/$f.pt 2>/dev/null | tee "$out/probe_$f.json"; done
 fi
 if [[ $parts == *" p4 "* ]]; then
 # P4: Ray Train fine-tuning vs a plain loop of the same step

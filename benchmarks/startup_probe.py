@@ -2,21 +2,25 @@
 
     python benchmarks/startup_probe.py /path/to/checkpoint [--device cuda]
 
-Prints seconds for: import torch, import transformers' HuBERT, CUDA context, from_pretrained, copy to the
-device, first forward of one 10 s clip (kernel selection), second forward.
+Prints seconds for: import torch, import transformers' HuBERT (not for a BEATs or EAT file, which needs none),
+CUDA context, from_pretrained, copy to the device, first forward of a batch of 10 s clips (``--batch``, 128) (kernel
+selection), second forward; whether transformers was imported at all, and the total.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
+from pathlib import Path
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("checkpoint")
     ap.add_argument("--device", default="cuda")
+    ap.add_argument("--batch", type=int, default=128, help="clips of 10 s in the forward passes (1 on a CPU)")
     args = ap.parse_args()
     t, out = time.perf_counter(), {}
 
@@ -28,9 +32,10 @@ def main() -> None:
 
     import torch
     mark("import_torch")
-    from transformers import AutoModel  # noqa: F401
-    from transformers.models.hubert import modeling_hubert  # noqa: F401
-    mark("import_transformers_hubert")
+    if not Path(args.checkpoint).is_file():  # a BEATs or EAT file needs no transformers
+        from transformers import AutoModel  # noqa: F401
+        from transformers.models.hubert import modeling_hubert  # noqa: F401
+        mark("import_transformers_hubert")
     if args.device == "cuda":
         torch.zeros(1, device="cuda")
         torch.cuda.synchronize()
@@ -42,12 +47,14 @@ def main() -> None:
         torch.cuda.synchronize()
     mark("load_backbone_to_device")
     import numpy as np
-    clips = np.random.default_rng(0).standard_normal((128, 160_000)).astype(np.float32)
-    lengths = np.full(128, 160_000)
+    clips = np.random.default_rng(0).standard_normal((args.batch, 160_000)).astype(np.float32)
+    lengths = np.full(args.batch, 160_000)
     backbone.embed_padded(clips, lengths)
-    mark("first_forward_batch128")
+    mark(f"first_forward_batch{args.batch}")
     backbone.embed_padded(clips, lengths)
-    mark("second_forward_batch128")
+    mark(f"second_forward_batch{args.batch}")
+    out["transformers_imported"] = "transformers" in sys.modules
+    out["total"] = round(sum(v for v in out.values() if isinstance(v, float)), 3)
     print(json.dumps(out))
 
 

@@ -1,9 +1,10 @@
-"""A BEATs checkpoint file through the Ray Data pipeline: mixed-length batches embed as clips alone, and a knn run
-on Ray equals the single-process reference run."""
+"""A BEATs (and an EAT) checkpoint file through the Ray Data pipeline: mixed-length batches embed as clips alone, and
+a knn run on Ray equals the single-process reference run."""
 
 import dataclasses
 
 import numpy as np
+import pytest
 
 from asd_ray.config import RunConfig, load_config
 from asd_ray.data.layout import discover
@@ -13,7 +14,9 @@ from asd_ray.distributed.run import ray_run
 from test_cache import _counting_pipeline
 
 
-def test_beats_pipeline_embeds_mixed_length_batches_as_clip_by_clip(ray_local, tiny_beats, tmp_path):
+@pytest.mark.parametrize("family", ["beats", "eat"])
+def test_beats_and_eat_pipelines_embed_mixed_length_batches_as_clip_by_clip(ray_local, request, tmp_path, family):
+    tiny_beats = request.getfixturevalue(f"tiny_{family}")
     import soundfile as sf
 
     from asd_ray.data.audio import preprocess_clip
@@ -22,7 +25,7 @@ def test_beats_pipeline_embeds_mixed_length_batches_as_clip_by_clip(ray_local, t
     test = tmp_path / "data" / "dev_data" / "raw" / "fan" / "test"
     test.mkdir(parents=True)
     rng = np.random.default_rng(5)
-    for i, seconds in enumerate((1.0, 2.3, 1.7, 3.1, 1.2)):
+    for i, seconds in enumerate((1.0, 2.3, 1.7, 3.1, 11.2)):  # EAT pads to 10.24 s: one clip past it
         sf.write(test / f"section_00_source_test_normal_{i:04d}_a_1.wav",
                  0.1 * rng.standard_normal(int(seconds * 16_000)), 16_000, subtype="FLOAT")
     records, _ = plan_records(discover([tmp_path / "data"]))

@@ -42,20 +42,6 @@ def test_a_space_ranges_over_backbones_and_layers(tmp_path):
         (b, layer) for b in ("/ckpt/a", "/ckpt/b") for layer in ("last", "6", "4,8,12")]
 
 
-def test_a_sweep_over_backbones_embeds_each_up_front(ray_local, tiny_corpus, tiny_encoder, tmp_path):
-    hubert, ast = tiny_encoder("hubert"), tiny_encoder("audio-spectrogram-transformer")
-    space_file = tmp_path / "space.yaml"
-    space_file.write_text(f"base:\n  detector: knn\ngrid:\n  embed.backbone: [{hubert}, {ast}]\n"
-                          "  embed.layer: [\"0,2\"]\n")
-    config = load_config(RunConfig, None, [f"ray.cache_dir={tmp_path / 'cache'}", "embed.device=cpu"])
-    result = sweep([tiny_corpus], load_space(space_file), config, tmp_path / "sweep", machines=["valve"],
-                   name=f"b-{uuid.uuid4().hex[:6]}")
-    assert len(result.embedded) == 2 and not result.cached  # each backbone embedded once, up front
-    assert sorted(r["param:embed.backbone"] for r in result.table) == sorted([str(hubert), str(ast)])
-    assert all(0 <= r["official_score"] <= 1 for r in result.table)
-    assert load_config(RunConfig, result.best_config_path).embed.backbone == result.table[0]["param:embed.backbone"]
-
-
 def test_space_errors_are_clear(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("grid:\n  bank.kk: [1]\n")
@@ -104,17 +90,19 @@ TINY_FINETUNE = ["finetune.batch_size=4", "finetune.crop_seconds=1.0", "finetune
                  "finetune.warmup_steps=2"]
 
 
-def _tiny_space(name: str, backbone: Path) -> SweepSpace:
-    """A space of configs/ cut to a few trials: one value of each embedding choice (each is a pipeline run up front),
-    two values of the first two scoring choices (four trials: as many as 0.5-CPU trials fill 2 CPUs), one fine-tuning
-    epoch, one sample. A fine-tuning space keeps one trial: its trial and its Train worker and feed fill the 2 CPUs
-    alone (the resource plan): a second trial waited for the first (117 s for two here, 89 s for one beside other work)."""
+def _tiny_space(name: str, backbones: list[Path]) -> SweepSpace:
+    """A space of configs/ cut to a few trials: the tiny ``backbones`` for its backbones, one value of each other
+    embedding choice (each is a pipeline run up front), two values of the first scoring choices (four trials: as many
+    as 0.5-CPU trials fill 2 CPUs), one fine-tuning epoch, one sample. A fine-tuning space keeps one trial: its trial
+    and its Train worker and feed fill the 2 CPUs alone (the resource plan): a second trial waited for the first (117
+    s for two here, 89 s for one beside other work)."""
     space = load_space(CONFIGS / name)
     grid, trials = {}, 1
     most = 1 if space.finetunes else 4
     for key, values in space.grid.items():
         if key == "embed.backbone":
-            values = [str(backbone)]
+            grid[key], trials = [str(b) for b in backbones], trials * len(backbones)
+            continue
         keep = 2 if not key.startswith(EMBEDDING_SECTIONS) and trials * 2 <= most and len(values) > 1 else 1
         grid[key], trials = values[:keep], trials * keep
     sample = {k: ({"choice": [1]} if k == "finetune.epochs" else v) for k, v in space.sample.items()}
@@ -123,9 +111,11 @@ def _tiny_space(name: str, backbone: Path) -> SweepSpace:
 
 @pytest.mark.timeout(420)  # on the code before the resource plan, the frame detectors' sweeps hung here
 @pytest.mark.parametrize("name", sorted(p.name for p in CONFIGS.glob("sweep_*.yaml")))
-def test_every_sweep_space_in_configs_completes_on_2_cpus(ray_local, tiny_corpus, tiny_hubert, tmp_path, name):
+def test_every_sweep_space_in_configs_completes_on_2_cpus(ray_local, tiny_corpus, tiny_encoder, tiny_hubert, tmp_path,
+                                                         name):
+    """Each space cut small (``_tiny_space``); the backbones' space over two families, each embedded once, up front."""
     assert ray_local.cluster_resources()["CPU"] == 2
-    space = _tiny_space(name, tiny_hubert)
+    space = _tiny_space(name, [tiny_hubert, tiny_encoder("audio-spectrogram-transformer")])
     config = load_config(RunConfig, None, [f"ray.cache_dir={tmp_path / 'cache'}", "embed.device=cpu",
                                            f"finetune.init={tiny_hubert}", f"finetune.storage_path={tmp_path / 'ft'}",
                                            *TINY_FINETUNE,
@@ -133,6 +123,9 @@ def test_every_sweep_space_in_configs_completes_on_2_cpus(ray_local, tiny_corpus
     result = sweep([tiny_corpus], space, config, tmp_path / "sweep", machines=["valve"],
                    name=f"c-{uuid.uuid4().hex[:6]}")
     assert len(result.table) == trial_count(space)
+    if "embed.backbone" in space.grid:  # each (backbone, layer) embedded once, up front, and each one scored
+        assert len(result.embedded) == 2 and not result.cached
+        assert {r["param:embed.backbone"] for r in result.table} == set(space.grid["embed.backbone"])
     assert all(0 <= r["official_score"] <= 1 for r in result.table), [r.get("error") for r in result.table]
     # the trials' resource settings (the plan's) are not the best config's: it keeps what was asked
     best = load_config(RunConfig, result.best_config_path)
