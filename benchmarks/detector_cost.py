@@ -26,19 +26,6 @@ from asd_ray.models.backbones import load_backbone
 from asd_ray.models.frames import LogMelFrames
 
 
-def stored_bytes(det) -> int:
-    """Bytes of stored vectors (float32) over every bank inside a detector."""
-    if hasattr(det, "memory_bytes"):
-        return det.memory_bytes
-    if hasattr(det, "members") and callable(det.members):
-        return det.members().nbytes
-    if hasattr(det, "bank"):
-        return stored_bytes(det.bank)
-    if hasattr(det, "members"):
-        return sum(stored_bytes(m) for m in det.members)
-    return 0
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--banks", type=Path, required=True)
@@ -66,7 +53,7 @@ def main() -> None:
             t = time.perf_counter()
             det.score([f] if det.features == "frames" else np.asarray(f)[None, :])
             times.append(time.perf_counter() - t)
-        out[d.name] = {"kind": det.kind, "members": det.size, "stored_mib": round(stored_bytes(det) / 2**20, 2),
+        out[d.name] = {"kind": det.kind, "members": det.size, "stored_mib": round(det.memory_bytes / 2**20, 2),
                        "load_s": round(load_s, 3), "score_ms_per_clip": round(1000 * statistics.median(times), 2)}
         print(d.name, out[d.name], flush=True)
     if args.json:

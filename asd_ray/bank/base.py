@@ -101,6 +101,11 @@ class Detector(abc.ABC):
         """Its features in words ("128-band log-mel frames", "768-d clip embeddings")."""
         return f"{self.dim}-band log-mel frames" if self.features == "frames" else f"{self.dim}-d clip embeddings"
 
+    @property
+    def memory_bytes(self) -> int:
+        """Bytes of the stored vectors a bank actor holds for it (float32): its parts' (a model stores none)."""
+        return sum(part.memory_bytes for _, part in self.parts())
+
     def parts(self) -> list[tuple[str, "Detector"]]:
         """The detectors inside this one, each with the prefix its settings are reported under (a fusion's
         members: ``member_<i>.``; a wrapper's inner detector: no prefix)."""

@@ -58,6 +58,10 @@ class ClipBank(Detector):
     def clip_members(self) -> np.ndarray:
         return self.members()
 
+    @property
+    def memory_bytes(self) -> int:
+        return int(self.members().nbytes) if self.size else 0
+
 
 class MemoryBank(ClipBank):
     """One machine's bank of normal embeddings with a k-NN distance score."""

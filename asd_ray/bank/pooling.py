@@ -129,6 +129,10 @@ class PooledBank(Detector):
         return self.bank.size
 
     @property
+    def memory_bytes(self) -> int:
+        return self.bank.memory_bytes
+
+    @property
     def dim(self) -> int | None:
         """What a query row must have: n_mels (a query is one clip's T x n_mels matrix)."""
         d, width = self.bank.dim, _POOLS[self.pooling][1]

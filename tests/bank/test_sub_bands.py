@@ -67,3 +67,19 @@ def test_a_bands_detector_from_the_config_saves_loads_and_takes_its_combine_at_s
     meta.write_text(json.dumps({**json.loads(meta.read_text()), "group": 3}))
     with pytest.raises(BankFolderError, match="member_1.*band group 3 of 3"):
         load_detector(tmp_path / "b")
+
+
+def test_memory_bytes_is_every_stored_vector_of_a_detector_and_its_parts():
+    """What a bank actor holds (benchmarks/detector_cost.py reads it): a clip bank its members, a pooled bank its
+    bank's, a fusion or a bands detector the sum over their parts; unfitted, nothing."""
+    rng = np.random.default_rng(1)
+    clips = [rng.standard_normal((40, 16)).astype(np.float32) for _ in range(12)]
+    config = load_config(RunConfig, None, ["local.bank_size=50", "local.pca_dim=8", "bands.groups=2"])
+    pooled = REGISTRY.make(config, "pooled")
+    assert pooled.memory_bytes == 0
+    pooled.fit(clips)
+    assert pooled.memory_bytes == pooled.bank.members().nbytes == 12 * 32 * 4  # mean and std of 16 bands
+    fusion = REGISTRY.make(config, "fusion").fit(clips)
+    assert fusion.memory_bytes == sum(m.memory_bytes for m in fusion.members) > pooled.memory_bytes
+    bands = REGISTRY.make(config, "bands").fit(clips)
+    assert bands.memory_bytes == sum(p.memory_bytes for _, p in bands.parts()) > 0
