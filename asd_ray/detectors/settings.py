@@ -55,7 +55,7 @@ def unread_settings(config: RunConfig, given: Iterable[str], names: Sequence[str
     or else the detectors that read it; and the embedding actors' settings when no actor would run."""
     lines = _unread_detector_settings(config, given, names)
     backbone = config.embed.backbone
-    if ("embed.trust_remote_code" in given and not any(line.startswith("embed.") for line in lines)
+    if ("embed.trust_remote_code" in given and not any(line.startswith("embed.trust_remote_code ") for line in lines)
             and (backbone == "logmel" or Path(backbone).expanduser().is_file())):
         lines.append(f"embed.trust_remote_code is read only for a checkpoint folder or hub id with its own model "
                      f"code (EAT's Hugging Face folders); backbone {backbone} has none")

@@ -72,21 +72,20 @@ def load_backbone(backbone: str = "logmel", *, layer: str = "last", pooling: str
     kwargs = {"layer": layer, "pooling": "mean" if pooling == "auto" else pooling, "device": device,
               "precision": precision}
     if not is_beats_file(backbone):
-        if trust_remote_code:
-            from asd_ray.models.encoders import encoder_family
+        from asd_ray.models.encoders import encoder_family
 
-            config, family = encoder_family(backbone, trust_remote_code=True)
-            if family is None:  # EAT's own code, trusted
-                from asd_ray.models.eat import open_remote_eat
+        config, family = encoder_family(backbone, trust_remote_code=trust_remote_code)
+        if family is None:  # EAT's own code, trusted
+            from asd_ray.models.eat import open_remote_eat
 
-                return open_remote_eat(backbone, config, **kwargs)
-        return open_encoder(backbone, **kwargs)
+            return open_remote_eat(backbone, config, **kwargs)
+        return open_encoder(backbone, found=(config, family), **kwargs)
     from asd_ray.models.eat import is_eat_state, open_eat
 
-    ckpt = read_torch_file(Path(backbone).expanduser(), mmap=True)  # a file is BEATs or EAT, told by its contents
+    ckpt = read_torch_file(Path(backbone).expanduser(), mmap=True)  # read once; BEATs or EAT, told by its contents
     if isinstance(ckpt, dict) and isinstance(ckpt.get("model"), dict) and is_eat_state(ckpt["model"]):
-        return open_eat(backbone, ckpt, **kwargs)
-    return open_beats(backbone, **kwargs)
+        return open_eat(backbone, ckpt=ckpt, **kwargs)
+    return open_beats(backbone, ckpt=ckpt, **kwargs)
 
 
 class BackboneFrames:

@@ -246,10 +246,11 @@ def read_torch_file(path: str | Path, *, mmap: bool = False):
         raise BackboneError(f"{path}: not a readable torch checkpoint ({type(err).__name__}: {first})") from None
 
 
-def read_checkpoint(path: str | Path) -> tuple[dict, dict]:
+def read_checkpoint(path: str | Path, ckpt=None) -> tuple[dict, dict]:
     """(config with defaults filled in, state dict) of an official BEATs checkpoint file, read with
-    ``weights_only=True``; anything else is a ``BackboneError`` naming the file."""
-    ckpt = read_torch_file(path)
+    ``weights_only=True`` (or its contents ``ckpt``, already read so); anything else is a ``BackboneError`` naming
+    the file."""
+    ckpt = read_torch_file(path) if ckpt is None else ckpt
     if not (isinstance(ckpt, dict) and isinstance(ckpt.get("cfg"), dict) and isinstance(ckpt.get("model"), dict)):
         keys = sorted(map(str, ckpt)) if isinstance(ckpt, dict) else type(ckpt).__name__
         raise BackboneError(f"{path}: not a BEATs checkpoint (a dict with 'cfg' and 'model', as the official "
@@ -263,9 +264,10 @@ def read_checkpoint(path: str | Path) -> tuple[dict, dict]:
     return cfg, ckpt["model"]
 
 
-def load_model(path: str | Path) -> BEATs:
-    """The BEATs network of a checkpoint file, weights loaded with ``strict=True``, in eval mode."""
-    cfg, state = read_checkpoint(path)
+def load_model(path: str | Path, ckpt=None) -> BEATs:
+    """The BEATs network of a checkpoint file (its contents ``ckpt`` when already read), weights loaded with
+    ``strict=True``, in eval mode."""
+    cfg, state = read_checkpoint(path, ckpt)
     return load_strictly(BEATs(cfg), state, f"{path}: its weights do not fit its cfg")
 
 
@@ -317,14 +319,15 @@ class BEATsBackbone(EncoderBackbone):
     """A BEATs checkpoint file as a backbone: frames of the chosen layers (one per 160 ms time step: its frequency
     patches averaged, or stacked with ``patches="stack"``), each L2-normalised, pooled over the clip's time steps."""
 
-    def __init__(self, checkpoint: str, *, patches: str = "mean", **kwargs):
+    def __init__(self, checkpoint: str, *, ckpt=None, patches: str = "mean", **kwargs):
+        """``ckpt``: the file's contents when the caller has read them (``read_torch_file``), else it is read."""
         if patches not in ("mean", "stack"):
             raise BackboneError(f"patches {patches!r}: use 'mean' or 'stack'")
         self.patches = patches
-        super().__init__(checkpoint, self._load(checkpoint), None, **kwargs)
+        super().__init__(checkpoint, self._load(checkpoint, ckpt), None, **kwargs)
 
-    def _load(self, checkpoint: str) -> nn.Module:
-        return load_model(checkpoint)
+    def _load(self, checkpoint: str, ckpt) -> nn.Module:
+        return load_model(checkpoint, ckpt)
 
     def min_samples(self) -> int:
         """The shortest clip that gives one time patch (``patch`` fbank frames)."""
@@ -367,7 +370,7 @@ def is_beats_file(checkpoint: str) -> bool:
 
 def open_beats(checkpoint: str, **kwargs) -> BEATsBackbone:
     """The backbone of a BEATs checkpoint file; keywords as ``EncoderBackbone`` (layer, pooling, device,
-    precision) and ``patches``."""
+    precision), ``patches`` and ``ckpt``."""
     return BEATsBackbone(str(Path(checkpoint).expanduser()), **kwargs)
 
 

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from asd_ray.models.backbone_base import SAMPLE_RATE, BackboneError
-from asd_ray.models.beats import N_MELS, BEATsBackbone, load_strictly
+from asd_ray.models.beats import N_MELS, BEATsBackbone, load_strictly, read_torch_file
 from asd_ray.models.encoders import EncoderBackbone
 
 FBANK_MEAN, FBANK_STD = -4.268, 4.569  # the reference's normalisation of its fbank (AudioSet statistics)
@@ -287,13 +287,8 @@ class EATBackbone(BEATsBackbone):
     patches averaged, or stacked with ``patches="stack"``), each L2-normalised, pooled over the clip's time steps.
     Layer 0 is the blocks' input (the normalised patch embeddings)."""
 
-    def __init__(self, checkpoint: str, ckpt: dict, **kwargs):
-        self._ckpt = ckpt
-        super().__init__(checkpoint, **kwargs)
-
-    def _load(self, checkpoint: str) -> EAT:
-        model, self._ckpt = load_model(checkpoint, self._ckpt), None
-        return model
+    def _load(self, checkpoint: str, ckpt) -> EAT:
+        return load_model(checkpoint, read_torch_file(checkpoint) if ckpt is None else ckpt)
 
     @torch.no_grad()
     def tokens(self, waveforms: torch.Tensor, lengths: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
@@ -354,6 +349,6 @@ def open_remote_eat(checkpoint: str, config, **kwargs) -> RemoteEATBackbone:
     return RemoteEATBackbone(checkpoint, model, **kwargs)
 
 
-def open_eat(checkpoint: str, ckpt: dict, **kwargs) -> EATBackbone:
-    """The backbone of an EAT checkpoint file already read (``ckpt``); keywords as ``BEATsBackbone``."""
-    return EATBackbone(str(Path(checkpoint).expanduser()), ckpt, **kwargs)
+def open_eat(checkpoint: str, **kwargs) -> EATBackbone:
+    """The backbone of an EAT checkpoint file; keywords as ``BEATsBackbone`` (``ckpt``: its contents, if read)."""
+    return EATBackbone(str(Path(checkpoint).expanduser()), **kwargs)

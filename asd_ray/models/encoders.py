@@ -300,6 +300,10 @@ FAMILIES: dict[str, tuple[type[EncoderBackbone], str]] = {
 REMOTE_EAT = "eat"  # the model_type of EAT's Hugging Face folders, whose model is their own code
 
 
+class RemoteCodeRefused(BackboneError):
+    """A checkpoint folder with its own model code, refused for want of ``trust_remote_code``."""
+
+
 def encoder_family(checkpoint: str, setting: str = "embed.backbone", trust_remote_code: bool = False):
     """(transformers config, (adapter, loader class name)) of a checkpoint (the value of ``setting``); reads its
     config only. A missing directory or a hub id that cannot be fetched here is a one-line ``BackboneError``; so
@@ -311,10 +315,10 @@ def encoder_family(checkpoint: str, setting: str = "embed.backbone", trust_remot
         config = AutoConfig.from_pretrained(checkpoint, trust_remote_code=trust_remote_code)
     except Exception as err:  # transformers raises OSError, ValueError, KeyError ...
         if "trust_remote_code" in str(err):
-            raise BackboneError(f"{checkpoint!r} holds its own model code (config.json's auto_map), which asd-ray "
-                                "runs only with --set embed.trust_remote_code=true: that code runs with your "
-                                "permissions, so pass it only for a folder you trust (EAT's Hugging Face folders "
-                                "are such; EAT's fairseq .pt files need no code)") from None
+            raise RemoteCodeRefused(f"{checkpoint!r} holds its own model code (config.json's auto_map), which "
+                                    "asd-ray runs only with --set embed.trust_remote_code=true: that code runs with "
+                                    "your permissions, so pass it only for a folder you trust (EAT's Hugging Face "
+                                    "folders are such; EAT's fairseq .pt files need no code)") from None
         raise BackboneError(f"cannot load backbone {checkpoint!r}: {type(err).__name__}: {err}") from None
     if trust_remote_code and config.model_type == REMOTE_EAT:
         return config, None
@@ -341,11 +345,12 @@ def feature_extractor(checkpoint: str, *, required: bool):
 
 
 def open_encoder(checkpoint: str, *, layer: str = "last", pooling: str = "mean", device: str = "auto",
-                 precision: str = "auto") -> EncoderBackbone:
-    """The backbone of a transformers audio encoder checkpoint (directory or hub id) of a family in ``FAMILIES``."""
+                 precision: str = "auto", found=None) -> EncoderBackbone:
+    """The backbone of a transformers audio encoder checkpoint (directory or hub id) of a family in ``FAMILIES``
+    (``found``: what ``encoder_family`` said of it, when the caller asked already)."""
     import transformers
 
-    config, (adapter, loader) = encoder_family(checkpoint)
+    config, (adapter, loader) = found or encoder_family(checkpoint)
     try:
         model = getattr(transformers, loader).from_pretrained(checkpoint, config=config)
     except Exception as err:  # missing or broken weights: OSError, ValueError, safetensors errors ...
@@ -363,9 +368,7 @@ def check_finetunable(checkpoint: str) -> None:
                             f"transformers waveform models with a conv feature encoder ({takers}), not BEATs or EAT")
     try:
         config, (adapter, _) = encoder_family(checkpoint, "finetune.init")
-    except BackboneError as err:
-        if "its own model code" not in str(err):
-            raise
+    except RemoteCodeRefused:
         raise BackboneError(f"{checkpoint!r} is a folder with its own model code (EAT's Hugging Face release): "
                             f"fine-tuning supports the transformers waveform models with a conv feature encoder "
                             f"({takers})") from None
