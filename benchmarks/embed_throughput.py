@@ -44,18 +44,20 @@ def _hubert_base(where: Path) -> str:
     return str(where)
 
 
-def _random_file(name: str, where: Path) -> str:
-    """``beats-iter3-random`` / ``eat-base-random``: the official architecture, seeded weights, official format."""
+def random_checkpoint(name: str, where: Path) -> str:
+    """``beats-iter3-random`` / ``eat-base-random``: the official architecture with the fixture scripts' seeded
+    weights (``make_beats_fixtures.ITER3``, ``make_eat_fixtures.BASE``), in the official format, under ``where``."""
     if name == "beats-iter3-random":
+        from make_beats_fixtures import ITER3, SEEDS
+
         from asd_ray.models import beats
 
-        cfg = {"input_patch_size": 16, "encoder_layers": 12, "layer_norm_first": False, "deep_norm": True,
-               "conv_pos": 128, "conv_pos_groups": 16, "relative_position_embedding": True, "num_buckets": 320,
-               "max_distance": 800, "gru_rel_pos": True}
-        return str(beats.write_random_checkpoint(where / "beats_iter3.pt", cfg, seed=3))
+        return str(beats.write_random_checkpoint(where / "beats_iter3.pt", ITER3, seed=SEEDS["iter3"]))
+    from make_eat_fixtures import BASE, SEEDS
+
     from asd_ray.models import eat
 
-    return str(eat.write_random_checkpoint(where / "eat_base.pt", dim=768, depth=12, heads=12, hidden=3072, seed=3))
+    return str(eat.write_random_checkpoint(where / "eat_base.pt", **BASE, seed=SEEDS["base"]))
 
 
 def steady_rate(records, embed, pool, args) -> float:
@@ -112,7 +114,7 @@ def main() -> None:
         if backbone == "hubert-base-random":
             backbone = _hubert_base(work / "hubert")
         elif backbone in ("beats-iter3-random", "eat-base-random"):
-            backbone = _random_file(backbone, work)
+            backbone = random_checkpoint(backbone, work)
         embed = EmbedConfig(backbone=backbone, device=args.device, batch_size=args.batch_size)
         model = load_backbone(backbone=backbone, device=args.device)
         model.embed(waves[: args.batch_size])  # warm-up

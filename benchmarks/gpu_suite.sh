@@ -27,11 +27,9 @@ for b in beats-iter3-random eat-base-random; do
     python3 benchmarks/embed_throughput.py --clips 2048 --backbone "$b" --device cuda --batch-size 128 \
         > "$out/p1_$b.log" 2>&1; grep -v " INFO \|WARNING" "$out/p1_$b.log" | tail -16
 done
-python3 -c "
-from asd_ray.models import beats, eat
-beats.write_random_checkpoint('/tmp/beats_iter3.pt', {'input_patch_size': 16, 'deep_norm': True, 'conv_pos': 128,
-    'relative_position_embedding': True, 'max_distance': 800, 'gru_rel_pos': True}, seed=3)
-eat.write_random_checkpoint('/tmp/eat_base.pt', dim=768, depth=12, heads=12, hidden=3072, seed=3)"
+PYTHONPATH="benchmarks:${PYTHONPATH:-}" python3 -c "
+from pathlib import Path; from embed_throughput import random_checkpoint
+for name in ('beats-iter3-random', 'eat-base-random'): random_checkpoint(name, Path('/tmp'))"
 for f in beats_iter3 eat_base; do python3 benchmarks/startup_probe.py /tmp/$f.pt 2>/dev/null | tee "$out/probe_$f.json"; done
 fi
 if [[ $parts == *" p4 "* ]]; then
