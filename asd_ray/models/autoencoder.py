@@ -44,6 +44,31 @@ class DenseAE(nn.Module):
         return self.decoder(self.encoder(x))
 
 
+def flat_parameters(model: nn.Module) -> nn.Parameter:
+    """Move every parameter of ``model`` and its gradient into one flat buffer (each becomes a view of it) and
+    return that buffer as one parameter for the optimizer. Adam is elementwise, so one update over the buffer gives
+    the weights, bit for bit, that torch's Adam gives over the separate tensors (tests/models/test_autoencoder.py),
+    without its per-tensor loop: on one CPU thread the AE's 38 small tensors made Adam 4.3 of a step's 15 ms.
+    Gradients accumulate into the views (``backward`` adds in place into a gradient that exists): zero them with
+    ``flat.grad.zero_()``, never by setting them to None."""
+    params = list(model.parameters())
+    flat = nn.Parameter(torch.cat([p.detach().reshape(-1) for p in params]))
+    flat.grad = torch.zeros_like(flat)
+    offset = 0
+    for p in params:
+        n = p.numel()
+        p.data = flat.data[offset:offset + n].view_as(p)
+        p.grad = flat.grad[offset:offset + n].view_as(p)
+        offset += n
+    return flat
+
+
+def unflatten_parameters(model: nn.Module) -> None:
+    """Give each parameter of ``model`` its own storage again (after ``flat_parameters``), gradients dropped."""
+    for p in model.parameters():
+        p.data, p.grad = p.data.clone(), None
+
+
 def train_autoencoder(vectors: np.ndarray, *, hidden: int = 128, bottleneck: int = 8, layers: int = 4,
                       epochs: int = 100, batch_size: int = 256, lr: float = 1e-3, seed: int = 0,
                       device: str = "cpu") -> tuple[DenseAE, list[float]]:
@@ -52,7 +77,8 @@ def train_autoencoder(vectors: np.ndarray, *, hidden: int = 128, bottleneck: int
     dev = torch.device(device)
     x = torch.from_numpy(np.ascontiguousarray(vectors, dtype=np.float32)).to(dev)
     model = DenseAE(x.shape[1], hidden, bottleneck, layers).to(dev)
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    flat = flat_parameters(model)
+    opt = torch.optim.Adam([flat], lr=lr)
     gen = torch.Generator(device="cpu").manual_seed(seed)
     losses = []
     for _ in range(epochs):
@@ -63,12 +89,14 @@ def train_autoencoder(vectors: np.ndarray, *, hidden: int = 128, bottleneck: int
             idx = order[b:b + batch_size]
             if len(idx) < 2:  # BatchNorm needs two vectors
                 continue
-            loss = nn.functional.mse_loss(model(x[idx]), x[idx])
-            opt.zero_grad(set_to_none=True)
+            batch = x[idx]
+            loss = nn.functional.mse_loss(model(batch), batch)
+            flat.grad.zero_()
             loss.backward()
             opt.step()
             total, seen = total + float(loss.detach()) * len(idx), seen + len(idx)
         losses.append(total / max(seen, 1))
+    unflatten_parameters(model)
     return model.eval(), losses
 
 

@@ -55,6 +55,47 @@ def test_autoencoder_loss_decreases_and_anomalies_score_higher():
     assert ae.losses[-1] < ae.losses[0]
 
 
+def test_training_on_one_flat_buffer_gives_the_weights_of_adam_over_each_tensor():
+    """train_autoencoder's Adam updates one buffer holding every parameter (flat_parameters): the weights, running
+    statistics and losses are those of torch's Adam over the model's separate tensors, bit for bit, on one thread
+    as the AE trains everywhere; and the trained model's parameters own their storage again."""
+    import torch
+
+    from asd_ray.models.autoencoder import DenseAE
+    from asd_ray.threads import one_thread
+
+    x = np.random.default_rng(3).standard_normal((700, 40)).astype(np.float32)
+
+    def per_tensor_adam():  # train_autoencoder as it was: torch's Adam over model.parameters()
+        torch.manual_seed(0)
+        xt, model = torch.from_numpy(x), DenseAE(40, 32, 4, 2)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+        gen, losses = torch.Generator().manual_seed(0), []
+        for _ in range(6):
+            model.train()
+            order, total, seen = torch.randperm(len(xt), generator=gen), 0.0, 0
+            for b in range(0, len(xt), 64):
+                idx = order[b:b + 64]
+                if len(idx) < 2:
+                    continue
+                loss = torch.nn.functional.mse_loss(model(xt[idx]), xt[idx])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                total, seen = total + float(loss.detach()) * len(idx), seen + len(idx)
+            losses.append(total / seen)
+        return model.eval(), losses
+
+    with one_thread():
+        want, want_losses = per_tensor_adam()
+        got, got_losses = train_autoencoder(x, hidden=32, bottleneck=4, layers=2, epochs=6, batch_size=64, seed=0)
+    assert got_losses == want_losses
+    for (name, a), b in zip(want.state_dict().items(), got.state_dict().values()):
+        assert torch.equal(a, b), name
+    storages = {p.untyped_storage().data_ptr() for p in got.parameters()}
+    assert len(storages) == len(list(got.parameters())) and all(p.grad is None for p in got.parameters())
+
+
 def test_ae_detector_save_load_scores_the_same(tmp_path):
     rng = np.random.default_rng(1)
     clips = [rng.standard_normal((20, 8)).astype(np.float32) for _ in range(6)]
