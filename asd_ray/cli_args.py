@@ -23,13 +23,13 @@ DETECTORS = {
     "pooled-gem": ["detector=pooled", "pooled.pooling=gem"],
     "pooled-reldev": ["detector=pooled", "pooled.pooling=reldev"],
     "pooled-smote": ["detector=pooled", "pooled.oversample_target=100"],
-    "rhythm": ["detector=rhythm"],  # pooled's bank over when events come (issue 26), not yet a fusion member
+    "rhythm": ["detector=rhythm"],  # pooled's bank over when events come (issue 26), a member of the default fusion
     "bands": ["detector=bands"],  # a pooled bank per group of log-mel bands (as BEAM), not yet a fusion member
     "local": ["detector=local"],
-    "fusion": ["detector=fusion"],  # local + pooled, z-normalised by their train scores, max
-    # + the rhythm bank, mean: better on small corpora of all three styles (benchmarks/results_style_c_small_cpu2.txt)
-    "fusion-rhythm": ["detector=fusion", "fusion.members=[local, pooled, rhythm]", "fusion.combine=mean"],
-    "fusion-mean": ["detector=fusion", "fusion.combine=mean"],
+    "fusion": ["detector=fusion"],  # local + pooled + rhythm, z-normalised by their train scores, mean
+    # the default until 2026-12-03: local + pooled, max (README, "Detection quality")
+    "fusion-max": ["detector=fusion", "fusion.members=[local, pooled]", "fusion.combine=max"],
+    "fusion-mean": ["detector=fusion", "fusion.members=[local, pooled]", "fusion.combine=mean"],
     "fusion-noise": ["detector=fusion", "supplemental.noise_profile=true"],  # minus each machine's noise profile
     "ae-mse": ["detector=ae-mse"],
     "ae-maha": ["detector=ae-maha"],

@@ -126,8 +126,10 @@ class LocalConfig:
 class FusionConfig:
     """Label-free fusion: each member's scores z-normalised by its train (leave-one-out) scores, then combined."""
 
-    members: tuple[str, ...] = ("local", "pooled")  # ``detector`` values (not fusion) that eat the same features
-    combine: Literal["min", "mean", "max"] = "max"  # max: anomalous when any member finds the clip unusual
+    # ``detector`` values (not fusion) that eat the same features; () = the members for the frames: local, pooled
+    # and rhythm over log-mel frames, local and pooled over a backbone's (rhythm reads log-mel band levels)
+    members: tuple[str, ...] = ()
+    combine: Literal["min", "mean", "max"] = "mean"  # mean: each member's evidence counts (max: any member alone)
 
 
 @dataclass(frozen=True)

@@ -58,6 +58,6 @@ def test_report_header_compact_tables_and_changed_settings(tiny_corpus, tmp_path
 def test_changed_settings_and_timings_read_as_words():
     assert changed_settings(RunConfig()) == []
     config = load_config(RunConfig, None, ["fusion.members=[local]", "serve.port=9000"])
-    assert changed_settings(config) == [("serve.port", 9000, 8000), ("fusion.members", ["local"], ["local", "pooled"])]
+    assert changed_settings(config) == [("serve.port", 9000, 8000), ("fusion.members", ["local"], [])]
     (_, _, line, _) = timing_lines({"discover": 1.0, "embed": 2.0, "score_evaluate": 5.0, "fit_score": 4.0})
     assert line == "finding the clips 1.0 s, embedding 2.0 s, fitting banks and scoring 4.0 s, metrics 1.0 s."

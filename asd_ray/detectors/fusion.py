@@ -30,6 +30,15 @@ def combine(z: np.ndarray, how: str) -> np.ndarray:
     return getattr(np.asarray(z, dtype=np.float64), how)(axis=0)
 
 
+LOG_MEL_MEMBERS = ("local", "pooled", "rhythm")  # chosen on three corpus styles, 2 seeds each (README)
+BACKBONE_MEMBERS = ("local", "pooled")  # rhythm reads log-mel band levels, which a backbone's frames are not
+
+
+def default_members(config) -> tuple[str, ...]:
+    """The members of a fusion whose ``fusion.members`` is not given: by the frames it eats."""
+    return LOG_MEL_MEMBERS if config.embed.backbone == "logmel" else BACKBONE_MEMBERS
+
+
 class FusionDetector(Detector):
     """Label-free fusion: each member detector's scores z-normalised by its own leave-one-out train scores,
     then combined (``combine``). Members must eat the same features. Its ``loo_scores`` combine the members'
@@ -56,7 +65,7 @@ class FusionDetector(Detector):
     def _member_names(config, entry) -> tuple[str, ...]:
         if entry.name in config.fusion.members:
             raise ConfigError(f"fusion.members cannot name {entry.name} itself")
-        return tuple(config.fusion.members)
+        return tuple(config.fusion.members) or default_members(config)
 
     @classmethod
     def from_config(cls, config, entry, registry, *, device="cpu") -> "FusionDetector":
@@ -88,8 +97,8 @@ class FusionDetector(Detector):
 
     @classmethod
     def describe(cls, config, entry, registry) -> str:
-        return (f"fusion ({config.fusion.combine}) of {' + '.join(config.fusion.members)}, each z-scored by its "
-                f"train scores")
+        members = " + ".join(cls._member_names(config, entry))
+        return f"fusion ({config.fusion.combine}) of {members}, each z-scored by its train scores"
 
     # --- what it is ----------------------------------------------------------------------------------------
     @property
