@@ -102,3 +102,22 @@ def test_score_time_settings_reach_the_detectors_inside_wrappers():
     fusion = FusionDetector([PooledBank(strategy="seed", k=1).fit(_clips(rng, 5))], combine="max")
     got = configure_detector(fusion, {"fusion.combine": "mean"})
     assert got["fusion.combine"] == ("mean", "config") and got["member_0.pooled.k"] == (1, "saved bank")
+
+
+def test_the_default_fusion_takes_the_rhythm_bank_over_log_mel_frames_only(tiny_beats):
+    """fusion.members left empty: local, pooled and rhythm over log-mel frames, local and pooled over a backbone's
+    frames (rhythm reads log-mel band levels; a run with the default detector and --backbone must work); members
+    that are named are used as named."""
+    def kinds(det):
+        return [m.kind if m.kind != "PooledBank" else f"PooledBank:{m.pooling}" for m in det.members]
+
+    default = make_detector(config())
+    assert isinstance(default, FusionDetector) and default.combine == "mean"
+    assert kinds(default) == ["LocalFeatureBank", "PooledBank:mean_std", "PooledBank:rhythm"]
+    assert REGISTRY.needs_log_mel(config())
+    over_beats = config(f"embed.backbone={tiny_beats}")
+    assert kinds(make_detector(over_beats)) == ["LocalFeatureBank", "PooledBank:mean_std"]
+    assert not REGISTRY.needs_log_mel(over_beats)
+    frame_feature_kwargs(over_beats)  # no "pools the rhythm of log-mel bands" refusal
+    named = make_detector(config("fusion.members=[pooled, local]", "fusion.combine=max"))
+    assert kinds(named) == ["PooledBank:mean_std", "LocalFeatureBank"] and named.combine == "max"
