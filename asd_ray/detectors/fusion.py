@@ -107,7 +107,8 @@ class FusionDetector(Detector):
 
     @property
     def dim(self) -> int | None:
-        return self.members[0].dim
+        """What a query row must have: the members' (None when every member takes any: a rhythm pooling)."""
+        return next((m.dim for m in self.members if m.dim is not None), None)
 
     def parts(self) -> list[tuple[str, Detector]]:
         return [(f"member_{i}.", m) for i, m in enumerate(self.members)]
@@ -168,7 +169,7 @@ class FusionDetector(Detector):
         if meta["members"] < 1:
             raise BankFolderError(d, "bank.json", f"'members' is {meta['members']}: a fusion needs at least one")
         members = [registry.load(d / f"member_{i}", **kwargs) for i in range(meta["members"])]
-        for i, m in enumerate(members[1:], 1):
-            if (m.features, m.dim) != (members[0].features, members[0].dim):
+        for i, m in enumerate(members[1:], 1):  # a member that takes any band count (rhythm) fits any other
+            if m.features != members[0].features or None not in (m.dim, members[0].dim) and m.dim != members[0].dim:
                 raise BankFolderError(d, f"member_{i}/bank.json", f"eats {m.eats()} but member_0 eats {members[0].eats()}")
         return cls(members, combine=meta["combine"])

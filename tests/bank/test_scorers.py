@@ -192,3 +192,24 @@ def test_configure_detector_reports_where_each_setting_came_from(tmp_path):
                     "fusion.combine": ("max", "saved bank")}  # bank.k is the knn bank's: no member takes it
     refit = FusionDetector([PooledBank(k=3), PooledBank(pooling="mean", k=3)], combine="max").fit(clips)
     np.testing.assert_allclose(loaded.score(clips[:4]), refit.score(clips[:4]), rtol=1e-6)
+
+
+def test_the_default_fusion_saves_and_loads_with_its_rhythm_member_and_refuses_a_member_of_other_bands(tmp_path):
+    """The rhythm member takes any band count (its dim is None): a saved default fusion loads beside members of
+    128 bands and scores the same; a member fitted on other bands is refused, naming it."""
+    from asd_ray.config import RunConfig
+    from asd_ray.detectors import make_detector
+    from asd_ray.errors import BankFolderError
+
+    rng = np.random.default_rng(4)
+    clips = [_beats(np.arange(rng.integers(0, 16), 160, 16), bands=128) + rng.normal(0, 0.5, (160, 128))
+             for _ in range(10)]
+    fusion = make_detector(RunConfig()).fit(clips[:8], [f"c{i}" for i in range(8)], domains=["source"] * 8)
+    assert [m.dim for m in fusion.members] == [128, 128, None] and fusion.dim == 128
+    loaded = load_detector(fusion.save(tmp_path / "fusion"))
+    assert loaded.dim == 128
+    np.testing.assert_array_equal(loaded.score(clips[8:]), fusion.score(clips[8:]))
+    other = make_detector(RunConfig(), "pooled").fit([c[:, :64] for c in clips[:8]], domains=["source"] * 8)
+    other.save(tmp_path / "fusion" / "member_1")
+    with pytest.raises(BankFolderError, match="member_1/bank.json.*64-band log-mel frames but member_0 eats 128"):
+        load_detector(tmp_path / "fusion")
