@@ -169,7 +169,10 @@ class FusionDetector(Detector):
         if meta["members"] < 1:
             raise BankFolderError(d, "bank.json", f"'members' is {meta['members']}: a fusion needs at least one")
         members = [registry.load(d / f"member_{i}", **kwargs) for i in range(meta["members"])]
-        for i, m in enumerate(members[1:], 1):  # a member that takes any band count (rhythm) fits any other
-            if m.features != members[0].features or None not in (m.dim, members[0].dim) and m.dim != members[0].dim:
-                raise BankFolderError(d, f"member_{i}/bank.json", f"eats {m.eats()} but member_0 eats {members[0].eats()}")
+        # each member against the first that has a query width (a rhythm pooling takes any band count: any fits it)
+        ref = next((i for i, m in enumerate(members) if m.dim is not None), 0)
+        for i, m in enumerate(members):
+            if m.features != members[ref].features or m.dim not in (None, members[ref].dim):
+                raise BankFolderError(d, f"member_{i}/bank.json",
+                                      f"eats {m.eats()} but member_{ref} eats {members[ref].eats()}")
         return cls(members, combine=meta["combine"])

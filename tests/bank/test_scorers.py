@@ -197,7 +197,7 @@ def test_configure_detector_reports_where_each_setting_came_from(tmp_path):
 def test_the_default_fusion_saves_and_loads_with_its_rhythm_member_and_refuses_a_member_of_other_bands(tmp_path):
     """The rhythm member takes any band count (its dim is None): a saved default fusion loads beside members of
     128 bands and scores the same; a member fitted on other bands is refused, naming it."""
-    from asd_ray.config import RunConfig
+    from asd_ray.config import RunConfig, load_config
     from asd_ray.detectors import make_detector
     from asd_ray.errors import BankFolderError
 
@@ -213,3 +213,10 @@ def test_the_default_fusion_saves_and_loads_with_its_rhythm_member_and_refuses_a
     other.save(tmp_path / "fusion" / "member_1")
     with pytest.raises(BankFolderError, match="member_1/bank.json.*64-band log-mel frames but member_0 eats 128"):
         load_detector(tmp_path / "fusion")
+    # the rhythm bank first: the others are still checked against each other
+    first = make_detector(load_config(RunConfig, None, ["fusion.members=[rhythm, pooled, local]"]))
+    first.fit(clips[:8], [f"c{i}" for i in range(8)], domains=["source"] * 8).save(tmp_path / "first")
+    assert load_detector(tmp_path / "first").dim == 128
+    other.save(tmp_path / "first" / "member_1")
+    with pytest.raises(BankFolderError, match="member_2/bank.json.*128-band log-mel frames but member_1 eats 64"):
+        load_detector(tmp_path / "first")
