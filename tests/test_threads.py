@@ -36,6 +36,9 @@ for threads in (1, 2):
     pooled = PooledBank(strategy="domain_aware", density=True, k=1, faiss_threads=threads)
     out[f"pooled{threads}"] = pooled.fit(clips, domains=domains).score(tests + clips[:3])
     out[f"pooled_loo{threads}"] = pooled.loo_scores()
+    rhythm = PooledBank(pooling="rhythm", strategy="domain_aware", density=True, k=1, faiss_threads=threads)
+    out[f"rhythm{threads}"] = rhythm.fit(clips, domains=domains).score(tests)  # the default fusion's third member
+    out[f"rhythm_loo{threads}"] = rhythm.loo_scores()
     knn = MemoryBank(k=3, faiss_threads=threads).fit(emb)
     out[f"knn{threads}"] = knn.score(queries)
     out[f"knn_loo{threads}"] = knn.loo_scores()
