@@ -72,6 +72,9 @@ CORRUPTIONS = {
     "fusion n_mels changed": ("frames", lambda d: _edit_json(d / "member_0/bank.json", n_mels=N_MELS - 4),
                               "member_0/bank.json", f"'n_mels' is {N_MELS - 4} (windows 3 x {N_MELS - 4} = 36 wide) "
                                                     f"but calibration.npz's mean is for {3 * N_MELS}-wide windows"),
+    "local spreads lose a bank": ("frames", lambda d: _edit_json(d / "member_0/bank.json", spreads={"source": 1.0}),
+                                  "member_0/bank.json", "'spreads' must give each domain bank of 'scales' a positive "
+                                                        "number, got {'source': 1.0}"),
     "calibration missing": ("frames", lambda d: (d / "member_0/calibration.npz").unlink(),
                             "member_0/calibration.npz", "missing (the bank's calibration)"),
     "truncated calibration": ("frames", lambda d: _truncate(d / "member_0/calibration.npz"),

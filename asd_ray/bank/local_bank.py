@@ -12,7 +12,13 @@ bank keeps the normals' local features, as anomalib's PatchCore keeps image patc
 - a test window's distance is the mean Euclidean distance to its ``k`` nearest members; a clip's score
   is the max, the mean of the top ``top_q`` share, or the mean of its window distances; with domain
   banks each bank's clip score is divided by that bank's scale (the median leave-one-out score of its
-  own clips) and the clip's score is the smaller of the two.
+  own clips). With ``domain_pick="nearest"`` the clip is scored by the bank nearest the bulk of its windows
+  (the smaller median window distance, which finds a clip's domain), in units of that bank's own clips: its
+  scaled score less 1, over the spread of its clips' scaled scores (IQR / 1.349), so a domain whose normals vary
+  more (a noisy target room, 10 clips) does not put its normals above the other domain's. With ``"min"`` (the
+  rule before 2026-12-03) it is the smaller of the two scaled scores: a bank whose own clips carry sounds of
+  their own, such as a target room's clanks, has a large scale, and every clip of the other domain then scores
+  low against it, that domain's anomalies as well.
 Leave-one-out scores of train clips leave out every member that came from the clip itself.
 Every product runs on one BLAS thread (``asd_ray/threads.py``), so a clip's score is the same in every process;
 ``faiss_threads`` clips are scored at once, each on its own thread.
@@ -37,6 +43,7 @@ from asd_ray.threads import one_thread, spread
 
 CORESETS = ("kcenter", "kmeans", "random")
 CLIP_SCORES = ("max", "topq", "mean")
+DOMAIN_PICKS = ("nearest", "min")
 
 
 def clip_score(window_distances: np.ndarray, how: str = "topq", top_q: float = 0.1) -> float:
@@ -69,18 +76,21 @@ class LocalFeatureBank(Detector):
 
     def __init__(self, *, context: int = 5, stride: int = 1, standardise: bool = True, bank_size: int = 4096,
                  coreset: str = "kcenter", candidates: int = 32768, projection_dim: int = 128, k: int = 1,
-                 clip_score: str = "topq", top_q: float = 0.1, domain_norm: bool = True, pca_dim: int = 128,
-                 whiten: bool = True,
+                 clip_score: str = "topq", top_q: float = 0.1, domain_norm: bool = True,
+                 domain_pick: str = "nearest", pca_dim: int = 128, whiten: bool = True,
                  calibration_clips: int = 200, seed: int = 0, faiss_threads: int = 1):
         if coreset not in CORESETS:
             raise BankError(f"coreset {coreset!r}: use one of {CORESETS}")
         if clip_score not in CLIP_SCORES:
             raise BankError(f"clip score {clip_score!r}: use one of {CLIP_SCORES}")
+        if domain_pick not in DOMAIN_PICKS:
+            raise BankError(f"domain pick {domain_pick!r}: use one of {DOMAIN_PICKS}")
         if bank_size < 1 or k < 1 or context < 1 or stride < 1 or not 0 < top_q <= 1:
             raise BankError("bank_size, k, context and stride must be at least 1 and top_q in (0, 1]")
         self.params = {"context": context, "stride": stride, "standardise": standardise, "bank_size": bank_size,
                        "coreset": coreset, "candidates": candidates, "projection_dim": projection_dim, "k": k,
-                       "clip_score": clip_score, "top_q": top_q, "domain_norm": domain_norm, "pca_dim": pca_dim,
+                       "clip_score": clip_score, "top_q": top_q, "domain_norm": domain_norm,
+                       "domain_pick": domain_pick, "pca_dim": pca_dim,
                        "whiten": whiten,
                        "calibration_clips": calibration_clips, "seed": seed}
         self.faiss_threads = faiss_threads
@@ -88,6 +98,7 @@ class LocalFeatureBank(Detector):
         self.banks: dict[str, MemoryBank] = {}
         self.owners: dict[str, np.ndarray] = {}  # per bank: the train clip (index) each member came from; -1: none
         self.scales: dict[str, float] = {}
+        self.spreads: dict[str, float] = {}  # per bank: the spread of its own clips' scaled scores (``nearest``)
         self.mean = np.zeros(0, np.float32)
         self.std = np.ones(0, np.float32)
         self.projection = np.zeros((0, 0), np.float32)  # (window dim x pca_dim); empty: none
@@ -157,7 +168,7 @@ class LocalFeatureBank(Detector):
             if not groups:
                 raise BankError("fit: domain_norm needs at least 2 train clips in the source or the target domain")
         rng = np.random.default_rng(p["seed"])
-        self.banks, self.owners, self.scales, self._centred = {}, {}, {}, {}
+        self.banks, self.owners, self.scales, self.spreads, self._centred = {}, {}, {}, {}, {}
         for g, idx in groups.items():
             owner = np.concatenate([np.full(len(per_clip[i]), i) for i in idx])
             pos = np.concatenate([np.arange(len(per_clip[i])) for i in idx])
@@ -173,10 +184,17 @@ class LocalFeatureBank(Detector):
                 members, owner = w[pick], owner[pick]
             self.banks[g] = MemoryBank(k=p["k"], faiss_threads=self.faiss_threads).fit(members)
             self.owners[g] = owner.astype(np.int64)
-        # calibration clips: every clip of a small domain, an even draw of the rest, at most calibration_clips
+        # calibration clips: every clip of a small domain, an even draw of the rest, at most calibration_clips (a
+        # draw over all clips left ~5 of 10 target clips to set the target bank's scale)
         cal = np.arange(len(clips))
         if p["calibration_clips"] and len(cal) > p["calibration_clips"]:
-            cal = np.sort(rng.choice(len(clips), p["calibration_clips"], replace=False))
+            by_size = sorted((np.flatnonzero(domains == d) for d in np.unique(domains)), key=len)
+            budget, drawn = p["calibration_clips"], []
+            for j, idx in enumerate(by_size):
+                share = budget // (len(by_size) - j)
+                drawn.append(idx if len(idx) <= share else rng.choice(idx, share, replace=False))
+                budget -= len(drawn[-1])
+            cal = np.sort(np.concatenate(drawn))
         # leave-one-out raw scores by (bank, clip): a clip's score in its own domain's bank (the costly search:
         # its own members are searched past) serves both its bank's scale and its calibration score
         own = {g: np.intersect1d(idx, cal) if len(np.intersect1d(idx, cal)) >= 2 else idx for g, idx in groups.items()}
@@ -186,11 +204,13 @@ class LocalFeatureBank(Detector):
         loo = dict(zip(pairs, spread(lambda gi: self._bank_score(gi[0], per_clip[gi[1]], leave_out=gi[1]), pairs,
                                      self.faiss_threads)))
         for g in groups:
-            s = np.array([loo[g, int(i)] for i in own[g]])
+            s = np.array([loo[g, int(i)][0] for i in own[g]])
             self.scales[g] = float(np.median(s)) if np.median(s) > 0 else 1.0
+            q1, q3 = np.percentile(s / self.scales[g], [25, 75])
+            self.spreads[g] = float(q3 - q1) / 1.349 if q3 > q1 else 1.0
         ids = [str(i) for i in ids] if ids is not None else [str(i) for i in range(len(clips))]
         self.calibration_ids = [ids[i] for i in cal]
-        self.train_scores = np.array([min(loo[g, int(i)] / self.scales[g] for g in self.banks) for i in cal])
+        self.train_scores = np.array([self._pick({g: loo[g, int(i)] for g in self.banks}) for i in cal])
         return self
 
     def _pca(self, clips: Sequence[np.ndarray], rng: np.random.Generator) -> np.ndarray:
@@ -222,9 +242,10 @@ class LocalFeatureBank(Detector):
             self._centred[group] = (np.ascontiguousarray(members - centre), centre)
         return self._centred[group]
 
-    def _bank_score(self, group: str, windows: np.ndarray, leave_out: int | None = None) -> float:
-        """One clip's score against one bank: each window's mean distance to its k nearest members (with
-        ``leave_out``, those of other clips than that one), then ``clip_score`` over the windows.
+    def _bank_score(self, group: str, windows: np.ndarray, leave_out: int | None = None) -> tuple[float, float]:
+        """One clip's (score, median window distance) against one bank: each window's mean distance to its k
+        nearest members (with ``leave_out``, those of other clips than that one), then ``clip_score`` over the
+        windows; the median tells how near the bank is to the clip's bulk (``domain_pick``).
 
         All of a clip's windows against all members in one BLAS product (``faiss.pairwise_distances``): for a
         few hundred windows FAISS's search takes its own kernels, 2.6 times slower here (10.3 against 3.9 ms
@@ -239,8 +260,20 @@ class LocalFeatureBank(Detector):
                 raise BankError(f"leave-one-out: the {group} bank has fewer than {k} members of other clips")
             d2[:, own] = np.inf
         nearest = d2.min(axis=1, keepdims=True) if k == 1 else np.partition(d2, k - 1, axis=1)[:, :k]
-        dist = np.sqrt(np.maximum(nearest, 0.0))
-        return clip_score(dist.mean(axis=1), self.params["clip_score"], self.params["top_q"])
+        dist = np.sqrt(np.maximum(nearest, 0.0)).mean(axis=1)
+        return clip_score(dist, self.params["clip_score"], self.params["top_q"]), float(np.median(dist))
+
+    def _pick(self, per_bank: dict[str, tuple[float, float]]) -> float:
+        """A clip's score from its (score, median distance) against each bank: one bank's scaled score; with two
+        banks, the bank nearest its bulk in units of that bank's spread (``nearest``) or the smallest scaled score
+        (``min``)."""
+        if len(per_bank) == 1:
+            (g, (score, _)), = per_bank.items()
+            return score / self.scales[g]
+        if self.params["domain_pick"] == "nearest":
+            g = min(per_bank, key=lambda b: (per_bank[b][1], b))
+            return (per_bank[g][0] / self.scales[g] - 1.0) / self.spreads[g]
+        return min(per_bank[g][0] / self.scales[g] for g in per_bank)
 
     def score(self, clips: Sequence[np.ndarray]) -> np.ndarray:
         """(m,) float64 raw scores of clips (each T x n_mels; at least ``context`` frames)."""
@@ -252,7 +285,7 @@ class LocalFeatureBank(Detector):
 
     def _score_one(self, clip: np.ndarray) -> float:
         w = self.windows(clip)
-        return min(self._bank_score(g, w) / self.scales[g] for g in self.banks)
+        return self._pick({g: self._bank_score(g, w) for g in self.banks})
 
     def loo_scores(self) -> np.ndarray:
         """Leave-one-out scores of the calibration train clips (computed by ``fit``)."""
@@ -270,7 +303,7 @@ class LocalFeatureBank(Detector):
         if not self.banks:
             raise BankError("save: the bank is empty")
         d = write_meta(directory, self.kind, **self.params, n_mels=self.n_mels, scales=self.scales,
-                       calibration_ids=self.calibration_ids)
+                       spreads=self.spreads, calibration_ids=self.calibration_ids)
         for g, bank in self.banks.items():
             bank.save(d / g)
         np.savez(d / "calibration.npz", mean=self.mean, std=self.std, projection=self.projection,
@@ -286,9 +319,10 @@ class LocalFeatureBank(Detector):
         d = Path(directory)
         meta = read_meta(d, cls.kind, {"n_mels": int, "scales": dict, "calibration_ids": list, "context": int,
                                        **{k: type(v) if not isinstance(v, float) else (int, float)
-                                          for k, v in LOCAL_DEFAULTS.items()}})
-        try:
-            bank = cls(faiss_threads=faiss_threads, **{k: meta[k] for k in LOCAL_DEFAULTS})
+                                          for k, v in LOCAL_DEFAULTS.items() if k != "domain_pick"}})
+        try:  # a bank saved before domain_pick existed scored by min
+            bank = cls(faiss_threads=faiss_threads, domain_pick=meta.get("domain_pick", "min"),
+                       **{k: meta[k] for k in LOCAL_DEFAULTS if k != "domain_pick"})
         except BankError as err:
             raise BankFolderError(d, "bank.json", str(err)) from None
         bank.n_mels = meta["n_mels"]
@@ -296,6 +330,12 @@ class LocalFeatureBank(Detector):
         if not scales or not all(isinstance(v, (int, float)) and np.isfinite(v) and v > 0 for v in scales.values()):
             raise BankFolderError(d, "bank.json", f"'scales' must name the domain banks with positive numbers, got {scales}")
         bank.scales = {g: float(s) for g, s in scales.items()}
+        spreads = meta.get("spreads", {g: 1.0 for g in scales})  # saved before spreads existed: min, not read
+        if (not isinstance(spreads, dict) or set(spreads) != set(scales)
+                or not all(isinstance(v, (int, float)) and np.isfinite(v) and v > 0 for v in spreads.values())):
+            raise BankFolderError(d, "bank.json", f"'spreads' must give each domain bank of 'scales' a positive "
+                                                  f"number, got {spreads}")
+        bank.spreads = {g: float(s) for g, s in spreads.items()}
         bank.banks = {g: MemoryBank.load(d / g, faiss_threads=faiss_threads) for g in bank.scales}
         cal = read_npz(d, "calibration.npz", ["mean", "std", "projection", "train_scores",
                                               *(f"owners_{g}" for g in bank.scales)])

@@ -1,5 +1,7 @@
 """The local-feature bank and its coresets: hand-computed scores, the size bound, save/load."""
 
+import json
+
 import numpy as np
 import pytest
 
@@ -61,10 +63,70 @@ def test_local_scores_by_hand():
 def test_domain_banks_divide_by_their_own_scale_by_hand():
     clips = [np.array([[0, 0]], np.float32), np.array([[0, 2]], np.float32),  # source: LOO 2 and 2 -> scale 2
              np.array([[10, 0]], np.float32), np.array([[10, 1]], np.float32)]  # target: LOO 1 and 1 -> scale 1
-    bank = LocalFeatureBank(domain_norm=True, **PLAIN).fit(clips, domains=["source", "source", "target", "target"])
+    bank = LocalFeatureBank(domain_norm=True, domain_pick="min", **PLAIN).fit(
+        clips, domains=["source", "source", "target", "target"])
     assert bank.scales == {"source": 2.0, "target": 1.0}
     # (10, 3): source sqrt(101) / 2 = 5.02, target 2 / 1 = 2; the smaller
     assert bank.score([np.array([[10, 3]], np.float32)]) == pytest.approx([2.0])
+
+
+@pytest.mark.parametrize("pick, expected, target_clip", [("nearest", 3.0 - 1, np.sqrt(2) / 8 - 1),
+                                                          ("min", np.hypot(1, 5) / 8, np.sqrt(2) / 8)])
+def test_a_clip_is_scored_by_the_bank_nearest_its_bulk_not_by_a_bank_whose_own_clips_are_noisy(pick, expected,
+                                                                                               target_clip):
+    """The target room has clanks of its own (a far window in each target clip), so the target bank's scale is
+    large (8) and any clip scores low against it: with ``min`` a source anomaly hides there; ``nearest`` scores
+    it against the source bank, which the bulk of its windows is next to (median distance 0 against 5), in
+    units of that bank's clips (scaled score less 1, over their spread: 1 here, every scaled LOO score is 1)."""
+    source = [np.array([[0, 0], [0, 0]], np.float32), np.array([[0, 1], [0, 1]], np.float32)]  # LOO 1, 1: scale 1
+    target = [np.array([[5, 0], [5, 0], [9, 9]], np.float32), np.array([[5, 1], [5, 1], [1, 9]], np.float32)]  # 8, 8
+    bank = LocalFeatureBank(domain_norm=True, domain_pick=pick, **PLAIN).fit(
+        source + target, domains=["source", "source", "target", "target"])
+    assert bank.scales == {"source": 1.0, "target": 8.0} and bank.spreads == {"source": 1.0, "target": 1.0}
+    anomaly = np.array([[0, 0], [0, 0], [0, 4]], np.float32)  # against source: 3 / 1; against target: sqrt(26) / 8
+    assert bank.score([anomaly]) == pytest.approx([expected])
+    # a target clip with a clank elsewhere: the target bank in both (1.41 / 8 against 7.28 / 1)
+    assert bank.score([np.array([[5, 0], [5, 1], [2, 8]], np.float32)]) == pytest.approx([target_clip])
+
+
+def test_nearest_scores_are_in_units_of_the_spread_of_their_banks_own_clips():
+    """A target room whose clips each carry a clank at a random place: its clips' scores vary far more than
+    the source's; ``nearest`` gives each bank's clips in units of their own spread (IQR / 1.349 of the bank's
+    clips' scaled leave-one-out scores)."""
+    rng = np.random.default_rng(4)
+    source = [rng.standard_normal((40, 3)).astype(np.float32) for _ in range(40)]
+    target = []
+    for _ in range(12):
+        c = 20 + rng.standard_normal((40, 3))
+        v = rng.standard_normal(3)
+        c[:4] = 20 + rng.uniform(3, 12) * v / np.linalg.norm(v)  # the clank: 4 frames off the cluster
+        target.append(c.astype(np.float32))
+    train = source + target
+    bank = LocalFeatureBank(context=1, pca_dim=0, standardise=False, clip_score="mean", bank_size=4096,
+                            calibration_clips=0).fit(train, domains=["source"] * 40 + ["target"] * 12)
+    assert bank.spreads["target"] > 2 * bank.spreads["source"]
+    ratios = {g: np.array([bank._bank_score(g, bank.windows(c), leave_out=i)[0] / bank.scales[g]
+                           for i, c in enumerate(train) if (i >= 40) == (g == "target")]) for g in bank.banks}
+    for g, r in ratios.items():  # the spread is the IQR of the bank's own clips' scaled LOO scores / 1.349
+        q1, q3 = np.percentile(r, [25, 75])
+        assert bank.spreads[g] == pytest.approx((q3 - q1) / 1.349)
+    loo = bank.loo_scores()
+    np.testing.assert_allclose(loo[:40], (ratios["source"] - 1) / bank.spreads["source"], rtol=1e-6)
+    np.testing.assert_allclose(loo[40:], (ratios["target"] - 1) / bank.spreads["target"], rtol=1e-6)
+
+
+def test_a_bank_saved_before_domain_pick_existed_loads_and_scores_by_min(tmp_path):
+    rng = np.random.default_rng(3)
+    clips = [rng.standard_normal((20, 4)).astype(np.float32) + 3 * (i >= 6) for i in range(8)]
+    bank = LocalFeatureBank(context=2, pca_dim=0, domain_pick="min").fit(clips, domains=["source"] * 6 + ["target"] * 2)
+    folder = bank.save(tmp_path / "local")
+    meta = json.loads((folder / "bank.json").read_text())
+    del meta["domain_pick"]
+    (folder / "bank.json").write_text(json.dumps(meta))
+    loaded = load_detector(folder)
+    assert loaded.params["domain_pick"] == "min"
+    queries = [rng.standard_normal((20, 4)).astype(np.float32) for _ in range(3)]
+    np.testing.assert_array_equal(loaded.score(queries), bank.score(queries))
 
 
 def test_local_bank_save_load_round_trip(tmp_path):
@@ -88,20 +150,23 @@ def test_local_bank_refuses_bad_input():
         bank.score([np.zeros((3, 5), np.float32)])
 
 
-def test_leave_one_out_scores_equal_a_brute_force_search_over_the_other_clips_members():
+@pytest.mark.parametrize("pick", ["nearest", "min"])
+def test_leave_one_out_scores_equal_a_brute_force_search_over_the_other_clips_members(pick):
     rng = np.random.default_rng(5)
     clips = [rng.standard_normal((30, 6)).astype(np.float32) + i % 3 for i in range(10)]
     bank = LocalFeatureBank(context=2, bank_size=120, pca_dim=0, k=2, clip_score="topq", top_q=0.2,
-                            calibration_clips=0, domain_norm=True).fit(clips, domains=["source"] * 7 + ["target"] * 3)
+                            calibration_clips=0, domain_norm=True, domain_pick=pick
+                            ).fit(clips, domains=["source"] * 7 + ["target"] * 3)
     expected = []
     for i, clip in enumerate(clips):
         w = bank.windows(clip)
         per_bank = []
         for g, b in bank.banks.items():
             others = b.members()[bank.owners[g] != i]
-            d = np.sqrt(((w[:, None, :] - others[None, :, :]) ** 2).sum(-1))
-            per_bank.append(clip_score(np.sort(d, axis=1)[:, :2].mean(axis=1), "topq", 0.2) / bank.scales[g])
-        expected.append(min(per_bank))
+            d = np.sort(np.sqrt(((w[:, None, :] - others[None, :, :]) ** 2).sum(-1)), axis=1)[:, :2].mean(axis=1)
+            scaled = clip_score(d, "topq", 0.2) / bank.scales[g]
+            per_bank.append((np.median(d), (scaled - 1) / bank.spreads[g], scaled))
+        expected.append(min(per_bank)[1] if pick == "nearest" else min(s for _, _, s in per_bank))
     np.testing.assert_allclose(bank.loo_scores(), expected, rtol=1e-5)
 
 
