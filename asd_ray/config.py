@@ -116,7 +116,7 @@ class LocalConfig:
     top_q: float = 0.1  # share of a clip's windows, highest distances, averaged by ``topq``
     domain_norm: bool = True  # source and target windows in separate banks, distances over each bank's scale
     # which domain bank scores a clip: the one nearest the bulk of its windows (its domain), or the smaller scaled
-    # score ("min", before 2026-12-03: a bank whose own clips carry extra sounds then scores the other domain low)
+    # score ("min", the earlier rule: a bank whose own clips carry extra sounds then scores the other domain low)
     domain_pick: Literal["nearest", "min"] = "nearest"
     pca_dim: int = 128  # windows projected on their first principal axes (0 = off): less noise, cheaper search
     whiten: bool = True  # PCA axes scaled to unit variance (Mahalanobis distance in the subspace)

@@ -16,7 +16,7 @@ bank keeps the normals' local features, as anomalib's PatchCore keeps image patc
   (the smaller median window distance, which finds a clip's domain), in units of that bank's own clips: its
   scaled score less 1, over the spread of its clips' scaled scores (IQR / 1.349), so a domain whose normals vary
   more (a noisy target room, 10 clips) does not put its normals above the other domain's. With ``"min"`` (the
-  rule before 2026-12-03) it is the smaller of the two scaled scores: a bank whose own clips carry sounds of
+  earlier rule) it is the smaller of the two scaled scores: a bank whose own clips carry sounds of
   their own, such as a target room's clanks, has a large scale, and every clip of the other domain then scores
   low against it, that domain's anomalies as well.
 Leave-one-out scores of train clips leave out every member that came from the clip itself.
