@@ -14,7 +14,7 @@ budget=${BUDGET_S:-500}
 export RAY_AUTH_MODE=disabled RAY_USAGE_STATS_ENABLED=0 PYTHONUNBUFFERED=1
 say() { echo "[$SECONDS s] $*" | tee -a "$work/summary.txt"; }
 left() { echo $((budget - SECONDS)); }
-parts=" ${PARTS:-p5a p1 probe profile p5old p5b p4} "
+parts=" ${PARTS:-p5a p1 probe profile p5old p5b p4} "  # also: p5f p5f2 (the default detector, twice on one cache), p1beats
 part() {  # part NAME MAX_S COMMAND...: runs COMMAND under min(MAX_S, time left - 10)
     local name=$1 max=$2; shift 2; local t=$(( $(left) - 10 )); (( t > max )) && t=$max
     if [[ $name != p5_synth && $parts != *" $name "* ]]; then return; fi
@@ -37,6 +37,17 @@ cp /tmp/$1/run.log $work/$1_run.log; cp /tmp/$1/metrics.json $work/$1_metrics.js
 [[ $parts == *" p5"* ]] && part p5_synth 150 "python3 -m asd_ray.cli synth --out /tmp/p5 --eval-machines --workers $(nproc) ${SYNTH_ARGS:-}"
 part p5a 150 "$(p5 p5a p5a_cache)"
 grep -s "P5 wall" "$work/p5a.log" | tee -a "$work/summary.txt"
+# the default detector (log-mel frames, no backbone) on the same corpus, then again on its cache (frames cached)
+part p5f 150 "TIMEFORMAT='P5F wall s: %R'; time python3 -m asd_ray.cli run --data /tmp/p5 --out /tmp/p5f \
+--set ray.cache_dir=/tmp/p5f_cache; cp /tmp/p5f/run.log $work/p5f_run.log; cp /tmp/p5f/metrics.json $work/p5f_metrics.json"
+grep -s "P5F wall" "$work/p5f.log" | tee -a "$work/summary.txt"
+part p5f2 120 "TIMEFORMAT='P5F2 wall s: %R'; time python3 -m asd_ray.cli run --data /tmp/p5 --out /tmp/p5f2 \
+--set ray.cache_dir=/tmp/p5f_cache; cp /tmp/p5f2/run.log $work/p5f2_run.log; cp /tmp/p5f2/metrics.json $work/p5f2_metrics.json"
+grep -s "P5F2 wall" "$work/p5f2.log" | tee -a "$work/summary.txt"
+# P1 for BEATs_iter3 and EAT-base (random weights in the official formats), bf16, then their actors' fresh start
+part p1beats 180 "for b in beats-iter3-random eat-base-random; do python3 benchmarks/embed_throughput.py --clips 2048 \
+--backbone \$b --device cuda --batch-size 128 && echo \$b done; done"
+grep -sv " INFO \|WARNING" "$work/p1beats.log" | tail -40 >> "$work/summary.txt"
 part p1 120 "python3 benchmarks/embed_throughput.py --clips 2048 --backbone hubert-base-random --device cuda --batch-size 128"
 grep -sv " INFO \|WARNING" "$work/p1.log" | tail -22 >> "$work/summary.txt"
 part probe 60 "python3 benchmarks/startup_probe.py /tmp/hubert-base-random 2>/dev/null; python3 -X importtime -c 'import torch; from transformers.models.hubert import modeling_hubert' 2>&1 | sort -t'|' -k2 -n -r | head -25"
