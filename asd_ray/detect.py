@@ -32,7 +32,7 @@ from asd_ray.report import clip_counts, write_report
 from asd_ray.results import MachineResult, Reject, RunReport
 from asd_ray.scoring.files import (evaluate_scores, ground_truth, read_eval_list, write_evaluator_results,
                                    write_results, write_rows)
-from asd_ray.scoring.metrics import MetricError
+from asd_ray.scoring.metrics import MetricError, in_process
 from asd_ray.scoring.postprocess import calibrate, postprocess
 
 log = logging.getLogger(__name__)
@@ -238,8 +238,9 @@ def known_truth(results: dict[str, MachineResult], roots: Iterable[str | Path], 
     return truth
 
 
-def evaluate_results(results: dict[str, MachineResult], truth: dict) -> dict | None:
-    """Official metrics of the machines in ``truth`` (see ``known_truth``), per split, decisions included.
+def evaluate_results(results: dict[str, MachineResult], truth: dict, task_map: MachineMap = in_process) -> dict | None:
+    """Official metrics of the machines in ``truth`` (see ``known_truth``), per split, decisions included (the
+    jackknife's leave-one-out values through ``task_map``).
 
     Test clips that were rejected have no score: they are left out of the metrics and listed
     under ``excluded_test_clips`` (the official evaluator would need them all).
@@ -250,7 +251,8 @@ def evaluate_results(results: dict[str, MachineResult], truth: dict) -> dict | N
     excluded = sorted(f"{m}/{f}" for m, t in truth.items() for f in t if f not in scored[m])
     kept = {m: {f: v for f, v in t.items() if f in scored[m]} for m, t in truth.items()}
     metrics = evaluate_scores({m: dict(zip(results[m].filenames, results[m].scores)) for m in kept}, kept,
-                              {m: dict(zip(results[m].filenames, results[m].decisions.tolist())) for m in kept})
+                              {m: dict(zip(results[m].filenames, results[m].decisions.tolist())) for m in kept},
+                              task_map)
     return {**metrics, "excluded_test_clips": excluded}
 
 
@@ -301,13 +303,14 @@ def run_detection(roots: Sequence[str | Path], config: RunConfig, embedder: Embe
                   out_dir: str | Path | None = None, machines: Iterable[str] | None = None,
                   machine_map: MachineMap = local_map, device: str = "cpu",
                   warm_up: Callable[[Sequence[ClipRecord]], None] | None = None,
-                  plot_map: MachineMap | None = None, fits: dict | None = None) -> RunReport:
+                  task_map: MachineMap = in_process, fits: dict | None = None) -> RunReport:
     """Discover a corpus, embed it with ``embedder``, detect, evaluate; write outputs when ``out_dir`` is set.
 
     ``embedder(records)`` returns what ``embed_records`` returns, in the features ``config.detector`` eats;
     the reference run embeds in this process, the Ray pipeline on a cluster, and everything else is this
-    one function. ``machine_map`` fits the per-machine detectors (an AE on ``device``), ``plot_map`` draws
-    the report's plots (both: in this process by default); ``fits`` (a dict kept across runs, ``compare``'s) lets
+    one function. ``machine_map`` fits the per-machine detectors (an AE on ``device``), ``task_map`` runs the
+    driver's own work in parallel jobs: the metrics' jackknife and the report's plots (both: in this process by
+    default); ``fits`` (a dict kept across runs, ``compare``'s) lets
     detectors that share a fit on the same features fit it once (``detect``). ``warm_up(records)``
     (the Ray run's: starting its embedding actors for the clips to embed, waiting for its warm workers) runs after
     discovery and is timed on its own (``timings["warm_up"]``), as the reference run's imports and backbone
@@ -335,7 +338,7 @@ def run_detection(roots: Sequence[str | Path], config: RunConfig, embedder: Embe
                      fits=None if fits is None else fits.setdefault(features_key(config), {}))
     t3 = time.perf_counter()
     truth = known_truth(results, roots, eval_list)
-    metrics = evaluate_results(results, truth)
+    metrics = evaluate_results(results, truth, task_map)
     flag_counts = dict(Counter(f.split(":")[0] for fl in flags for f in fl))
     report = RunReport(results=results, metrics=metrics, rejects=rejects, unused=unused, clips_in=len(records),
                        clips_embedded=len(kept), flags=flag_counts, truth=truth, unscored=unscored,
@@ -349,7 +352,7 @@ def run_detection(roots: Sequence[str | Path], config: RunConfig, embedder: Embe
                 write_preprocess(Path(out_dir) / "banks" / machine, dataclasses.asdict(config.preprocess))
         t4 = time.perf_counter()
         with stage("report", total=1, unit="run"):
-            write_outputs(report, out_dir, config, plot_map)
+            write_outputs(report, out_dir, config, task_map)
             advance()
         report.timings["report"] = time.perf_counter() - t4
         log.info("outputs and report written in %.1f s", report.timings["report"])

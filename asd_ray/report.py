@@ -13,11 +13,7 @@ import numpy as np
 from asd_ray.detectors import REGISTRY
 from asd_ray.plots import compare_overview_png, compare_roc_png, machine_png, overview_png
 from asd_ray.results import RunReport
-from asd_ray.scoring.metrics import DECISION_KEYS, SPLITS
-
-
-def _in_turn(fn: Callable, jobs: list[tuple]) -> list:
-    return [fn(*args) for args in jobs]
+from asd_ray.scoring.metrics import DECISION_KEYS, SPLITS, in_process
 
 
 def headline_line(metrics: dict) -> str:
@@ -152,7 +148,7 @@ def write_report(report: RunReport, out: Path, config,
     lines += header_lines(report, config)
     if m:
         # drawn by plot_map too: a Ray run's driver never imports matplotlib
-        overview = (plot_map or _in_turn)(overview_png, [(m, f"asd-ray run: {out.resolve().name}")])[0]
+        overview = (plot_map or in_process)(overview_png, [(m, f"asd-ray run: {out.resolve().name}")])[0]
         (out / "overview.png").write_bytes(overview)
         lines += ["![every machine: AUC source, AUC target, pAUC and h-mean](overview.png)", ""]
         for name, split in m["splits"].items():
@@ -179,7 +175,7 @@ def write_report(report: RunReport, out: Path, config,
     names = list(report.results)
     jobs = [(name, report.results[name].filenames, report.results[name].scores, report.truth.get(name, {}),
              report.results[name].threshold) for name in names]
-    for name, png in zip(names, (plot_map or _in_turn)(machine_png, jobs)):
+    for name, png in zip(names, (plot_map or in_process)(machine_png, jobs)):
         if png is not None:
             (out / f"plot_{name}.png").write_bytes(png)
             lines.append(f"![{name}](plot_{name}.png)")

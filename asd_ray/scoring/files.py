@@ -15,8 +15,8 @@ import numpy as np
 from scipy.stats import hmean
 
 from asd_ray.data.layout import LayoutError, discover, ground_truth_paths, parse_clip_name
-from asd_ray.scoring.metrics import (DECISION_KEYS, EPS, EVALUATOR_COLUMNS, MetricError, machine_metrics, split_summary,
-                                     summary)
+from asd_ray.scoring.metrics import (DECISION_KEYS, EPS, EVALUATOR_COLUMNS, MetricError, TaskMap, in_process,
+                                     machine_metrics, split_summary, summary)
 
 _RESULT_FILE = re.compile(
     r"^(?P<kind>anomaly_score|decision_result)_(?P<machine>.+)_section_(?P<section>\d{2})_test\.csv$")
@@ -168,10 +168,10 @@ def _check_names(machine: str, what: str, expected: Iterable[str], got: Iterable
 
 
 def evaluate_scores(scores: Mapping[str, Mapping[str, float]], truth: Truth,
-                    decisions: Mapping[str, Mapping[str, int]] | None = None) -> dict:
+                    decisions: Mapping[str, Mapping[str, int]] | None = None, task_map: TaskMap = in_process) -> dict:
     """Metrics (``metrics.summary``: per split, the dev split at the top) from {machine: {filename: score}}
     against ``ground_truth`` output; with ``decisions`` ({machine: {filename: 0/1}}), precision, recall and
-    F1 per domain too.
+    F1 per domain too. ``task_map`` computes the jackknife's leave-one-out values (``metrics.leave_one_out_auc``).
 
     Every machine of ``truth`` must have scores for exactly its test files, and decisions too where it has any:
     a missing machine, a missing file or an extra file is a MetricError naming it. As the official evaluator
@@ -206,7 +206,7 @@ def evaluate_scores(scores: Mapping[str, Mapping[str, float]], truth: Truth,
             [t.label for _, t in rows], [t.domain for _, t in rows], s, decided)
         pooled.setdefault(split, ([], []))[0].extend(t.label for _, t in rows)
         pooled[split][1].extend(s)
-    splits = {split: split_summary(per, *pooled[split]) for split, per in per_split.items()}
+    splits = {split: split_summary(per, *pooled[split], task_map=task_map) for split, per in per_split.items()}
     if decisions:  # a system that wrote no decision file at all is scored without them, and no more said
         for split, machines in undecided.items():
             splits[split]["machines_without_decisions"] = machines

@@ -14,7 +14,7 @@ and its jackknife 95 % half-width of the score (``EVALUATOR_COLUMNS`` maps our k
 from __future__ import annotations
 
 import sys
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import sklearn
@@ -36,6 +36,13 @@ EVALUATOR_COLUMNS = {
     "f1_source": "F1 score (source)", "f1_target": "F1 score (target)",
 }
 DECISION_KEYS = tuple(k for k in EVALUATOR_COLUMNS if k.split("_")[0] in ("precision", "recall", "f1"))
+
+TaskMap = Callable[[Callable, list[tuple]], list]  # map(fn, [args, ...]) -> [fn(*args), ...], maybe in other processes
+LOO_CHUNK = 64  # clips left out per job of the jackknife: ~0.2 s of sklearn each on 1,400 clips
+
+
+def in_process(fn: Callable, jobs: list[tuple]) -> list:
+    return [fn(*args) for args in jobs]
 
 
 def floored_hmean(values: Sequence[float]) -> float:
@@ -125,7 +132,8 @@ def jackknife(theta: float, loo: np.ndarray, confidence: float = 0.95) -> tuple[
     return estimate, float(abs(student_t.ppf((1 - confidence) / 2, n - 1)) * sigma)
 
 
-def leave_one_out_auc(labels: Sequence[int], scores: Sequence[float], max_fpr: float | None = None) -> np.ndarray:
+def leave_one_out_auc(labels: Sequence[int], scores: Sequence[float], max_fpr: float | None = None,
+                      task_map: TaskMap = in_process) -> np.ndarray:
     """Each clip's ``roc_auc_score`` of the other N - 1 clips (with ``max_fpr``: the McClish-corrected pAUC), (N,).
 
     Computed as the official evaluator computes it (sklearn on each clip left out), so that its jackknife and
@@ -133,38 +141,58 @@ def leave_one_out_auc(labels: Sequence[int], scores: Sequence[float], max_fpr: f
     sklearn's trapezoids by up to 1e-16, which the jackknife's subtraction magnifies into the printed digits.
     Clips with the same label and score leave the same multiset behind, and sklearn's curve of a multiset does
     not depend on the order of its ties (its cumulative counts are exact integers), so each such pair is
-    computed once. About 3 ms a clip on 1,400 clips on one core. Needs 2+ clips of each class."""
+    computed once. About 3 ms a clip on 1,400 clips on one core, in jobs of ``LOO_CHUNK`` clips through
+    ``task_map`` (a Ray run's: one task each, so a DCASE-sized split's 16 s spread over the cluster's CPUs; each
+    value is the same sklearn call wherever it runs). Needs 2+ clips of each class."""
+    return leave_one_out_aucs(labels, scores, (max_fpr,), task_map)[0]
+
+
+def leave_one_out_aucs(labels: Sequence[int], scores: Sequence[float], max_fprs: Sequence[float | None],
+                       task_map: TaskMap = in_process) -> list[np.ndarray]:
+    """``leave_one_out_auc`` for each of ``max_fprs`` (None: the AUC), every job through one ``task_map`` call."""
     y, s = np.asarray(labels, dtype=int), np.asarray(scores, dtype=float)
     n_pos, n_neg = int(np.sum(y == 1)), int(np.sum(y == 0))
     if min(n_pos, n_neg) < 2:
         raise MetricError(f"leave-one-out AUCs need 2+ anomalies and 2+ normals, got {n_pos} and {n_neg}")
-    kwargs = {} if max_fpr is None else {"max_fpr": max_fpr}
     _, first, pair = np.unique(np.stack([y.astype(float), s]), axis=1, return_index=True, return_inverse=True)
+    chunks = [first[i:i + LOO_CHUNK] for i in range(0, len(first), LOO_CHUNK)]
+    values = task_map(_auc_without_each, [(y, s, chunk, max_fpr) for max_fpr in max_fprs for chunk in chunks])
+    return [np.concatenate(values[j * len(chunks):(j + 1) * len(chunks)])[pair.ravel()]
+            for j in range(len(max_fprs))]
+
+
+def _auc_without_each(y: np.ndarray, s: np.ndarray, left_out: np.ndarray, max_fpr: float | None) -> np.ndarray:
+    """``roc_auc_score`` of ``y``, ``s`` without each clip of ``left_out`` in turn (a job of ``leave_one_out_aucs``)."""
+    kwargs = {} if max_fpr is None else {"max_fpr": max_fpr}
     keep = np.ones(len(y), dtype=bool)
-    values = np.empty(len(first))
-    # the inputs were checked above and every call sees a subset of them: sklearn's validation is skipped
+    values = np.empty(len(left_out))
+    # the inputs were checked by the caller and every call sees a subset of them: sklearn's validation is skipped
     with sklearn.config_context(skip_parameter_validation=True, assume_finite=True):
-        for k, i in enumerate(first):
+        for k, i in enumerate(left_out):
             keep[i] = False
             values[k] = roc_auc_score(y[keep], s[keep], **kwargs)
             keep[i] = True
-    return values[pair.ravel()]
+    return values
 
 
-def score_ci95(labels: Sequence[int], scores: Sequence[float], max_fpr: float = MAX_FPR) -> dict[str, float]:
+def score_ci95(labels: Sequence[int], scores: Sequence[float], max_fpr: float = MAX_FPR,
+               task_map: TaskMap = in_process) -> dict[str, float]:
     """The evaluator's "official score ci95": the mean of the jackknife 95 % half-widths of the AUC and of the
-    pAUC of one split's clips pooled over its machines (``auc_ci95``, ``pauc_ci95`` also returned)."""
+    pAUC of one split's clips pooled over its machines (``auc_ci95``, ``pauc_ci95`` also returned); the
+    leave-one-out values are computed through ``task_map`` (``leave_one_out_auc``)."""
     y, s = np.asarray(labels, dtype=int), np.asarray(scores, dtype=float)
-    _, auc_ci = jackknife(roc_auc_score(y, s), leave_one_out_auc(y, s))
-    _, pauc_ci = jackknife(roc_auc_score(y, s, max_fpr=max_fpr), leave_one_out_auc(y, s, max_fpr))
+    loo_auc, loo_pauc = leave_one_out_aucs(y, s, (None, max_fpr), task_map)
+    _, auc_ci = jackknife(roc_auc_score(y, s), loo_auc)
+    _, pauc_ci = jackknife(roc_auc_score(y, s, max_fpr=max_fpr), loo_pauc)
     return {"official_score_ci95": float(np.mean([auc_ci, pauc_ci])), "auc_ci95": auc_ci, "pauc_ci95": pauc_ci}
 
 
 def split_summary(per_machine: Mapping[str, Mapping[str, float]], labels: Sequence[int] | None = None,
-                  scores: Sequence[float] | None = None) -> dict:
+                  scores: Sequence[float] | None = None, task_map: TaskMap = in_process) -> dict:
     """One split's body in metrics.json: official score, arithmetic means, the evaluator's source-only and
     target-only h-means of the AUCs, per-machine values (unrounded, with their own h-mean) and, given every
-    clip's ``labels`` and ``scores`` pooled over the split's machines, the jackknife half-width."""
+    clip's ``labels`` and ``scores`` pooled over the split's machines, the jackknife half-width (its
+    leave-one-out values through ``task_map``)."""
     if not per_machine:
         raise MetricError("no machines to score")
     machines = {m: {**v, "hmean": floored_hmean([v["auc_source"], v["auc_target"], v["pauc"]])}
@@ -177,7 +205,7 @@ def split_summary(per_machine: Mapping[str, Mapping[str, float]], labels: Sequen
         "hmean_target": floored_hmean([v["auc_target"] for v in machines.values()]),
     }
     if labels is not None and scores is not None:
-        out.update(score_ci95(labels, scores))
+        out.update(score_ci95(labels, scores, task_map=task_map))
     return {**out, "machines": machines}
 
 

@@ -18,7 +18,10 @@ def _config(tmp_path, *extra):
 
 
 @pytest.mark.parametrize("detector", ["knn", "fusion", "fusion+noise"])
-def test_ray_run_equals_reference_run(ray_local, tiny_corpus, tmp_path, detector):
+def test_ray_run_equals_reference_run(ray_local, tiny_corpus, tmp_path, detector, monkeypatch):
+    from asd_ray.scoring import metrics
+
+    monkeypatch.setattr(metrics, "LOO_CHUNK", 7)  # the jackknife of the tiny splits in several jobs (Ray tasks)
     noise = ["supplemental.noise_profile=true"] if detector.endswith("+noise") else []
     config = _config(tmp_path, f"detector={detector.removesuffix('+noise')}", *noise)
     ref = reference_run([tiny_corpus], config, tmp_path / "ref")
@@ -32,6 +35,8 @@ def test_ray_run_equals_reference_run(ray_local, tiny_corpus, tmp_path, detector
         assert len(rows) == 4 * TINY["test_per_cell"] and rows[0].startswith("section_00_")
         assert len((tmp_path / "ray" / f"decision_result_{m}_section_00_test.csv").read_text().splitlines()) == len(rows)
     assert got.metrics["official_score"] == pytest.approx(ref.metrics["official_score"], rel=1e-9)
+    # the jackknife's leave-one-out AUCs computed in Ray tasks, in jobs of LOO_CHUNK clips
+    assert got.metrics["official_score_ci95"] == pytest.approx(ref.metrics["official_score_ci95"], rel=1e-9)
     assert (tmp_path / "ray" / "report.md").read_text().count("| ToyCar |") == 1
     for m in ref.results:  # drawn in Ray tasks, written by the driver
         assert (tmp_path / "ray" / f"plot_{m}.png").read_bytes() == (tmp_path / "ref" / f"plot_{m}.png").read_bytes()

@@ -2,6 +2,7 @@
 
 import csv
 import json
+from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 import pytest
@@ -14,8 +15,8 @@ from asd_ray.data.layout import LayoutError, discover
 from asd_ray.data.synth import eval_list_name
 from asd_ray.scoring.files import (ClipTruth, decision_path, evaluate_dir, evaluate_scores, ground_truth, read_eval_list, read_rows,
                                    score_path, write_evaluator_result, write_results)
-from asd_ray.scoring.metrics import (EVALUATOR_COLUMNS, MetricError, decision_metrics, jackknife, leave_one_out_auc,
-                                     machine_metrics, official_score, score_ci95)
+from asd_ray.scoring.metrics import (EVALUATOR_COLUMNS, LOO_CHUNK, MetricError, decision_metrics, jackknife,
+                                     leave_one_out_auc, leave_one_out_aucs, machine_metrics, official_score, score_ci95)
 
 # 4 source normals, 4 target normals, 2 source anomalies, 2 target anomalies
 LABELS = [0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1]
@@ -173,6 +174,28 @@ def test_leave_one_out_aucs_equal_sklearn_on_each_clip_left_out(max_fpr):
         kwargs = {} if max_fpr is None else {"max_fpr": max_fpr}
         brute = [roc_auc_score(y[keep[i]], s[keep[i]], **kwargs) for i in range(n)]
         np.testing.assert_array_equal(leave_one_out_auc(y, s, max_fpr), brute)
+
+
+def test_the_jackknife_in_jobs_run_by_other_processes_is_bit_identical():
+    """The leave-one-out values computed in jobs of LOO_CHUNK clips by other processes (a Ray run's tasks) are
+    sklearn on each clip left out, in the clips' order, ties included; the ci95 is the in-process one to the bit."""
+    rng = np.random.default_rng(5)
+    y = (rng.random(150) < 0.4).astype(int)
+    s = np.round(rng.random(150) + 0.4 * y, 2)  # ties: fewer distinct (label, score) pairs than clips
+    calls = []
+
+    def pool_map(fn, jobs):
+        calls.append(len(jobs))
+        with ProcessPoolExecutor(2) as pool:
+            return list(pool.map(fn, *zip(*jobs)))
+
+    loo_auc, loo_pauc = leave_one_out_aucs(y, s, (None, 0.1), pool_map)
+    distinct = len(set(zip(y, s)))
+    assert distinct < 150 and calls == [2 * -(-distinct // LOO_CHUNK)] and calls[0] > 2
+    keep = ~np.eye(150, dtype=bool)
+    np.testing.assert_array_equal(loo_auc, [roc_auc_score(y[keep[i]], s[keep[i]]) for i in range(150)])
+    np.testing.assert_array_equal(loo_pauc, [roc_auc_score(y[keep[i]], s[keep[i]], max_fpr=0.1) for i in range(150)])
+    assert score_ci95(y, s, task_map=pool_map) == score_ci95(y, s)
 
 
 # the official evaluator's per-machine columns (its COLUMNS), in its order
