@@ -41,6 +41,12 @@ def _edit_json(path, **changes):
     path.write_text(json.dumps({**meta, **changes}))
 
 
+def _drop_key(path, key):
+    meta = json.loads(path.read_text())
+    del meta[key]
+    path.write_text(json.dumps(meta))
+
+
 def _truncate(path):
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
@@ -75,6 +81,11 @@ CORRUPTIONS = {
     "local spreads lose a bank": ("frames", lambda d: _edit_json(d / "member_0/bank.json", spreads={"source": 1.0}),
                                   "member_0/bank.json", "'spreads' must give each domain bank of 'scales' a positive "
                                                         "number, got {'source': 1.0}"),
+    # saved with domain_pick=nearest over two domain banks: the spreads are read; without them every clip's score
+    # would be in units of 1, silently
+    "local spreads missing": ("frames", lambda d: _drop_key(d / "member_0/bank.json", "spreads"),
+                              "member_0/bank.json", "'spreads' must give each domain bank of 'scales' a positive "
+                                                    "number, got None"),
     "calibration missing": ("frames", lambda d: (d / "member_0/calibration.npz").unlink(),
                             "member_0/calibration.npz", "missing (the bank's calibration)"),
     "truncated calibration": ("frames", lambda d: _truncate(d / "member_0/calibration.npz"),

@@ -326,16 +326,11 @@ class LocalFeatureBank(Detector):
         except BankError as err:
             raise BankFolderError(d, "bank.json", str(err)) from None
         bank.n_mels = meta["n_mels"]
-        scales = meta["scales"]
-        if not scales or not all(isinstance(v, (int, float)) and np.isfinite(v) and v > 0 for v in scales.values()):
-            raise BankFolderError(d, "bank.json", f"'scales' must name the domain banks with positive numbers, got {scales}")
-        bank.scales = {g: float(s) for g, s in scales.items()}
-        spreads = meta.get("spreads", {g: 1.0 for g in scales})  # saved before spreads existed: min, not read
-        if (not isinstance(spreads, dict) or set(spreads) != set(scales)
-                or not all(isinstance(v, (int, float)) and np.isfinite(v) and v > 0 for v in spreads.values())):
-            raise BankFolderError(d, "bank.json", f"'spreads' must give each domain bank of 'scales' a positive "
-                                                  f"number, got {spreads}")
-        bank.spreads = {g: float(s) for g, s in spreads.items()}
+        bank.scales = _per_bank(d, "scales", meta["scales"])
+        if "spreads" in meta or (bank.params["domain_pick"] == "nearest" and len(bank.scales) > 1):
+            bank.spreads = _per_bank(d, "spreads", meta.get("spreads"), bank.scales)
+        else:  # saved before spreads existed (it scores by min), or one domain bank: spreads are not read
+            bank.spreads = {g: 1.0 for g in bank.scales}
         bank.banks = {g: MemoryBank.load(d / g, faiss_threads=faiss_threads) for g in bank.scales}
         cal = read_npz(d, "calibration.npz", ["mean", "std", "projection", "train_scores",
                                               *(f"owners_{g}" for g in bank.scales)])
@@ -373,3 +368,14 @@ class LocalFeatureBank(Detector):
 # bank.json fields of a local-feature bank's parameters, with the constructor's defaults (their types).
 LOCAL_DEFAULTS = {k: v.default for k, v in inspect.signature(LocalFeatureBank.__init__).parameters.items()
                   if k not in ("self", "faiss_threads")}
+
+
+def _per_bank(d: Path, key: str, values, banks: dict | None = None) -> dict[str, float]:
+    """bank.json's ``key``: a positive number per domain bank (per bank of ``banks`` when given), else a
+    ``BankFolderError`` naming the file."""
+    if (not isinstance(values, dict) or not values or (banks is not None and set(values) != set(banks))
+            or not all(isinstance(v, (int, float)) and np.isfinite(v) and v > 0 for v in values.values())):
+        what = "name the domain banks with positive numbers" if banks is None else \
+            "give each domain bank of 'scales' a positive number"
+        raise BankFolderError(d, "bank.json", f"'{key}' must {what}, got {values}")
+    return {g: float(v) for g, v in values.items()}
