@@ -27,8 +27,9 @@ DETECTORS = {
     "bands": ["detector=bands"],  # a pooled bank per group of log-mel bands (as BEAM), not yet a fusion member
     "local": ["detector=local"],
     "fusion": ["detector=fusion"],  # local + pooled + rhythm, z-normalised by their train scores, mean
-    # the default until 2026-12-03: local + pooled, max (README, "Detection quality")
-    "fusion-max": ["detector=fusion", "fusion.members=[local, pooled]", "fusion.combine=max"],
+    # the default until 2026-12-03, exactly: local + pooled, max, the local bank's earlier domain rule (README,
+    # "Detection quality")
+    "fusion-max": ["detector=fusion", "fusion.members=[local, pooled]", "fusion.combine=max", "local.domain_pick=min"],
     "fusion-mean": ["detector=fusion", "fusion.members=[local, pooled]", "fusion.combine=mean"],
     "fusion-noise": ["detector=fusion", "supplemental.noise_profile=true"],  # minus each machine's noise profile
     "ae-mse": ["detector=ae-mse"],
