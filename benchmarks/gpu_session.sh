@@ -44,7 +44,7 @@ grep -s "P5F wall" "$work/p5f.log" | tee -a "$work/summary.txt"
 part p5f2 120 "TIMEFORMAT='P5F2 wall s: %R'; time python3 -m asd_ray.cli run --data /tmp/p5 --out /tmp/p5f2 \
 --set ray.cache_dir=/tmp/p5f_cache; cp /tmp/p5f2/run.log $work/p5f2_run.log; cp /tmp/p5f2/metrics.json $work/p5f2_metrics.json"
 grep -s "P5F2 wall" "$work/p5f2.log" | tee -a "$work/summary.txt"
-# P1 for BEATs_iter3 and EAT-base (random weights in the official formats), bf16, then their actors' fresh start
+# P1 for BEATs_iter3 and EAT-base (random weights in the official formats), bf16 (P1_BACKBONES: which of them)
 part p1beats 180 "for b in ${P1_BACKBONES:-beats-iter3-random eat-base-random}; do python3 benchmarks/embed_throughput.py --clips 2048 \
 --backbone \$b --device cuda --batch-size 128 && echo \$b done; done"
 grep -sv " INFO \|WARNING" "$work/p1beats.log" | tail -40 >> "$work/summary.txt"
