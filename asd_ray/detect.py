@@ -32,7 +32,7 @@ from asd_ray.report import clip_counts, write_report
 from asd_ray.results import MachineResult, Reject, RunReport
 from asd_ray.scoring.files import (evaluate_scores, ground_truth, read_eval_list, write_evaluator_results,
                                    write_results, write_rows)
-from asd_ray.scoring.metrics import MetricError, in_process
+from asd_ray.scoring.metrics import MetricError, TaskMap, in_process
 from asd_ray.scoring.postprocess import calibrate, postprocess
 
 log = logging.getLogger(__name__)
@@ -162,7 +162,7 @@ def fit_machine(detector: Detector, train: Features, ids: list[str], domains: li
     return FittedMachine(detector, detector.score(test), detector.loo_scores())
 
 
-MachineMap = Callable[[Callable, list[tuple]], list]  # map(fn, [args, ...]) -> [fn(*args), ...]
+MachineMap = TaskMap  # map(fn, [args, ...]) -> [fn(*args), ...]: in this process, or one Ray task each
 
 
 def local_map(fn: Callable, jobs: list[tuple]) -> list:
