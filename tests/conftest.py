@@ -27,6 +27,10 @@ def pytest_configure(config):
     # its workers at the suite's priority, as asd-ray's own local Ray does: Ray's default (15 nice levels below)
     # left them about 1/30 of a CPU beside another busy process, and the suite crawled
     os.environ.setdefault("RAY_worker_niceness", "0")
+    # Ray Train's controller polls its workers every 2 s and a worker's report (each checkpoint) waits for the next
+    # poll: 9 reports of a 20-step test run waited ~12 s in all, and the run's end ~5 s more. Ray Train passes this
+    # on to every controller the suite starts; what a run computes does not depend on it.
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
 
 
 @pytest.fixture(scope="session")

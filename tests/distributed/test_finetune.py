@@ -1,57 +1,16 @@
-"""Ray Train DDP fine-tuning on 2 CPU workers: the loss falls, no collapse, a worker killed mid-run is
-survived by resuming from the last checkpoint and ends with the weights of an unbroken run, the final checkpoint
-is a backbone, and every entry of the corpus (bad clips, a directory named like a clip, a dangling link) is
-counted with its reason."""
+"""Ray Train DDP fine-tuning on 2 CPU workers: the loss falls, no collapse, the final checkpoint is a backbone,
+every entry of the corpus (bad clips, a directory named like a clip, a dangling link) is counted with its reason, and
+a checkpoint that would run code is refused. A run that loses a worker (with its node) and resumes: test_node_loss."""
 
 import json
-import os
-import signal
-import threading
-import time
-import uuid
 
 import numpy as np
-import pytest
 
 from asd_ray.config import FinetuneConfig, RunConfig, load_config
-from asd_ray.distributed.finetune import finetune
 from asd_ray.distributed.finetune_feed import rank_rows
 from asd_ray.models.backbones import load_backbone
-from node_loss import fault_run_settings, registered_checkpoints
+from node_loss import fault_run_settings
 from tiny import NOT_FILES, WritesAMarker, entries_named_like_clips
-
-
-def _train_worker_pids():
-    pids = []
-    for entry in os.scandir("/proc"):
-        try:
-            if entry.name.isdigit() and b"RayTrainWorker" in open(f"/proc/{entry.name}/cmdline", "rb").read():
-                pids.append(int(entry.name))
-        except OSError:
-            pass
-    return pids
-
-
-def _kill_a_worker_after_first_checkpoint(run_dir, killed: list, stop: threading.Event):
-    while not stop.is_set():
-        if registered_checkpoints(run_dir):  # one a restart resumes from
-            for pid in _train_worker_pids()[:1]:
-                os.kill(pid, signal.SIGKILL)
-                killed.append(pid)
-                return
-        time.sleep(0.02)
-
-
-def _weights(checkpoint) -> dict:
-    from safetensors.numpy import load_file
-
-    return load_file(str(checkpoint / "model.safetensors"))
-
-
-def _assert_same_weights(got: dict, want: dict) -> None:
-    assert sorted(got) == sorted(want)
-    for key in want:  # bit for bit: the same draws, rows and CPU kernels (one torch thread per worker) in both runs
-        np.testing.assert_array_equal(got[key], want[key], err_msg=key)
 
 
 def test_rank_rows_are_fixed_by_the_seed_and_give_each_rank_its_own_clips():
@@ -65,27 +24,14 @@ def test_rank_rows_are_fixed_by_the_seed_and_give_each_rank_its_own_clips():
     assert [r["epoch"] for r in rows[0]] == sorted(r["epoch"] for r in rows[0])  # epoch after epoch, in order
 
 
-def test_finetune_learns_survives_a_killed_worker_and_gives_a_backbone(ray_local, corpus_with_bad_clips, tiny_hubert,
-                                                                       unbroken_finetune, tmp_path):
-    name = f"ft-{uuid.uuid4().hex[:8]}"
-    config = load_config(RunConfig, None, [*fault_run_settings(tiny_hubert, tmp_path / "store", name),
-                                           "finetune.worker_cpus=0.5"])
-    killed, stop = [], threading.Event()
-    killer = threading.Thread(target=_kill_a_worker_after_first_checkpoint,
-                              args=(tmp_path / "store" / name, killed, stop), daemon=True)
-    killer.start()
-    try:
-        result = finetune([corpus_with_bad_clips], config)
-    finally:
-        stop.set()
-    assert killed, "no training worker was killed: the fault was not injected"
+def test_finetune_learns_and_gives_a_backbone_and_counts_every_entry(unbroken_finetune, corpus_with_bad_clips):
+    """The session's unbroken fault-test run (2 workers, default resources). That a run survives a worker's loss,
+    resuming from a checkpoint and ending with these weights, is shown by test_node_loss: a node removed under a
+    training worker kills that worker's process with it, and Ray Train restarts the group."""
+    result = unbroken_finetune
     steps = [s["step"] for s in result.steps]
     total = 4 * ((result.clips // 2) // 4)
-    assert steps[-1] == total and sorted(set(steps)) == list(range(1, total + 1))
-    # Rank 0's steps since its last write die with it when it is the one killed: the restart shows in start_step.
-    starts = sorted({s["start_step"] for s in result.steps})
-    # resumed from a checkpoint (every 3 steps and at the end of each epoch), not from scratch
-    assert len(starts) == 2 and starts[0] == 0 and (starts[1] % 3 == 0 or starts[1] % (total // 4) == 0)
+    assert steps == list(range(1, total + 1)) and {s["start_step"] for s in result.steps} == {0}
     losses = [s["loss"] for s in result.steps]
     assert np.mean(losses[-3:]) < 0.85 * np.mean(losses[:3])
     assert min(s["collapse_std"] for s in result.steps) > 1e-3
@@ -105,10 +51,6 @@ def test_finetune_learns_survives_a_killed_worker_and_gives_a_backbone(ray_local
     for name, reason in NOT_FILES.items():  # in the train folder and in the test folder: listed, not lost
         assert reason in unused[name]
     assert "matches no DCASE naming form" in unused["clip recorded tuesday.wav"]
-    # The same run without the fault (the session's, on other CPU shares) ends with the same weights: the resumed
-    # run drew every crop, mask and dropout the unbroken one drew, on the same rows in the same order.
-    assert [s["step"] for s in unbroken_finetune.steps] == list(range(1, total + 1))
-    _assert_same_weights(_weights(result.checkpoint), _weights(unbroken_finetune.checkpoint))
 
 
 def test_a_checkpoint_that_would_run_code_is_refused_before_ray_starts(tiny_hubert, tmp_path, monkeypatch, capsys):
