@@ -98,24 +98,24 @@ def test_embed_sends_ray_lines_to_its_run_log_and_verbose_shows_them(tiny_corpus
     assert "Started a local Ray instance" in (tmp_path / "verbose" / "run.log").read_text()
 
 
-def test_finetune_sends_ray_train_output_to_the_run_folders_log(tiny_corpus, tiny_hubert, tmp_path):
-    """Ray Train's controller and workers print from their own processes: their lines go to run.log too."""
-    done = asd_ray("finetune", "--data", tiny_corpus, "--machines", "valve", "--init", tiny_hubert, "--workers", 1,
-                   *[a for kv in ("finetune.epochs=1", "finetune.batch_size=4", "finetune.crop_seconds=1.0",
-                                  "finetune.heldout_clips=2", "finetune.worker_cpus=0.5",
-                                  f"finetune.storage_path={tmp_path / 'store'}") for a in ("--set", kv)])
+def test_finetune_sends_ray_train_output_to_the_run_folders_log(unbroken_finetune):
+    """Ray Train's controller and workers print from their own processes: their lines go to run.log too. The run is
+    the session's unbroken fine-tuning run, ``asd-ray finetune`` with 2 workers over ``corpus_with_bad_clips``."""
+    done, run_dir = unbroken_finetune.console, unbroken_finetune.run_dir
     console = done.stdout + done.stderr
-    assert "fine-tuned on 14 clips (0 rejected, 21 not used" in done.stdout
+    assert f"fine-tuned on {unbroken_finetune.clips} clips (1 rejected, " in done.stdout
+    total = len(unbroken_finetune.steps)
     # a bar of the training steps (steps/s and ETA are tqdm's) with the latest loss
-    assert re.search(r"finetune\s*: 100%.*\| 3/3 .*step.*loss [0-9.e+-]+, epoch 1", done.stderr), done.stderr[-1000:]
+    assert re.search(rf"finetune\s*: 100%.*\| {total}/{total} .*step.*loss [0-9.e+-]+, epoch 4", done.stderr), \
+        done.stderr[-1000:]
     assert_quiet(console)
     assert "TrainController" not in console and "RayTrainWorker" not in console and "core_worker" not in console
-    (run_dir,) = (tmp_path / "store").iterdir()  # named finetune-<time> by the command, before Ray started
+    assert run_dir.name.startswith("finetune-")  # named by the command, before Ray started
     assert f"{run_dir / 'run.log'}" in done.stdout
     ray_lines = (run_dir / "run.log").read_text()
     assert "Started a local Ray instance" in ray_lines and "(TrainController pid=" in ray_lines
     assert "(RayTrainWorker pid=" in ray_lines
-    assert json.loads((run_dir / "finetune.json").read_text())["counts"]["trained_on"] == 14
+    assert json.loads((run_dir / "finetune.json").read_text())["counts"]["trained_on"] == unbroken_finetune.clips
 
 
 def test_worker_output_reaches_the_console_only_when_it_reports_an_error():

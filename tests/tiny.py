@@ -3,6 +3,7 @@ bad clips that are no files, and tiny randomly initialised audio encoders of eve
 ``save_pretrained`` next to their feature extractors."""
 
 import os
+from pathlib import Path
 
 TINY = {"dev_machines": ("ToyCar", "valve"), "eval_machines": ("ToyPet",), "train_source": 12,
         "train_target": 4, "test_per_cell": 5, "supplemental": 1, "seconds": 2.0, "seed": 7}
@@ -84,3 +85,15 @@ def save_tiny_encoder(family: str, path) -> None:
     model.save_pretrained(path)
     if extractor is not None:
         extractor.save_pretrained(path)
+
+
+def fault_run_settings(init: str, store: Path, name: str | None) -> list[str]:
+    """The fine-tuning run the fault test injects its fault into (this one's node loss) and the unbroken run it is
+    compared with (the session's ``unbroken_finetune``): 2 workers over every machine's train clips of
+    ``corpus_with_bad_clips``, a checkpoint every 3 steps, all kept; ``name`` None leaves the run's name to the
+    command. Resources are not in it: each run sets its own, and the weights depend neither on them (one torch
+    thread per worker) nor on the name."""
+    return [f"finetune.init={init}", "finetune.workers=2", "finetune.epochs=4", "finetune.batch_size=4",
+            "finetune.crop_seconds=1.0", "finetune.lr=1e-3", "finetune.warmup_steps=2", "finetune.checkpoint_every=3",
+            "finetune.keep_checkpoints=100", "finetune.max_failures=2", "finetune.heldout_clips=4",
+            f"finetune.storage_path={store}", *([f"finetune.name={name}"] if name else [])]

@@ -29,18 +29,6 @@ def ray_local(ray_session):
 
 
 @pytest.fixture(scope="session")
-def unbroken_finetune(ray_session, corpus_with_bad_clips, tiny_hubert, tmp_path_factory):
-    """The fault tests' fine-tuning run (``node_loss.fault_run_settings``) without a fault, with the default resources
-    (on the session's 2 CPUs): what a run that lost a worker or a node must end with, checkpoint for checkpoint."""
-    from asd_ray.config import RunConfig, load_config
-    from asd_ray.distributed.finetune import finetune
-    from node_loss import fault_run_settings
-
-    store = tmp_path_factory.mktemp("unbroken-finetune")
-    return finetune([corpus_with_bad_clips], load_config(RunConfig, None, fault_run_settings(tiny_hubert, store, "unbroken")))
-
-
-@pytest.fixture(scope="session")
 def two_channel_corpus(tiny_corpus, tmp_path_factory):
     """The tiny corpus' valve as DCASE 2026 records it: every clip two channels, the clip at the near microphone and
     a far one that hears it faintly beside noise of its own (the other machines' folders left out)."""

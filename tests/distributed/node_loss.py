@@ -11,7 +11,7 @@ removed at a fixed point of it:
   tasks on the workers go on elsewhere; the fitting tasks that follow find one node);
 - ``fleet``: ``score_streams`` of every test clip through the bank and embedding actors, once its first request
   was answered (the actors on that node restart on the other one and their calls are retried).
-- ``finetune``: the fault tests' fine-tuning run (``fault_run_settings``; workers of 0.6 CPU, so that each worker node
+- ``finetune``: the fault test's fine-tuning run (``tiny.fault_run_settings``; workers of 0.6 CPU, so that each worker node
   holds one, beside feed tasks of 0.4) with the node of a training worker removed once Ray Train has registered the
   first checkpoint; a node of 1 CPU joins in its place (what a cluster's autoscaler does), since the one node left
   cannot hold both workers. Ray Train restarts the group from the last checkpoint.
@@ -68,23 +68,16 @@ def checkpoints(folder: Path) -> dict[int, dict]:
             for d in sorted(folder.glob("checkpoint_*")) if d.is_dir()}
 
 
-def fault_run_settings(init: str, store: Path, name: str) -> list[str]:
-    """The fine-tuning run the fault tests inject their faults into (this one's node loss, test_finetune's killed
-    worker) and the unbroken run they are compared with (the session's ``unbroken_finetune``): 2 workers over
-    every machine's train clips of ``corpus_with_bad_clips``, a checkpoint every 3 steps, all kept. Resources are
-    not in it: each test sets its own, and the weights do not depend on them (one torch thread per worker)."""
-    return [f"finetune.init={init}", "finetune.workers=2", "finetune.epochs=4", "finetune.batch_size=4",
-            "finetune.crop_seconds=1.0", "finetune.lr=1e-3", "finetune.warmup_steps=2", "finetune.checkpoint_every=3",
-            "finetune.keep_checkpoints=100", "finetune.max_failures=2", "finetune.heldout_clips=4",
-            f"finetune.storage_path={store}", f"finetune.name={name}"]
-
-
 def _finetune_faulted(corpus: str, out_dir: Path, init: str, cluster, workers: dict, remove) -> dict:
     import threading
     import time
 
     from asd_ray.config import RunConfig, load_config
     from asd_ray.distributed.finetune import finetune
+
+    if str(Path(__file__).resolve().parents[1]) not in sys.path:  # run as a script: tests/ (tiny) is not on its path
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from tiny import fault_run_settings
 
     # workers of 0.6 CPU, so that each worker node of 1 CPU holds one, beside feed tasks of 0.4
     config = load_config(RunConfig, None, [*fault_run_settings(init, out_dir / "store", "faulted"),

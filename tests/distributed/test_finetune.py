@@ -9,8 +9,7 @@ import numpy as np
 from asd_ray.config import FinetuneConfig, RunConfig, load_config
 from asd_ray.distributed.finetune_feed import rank_rows
 from asd_ray.models.backbones import load_backbone
-from node_loss import fault_run_settings
-from tiny import NOT_FILES, WritesAMarker, entries_named_like_clips
+from tiny import NOT_FILES, WritesAMarker, entries_named_like_clips, fault_run_settings
 
 
 def test_rank_rows_are_fixed_by_the_seed_and_give_each_rank_its_own_clips():
@@ -25,7 +24,7 @@ def test_rank_rows_are_fixed_by_the_seed_and_give_each_rank_its_own_clips():
 
 
 def test_finetune_learns_and_gives_a_backbone_and_counts_every_entry(unbroken_finetune, corpus_with_bad_clips):
-    """The session's unbroken fault-test run (2 workers, default resources). That a run survives a worker's loss,
+    """The unbroken fault-test run (``asd-ray finetune``, 2 workers, default resources). That a run survives a worker's loss,
     resuming from a checkpoint and ending with these weights, is shown by test_node_loss: a node removed under a
     training worker kills that worker's process with it, and Ray Train restarts the group."""
     result = unbroken_finetune
@@ -78,10 +77,9 @@ def test_a_checkpoint_that_would_run_code_is_refused_before_ray_starts(tiny_hube
     assert not marker.exists()
 
 
-def test_finetune_with_its_default_resources_runs_on_2_cpus(ray_local, tiny_hubert, unbroken_finetune, tmp_path):
-    """With its old default of 1 CPU per worker, the 2 workers held both CPUs and the feed waited: the session's
-    unbroken run (no resource setting) ran on the session's 2 CPUs."""
-    assert ray_local.cluster_resources()["CPU"] == 2
+def test_finetune_with_its_default_resources_runs_on_2_cpus(tiny_hubert, unbroken_finetune, tmp_path):
+    """With its old default of 1 CPU per worker, the 2 workers held both CPUs and the feed waited: the unbroken
+    run (no resource setting, ``ray.num_cpus=2``) ran on its Ray's 2 CPUs."""
     config = load_config(RunConfig, None, fault_run_settings(tiny_hubert, tmp_path, "x"))
     assert (config.finetune.workers, config.finetune.worker_cpus, config.finetune.feed_cpus) == (
         2, FinetuneConfig().worker_cpus, FinetuneConfig().feed_cpus)  # the defaults
