@@ -28,7 +28,8 @@ import yaml
 from asd_ray.config import ConfigError, RunConfig, from_dict, save_config, to_dict, with_overrides
 from asd_ray.data.layout import discover
 from asd_ray.detect import check_batch_post, plan_records, run_detection
-from asd_ray.distributed.run import check_resources, embed_table, embedder_for
+from asd_ray.detectors import detector_features, features_key, uses_noise
+from asd_ray.distributed.run import check_resources, embed_table, embedder_for, frames_table
 from asd_ray.distributed.session import ensure_ray
 from asd_ray.scoring.metrics import MetricError
 
@@ -98,9 +99,14 @@ def load_space(path: str | Path) -> SweepSpace:
 
 
 def embedding_variants(space: SweepSpace, config: RunConfig) -> list[RunConfig]:
-    """One config per distinct embedding choice of the grid (what the driver embeds up front)."""
-    keys = [k for k in space.grid if k.startswith(EMBEDDING_SECTIONS)]
-    return [with_overrides(config, dict(zip(keys, combo))) for combo in itertools.product(*(space.grid[k] for k in keys))]
+    """One config per distinct feature table the grid's trials read (``features_key``: the clip embeddings of a
+    backbone and layer, or the log-mel frames of a frame detector), what the driver computes up front, once each.
+    A sampled setting that changes the features leaves them to its trial."""
+    variants: dict = {}
+    for combo in itertools.product(*space.grid.values()):
+        variant = with_overrides(config, dict(zip(space.grid, combo)))
+        variants.setdefault(features_key(variant), variant)
+    return list(variants.values())
 
 
 def _param_space(space: SweepSpace) -> dict:
@@ -131,12 +137,12 @@ def _metrics_row(metrics: dict | None) -> dict:
 
 def trial(params: dict, *, roots: Sequence[str], base: dict, machines: list[str] | None) -> dict:
     """One trial: the main job's detection with the trial's config (fine-tuning first if the space asks)."""
-    from asd_ray.distributed.finetune import finetune
-
     config = with_overrides(from_dict(RunConfig, base), params)
     extra = {}
     if any(k.startswith("finetune.") for k in params):
         from ray import tune
+
+        from asd_ray.distributed.finetune import finetune  # torch: only a fine-tuning trial's process needs it
 
         name = f"{config.finetune.name or 'sweep'}-{tune.get_context().get_trial_id()}"
         config = with_overrides(config, {"finetune.name": name})
@@ -245,12 +251,14 @@ def sweep(roots: Sequence[str | Path], space: SweepSpace, config: RunConfig, out
     log.info("sweep plan: %s", plan.describe())
     base = with_overrides(asked, plan.overrides)
     embedded, cached = [], []
-    if not space.finetunes:
-        used, _ = plan_records(discover(roots, machines, normals_only_roots=base.normals_only_roots))
+    if not space.finetunes:  # each trial reads its features back from the cache (trials side by side computed
+        # the same frames at once, and a frame detector's trials read none of the clip embeddings made for them)
+        records = discover(roots, machines, normals_only_roots=base.normals_only_roots)
         for variant in embedding_variants(space, base):
-            check_resources(variant, strict=started, clip=True)
+            used, _ = plan_records(records, noise=uses_noise(variant))
+            check_resources(variant, strict=started)
             with stage("embed", total=len(used)):
-                table = embed_table(used, variant)
+                table = (embed_table if detector_features(variant) == "clip" else frames_table)(used, variant)
             (cached if table.from_cache else embedded).append(str(table.path))
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)

@@ -1,5 +1,6 @@
 """Ray Tune sweep on a local Ray: 4 trials over k and distance embed once, and the best trial's metrics
-equal those of the main job run with the best config."""
+equal those of the main job run with the best config; every space in configs/ completes on 2 CPUs, its trials'
+features (clip embeddings, or a frame detector's log-mel frames) made once, up front."""
 
 import dataclasses
 import uuid
@@ -7,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from asd_ray.config import ConfigError, RunConfig, load_config
+from asd_ray.config import ConfigError, RunConfig, load_config, with_overrides
 from asd_ray.distributed.run import ray_run
 from asd_ray.distributed.sweep import (EMBEDDING_SECTIONS, SweepSpace, embedding_variants, load_space, sweep,
                                       trial_count)
@@ -127,6 +128,11 @@ def test_every_sweep_space_in_configs_completes_on_2_cpus(ray_local, tiny_corpus
     if "embed.backbone" in space.grid:  # each (backbone, layer) embedded once, up front, and each one scored
         assert len(result.embedded) == 2 and not result.cached
         assert {r["param:embed.backbone"] for r in result.table} == set(space.grid["embed.backbone"])
+    if not space.finetunes:  # the features the trials read (a frame detector's frames too), made once, up front:
+        # no trial made its own (two frame-detector trials side by side each made the frames, beside clip
+        # embeddings made up front for nobody)
+        assert len(result.embedded) == len(embedding_variants(space, with_overrides(config, space.base))) >= 1
+        assert len([d for d in (tmp_path / "cache").iterdir() if d.is_dir()]) == len(result.embedded)
     assert all(0 <= r["official_score"] <= 1 for r in result.table), [r.get("error") for r in result.table]
     # the trials' resource settings (the plan's) are not the best config's: it keeps what was asked
     best = load_config(RunConfig, result.best_config_path)
