@@ -106,7 +106,7 @@ def test_finetune_sends_ray_train_output_to_the_run_folders_log(unbroken_finetun
     assert f"fine-tuned on {unbroken_finetune.clips} clips (1 rejected, " in done.stdout
     total = len(unbroken_finetune.steps)
     # a bar of the training steps (steps/s and ETA are tqdm's) with the latest loss
-    assert re.search(rf"finetune\s*: 100%.*\| {total}/{total} .*step.*loss [0-9.e+-]+, epoch 4", done.stderr), \
+    assert re.search(rf"finetune\s*: 100%.*\| {total}/{total} .*step.*loss [0-9.e+-]+, epoch 2", done.stderr), \
         done.stderr[-1000:]
     assert_quiet(console)
     assert "TrainController" not in console and "RayTrainWorker" not in console and "core_worker" not in console

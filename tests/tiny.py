@@ -93,7 +93,7 @@ def fault_run_settings(init: str, store: Path, name: str | None) -> list[str]:
     ``corpus_with_bad_clips``, a checkpoint every 3 steps, all kept; ``name`` None leaves the run's name to the
     command. Resources are not in it: each run sets its own, and the weights depend neither on them (one torch
     thread per worker) nor on the name."""
-    return [f"finetune.init={init}", "finetune.workers=2", "finetune.epochs=4", "finetune.batch_size=4",
+    return [f"finetune.init={init}", "finetune.workers=2", "finetune.epochs=2", "finetune.batch_size=4",
             "finetune.crop_seconds=1.0", "finetune.lr=1e-3", "finetune.warmup_steps=2", "finetune.checkpoint_every=3",
             "finetune.keep_checkpoints=100", "finetune.max_failures=2", "finetune.heldout_clips=4",
             f"finetune.storage_path={store}", *([f"finetune.name={name}"] if name else [])]
