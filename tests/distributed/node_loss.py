@@ -11,9 +11,9 @@ removed at a fixed point of it:
   tasks on the workers go on elsewhere; the fitting tasks that follow find one node);
 - ``fleet``: ``score_streams`` of every test clip through the bank and embedding actors, once its first request
   was answered (the actors on that node restart on the other one and their calls are retried).
-- ``finetune``: the fault test's fine-tuning run (``tiny.fault_run_settings``; workers of 0.6 CPU, so that each worker node
-  holds one, beside feed tasks of 0.4) with the node of a training worker removed once Ray Train has registered the
-  first checkpoint; a node of 1 CPU joins in its place (what a cluster's autoscaler does), since the one node left
+- ``finetune``: the fault test's fine-tuning run (``tiny.fault_run_settings``; workers of 0.6 CPU, so that each worker
+  node holds one, beside feed tasks of 0.4) with the node of a training worker removed once Ray Train has registered
+  the first checkpoint; a node of 1 CPU joins in its place (what a cluster's autoscaler does), since the one node left
   cannot hold both workers. Ray Train restarts the group from the last checkpoint.
 Writes ``<out dir>/result.json``: {"removed": node id, "scores": {machine: {file: raw score}}, "errors": [...],
 "requests": n}; for ``finetune``: {"removed", "run_dir", "final": the last checkpoint's folder name, "steps": rank 0's

@@ -24,9 +24,9 @@ def test_rank_rows_are_fixed_by_the_seed_and_give_each_rank_its_own_clips():
 
 
 def test_finetune_learns_and_gives_a_backbone_and_counts_every_entry(unbroken_finetune, corpus_with_bad_clips):
-    """The unbroken fault-test run (``asd-ray finetune``, 2 workers, default resources). That a run survives a worker's loss,
-    resuming from a checkpoint and ending with these weights, is shown by test_node_loss: a node removed under a
-    training worker kills that worker's process with it, and Ray Train restarts the group."""
+    """The unbroken fault-test run (``asd-ray finetune``, 2 workers, default resources). That a run survives a
+    worker's loss, resuming from a checkpoint and ending with these weights, is shown by test_node_loss: a node
+    removed under a training worker kills that worker's process with it, and Ray Train restarts the group."""
     result = unbroken_finetune
     steps = [s["step"] for s in result.steps]
     total = 2 * ((result.clips // 2) // 4)  # 2 epochs of 2 workers x batches of 4
