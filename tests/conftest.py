@@ -41,20 +41,15 @@ def unbroken_finetune(corpus_with_bad_clips, tiny_hubert, tmp_path_factory):
     whose console and run.log test_console reads. -> (checkpoint, run_dir, steps, clips, console: the finished
     process, its stdout and stderr)."""
     import json
-    import subprocess
-    import sys
     from types import SimpleNamespace
 
     from asd_ray.distributed.finetune import read_steps
-    from tiny import fault_run_settings
+    from tiny import asd_ray, fault_run_settings
 
     store = tmp_path_factory.mktemp("unbroken-finetune")
     settings = [*fault_run_settings(tiny_hubert, store, None), "ray.num_cpus=2"]
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "RAY_ADDRESS": "local"}
-    done = subprocess.run([sys.executable, "-m", "asd_ray.cli", "finetune", "--data", str(corpus_with_bad_clips),
-                           *[a for kv in settings for a in ("--set", kv)]], env=env, capture_output=True, text=True,
-                          timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
+    done = asd_ray("finetune", "--data", corpus_with_bad_clips, *[a for kv in settings for a in ("--set", kv)],
+                   timeout=600)
     (run_dir,) = store.iterdir()  # named finetune-<time> by the command
     summary = json.loads((run_dir / "finetune.json").read_text())
     return SimpleNamespace(checkpoint=Path(summary["checkpoint"]), run_dir=run_dir, clips=summary["clips"],

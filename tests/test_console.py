@@ -2,22 +2,14 @@
 of its worker processes) in run.log only, errors on the console; -v shows everything."""
 
 import json
-import os
 import re
 import subprocess
 import sys
 
 from asd_ray.distributed.session import worker_output_is_error
+from tiny import asd_ray, command_env
 
-# RAY_ADDRESS=local: a Ray of its own, whatever else runs on this machine
-ENV = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "RAY_ADDRESS": "local"}
-
-
-def asd_ray(*args, python: tuple[str, ...] = ()):
-    done = subprocess.run([sys.executable, *python, "-m", "asd_ray.cli", *map(str, args)], env=ENV,
-                          capture_output=True, text=True, timeout=400)
-    assert done.returncode == 0, done.stderr[-2000:]
-    return done
+ENV = command_env()  # RAY_ADDRESS=local: a Ray of its own, whatever else runs on this machine
 
 
 def imported(done: subprocess.CompletedProcess) -> tuple[set[str], str]:

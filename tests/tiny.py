@@ -3,6 +3,8 @@ bad clips that are no files, and tiny randomly initialised audio encoders of eve
 ``save_pretrained`` next to their feature extractors."""
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 TINY = {"dev_machines": ("ToyCar", "valve"), "eval_machines": ("ToyPet",), "train_source": 12,
@@ -88,8 +90,8 @@ def save_tiny_encoder(family: str, path) -> None:
 
 
 def fault_run_settings(init: str, store: Path, name: str | None) -> list[str]:
-    """The fine-tuning run the fault test injects its fault into (this one's node loss) and the unbroken run it is
-    compared with (the session's ``unbroken_finetune``): 2 workers over every machine's train clips of
+    """The fine-tuning run the fault test injects its fault into (test_node_loss's node loss) and the unbroken run it
+    is compared with (the session's ``unbroken_finetune``): 2 workers over every machine's train clips of
     ``corpus_with_bad_clips``, a checkpoint every 3 steps, all kept; ``name`` None leaves the run's name to the
     command. Resources are not in it: each run sets its own, and the weights depend neither on them (one torch
     thread per worker) nor on the name."""
@@ -97,3 +99,18 @@ def fault_run_settings(init: str, store: Path, name: str | None) -> list[str]:
             "finetune.crop_seconds=1.0", "finetune.lr=1e-3", "finetune.warmup_steps=2", "finetune.checkpoint_every=3",
             "finetune.keep_checkpoints=100", "finetune.max_failures=2", "finetune.heldout_clips=4",
             f"finetune.storage_path={store}", *([f"finetune.name={name}"] if name else [])]
+
+
+def command_env() -> dict[str, str]:
+    """The environment of an ``asd-ray`` command a test starts: this process's (as conftest set it up) with a Ray of
+    the command's own (``RAY_ADDRESS=local``, whatever else runs on this machine), throwaway, without token auth."""
+    return {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "RAY_ADDRESS": "local"}
+
+
+def asd_ray(*args, timeout: float = 400) -> subprocess.CompletedProcess:
+    """``asd-ray args`` in a process of its own (``command_env``), run by this interpreter; fails unless it exits 0.
+    -> the finished process, its stdout and stderr."""
+    done = subprocess.run([sys.executable, "-m", "asd_ray.cli", *map(str, args)], env=command_env(),
+                          capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done

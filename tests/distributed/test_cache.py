@@ -10,6 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from asd_ray.distributed.cache import verify_rows
+from tiny import command_env
 
 # Both `asd-ray run`s meet twice: after each has looked for the cache and begun to embed, and after each has
 # embedded every clip, before either publishes. So their writes overlap on any machine, however loaded, and the
@@ -46,10 +47,6 @@ sys.exit(main(sys.argv[2:]))
 """
 
 
-def _env():
-    return {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "RAY_ADDRESS": "local"}
-
-
 def _run_args(corpus, out, cache):
     return ["run", "--data", str(corpus), "--out", str(out), "--machines", "valve", "--detector", "knn",
             "--set", f"ray.cache_dir={cache}"]
@@ -69,7 +66,7 @@ def test_two_runs_started_together_on_one_cache_folder_both_score_as_a_clean_run
     cache = tmp_path / "cache"
     runs = [subprocess.Popen([sys.executable, "-c", RACE, str(meet),
                               *_run_args(tiny_corpus, tmp_path / f"run{i}", cache)],
-                             env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in (0, 1)]
+                             env=command_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in (0, 1)]
     done = [run.communicate(timeout=500) for run in runs]
     for run, (_, err) in zip(runs, done):
         assert run.returncode == 0, err[-3000:]
