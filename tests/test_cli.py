@@ -13,6 +13,7 @@ import pytest
 from asd_ray.cli import build_parser, main
 from asd_ray.cli_args import DETECTORS, detector_names
 from asd_ray.errors import BackboneError
+from tiny import command_env
 from asd_ray.models.hub import check_available
 
 CHECKOUT = Path(__file__).resolve().parents[1]
@@ -81,7 +82,7 @@ def test_a_backbone_that_cannot_be_opened_here_is_one_line(tmp_path):
 def test_an_offline_hub_id_fails_in_one_line_before_ray_starts(tiny_corpus, tmp_path):
     """HF_HUB_OFFLINE=1 and an empty hub cache: the hub is never asked; the run stops before Ray starts (the
     embedding actors used to print about 100 lines of traceback)."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "RAY_ADDRESS": "local"}
+    env = {**command_env(), "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
     done = subprocess.run([sys.executable, "-m", "asd_ray.cli", "run", "--data", str(tiny_corpus), "--machines",
                            "valve", "--detector", "knn", "--backbone", "facebook/hubert-base-ls960",
                            "--out", str(tmp_path / "run")], env=env, capture_output=True, text=True, timeout=120)

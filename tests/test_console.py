@@ -9,7 +9,7 @@ import sys
 from asd_ray.distributed.session import worker_output_is_error
 from tiny import asd_ray, command_env
 
-ENV = command_env()  # RAY_ADDRESS=local: a Ray of its own, whatever else runs on this machine
+ENV = command_env()  # a Ray of its own, as a user's command starts it
 
 
 def imported(done: subprocess.CompletedProcess) -> tuple[set[str], str]:

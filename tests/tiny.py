@@ -102,9 +102,13 @@ def fault_run_settings(init: str, store: Path, name: str | None) -> list[str]:
 
 
 def command_env() -> dict[str, str]:
-    """The environment of an ``asd-ray`` command a test starts: this process's (as conftest set it up) with a Ray of
-    the command's own (``RAY_ADDRESS=local``, whatever else runs on this machine), throwaway, without token auth."""
-    return {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "RAY_ADDRESS": "local"}
+    """The environment of an ``asd-ray`` command a test starts: this process's (as conftest set it up), throwaway,
+    without token auth, and without ``RAY_ADDRESS``: the command starts a Ray of its own as a user's does
+    (``ensure_ray``: its CPUs, no dashboard, resource plans refused before anything starts), whatever else runs on
+    this machine. ``RAY_ADDRESS=local`` took the path of a command joining a cluster instead."""
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
+    return env
 
 
 def asd_ray(*args, timeout: float = 400) -> subprocess.CompletedProcess:
