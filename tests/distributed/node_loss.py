@@ -1,24 +1,27 @@
 """Losing a worker node of a multi-node Ray on one machine (``ray.cluster_utils.Cluster``), run by
 test_node_loss.py in a process of its own: the test session's own Ray is never touched.
 
-    python tests/distributed/node_loss.py run <corpus root> <out dir>
-    python tests/distributed/node_loss.py fleet <corpus root> <out dir> <banks folder>
-    python tests/distributed/node_loss.py finetune <corpus root> <out dir> <init checkpoint>
+    python tests/distributed/node_loss.py OUT [--run CORPUS] [--fleet CORPUS BANKS] [--finetune CORPUS INIT]
 
-A head without CPUs (the driver's node) and two worker nodes of 1 CPU each; the worker node holding the work is
-removed at a fixed point of it:
+One cluster for the scenarios asked for, one after the other, as a cluster serves job after job: a head without
+CPUs (the driver's node) and two worker nodes of 1 CPU each. In each scenario the worker node holding the work is
+removed at a fixed point of it; a node of 1 CPU then joins in its place (what a cluster's autoscaler does), so that
+each scenario starts on the same three nodes:
 - ``run``: ``ray_run`` of the local-feature detector, once its first batch of log-mel matrices came back (Ray Data
   tasks on the workers go on elsewhere; the fitting tasks that follow find one node);
 - ``fleet``: ``score_streams`` of every test clip through the bank and embedding actors, once its first request
   was answered (the actors on that node restart on the other one and their calls are retried).
 - ``finetune``: the fault test's fine-tuning run (``tiny.fault_run_settings``; workers of 0.6 CPU, so that each worker
   node holds one, beside feed tasks of 0.4) with the node of a training worker removed once Ray Train has registered
-  the first checkpoint; a node of 1 CPU joins in its place (what a cluster's autoscaler does), since the one node left
-  cannot hold both workers. Ray Train restarts the group from the last checkpoint.
-Writes ``<out dir>/result.json``: {"removed": node id, "scores": {machine: {file: raw score}}, "errors": [...],
-"requests": n}; for ``finetune``: {"removed", "run_dir", "final": the last checkpoint's folder name, "steps": rank 0's
-step numbers, "start_steps": the steps its workers (re)started from}. The run without the fault is the reference run
-(no Ray) for ``run`` and ``fleet``, the test session's unbroken run (``unbroken_finetune``) for ``finetune``.
+  the first checkpoint; the replacement joins during the run, since the one node left cannot hold both workers.
+  Ray Train restarts the group from the last checkpoint.
+Writes ``OUT/<scenario>/result.json``: {"removed": node id, "alive_nodes": live nodes at the scenario's end, before
+a replacement joins, "scores": {machine: {file: raw score}}, "errors": [...], "requests": n}; for ``finetune``:
+{"removed", "alive_nodes", "run_dir", "final": the last checkpoint's folder name, "steps": rank 0's step numbers,
+"start_steps": the steps its workers (re)started from}; a scenario that raised: {"error": its traceback}, and the
+next one runs. Starting the cluster once saves two cluster starts (~25 s each here) of three separate processes.
+The run without the fault is the reference run (no Ray) for ``run`` and ``fleet``, the test session's unbroken run
+(``unbroken_finetune``) for ``finetune``.
 """
 
 from __future__ import annotations
@@ -135,7 +138,55 @@ def _start_cluster(Cluster, attempts: int = 3):
                 cluster.shutdown()
 
 
-def main(mode: str, corpus: str, out: str, *extra: str) -> None:
+def _run_scenario(corpus: str, config, out_dir: Path, remove) -> dict:
+    import asd_ray.distributed.embed as embed
+    import asd_ray.distributed.run as run
+
+    advance = embed.advance
+
+    def advance_then_fail(n: int = 1) -> None:  # the first batch of log-mel matrices is back: lose its node
+        advance(n)
+        remove(None)
+
+    embed.advance = advance_then_fail
+    try:
+        report = run.ray_run([corpus], config, out_dir / "ray")
+    finally:
+        embed.advance = advance
+    return {"scores": {m: dict(zip(r.filenames, map(float, r.raw_scores))) for m, r in report.results.items()},
+            "decisions": {m: r.decisions.tolist() for m, r in report.results.items()}}
+
+
+def _fleet_scenario(corpus: str, banks: str, config, out_dir: Path, remove) -> dict:
+    from asd_ray.distributed import fleet, streams
+
+    finish = fleet.Router._finish
+
+    def finish_then_fail(self, pending, *args, **kwargs):  # one request answered: lose a node with actors
+        finish(self, pending, *args, **kwargs)
+        remove(("StreamEmbedder", "BankActor"))
+
+    fleet.Router._finish = finish_then_fail
+    try:
+        results = streams.score_streams(banks, config, out_dir / "fleet", roots=[corpus])
+    finally:
+        fleet.Router._finish = finish
+    scores: dict = {}
+    for r in results:
+        scores.setdefault(r.machine, {})[r.path.rsplit("/", 1)[1]] = r.raw_score
+    return {"requests": len(results), "errors": [r.error for r in results if r.error], "scores": scores}
+
+
+def main(argv: list[str]) -> None:
+    import argparse
+    import traceback
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("out")
+    parser.add_argument("--run", metavar="CORPUS")
+    parser.add_argument("--fleet", nargs=2, metavar=("CORPUS", "BANKS"))
+    parser.add_argument("--finetune", nargs=2, metavar=("CORPUS", "INIT"))
+    args = parser.parse_args(argv)
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     import ray
@@ -143,67 +194,50 @@ def main(mode: str, corpus: str, out: str, *extra: str) -> None:
 
     from asd_ray.config import RunConfig, load_config
 
-    out_dir = Path(out)
-    config = load_config(RunConfig, None, [f"fleet.namespace=t-{uuid.uuid4().hex[:8]}", "detector=local",
-                                           "local.bank_size=300", f"ray.cache_dir={out_dir / 'cache'}"])
     cluster, workers = _start_cluster(Cluster)
     ray.init(address=cluster.address, log_to_driver=False)
     cluster.wait_for_nodes()
     print("cluster up:", len(workers), "worker nodes", flush=True)
-    removed: list[str] = []
+    for mode in ("run", "fleet", "finetune"):
+        if getattr(args, mode) is None:
+            continue
+        out_dir = Path(args.out) / mode
+        out_dir.mkdir(parents=True, exist_ok=True)
+        config = load_config(RunConfig, None, [f"fleet.namespace=t-{uuid.uuid4().hex[:8]}", "detector=local",
+                                               "local.bank_size=300", f"ray.cache_dir={out_dir / 'cache'}"])
+        removed: list[str] = []
 
-    def remove(names: tuple[str, ...] | None) -> None:
-        if removed:
-            return
-        victim = _worker_node_of(workers, names) if names else None
-        victim = victim or next(iter(workers))  # tasks run on both worker nodes (the head has no CPU)
-        print("removing worker node", victim, flush=True)
-        cluster.remove_node(workers[victim], allow_graceful=False)
-        removed.append(victim)
-        print("removed", flush=True)
+        def remove(names: tuple[str, ...] | None) -> None:
+            if removed:
+                return
+            victim = _worker_node_of(workers, names) if names else None
+            victim = victim or next(iter(workers))  # tasks run on both worker nodes (the head has no CPU)
+            print(mode, ": removing worker node", victim, flush=True)
+            cluster.remove_node(workers.pop(victim), allow_graceful=False)
+            removed.append(victim)
+            print("removed", flush=True)
 
-    result: dict = {"errors": []}
-    if mode == "run":
-        import asd_ray.distributed.embed as embed
-        import asd_ray.distributed.run as run
-
-        advance = embed.advance
-
-        def advance_then_fail(n: int = 1) -> None:  # the first batch of log-mel matrices is back: lose its node
-            advance(n)
-            remove(None)
-
-        embed.advance = advance_then_fail
-        report = run.ray_run([corpus], config, out_dir / "ray")
-        result["scores"] = {m: dict(zip(r.filenames, map(float, r.raw_scores))) for m, r in report.results.items()}
-        result["decisions"] = {m: r.decisions.tolist() for m, r in report.results.items()}
-    elif mode == "fleet":
-        from asd_ray.distributed import fleet, streams
-
-        finish = fleet.Router._finish
-
-        def finish_then_fail(self, pending, *args, **kwargs):  # one request answered: lose a node with actors
-            finish(self, pending, *args, **kwargs)
-            remove(("StreamEmbedder", "BankActor"))
-
-        fleet.Router._finish = finish_then_fail
-        results = streams.score_streams(extra[0], config, out_dir / "fleet", roots=[corpus])
-        result["requests"] = len(results)
-        result["errors"] = [r.error for r in results if r.error]
-        scores: dict = {}
-        for r in results:
-            scores.setdefault(r.machine, {})[r.path.rsplit("/", 1)[1]] = r.raw_score
-        result["scores"] = scores
-    elif mode == "finetune":
-        result.update(_finetune_faulted(corpus, out_dir, extra[0], cluster, workers, remove))
-    else:
-        raise SystemExit(f"mode {mode!r}: run, fleet or finetune")
-    result["removed"] = removed[0] if removed else None
-    result["alive_nodes"] = sum(1 for n in ray.nodes() if n["Alive"])
-    (out_dir / "result.json").write_text(json.dumps(result))
+        print("scenario", mode, flush=True)
+        try:
+            if mode == "run":
+                result = _run_scenario(args.run, config, out_dir, remove)
+            elif mode == "fleet":
+                result = _fleet_scenario(*args.fleet, config, out_dir, remove)
+            else:
+                result = _finetune_faulted(args.finetune[0], out_dir, args.finetune[1], cluster, workers, remove)
+            result["removed"] = removed[0] if removed else None
+            result["alive_nodes"] = sum(1 for n in ray.nodes() if n["Alive"])
+        except Exception:  # noqa: BLE001 - this scenario's test reports it; the next scenario runs
+            result = {"error": traceback.format_exc()}
+            print(result["error"], flush=True)
+        (out_dir / "result.json").write_text(json.dumps(result))
+        while len(workers) < 2:  # the autoscaler's replacement: the next scenario starts on three nodes again
+            node = cluster.add_node(num_cpus=1, object_store_memory=128 * 2**20)
+            workers[node.node_id] = node
+            print("replacement node added", node.node_id, flush=True)
     ray.shutdown()
     cluster.shutdown()
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:])
+    main(sys.argv[1:])

@@ -1,6 +1,7 @@
 """Losing a worker node (SPEC §8, issue 22 item 9): a run, a fleet and a fine-tuning run on a multi-node Ray on one
-machine end as they would without the fault. Each runs ``node_loss.py`` in a process of its own (its own Ray cluster), so the
-session's Ray and the tests after these never see it."""
+machine end as they would without the fault. ``node_loss.py`` runs the three scenarios one after the other on one
+cluster (a replacement node joins after each loss, as an autoscaler's does) in a process of its own, so the session's
+Ray and the tests after these never see it; each test reads its scenario's result."""
 
 import json
 import os
@@ -27,22 +28,33 @@ def reference(tiny_corpus, tmp_path_factory):
     return reference_run([tiny_corpus], config, folder), folder
 
 
-def _with_a_node_lost(mode: str, corpus, out: Path, *extra: str) -> dict:
-    """``node_loss.py mode corpus out *extra`` in a process group of its own; its result.json."""
+@pytest.fixture(scope="module")
+def lost_nodes(tiny_corpus, corpus_with_bad_clips, tiny_hubert, reference, tmp_path_factory) -> dict:
+    """``node_loss.py`` with the three scenarios, in a process group of its own: {scenario: its result.json}."""
+    out = tmp_path_factory.mktemp("node-loss")
     env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")
     env.pop("RAY_ADDRESS", None)
-    log = out / f"{mode}.log"
+    log = out / "node_loss.log"
+    args = ["--run", tiny_corpus, "--fleet", tiny_corpus, reference[1] / "banks",
+            "--finetune", corpus_with_bad_clips, tiny_hubert]
     with open(log, "w") as fh:  # a group of its own: a timeout ends its Ray cluster's processes too
-        proc = subprocess.Popen([sys.executable, str(SCRIPT), mode, str(corpus), str(out), *extra], env=env, stdout=fh,
+        proc = subprocess.Popen([sys.executable, str(SCRIPT), str(out), *map(str, args)], env=env, stdout=fh,
                                 stderr=subprocess.STDOUT, start_new_session=True)
         try:
-            rc = proc.wait(timeout=780)
+            rc = proc.wait(timeout=1500)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
             rc = "timed out"
-    assert rc == 0, f"{mode}: {rc}\n" + log.read_text()[-6000:]
-    return json.loads((out / "result.json").read_text())
+    assert rc == 0, f"node_loss.py: {rc}\n" + log.read_text()[-6000:]
+    return {mode: json.loads((out / mode / "result.json").read_text()) | {"log": log}
+            for mode in ("run", "fleet", "finetune")}
+
+
+def _scenario(lost_nodes: dict, mode: str) -> dict:
+    got = lost_nodes[mode]
+    assert "error" not in got, f"{mode}: {got['error']}\n" + got["log"].read_text()[-6000:]
+    return got
 
 
 def _assert_same_scores(got: dict, ref) -> None:
@@ -52,29 +64,27 @@ def _assert_same_scores(got: dict, ref) -> None:
         np.testing.assert_allclose([got["scores"][machine][f] for f in res.filenames], res.raw_scores, rtol=1e-6)
 
 
-@pytest.mark.timeout(900)
-def test_a_run_that_loses_a_worker_node_while_it_embeds_scores_as_without_the_fault(tiny_corpus, reference, tmp_path):
+@pytest.mark.timeout(1800)  # the first test starts the three scenarios
+def test_a_run_that_loses_a_worker_node_while_it_embeds_scores_as_without_the_fault(lost_nodes, reference):
     ref = reference[0]
-    got = _with_a_node_lost("run", tiny_corpus, tmp_path)
+    got = _scenario(lost_nodes, "run")
     assert got["removed"] and got["alive_nodes"] == 2  # the head and the worker node left
     _assert_same_scores(got, ref)
     assert got["decisions"] == {m: r.decisions.tolist() for m, r in ref.results.items()}
 
 
-@pytest.mark.timeout(900)
-def test_a_fleet_that_loses_a_worker_node_while_it_scores_streams_answers_every_request(tiny_corpus, reference,
-                                                                                      tmp_path):
-    ref, folder = reference
-    got = _with_a_node_lost("fleet", tiny_corpus, tmp_path, str(folder / "banks"))
+@pytest.mark.timeout(1800)
+def test_a_fleet_that_loses_a_worker_node_while_it_scores_streams_answers_every_request(lost_nodes, reference):
+    ref = reference[0]
+    got = _scenario(lost_nodes, "fleet")
     assert got["removed"] and got["alive_nodes"] == 2
     assert got["errors"] == [] and got["requests"] == sum(len(r.filenames) for r in ref.results.values())
     _assert_same_scores(got, ref)
 
 
-@pytest.mark.timeout(900)
-def test_a_finetuning_run_that_loses_a_worker_node_checkpoints_as_without_the_fault(corpus_with_bad_clips, tiny_hubert,
-                                                                                   unbroken_finetune, tmp_path):
-    got = _with_a_node_lost("finetune", corpus_with_bad_clips, tmp_path, str(tiny_hubert))
+@pytest.mark.timeout(1800)
+def test_a_finetuning_run_that_loses_a_worker_node_checkpoints_as_without_the_fault(lost_nodes, unbroken_finetune):
+    got = _scenario(lost_nodes, "finetune")
     assert got["removed"] and got["alive_nodes"] == 3  # the head, the worker node left and its replacement
     # rank 0's steps since its last write before the loss may be lost with it: the restart shows in start_step
     first, resumed = got["start_steps"]
