@@ -198,7 +198,9 @@ def cmd_serve(args) -> int:
     if args.stop:
         import ray
 
-        if not ray.is_initialized() and not os.environ.get("RAY_ADDRESS"):
+        from asd_ray.distributed.session import joins_a_cluster
+
+        if not ray.is_initialized() and not joins_a_cluster():
             raise ConfigError("serve --stop acts on the Ray the service runs on: run it under ray job submit, or "
                               "set RAY_ADDRESS (auto: a ray start cluster on this machine)")
         service.start_ray(config)

@@ -259,9 +259,9 @@ def start_ray(config: RunConfig) -> bool:
     Returns True when this call started Ray."""
     import ray
 
-    from asd_ray.distributed.session import ensure_ray
+    from asd_ray.distributed.session import ensure_ray, joins_a_cluster
 
-    if not ray.is_initialized() and not os.environ.get("RAY_ADDRESS"):
+    if not ray.is_initialized() and not joins_a_cluster():
         body_limit_env(config.serve.max_body_bytes)
         if config.serve.direct_ingress:
             direct_ingress_env(config.serve.port)

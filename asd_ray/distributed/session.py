@@ -20,10 +20,19 @@ _ERROR_LINE = re.compile(r"Traceback \(most recent call last\)|\b(ERROR|CRITICAL
 _NOT_ERRORS = ("has constructor arguments in the object store and max_restarts > 0",)
 
 
+NEW_LOCAL_RAY = "local"  # RAY_ADDRESS=local: Ray starts a new local instance (ray.init's address="local")
+
+
+def joins_a_cluster() -> bool:
+    """Whether Ray is reached at ``RAY_ADDRESS`` (a cluster, ``auto``, a submitted job's) rather than started here:
+    no ``RAY_ADDRESS``, or ``RAY_ADDRESS=local`` (Ray's own word for a new local Ray), starts one."""
+    return os.environ.get("RAY_ADDRESS", NEW_LOCAL_RAY) != NEW_LOCAL_RAY
+
+
 def ensure_ray(num_cpus: int | None = None, *, data_logs_now: bool = True) -> bool:
     """Connect to Ray: the running session, the cluster at ``RAY_ADDRESS`` (``ray job submit`` sets it; ``auto``:
-    a ``ray start`` cluster on this machine), or a new local one with ``num_cpus``. Returns True when this call
-    started a local Ray.
+    a ``ray start`` cluster on this machine), or a new local one with ``num_cpus`` (no ``RAY_ADDRESS``, or
+    ``RAY_ADDRESS=local``, Ray's own word for one). Returns True when this call started a local Ray.
 
     Ray Data's log lines are routed too (``route_ray_data``, which imports Ray Data), unless ``data_logs_now`` is
     False: a caller with something to start first (``ray_run``'s embedding actors) then calls it itself."""
@@ -32,7 +41,7 @@ def ensure_ray(num_cpus: int | None = None, *, data_logs_now: bool = True) -> bo
     started = False
     if not ray.is_initialized():
         os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-        if os.environ.get("RAY_ADDRESS"):
+        if joins_a_cluster():
             ray.init(log_to_driver=True)
             _route_worker_output()
             log.info("joined the Ray cluster at %s", os.environ["RAY_ADDRESS"])
