@@ -6,6 +6,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 from asd_ray.distributed.session import worker_output_is_error
 from tiny import asd_ray, command_env
 
@@ -47,6 +49,7 @@ sys.exit(code)
 """
 
 
+@pytest.mark.slow
 def test_a_run_shows_stage_bars_and_a_summary_and_starts_ray_and_its_actors_before_its_heavy_imports(
         tiny_corpus, tiny_hubert, tmp_path):
     """One run of the clip k-NN detector over a tiny HuBERT, under ``python -X importtime`` and the probe above:
@@ -75,6 +78,7 @@ def test_a_run_shows_stage_bars_and_a_summary_and_starts_ray_and_its_actors_befo
     assert "Started a local Ray instance" in ray_lines and "Starting execution of Dataset" in ray_lines
 
 
+@pytest.mark.slow
 def test_embed_sends_ray_lines_to_its_run_log_and_verbose_shows_them(tiny_corpus, tmp_path):
     common = ["--data", tiny_corpus, "--machines", "valve", "--set", f"ray.cache_dir={tmp_path / 'cache'}"]
     done = asd_ray("embed", "--out", tmp_path / "quiet", *common)
@@ -90,6 +94,7 @@ def test_embed_sends_ray_lines_to_its_run_log_and_verbose_shows_them(tiny_corpus
     assert "Started a local Ray instance" in (tmp_path / "verbose" / "run.log").read_text()
 
 
+@pytest.mark.slow
 def test_finetune_sends_ray_train_output_to_the_run_folders_log(unbroken_finetune):
     """Ray Train's controller and workers print from their own processes: their lines go to run.log too. The run is
     the session's unbroken fine-tuning run, ``asd-ray finetune`` with 2 workers over ``corpus_with_bad_clips``."""

@@ -14,6 +14,8 @@ import pytest
 
 from test_console import ENV
 
+pytestmark = pytest.mark.slow  # end-to-end: `pytest -m 'not slow'` leaves it out
+
 
 def _processes_tagged(tag: str) -> list[str]:
     """Command lines of the live processes whose environment holds ``ASD_RAY_TEST_TAG=tag``: the command and every

@@ -56,6 +56,7 @@ def _scores(out):
     return [(out / f"{kind}_valve_section_00_test.csv").read_text() for kind in ("anomaly_score", "decision_result")]
 
 
+@pytest.mark.slow
 def test_two_runs_started_together_on_one_cache_folder_both_score_as_a_clean_run(ray_local, tiny_corpus, tmp_path):
     """Two `asd-ray run` processes (each its own Ray) on one cache folder; the clean run, on a cache of its own, is
     the same Ray run in the session's Ray (as a third `asd-ray run` process it cost 25-30 s more)."""

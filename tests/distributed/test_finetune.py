@@ -5,6 +5,7 @@ a checkpoint that would run code is refused. A run that loses a worker (with its
 import json
 
 import numpy as np
+import pytest
 
 from asd_ray.config import FinetuneConfig, RunConfig, load_config
 from asd_ray.distributed.finetune_feed import rank_rows
@@ -23,6 +24,7 @@ def test_rank_rows_are_fixed_by_the_seed_and_give_each_rank_its_own_clips():
     assert [r["epoch"] for r in rows[0]] == sorted(r["epoch"] for r in rows[0])  # epoch after epoch, in order
 
 
+@pytest.mark.slow
 def test_finetune_learns_and_gives_a_backbone_and_counts_every_entry(unbroken_finetune, corpus_with_bad_clips):
     """The unbroken fault-test run (``asd-ray finetune``, 2 workers, default resources). That a run survives a
     worker's loss, resuming from a checkpoint and ending with these weights, is shown by test_node_loss: a node

@@ -24,6 +24,8 @@ from asd_ray.detect import reference_run
 from asd_ray.detectors import load_detector
 from asd_ray.models.backbones import load_backbone
 
+pytestmark = pytest.mark.slow  # end-to-end: `pytest -m 'not slow'` leaves it out
+
 REPO = Path(__file__).resolve().parents[2]
 # The ray CLI of the interpreter running the tests (its console script may live in another bin folder,
 # e.g. a virtualenv over the system site-packages).

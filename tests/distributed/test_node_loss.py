@@ -17,6 +17,8 @@ from asd_ray.config import RunConfig, load_config
 from asd_ray.detect import reference_run
 from node_loss import checkpoints
 
+pytestmark = pytest.mark.slow  # end-to-end: `pytest -m 'not slow'` leaves it out
+
 SCRIPT = Path(__file__).with_name("node_loss.py")
 
 

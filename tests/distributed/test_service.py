@@ -348,6 +348,7 @@ def _chunked_upload(url: str, path: str, total: int, chunk: int = 64 * 1024) -> 
     return (int(answer.split()[1]) if answer.startswith(b"HTTP/") else None), sent
 
 
+@pytest.mark.slow
 def test_own_ray_bodies_cut_at_the_limit_and_a_restarted_replica_keeps_its_port(tmp_path):
     """`asd-ray serve` starting its own Ray (direct ingress on), in a subprocess stopped with SIGTERM at the end.
     - A chunked body far over serve.max_body_bytes is answered 413 once the limit is passed, through Serve's

@@ -16,6 +16,7 @@ from asd_ray.distributed.sweep import (EMBEDDING_SECTIONS, SweepSpace, embedding
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
+@pytest.mark.slow
 def test_sweep_embeds_once_and_its_best_config_reproduces(ray_local, tiny_corpus, tmp_path):
     """configs/sweep_knn.yaml cut small (4 trials over k and distance; the test of every other space is below)."""
     space = _tiny_space("sweep_knn.yaml", [])
@@ -111,6 +112,7 @@ def _tiny_space(name: str, backbones: list[Path]) -> SweepSpace:
     return dataclasses.replace(space, grid=grid, sample=sample, num_samples=1)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(420)  # on the code before the resource plan, the frame detectors' sweeps hung here
 @pytest.mark.parametrize("name", sorted(p.name for p in CONFIGS.glob("sweep_*.yaml") if p.name != "sweep_knn.yaml"))
 def test_every_sweep_space_in_configs_completes_on_2_cpus(ray_local, tiny_corpus, tiny_encoder, tiny_hubert, tmp_path,
