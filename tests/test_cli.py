@@ -13,8 +13,8 @@ import pytest
 from asd_ray.cli import build_parser, main
 from asd_ray.cli_args import DETECTORS, detector_names
 from asd_ray.errors import BackboneError
-from tiny import command_env
 from asd_ray.models.hub import check_available
+from tiny import command_env
 
 CHECKOUT = Path(__file__).resolve().parents[1]
 

@@ -16,6 +16,7 @@ import pytest
 from asd_ray.config import RunConfig, load_config
 from asd_ray.detect import reference_run
 from node_loss import checkpoints
+from tiny import command_env
 
 pytestmark = pytest.mark.slow  # end-to-end: `pytest -m 'not slow'` leaves it out
 
@@ -34,8 +35,7 @@ def reference(tiny_corpus, tmp_path_factory):
 def lost_nodes(tiny_corpus, corpus_with_bad_clips, tiny_hubert, reference, tmp_path_factory) -> dict:
     """``node_loss.py`` with the three scenarios, in a process group of its own: {scenario: its result.json}."""
     out = tmp_path_factory.mktemp("node-loss")
-    env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")
-    env.pop("RAY_ADDRESS", None)
+    env = command_env()
     log = out / "node_loss.log"
     args = ["--run", tiny_corpus, "--fleet", tiny_corpus, reference[1] / "banks",
             "--finetune", corpus_with_bad_clips, tiny_hubert]

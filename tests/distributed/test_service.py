@@ -368,8 +368,9 @@ def test_own_ray_bodies_cut_at_the_limit_and_a_restarted_replica_keeps_its_port(
     MemoryBank(k=3).fit(rng.standard_normal((50, 16)).astype(np.float32), [f"m{i}" for i in range(50)]).save(
         tmp_path / "banks" / "fan")
     port, namespace = _free_port(), f"d-{uuid.uuid4().hex[:8]}"
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
-    env.pop("RAY_ADDRESS", None)
+    from tiny import command_env
+
+    env = command_env()
     proc = subprocess.Popen(
         [sys.executable, "-u", "-c", "import sys; from asd_ray.cli import main; sys.exit(main())", "serve",
          "--banks", str(tmp_path / "banks"), "--port", str(port), "--set", f"fleet.namespace={namespace}",
