@@ -25,8 +25,21 @@ def test_readme_is_short_and_keeps_the_two_commands():
     text = (CHECKOUT / "README.md").read_text()
     assert len(text.splitlines()) <= 260
     assert "python3 -m pip install -e '.[dev]' && asd-ray run --out runs/demo" in text
-    assert "python3 -m pytest -q" in text
     assert len(PAGES) >= 6  # README plus the guides it sends a reader to
+
+
+def test_ci_runs_the_readme_commands_and_then_the_tests_the_readme_leaves_out():
+    """The README's test command leaves out the tests marked slow; .ci/run runs them after the README's two commands
+    (read from the README by .ci/readme_commands.py), so CI runs every test."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, str(CHECKOUT / ".ci" / "readme_commands.py"), str(CHECKOUT / "README.md")],
+                          capture_output=True, text=True, check=True)
+    assert done.stdout.splitlines() == ["python3 -m pip install -e '.[dev]' && asd-ray run --out runs/demo",
+                                        "python3 -m pytest -q -m 'not slow'"]
+    ci = (CHECKOUT / ".ci" / "run").read_text()
+    assert 'for command in "${commands[@]}" "python3 -m pytest -q -m slow"; do' in ci
 
 
 def test_every_relative_link_resolves_inside_the_repository():
