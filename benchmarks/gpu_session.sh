@@ -29,20 +29,21 @@ python3 -c "
 import torch; from transformers import HubertConfig, HubertModel
 torch.manual_seed(0); HubertModel(HubertConfig(layerdrop=0.0)).save_pretrained('/tmp/hubert-base-random')" 2>/dev/null \
     && say "model saved" || say "model NOT saved: the parts that need it will fail"
+runp() {  # runp NAME CACHE LABEL [ARGS...]: asd-ray run on the DCASE-sized corpus (its wall: "LABEL wall s"), ARGS added
+    local name=$1 cache=$2 label=$3; shift 3
+    echo "TIMEFORMAT='$label wall s: %R'; time python3 -m asd_ray.cli run --data /tmp/p5 --out /tmp/$name $* \
+--set ray.cache_dir=/tmp/$cache; cp /tmp/$name/run.log $work/${name}_run.log; cp /tmp/$name/metrics.json $work/${name}_metrics.json"
+}
 p5() {  # p5 NAME CACHE: the main job on the DCASE-sized corpus with a random HuBERT-Base, fresh cache
-    echo "TIMEFORMAT='P5 wall s: %R'; time python3 -m asd_ray.cli run --data /tmp/p5 --out /tmp/$1 --detector knn \
---backbone /tmp/hubert-base-random --set ray.cache_dir=/tmp/$2 --set embed.batch_size=128; \
-cp /tmp/$1/run.log $work/$1_run.log; cp /tmp/$1/metrics.json $work/$1_metrics.json"
+    runp "$1" "$2" P5 --detector knn --backbone /tmp/hubert-base-random --set embed.batch_size=128
 }
 [[ $parts == *" p5"* ]] && part p5_synth 150 "python3 -m asd_ray.cli synth --out /tmp/p5 --eval-machines --workers $(nproc) ${SYNTH_ARGS:-}"
 part p5a 150 "$(p5 p5a p5a_cache)"
 grep -s "P5 wall" "$work/p5a.log" | tee -a "$work/summary.txt"
 # the default detector (log-mel frames, no backbone) on the same corpus, then again on its cache (frames cached)
-part p5f 150 "TIMEFORMAT='P5F wall s: %R'; time python3 -m asd_ray.cli run --data /tmp/p5 --out /tmp/p5f \
---set ray.cache_dir=/tmp/p5f_cache; cp /tmp/p5f/run.log $work/p5f_run.log; cp /tmp/p5f/metrics.json $work/p5f_metrics.json"
+part p5f 150 "$(runp p5f p5f_cache P5F)"
 grep -s "P5F wall" "$work/p5f.log" | tee -a "$work/summary.txt"
-part p5f2 120 "TIMEFORMAT='P5F2 wall s: %R'; time python3 -m asd_ray.cli run --data /tmp/p5 --out /tmp/p5f2 \
---set ray.cache_dir=/tmp/p5f_cache; cp /tmp/p5f2/run.log $work/p5f2_run.log; cp /tmp/p5f2/metrics.json $work/p5f2_metrics.json"
+part p5f2 120 "$(runp p5f2 p5f_cache P5F2)"
 grep -s "P5F2 wall" "$work/p5f2.log" | tee -a "$work/summary.txt"
 # P1 for BEATs_iter3 and EAT-base (random weights in the official formats), bf16 (P1_BACKBONES: which of them)
 part p1beats 180 "for b in ${P1_BACKBONES:-beats-iter3-random eat-base-random}; do python3 benchmarks/embed_throughput.py --clips 2048 \
