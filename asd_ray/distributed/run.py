@@ -54,6 +54,11 @@ def frames_table(records, config: RunConfig) -> EmbeddingTable:
                          batch_size=batch_size, num_cpus=cpus)
 
 
+def features_table(records, config: RunConfig) -> EmbeddingTable:
+    """The cached Ray table of the features ``config.detector`` eats: clip embeddings or log-mel matrices."""
+    return (embed_table if detector_features(config) == "clip" else frames_table)(records, config)
+
+
 def ray_embedder(config: RunConfig, pools: list | None = None) -> Embedder:
     """The Ray embedder of clip embeddings; the first of ``pools`` (started by the run's warm-up), when there is
     one, holds its actors."""

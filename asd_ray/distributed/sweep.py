@@ -28,8 +28,8 @@ import yaml
 from asd_ray.config import ConfigError, RunConfig, from_dict, save_config, to_dict, with_overrides
 from asd_ray.data.layout import discover
 from asd_ray.detect import check_batch_post, plan_records, run_detection
-from asd_ray.detectors import detector_features, features_key, uses_noise
-from asd_ray.distributed.run import check_resources, embed_table, embedder_for, frames_table
+from asd_ray.detectors import features_key, uses_noise
+from asd_ray.distributed.run import check_resources, embedder_for, features_table
 from asd_ray.distributed.session import ensure_ray
 from asd_ray.scoring.metrics import MetricError
 
@@ -258,7 +258,7 @@ def sweep(roots: Sequence[str | Path], space: SweepSpace, config: RunConfig, out
             used, _ = plan_records(records, noise=uses_noise(variant))
             check_resources(variant, strict=started)
             with stage("embed", total=len(used)):
-                table = (embed_table if detector_features(variant) == "clip" else frames_table)(used, variant)
+                table = features_table(used, variant)
             (cached if table.from_cache else embedded).append(str(table.path))
     out = Path(out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
