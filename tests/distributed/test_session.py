@@ -6,6 +6,8 @@ import sys
 
 import pytest
 
+from tiny import command_env
+
 SCRIPT = """
 import os
 os.nice(3)
@@ -22,8 +24,10 @@ def test_a_runs_own_ray_keeps_its_workers_at_the_runs_priority(address):
     of a CPU and the run crawled where --local got a fair share. A run's own Ray keeps them at the run's, and has
     the CPUs the run asked for. ``RAY_ADDRESS=local`` asks for a Ray of one's own too: it took the path of joining
     a cluster (every CPU of the machine, a dashboard, Ray's niceness)."""
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_worker_niceness", "RAY_ADDRESS")}
-    env.update(RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0", **({"RAY_ADDRESS": address} if address else {}))
+    env = command_env()  # no RAY_ADDRESS: a user's shell
+    env.pop("RAY_worker_niceness", None)
+    if address:
+        env["RAY_ADDRESS"] = address
     done = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     base = os.nice(0)
