@@ -154,11 +154,13 @@ class FittedMachine:
     train_scores: np.ndarray
 
 
-def fit_machine(detector: Detector, train: Features, ids: list[str], domains: list[str], test: Features,
+def fit_machine(detector: Detector, train: Features | None, ids: list[str], domains: list[str], test: Features,
                 noise: Features | None = None) -> FittedMachine:
     """Fit ``detector`` on one machine's normal train features and score its test features (a job of ``MachineMap``);
-    a detector that ``uses_noise`` also gets the machine's noise-only supplemental clips."""
-    detector.fit(train, ids, domains=domains, **({"noise": noise} if detector.uses_noise else {}))
+    a detector that ``uses_noise`` also gets the machine's noise-only supplemental clips. ``train`` None: the
+    detector holds its fit already (adopted from another's, ``detect``), only scored."""
+    if train is not None:
+        detector.fit(train, ids, domains=domains, **({"noise": noise} if detector.uses_noise else {}))
     return FittedMachine(detector, detector.score(test), detector.loo_scores())
 
 
@@ -195,30 +197,30 @@ def detect(features: Features, records: Sequence[ClipRecord], *, detector: Calla
     Machines are fitted through ``machine_map`` (here, or one Ray task each). With ``bank_dir``, each
     machine's fitted detector is saved to ``bank_dir/<machine>`` (what the bank actors of ``serve-fleet``
     load). The threshold comes from the detector's leave-one-out train scores. ``fits`` (a dict the caller keeps
-    across runs on the same features, as ``compare`` does) holds fitted detectors by ``fit_key``, machine and train
-    clips: a detector whose fit is there adopts it instead of fitting again (one AE for ``ae-mse`` and ``ae-maha``).
+    across runs on the same features, as ``compare`` does) holds, per machine and train clips, the ``shared_fits``
+    of the detectors fitted so far: a detector whose fit is all there adopts it (``adopt_from``) and is only
+    scored (one AE for ``ae-mse`` and ``ae-maha``; ``local`` and ``pooled`` for a fusion of the two).
     """
     splits = machine_splits(records, unscored)
     detectors = [detector() for _ in splits]
-    keys = [None if fits is None or d.fit_key() is None else (d.fit_key(), s.machine, tuple(records[i].path for i in s.train))
-            for d, s in zip(detectors, splits)]
-    todo = [i for i, k in enumerate(keys) if k is None or k not in fits]
-    jobs = [(detectors[i], take(features, s.train), [records[j].filename for j in s.train],
-             [records[j].domain for j in s.train], take(features, s.test), take(features, s.noise))
-            for i, s in enumerate(splits) if i in todo]
+    shared = [None if fits is None else fits.setdefault((s.machine, tuple(records[i].path for i in s.train)), {})
+              for s in splits]
+    adopted = [sh is not None and d.can_adopt(sh) for d, sh in zip(detectors, shared)]
+    for d, sh, a in zip(detectors, shared, adopted):
+        if a:
+            d.adopt_from(sh)
+    jobs = [(d, None if a else take(features, s.train), [records[j].filename for j in s.train],
+             [records[j].domain for j in s.train], take(features, s.test), None if a else take(features, s.noise))
+            for d, s, a in zip(detectors, splits, adopted)]
     with stage("banks", total=len(splits), unit="machine"):
-        fitted = dict(zip(todo, machine_map(fit_machine, jobs)))
-        for i, (s, k) in enumerate(zip(splits, keys)):
-            if i not in fitted:  # fitted before: scored here (an AE's test clips: one forward pass, no training)
-                det = detectors[i].adopt(fits[k])
-                fitted[i] = FittedMachine(det, det.score(take(features, s.test)), det.loo_scores())
-                advance()
-            elif k is not None:
-                fits[k] = fitted[i].detector
+        fitted = machine_map(fit_machine, jobs)
+    for f, sh in zip(fitted, shared):
+        if sh is not None:
+            for key, part in f.detector.shared_fits().items():
+                sh.setdefault(key, part)
     results = {}
     with stage("scoring", total=len(splits), unit="machine"):
-        for i, s in enumerate(splits):
-            f = fitted[i]
+        for s, f in zip(splits, fitted):
             if bank_dir is not None:
                 f.detector.save(Path(bank_dir) / s.machine)
             results[s.machine] = machine_result(s, records, f, post)

@@ -5,6 +5,7 @@ import json
 import numpy as np
 
 from asd_ray.cli import main
+from asd_ray.cli_args import DETECTORS
 from asd_ray.config import RunConfig, load_config
 from asd_ray.detect import reference_run
 from tiny import TINY
@@ -59,6 +60,36 @@ def test_compare_trains_one_ae_for_both_ae_scores_and_each_scores_as_its_own_run
     assert len(trained) == 3 + 2 * 3
     mse, maha = (json.loads((out / d / "metrics.json").read_text()) for d in ("ae-mse", "ae-maha"))
     assert mse["machines"]["ToyCar"] != maha["machines"]["ToyCar"]  # two scores of one AE
+
+
+def test_compare_fits_a_local_or_pooled_bank_once_for_every_detector_that_holds_it(tiny_corpus, tmp_path,
+                                                                                   monkeypatch):
+    """A fusion's members are the ``local`` and ``pooled`` detectors: compare fits each once per machine and
+    each detector's files are those of its own run, bit for bit. A setting that changes a member's fit
+    (fusion-max's ``local.domain_pick=min``) fits it again: the fusion fits its members itself."""
+    from asd_ray.bank.local_bank import LocalFeatureBank
+    from asd_ray.bank.pooling import PooledBank
+
+    fitted = []
+    for cls in (LocalFeatureBank, PooledBank):
+        def counted(self, *args, _fit=cls.fit, **kwargs):
+            fitted.append(self.kind)
+            return _fit(self, *args, **kwargs)
+
+        monkeypatch.setattr(cls, "fit", counted)
+    names = ["fusion-mean", "local", "pooled", "fusion-max"]  # fusion-mean: local + pooled, mean
+    out = tmp_path / "cmp"
+    assert main(["compare", "--local", "--data", str(tiny_corpus), "--out", str(out), "--detectors", *names]) == 0
+    # 3 machines: fusion-mean fits both, local and pooled adopt its members, fusion-max refits both
+    assert fitted.count("LocalFeatureBank") == 2 * 3 and fitted.count("PooledBank") == 2 * 3
+    for detector in names:
+        alone = tmp_path / detector
+        reference_run([tiny_corpus], load_config(RunConfig, None, DETECTORS[detector]), alone)
+        for m in ("ToyCar", "valve", "ToyPet"):
+            for kind in ("anomaly_score", "decision_result"):
+                name = f"{kind}_{m}_section_00_test.csv"
+                assert (out / detector / name).read_bytes() == (alone / name).read_bytes(), (detector, name)
+    assert fitted.count("LocalFeatureBank") == 2 * 3 + 3 * 3  # the alone runs: fusion-mean, local, fusion-max
 
 
 def test_ae_refuses_a_minimum_length_shorter_than_one_vector(tiny_corpus, tmp_path):

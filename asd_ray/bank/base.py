@@ -132,13 +132,30 @@ class Detector(abc.ABC):
     def fit_key(self) -> tuple | None:
         """What its fit depends on besides the train features: two detectors with equal keys fitted on the same
         features hold the same model, so ``compare`` fits it once and the other ``adopt``s it (``ae-mse`` and
-        ``ae-maha``: one AE, two scores). None (the default): nothing shared."""
+        ``ae-maha``: one AE, two scores; ``local`` and a fusion's local member). None (the default): nothing
+        shared."""
         return None
 
     def adopt(self, fitted: "Detector") -> "Detector":
         """Take the fit of ``fitted`` (a fitted detector with this one's ``fit_key``, on the same train features)
         instead of fitting: the same state ``fit`` would give."""
         raise BankError(f"a {self.kind} shares no fit (its fit_key is None)")
+
+    def shared_fits(self) -> dict[tuple, "Detector"]:
+        """{fit_key: fitted detector} of this fitted detector and of the parts it fitted that later detectors on
+        the same train features can take (``adopt_from``): itself, when it has a ``fit_key``."""
+        key = self.fit_key()
+        return {} if key is None else {key: self}
+
+    def can_adopt(self, shared: dict[tuple, "Detector"]) -> bool:
+        """Whether ``shared`` (``shared_fits`` of detectors fitted on the same train features) holds all of this
+        detector's fit."""
+        key = self.fit_key()
+        return key is not None and key in shared
+
+    def adopt_from(self, shared: dict[tuple, "Detector"]) -> "Detector":
+        """Take this detector's fit from ``shared`` (``can_adopt`` must hold) instead of fitting."""
+        return self.adopt(shared[self.fit_key()])
 
     def configure(self, **settings: Any) -> "Detector":
         """Change score-time settings (the ``score_keys`` keywords) of a fitted detector without refitting."""

@@ -213,6 +213,21 @@ class LocalFeatureBank(Detector):
         self.train_scores = np.array([self._pick({g: loo[g, int(i)] for g in self.banks}) for i in cal])
         return self
 
+    def fit_key(self) -> tuple:
+        """Its fit depends on its parameters (``faiss_threads`` changes no score)."""
+        return self.kind, tuple(sorted(self.params.items()))
+
+    def adopt(self, fitted: "LocalFeatureBank") -> "LocalFeatureBank":
+        """The banks, standardisation, projection and leave-one-out scores of ``fitted`` (a bank with this one's
+        parameters, fitted on the same clips): the state ``fit`` would give."""
+        if fitted.fit_key() != self.fit_key() or not fitted.banks:
+            raise BankError("adopt: a fitted local-feature bank with this one's parameters is needed")
+        for name in ("banks", "owners", "scales", "spreads", "_centred"):
+            setattr(self, name, dict(getattr(fitted, name)))
+        self.mean, self.std, self.projection, self.n_mels = fitted.mean, fitted.std, fitted.projection, fitted.n_mels
+        self.train_scores, self.calibration_ids = fitted.train_scores, list(fitted.calibration_ids)
+        return self
+
     def _pca(self, clips: Sequence[np.ndarray], rng: np.random.Generator) -> np.ndarray:
         """(window dim x pca_dim) float32 principal axes of (a draw of at most ``candidates``) standardised train
         windows, largest variance first; divided by each axis' standard deviation with ``whiten``."""

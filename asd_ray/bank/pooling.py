@@ -123,6 +123,7 @@ class PooledBank(Detector):
             raise BankError(f"unknown bank strategy {strategy!r}: use one of {sorted(STRATEGIES)}")
         self.pooling, self.gem_p, self.strategy = pooling, gem_p, strategy
         self.bank = STRATEGIES[strategy](**bank_kwargs)
+        self._built = {"pooling": pooling, "gem_p": gem_p, "strategy": strategy, **bank_kwargs}  # its fit_key
 
     @property
     def size(self) -> int:
@@ -144,6 +145,22 @@ class PooledBank(Detector):
     def configure(self, *, k: int | None = None, metric: str | None = None) -> "PooledBank":
         """The clip bank's score-time settings (``MemoryBank.configure``)."""
         self.bank.configure(k=k, metric=metric)
+        if self._built is not None:
+            self._built = {**self._built, **{n: v for n, v in (("k", k), ("metric", metric)) if v is not None}}
+        return self
+
+    def fit_key(self) -> tuple | None:
+        """Its fit depends on the keywords it was built with (and those ``configure`` changed since); a loaded
+        bank shares none."""
+        return None if self._built is None else (self.kind, tuple(sorted(self._built.items())))
+
+    def adopt(self, fitted: "PooledBank") -> "PooledBank":
+        """The clip bank of ``fitted`` (built alike, fitted on the same clips): the state ``fit`` would give."""
+        from asd_ray.bank.domain_bank import BankError
+
+        if fitted.fit_key() != self.fit_key() or not fitted.bank.size:
+            raise BankError("adopt: a fitted pooled bank built with this one's keywords is needed")
+        self.bank = fitted.bank
         return self
 
     def score_settings(self) -> dict:
@@ -186,6 +203,7 @@ class PooledBank(Detector):
         choice(d, meta, "strategy", STRATEGIES)
         out = cls(pooling=meta["pooling"], gem_p=meta["gem_p"], strategy=meta["strategy"])
         out.bank = STRATEGIES[meta["strategy"]].load(d / "bank", faiss_threads=faiss_threads)
+        out._built = None  # what it was built with is not all saved: no fit to share
         width = _POOLS[meta["pooling"]][1]
         if (out.bank.dim % width) if width else (out.bank.dim != RHYTHM_DIM):
             from asd_ray.errors import BankFolderError

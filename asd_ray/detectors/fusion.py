@@ -119,6 +119,38 @@ class FusionDetector(Detector):
         self._references = None
         return self
 
+    def fit_key(self) -> tuple | None:
+        """Its members' keys (``combine`` is a score-time setting: a fusion that combines otherwise shares the
+        fit); None when a member shares none."""
+        keys = tuple(m.fit_key() for m in self.members)
+        return None if None in keys else (self.kind, keys)
+
+    def adopt(self, fitted: "FusionDetector") -> "FusionDetector":
+        """Each member takes the fit of ``fitted``'s member in its place."""
+        for m, f in zip(self.members, fitted.members):
+            m.adopt(f)
+        self._references = None
+        return self
+
+    def shared_fits(self) -> dict[tuple, Detector]:
+        """Itself and each member's (a later ``local`` takes this fusion's local member)."""
+        out = super().shared_fits()
+        for m in self.members:
+            out.update(m.shared_fits())
+        return out
+
+    def can_adopt(self, shared: dict[tuple, Detector]) -> bool:
+        """Its whole fit, or each member's (a ``local`` and a ``pooled`` fitted before)."""
+        return super().can_adopt(shared) or all(m.can_adopt(shared) for m in self.members)
+
+    def adopt_from(self, shared: dict[tuple, Detector]) -> "FusionDetector":
+        if super().can_adopt(shared):
+            return super().adopt_from(shared)
+        for m in self.members:
+            m.adopt_from(shared)
+        self._references = None
+        return self
+
     def references(self) -> list[np.ndarray]:
         """Each member's leave-one-out train scores (its z-normalisation reference), computed once: a clip
         bank's leave-one-out pass costs far more than scoring one clip."""

@@ -130,8 +130,10 @@ def compared_runs(tiny_corpus, tmp_path_factory):
             done[name] = (reference_run([tiny_corpus], config, feature_cache=features["ref"], fits=fits["ref"]),
                           ray_run([tiny_corpus], config, feature_cache=features["ray"], fits=fits["ray"]))
             if name.startswith("ae-"):  # one fit per machine for both AE scores, on either path
-                for path in ("ref", "ray"):  # (the features of the other detectors hold no fits)
-                    assert [len(by_key) for by_key in fits[path].values() if by_key] == [3], path
+                for path in ("ref", "ray"):
+                    ae = [key for by_machine in fits[path].values() for shared in by_machine.values()
+                          for key in shared if key[0] == "AEDetector"]
+                    assert len(ae) == 3, path
         return done[name]
 
     return get
