@@ -15,7 +15,8 @@ from asd_ray.data.layout import LayoutError, discover
 from asd_ray.data.synth import eval_list_name
 from asd_ray.scoring.files import (ClipTruth, decision_path, evaluate_dir, evaluate_scores, ground_truth, read_eval_list, read_rows,
                                    score_path, write_evaluator_result, write_results)
-from asd_ray.scoring.metrics import (EVALUATOR_COLUMNS, LOO_CHUNK, MetricError, decision_metrics, jackknife,
+from asd_ray.scoring import metrics
+from asd_ray.scoring.metrics import (EVALUATOR_COLUMNS, MetricError, decision_metrics, jackknife,
                                      leave_one_out_auc, leave_one_out_aucs, machine_metrics, official_score, score_ci95)
 
 # 4 source normals, 4 target normals, 2 source anomalies, 2 target anomalies
@@ -167,7 +168,7 @@ def test_jackknife_matches_a_hand_computation():
 def test_leave_one_out_aucs_equal_sklearn_on_each_clip_left_out(max_fpr):
     """The leave-one-out values equal sklearn run N times to the last bit, ties and all (scores rounded to 0.1)."""
     rng = np.random.default_rng(3)
-    for n in (5, 17, 60):
+    for n in (5, 17, 60, 700):
         y = np.r_[0, 0, 1, 1, (rng.random(n - 4) < 0.4).astype(int)]
         s = np.round(rng.random(n) + 0.4 * y, 1)
         keep = ~np.eye(n, dtype=bool)
@@ -176,9 +177,10 @@ def test_leave_one_out_aucs_equal_sklearn_on_each_clip_left_out(max_fpr):
         np.testing.assert_array_equal(leave_one_out_auc(y, s, max_fpr), brute)
 
 
-def test_the_jackknife_in_jobs_run_by_other_processes_is_bit_identical():
+def test_the_jackknife_in_jobs_run_by_other_processes_is_bit_identical(monkeypatch):
     """The leave-one-out values computed in jobs of LOO_CHUNK clips by other processes (a Ray run's tasks) are
     sklearn on each clip left out, in the clips' order, ties included; the ci95 is the in-process one to the bit."""
+    monkeypatch.setattr(metrics, "LOO_CHUNK", 64)  # several jobs of 150 clips
     rng = np.random.default_rng(5)
     y = (rng.random(150) < 0.4).astype(int)
     s = np.round(rng.random(150) + 0.4 * y, 2)  # ties: fewer distinct (label, score) pairs than clips
@@ -191,7 +193,7 @@ def test_the_jackknife_in_jobs_run_by_other_processes_is_bit_identical():
 
     loo_auc, loo_pauc = leave_one_out_aucs(y, s, (None, 0.1), pool_map)
     distinct = len(set(zip(y, s)))
-    assert distinct < 150 and calls == [2 * -(-distinct // LOO_CHUNK)] and calls[0] > 2
+    assert distinct < 150 and calls == [2 * -(-distinct // metrics.LOO_CHUNK)] and calls[0] > 2
     keep = ~np.eye(150, dtype=bool)
     np.testing.assert_array_equal(loo_auc, [roc_auc_score(y[keep[i]], s[keep[i]]) for i in range(150)])
     np.testing.assert_array_equal(loo_pauc, [roc_auc_score(y[keep[i]], s[keep[i]], max_fpr=0.1) for i in range(150)])
