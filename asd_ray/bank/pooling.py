@@ -123,7 +123,9 @@ class PooledBank(Detector):
             raise BankError(f"unknown bank strategy {strategy!r}: use one of {sorted(STRATEGIES)}")
         self.pooling, self.gem_p, self.strategy = pooling, gem_p, strategy
         self.bank = STRATEGIES[strategy](**bank_kwargs)
-        self._built = {"pooling": pooling, "gem_p": gem_p, "strategy": strategy, **bank_kwargs}  # its fit_key
+        # what its fit depends on besides the score-time settings (``score_settings``): its ``fit_key``
+        self._built = {"pooling": pooling, "gem_p": gem_p, "strategy": strategy,
+                       **{n: v for n, v in bank_kwargs.items() if n not in ("k", "metric")}}
 
     @property
     def size(self) -> int:
@@ -145,14 +147,14 @@ class PooledBank(Detector):
     def configure(self, *, k: int | None = None, metric: str | None = None) -> "PooledBank":
         """The clip bank's score-time settings (``MemoryBank.configure``)."""
         self.bank.configure(k=k, metric=metric)
-        if self._built is not None:
-            self._built = {**self._built, **{n: v for n, v in (("k", k), ("metric", metric)) if v is not None}}
         return self
 
     def fit_key(self) -> tuple | None:
-        """Its fit depends on the keywords it was built with (and those ``configure`` changed since); a loaded
-        bank shares none."""
-        return None if self._built is None else (self.kind, tuple(sorted(self._built.items())))
+        """Its fit depends on the keywords it was built with and its score-time settings as they are now (``configure``
+        measures again what depends on them, as ``fit`` would); a loaded bank shares none."""
+        if self._built is None:
+            return None
+        return self.kind, tuple(sorted({**self._built, **self.score_settings()}.items()))
 
     def adopt(self, fitted: "PooledBank") -> "PooledBank":
         """The clip bank of ``fitted`` (built alike, fitted on the same clips): the state ``fit`` would give."""

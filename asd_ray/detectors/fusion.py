@@ -10,7 +10,7 @@ import numpy as np
 from asd_ray.bank.base import Detector
 from asd_ray.bank.saved import choice, read_meta, write_meta
 from asd_ray.config import ConfigError, FusionConfig
-from asd_ray.errors import BankFolderError
+from asd_ray.errors import BankError, BankFolderError
 
 COMBINE = ("min", "mean", "max")
 
@@ -126,7 +126,10 @@ class FusionDetector(Detector):
         return None if None in keys else (self.kind, keys)
 
     def adopt(self, fitted: "FusionDetector") -> "FusionDetector":
-        """Each member takes the fit of ``fitted``'s member in its place."""
+        """Each member takes the fit of ``fitted``'s member in its place (a fusion with this one's ``fit_key``)."""
+        if fitted.fit_key() != self.fit_key():
+            raise BankError(f"adopt: a fitted fusion of members like this one's is needed ({fitted.fit_key()} vs "
+                            f"{self.fit_key()})")
         for m, f in zip(self.members, fitted.members):
             m.adopt(f)
         self._references = None
