@@ -62,7 +62,7 @@ def wrap_driver_error_printer(wrap: Any) -> None:
         worker.print_to_stdstream = wrapped
 
 
-# Ray Data's scheduling constants that have no setting (see ``lower_ray_data_constants``): (module, owner, name)
+# Ray Data's scheduling constants that have no setting (see ``set_ray_data_constants``): (module, owner, name)
 RAY_DATA_CONSTANTS = (
     ("ray.data._internal.execution.streaming_executor_state", None, "WAIT_FOR_TASK_COMPLETION_TIMEOUT_S"),
     ("ray.data._internal.execution.resource_manager", "ResourceManager", "GLOBAL_LIMITS_UPDATE_INTERVAL_S"),
@@ -76,11 +76,11 @@ def _constant_owner(module: str, owner: str | None) -> Any:
     return mod if owner is None else getattr(mod, owner)
 
 
-def lower_ray_data_constants(poll_s: float, refresh_s: float) -> bool:
-    """Lower (never raise) Ray Data's wait for task completion and its refresh of resource limits in this
-    driver's streaming executor to ``poll_s`` and ``refresh_s``; neither has a setting in Ray 2.60 (why it matters:
-    ``distributed.pipeline.prompt_ray_data``). A constant that is gone is logged and left. Returns whether both were
-    there."""
+def set_ray_data_constants(poll_s: float, refresh_s: float) -> bool:
+    """Set Ray Data's wait for task completion and its refresh of resource limits in this driver's streaming
+    executor to ``poll_s`` and ``refresh_s``, never above Ray's own values (kept from the first call); neither has a
+    setting in Ray 2.60 (why it matters: ``distributed.pipeline.prompt_ray_data``). A constant that is gone is
+    logged and left. Returns whether both were there."""
     _warn_untested("ray")
     found = True
     for (module, owner_name, name), value in zip(RAY_DATA_CONSTANTS, (poll_s, refresh_s)):
@@ -92,8 +92,12 @@ def lower_ray_data_constants(poll_s: float, refresh_s: float) -> bool:
             log.info("Ray Data has no %s: left as it is", name)
             found = False
             continue
-        setattr(owner, name, min(value, getattr(owner, name)))
+        own = _RAY_DATA_DEFAULTS.setdefault(name, getattr(owner, name))
+        setattr(owner, name, min(value, own))
     return found
+
+
+_RAY_DATA_DEFAULTS: dict[str, float] = {}  # each of RAY_DATA_CONSTANTS as Ray set it, before the first change
 
 
 def start_ray_data_actors() -> bool:

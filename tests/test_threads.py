@@ -91,3 +91,22 @@ def test_one_thread_blocks_nest_and_restore_the_thread_counts():
         assert all(p["num_threads"] == 1 for p in threadpool_info())  # the inner block did not restore
     assert [p["num_threads"] for p in threadpool_info()] == before
     assert spread(lambda x: x * 2, [1, 2, 3], threads=3) == [2, 4, 6]
+
+
+def test_a_pipeline_task_limits_the_native_libraries_again_only_after_new_imports(monkeypatch):
+    """``limit_threads`` runs per batch: it looks for native libraries (threadpoolctl, milliseconds) only when a
+    module was imported since its last look, and torch's own count is checked every time."""
+    import threadpoolctl
+
+    from asd_ray.distributed import batches
+
+    calls = []
+    monkeypatch.setattr(threadpoolctl, "threadpool_limits", lambda n: calls.append(n))
+    monkeypatch.setattr(batches, "_modules_limited", -1)
+    batches.limit_threads()
+    batches.limit_threads()
+    assert calls == [1]
+    monkeypatch.setitem(sys.modules, "asd_ray_test_new_native_library", object())
+    batches.limit_threads()
+    batches.limit_threads()
+    assert calls == [1, 1]

@@ -21,7 +21,7 @@ from asd_ray.distributed.batches import frames_batch
 from asd_ray.distributed.cache import (IDENTITY_COLUMNS, CacheWriter, cache_folder, clip_identities, read_cached,
                                        repeated_clips, table_parts)
 from asd_ray.distributed.embed_pool import EmbeddingPool
-from asd_ray.distributed.pipeline import embedded_tables, needs_actors, preprocessed
+from asd_ray.distributed.pipeline import TASK_BATCHES, embedded_tables, needs_actors, preprocessed
 from asd_ray.distributed.session import gpu_wanted
 from asd_ray.progress import advance
 
@@ -135,7 +135,7 @@ def frames_corpus(records: Sequence[ClipRecord], *, features: Mapping[str, objec
     writer = CacheWriter(out)
     try:
         ds = preprocessed(rows, preprocess, batch_size=batch_size, num_cpus=num_cpus,
-                          then=[(frames_batch, dict(features))])
+                          then=[(frames_batch, dict(features))], task_batches=TASK_BATCHES)
         for i, block in enumerate(ds.iter_batches(batch_size=None, batch_format="pyarrow")):
             writer.write(i, block)  # whole blocks: the matrices of a block are one Arrow buffer
             advance(block.num_rows)

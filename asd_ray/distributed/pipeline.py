@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
@@ -56,7 +57,7 @@ def task_stages(preprocess: PreprocessConfig, then: Sequence[Stage] = ()) -> lis
     return [(preprocess_batch, dataclasses.asdict(preprocess)), *then]
 
 
-COMPLETION_POLL_S = 0.005  # how long Ray Data's executor waits for its running tasks per scheduling step
+COMPLETION_POLL_S = 0.005  # how long Ray Data's executor waits for its running tasks per step, per batch in a task
 LIMITS_REFRESH_S = 0.2  # how often it re-reads the cluster resources it may use
 
 
@@ -71,22 +72,42 @@ def prompt_ray_data(poll_s: float = COMPLETION_POLL_S, refresh_s: float = LIMITS
     - the resources an execution may use come from its autoscaling coordinator's reservation, read back at
       most once a second (``ResourceManager.GLOBAL_LIMITS_UPDATE_INTERVAL_S``); until then it runs one task.
 
-    Lowers each constant that exists (never raises one) and logs any it cannot find (``private_apis``). Returns
-    whether both were there."""
-    from asd_ray.private_apis import lower_ray_data_constants
+    The wait is a cost too: the executor's thread steps once per ``poll_s`` for the whole pipeline, and at 5 ms
+    took 1.6-2.7 s of the driver's CPU over a 1,610-clip frames stage on 2 cores (the cores the tasks need).
+    ``preprocessed`` scales it with a task's length (its batches). Sets each constant that exists (never above
+    Ray's own value) and logs any it cannot find (``private_apis``). Returns whether both were there."""
+    from asd_ray.private_apis import set_ray_data_constants
 
-    return lower_ray_data_constants(poll_s, refresh_s)
+    return set_ray_data_constants(poll_s, refresh_s)
+
+
+TASK_BATCHES = 4  # batches per pre-processing task where the tasks do all the work (no actor follows them)
+
+
+def task_blocks(rows: int, batch_size: int, cpus: float, task_batches: int = TASK_BATCHES) -> int:
+    """Input blocks (one per task) for a pipeline whose tasks do all the work: ``task_batches`` batches of
+    ``batch_size`` clips per task, but at least 4 tasks per CPU where there are clips enough (one batch per task
+    at least). Each task pays a round trip from its end to the next task's start (60-80 ms on 2 busy cores,
+    against 0.16 s for a batch of 16 ten-second clips: the executor notices, submits, the worker unpacks) and
+    its output block is written on its own; a few batches per task pay both a few times less often. Ray Data
+    still hands the task its clips one batch of ``batch_size`` at a time."""
+    per_task = max(1, batch_size * task_batches)
+    return max(1, math.ceil(rows / per_task), min(math.ceil(rows / max(1, batch_size)), 4 * max(1, int(cpus))))
 
 
 def preprocessed(rows: list[dict], preprocess: PreprocessConfig, *, batch_size: int, num_cpus: float,
-                 then: Sequence[Stage] = (), blocks: int | None = None):
+                 then: Sequence[Stage] = (), blocks: int | None = None, task_batches: int = 1):
     """Ray Data dataset of ``rows`` (dicts with at least ``path``) after ``preprocess_batch`` and the stages
     ``then``, fused in CPU tasks of ``num_cpus`` each that are never fused into a following actor stage.
     ``blocks``: that many input blocks (Ray Data's choice when None; ``len(rows) / batch_size`` makes every batch the
-    same rows whatever the cluster's size)."""
+    same rows whatever the cluster's size); or ``task_batches`` > 1: about that many batches per task
+    (``task_blocks``, for pipelines whose tasks do all the work)."""
     import ray
 
-    prompt_ray_data()
+    if blocks is None and task_batches > 1:
+        blocks = task_blocks(len(rows), batch_size, ray.cluster_resources().get("CPU", 1))
+    per_task = max(1, round(len(rows) / blocks / batch_size)) if blocks else 1
+    prompt_ray_data(COMPLETION_POLL_S * per_task)
     ds = ray.data.from_items(rows, override_num_blocks=blocks)
     for fn, kwargs in task_stages(preprocess, then):
         ds = ds.map_batches(fn, fn_kwargs=kwargs, batch_size=batch_size, num_cpus=num_cpus,
@@ -150,7 +171,8 @@ def embedded_tables(rows: list[dict], *, embed: EmbedConfig, preprocess: Preproc
     load and runs on the CPU: it embeds inside the pre-processing tasks (fused with them), so no waveform
     crosses the object store and no actor is needed (``pool`` may be None)."""
     then, cpus = clip_tasks(embed, use_gpu=use_gpu, preprocess_cpus=preprocess_cpus)
-    ds = preprocessed(rows, preprocess, batch_size=embed.batch_size, num_cpus=cpus, then=then)
+    ds = preprocessed(rows, preprocess, batch_size=embed.batch_size, num_cpus=cpus, then=then,
+                      task_batches=TASK_BATCHES if then else 1)
     if then:
         return ds.iter_batches(batch_size=None, batch_format="pyarrow")
     if pool is None:

@@ -288,3 +288,45 @@ def test_frames_cached_under_other_log_mel_settings_are_not_used(ray_local, tiny
     again = frames_table(records, load_config(RunConfig, None, base))
     assert again.from_cache and len(started) == 2
     assert all((a == b).all() for a, b in zip(again.embeddings, table.embeddings))
+
+
+def _matrices():
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    return [rng.standard_normal((5, 3)).astype(np.float32), np.zeros((0, 0), np.float32),
+            rng.standard_normal((1, 3)).astype(np.float32), rng.standard_normal((7, 3)).astype(np.float32)]
+
+
+def test_log_mel_matrices_go_to_parquet_as_raw_float32_bytes_and_come_back_equal(tmp_path):
+    """Each row's matrix is one binary value (its float32 bytes): written and read back whole, in parts, and from
+    a slice of a column (a view with an offset, as Arrow hands out blocks), every value is the one written."""
+    import numpy as np
+
+    from asd_ray.distributed.cache import CacheWriter, matrix_column, matrix_rows, read_columns
+
+    mats = _matrices()
+    column = matrix_column(mats)
+    assert column.type == pa.large_binary() and len(column) == 4
+    table = pa.table({"path": [f"c{i}" for i in range(4)], "logmel": column})
+    writer = CacheWriter(tmp_path / "key")
+    writer.write(0, table.slice(0, 2))
+    writer.write(1, table.slice(2))
+    rows = read_columns(writer.partial)["logmel"]
+    assert [r.dtype for r in rows] == [np.float32] * 4
+    assert [r.tobytes() for r in rows] == [m.tobytes() for m in mats]
+    assert [r.tobytes() for r in matrix_rows(column.slice(1, 3))] == [m.tobytes() for m in mats[1:]]
+
+
+def test_a_frames_cache_of_list_columns_written_by_an_older_asd_ray_reads_back_the_same(tmp_path):
+    """asd-ray wrote the matrices as list<float> before: such a cache reads back to the same arrays."""
+    import numpy as np
+
+    from asd_ray.distributed.cache import read_columns
+
+    mats = _matrices()
+    offsets = np.concatenate([[0], np.cumsum([m.size for m in mats])]).astype(np.int32)
+    old = pa.ListArray.from_arrays(pa.array(offsets), pa.array(np.concatenate([m.ravel() for m in mats])))
+    pq.write_table(pa.table({"path": [f"c{i}" for i in range(4)], "logmel": old}), tmp_path / "part-00000.parquet")
+    rows = read_columns(tmp_path)["logmel"]
+    assert [r.tobytes() for r in rows] == [m.tobytes() for m in mats]

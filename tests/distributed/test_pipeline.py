@@ -385,6 +385,36 @@ def test_pipeline_tasks_run_side_by_side_on_every_cpu(ray_local):
     assert side_by_side, sorted(rows)  # two workers' tasks whose intervals overlap: both CPUs in use at once
 
 
+def test_tasks_that_do_all_the_work_take_a_few_batches_each_but_every_cpu_gets_several():
+    from asd_ray.distributed.pipeline import task_blocks
+
+    assert task_blocks(1610, 16, 2) == 26  # 4 batches of 16 per task (62 clips)
+    assert task_blocks(18_000, 16, 16) == 282
+    assert task_blocks(200, 16, 16) == 13  # 4 tasks per CPU wanted, but never less than a batch per task
+    assert task_blocks(40, 16, 2) == 3 and task_blocks(0, 16, 2) == 1
+
+
+def test_ray_datas_executor_waits_for_its_tasks_in_step_with_a_tasks_length(ray_local):
+    """Its step (``WAIT_FOR_TASK_COMPLETION_TIMEOUT_S``) is 5 ms per batch a task holds, set anew for each
+    pipeline (up and down, never above Ray's own 0.1 s): a frames pipeline of 4-batch tasks steps every 20 ms,
+    one of a batch per task every 5 ms."""
+    from asd_ray.config import PreprocessConfig
+    from asd_ray.distributed.pipeline import COMPLETION_POLL_S, preprocessed, prompt_ray_data
+    from asd_ray.private_apis import RAY_DATA_CONSTANTS, _constant_owner
+
+    module, owner, name = RAY_DATA_CONSTANTS[0]
+    rows = [{"path": f"/nowhere/{i}.wav"} for i in range(640)]
+    try:
+        preprocessed(rows, PreprocessConfig(), batch_size=16, num_cpus=1, task_batches=4)
+        assert getattr(_constant_owner(module, owner), name) == pytest.approx(4 * COMPLETION_POLL_S)
+        preprocessed(rows, PreprocessConfig(), batch_size=16, num_cpus=1, blocks=40)
+        assert getattr(_constant_owner(module, owner), name) == pytest.approx(COMPLETION_POLL_S)
+        prompt_ray_data(poll_s=60.0)
+        assert getattr(_constant_owner(module, owner), name) == pytest.approx(0.1)
+    finally:
+        prompt_ray_data()
+
+
 def test_embedding_actors_take_ray_datas_default_scheduling_when_it_is_not_loaded():
     """``EmbeddingPool`` reads Ray Data's scheduling strategy only when Ray Data is loaded (``ray_run`` starts the
     actors before importing it) and otherwise assumes its default: that default must still be SPREAD."""
