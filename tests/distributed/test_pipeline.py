@@ -415,6 +415,20 @@ def test_ray_datas_executor_waits_for_its_tasks_in_step_with_a_tasks_length(ray_
         prompt_ray_data()
 
 
+def test_the_driver_loads_ray_datas_executor_while_workers_warm_without_a_printout(ray_local, capsys):
+    """``load_ray_data_executor`` (called by ``warm_workers``) plans a pipeline and runs one that needs no task, so
+    that the real pipeline's start pays no imports: the executor is loaded after it, and it printed nothing
+    (``explain`` prints the plans)."""
+    import sys
+
+    from asd_ray.config import PreprocessConfig
+    from asd_ray.distributed.pipeline import load_ray_data_executor
+
+    load_ray_data_executor(PreprocessConfig(), batch_size=16, num_cpus=1)
+    assert capsys.readouterr().out == ""
+    assert "ray.data._internal.execution.streaming_executor" in sys.modules
+
+
 def test_embedding_actors_take_ray_datas_default_scheduling_when_it_is_not_loaded():
     """``EmbeddingPool`` reads Ray Data's scheduling strategy only when Ray Data is loaded (``ray_run`` starts the
     actors before importing it) and otherwise assumes its default: that default must still be SPREAD."""
