@@ -172,7 +172,8 @@ def matrix_rows(column) -> list[np.ndarray]:
             _, offsets, data = chunk.buffers()
             width = np.int64 if pa.types.is_large_binary(chunk.type) else np.int32
             offsets = np.frombuffer(offsets, dtype=width)[chunk.offset:chunk.offset + len(chunk) + 1] // 4
-            values = np.frombuffer(data, dtype=np.float32) if data is not None else np.zeros(0, np.float32)
+            values = (np.frombuffer(data, dtype=np.float32, count=data.size // 4) if data is not None
+                      else np.zeros(0, np.float32))  # count: a buffer may be padded past its last value
         else:
             values = chunk.values.to_numpy(zero_copy_only=False)
             offsets = chunk.offsets.to_numpy()
