@@ -168,17 +168,25 @@ def load_ray_data_executor(preprocess: PreprocessConfig, *, batch_size: int, num
     """Import Ray Data's planner and streaming executor in this driver now, while the workers warm, rather than
     when the first pipeline starts (0.45 s of its start on 2 cores, the workers idle meanwhile): plan a one-row
     pipeline of the same operators (``Dataset.explain``, its printout dropped) and run one that needs no task
-    (``from_items`` materialised)."""
+    (``from_items`` materialised). Once per process: imports stay, and a later run (``compare`` runs one per
+    detector) has nothing left to load."""
     import contextlib
     import io
 
     import ray
 
+    global _executor_loaded
+    if _executor_loaded:
+        return
     ds = ray.data.from_items([{"path": ""}])
     with contextlib.redirect_stdout(io.StringIO()):
         ds.map_batches(preprocess_batch, fn_kwargs=dataclasses.asdict(preprocess), batch_size=batch_size,
                        num_cpus=num_cpus).explain()
     ds.materialize()
+    _executor_loaded = True
+
+
+_executor_loaded = False  # whether load_ray_data_executor has run in this process
 
 
 def embedded_tables(rows: list[dict], *, embed: EmbedConfig, preprocess: PreprocessConfig,

@@ -196,7 +196,6 @@ def _sorted_auc(y: np.ndarray, s: np.ndarray, max_fpr: float | None) -> float:
     return 0.5 * (1 + (float(trapezoid(tpr, fpr)) - min_area) / (max_area - min_area))
 
 
-
 def score_ci95(labels: Sequence[int], scores: Sequence[float], max_fpr: float = MAX_FPR,
                task_map: TaskMap = in_process) -> dict[str, float]:
     """The evaluator's "official score ci95": the mean of the jackknife 95 % half-widths of the AUC and of the

@@ -415,17 +415,18 @@ def test_ray_datas_executor_waits_for_its_tasks_in_step_with_a_tasks_length(ray_
         prompt_ray_data()
 
 
-def test_the_driver_loads_ray_datas_executor_while_workers_warm_without_a_printout(ray_local, capsys):
+def test_the_driver_loads_ray_datas_executor_while_workers_warm_without_a_printout(ray_local, capsys, monkeypatch):
     """``load_ray_data_executor`` (called by ``warm_workers``) plans a pipeline and runs one that needs no task, so
     that the real pipeline's start pays no imports: the executor is loaded after it, and it printed nothing
-    (``explain`` prints the plans)."""
+    (``explain`` prints the plans). Once per process: a second call does nothing."""
     import sys
 
     from asd_ray.config import PreprocessConfig
-    from asd_ray.distributed.pipeline import load_ray_data_executor
+    from asd_ray.distributed import pipeline
 
-    load_ray_data_executor(PreprocessConfig(), batch_size=16, num_cpus=1)
-    assert capsys.readouterr().out == ""
+    monkeypatch.setattr(pipeline, "_executor_loaded", False)  # an earlier test's run may have loaded it
+    pipeline.load_ray_data_executor(PreprocessConfig(), batch_size=16, num_cpus=1)
+    assert capsys.readouterr().out == "" and pipeline._executor_loaded
     assert "ray.data._internal.execution.streaming_executor" in sys.modules
 
 
