@@ -100,6 +100,42 @@ def set_ray_data_constants(poll_s: float, refresh_s: float) -> bool:
 _RAY_DATA_DEFAULTS: dict[str, float] = {}  # each of RAY_DATA_CONSTANTS as Ray set it, before the first change
 
 
+class _FirstReadyRay:
+    """Stands for the ``ray`` module in Ray Data's ``streaming_executor_state``: its ``wait`` returns as soon as one
+    ref is ready (``wake_ray_data_on_first_output``); every other name is the ``ray`` module's own."""
+
+    def __init__(self, ray_module: Any):
+        self._ray = ray_module
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._ray, name)
+
+    def wait(self, refs: list, *, num_returns: int = 1, **kwargs: Any) -> Any:
+        return self._ray.wait(refs, num_returns=min(num_returns, 1), **kwargs)
+
+
+def wake_ray_data_on_first_output() -> bool:
+    """Make Ray Data's streaming executor (in this driver) take its next step as soon as ANY running task has
+    output. Its ``process_completed_tasks`` waits for ALL of them (``ray.wait(..., num_returns=len(active_tasks))``)
+    or for its poll (``WAIT_FOR_TASK_COMPLETION_TIMEOUT_S``) to run out, so a finished task's CPU stood idle for
+    part of a poll, and a short poll made the executor's thread step hundreds of times a second on the cores the
+    tasks need. Ray 2.60 has no setting for either. The module's ``ray`` becomes ``_FirstReadyRay``; once per
+    process. Returns False, logged, where the module or its ``ray.wait`` call is not there."""
+    _warn_untested("ray")
+    try:
+        from ray.data._internal.execution import streaming_executor_state as state
+    except ImportError as err:
+        log.info("Ray Data's executor still waits for all its tasks: %s", err)
+        return False
+    if isinstance(getattr(state, "ray", None), _FirstReadyRay):
+        return True
+    if not hasattr(state, "ray") or not hasattr(state, "process_completed_tasks"):
+        log.info("Ray Data's executor still waits for all its tasks: no ray.wait in process_completed_tasks")
+        return False
+    state.ray = _FirstReadyRay(state.ray)
+    return True
+
+
 def start_ray_data_actors() -> bool:
     """Create Ray Data's stats actor and autoscaling coordinator now (its private factories; creating one that
     exists returns it): Ray Data makes them on a cluster's first execution, and their imports then delay the

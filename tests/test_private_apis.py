@@ -33,6 +33,11 @@ def test_every_private_name_used_still_exists():
         holder = importlib.import_module(module)
         holder = holder if owner is None else getattr(holder, owner)
         assert isinstance(getattr(holder, name), (int, float)), (module, name)
+    from ray.data._internal.execution import streaming_executor_state as state  # wake_ray_data_on_first_output
+
+    waits = inspect.getsource(state.process_completed_tasks)
+    assert "ray.wait(" in waits and "num_returns=len(active_tasks)" in waits
+    assert [n for n in state.__dict__ if n == "ray"] and "ray.get(" not in inspect.getsource(state)
     from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import (  # noqa: F401
         get_or_create_autoscaling_coordinator)
     from ray.data._internal.stats import get_or_create_stats_actor  # noqa: F401
@@ -49,6 +54,22 @@ def test_every_private_name_used_still_exists():
     from ray.serve._private import replica  # keep_direct_port
 
     assert "enable_so_reuseport" in inspect.signature(replica.start_asgi_http_server).parameters
+
+
+def test_the_stand_in_for_ray_in_ray_datas_executor_waits_for_one_ref_and_is_ray_otherwise():
+    calls = []
+
+    class FakeRay:
+        ObjectRef = object
+
+        def wait(self, refs, *, num_returns=1, **kwargs):
+            calls.append((list(refs), num_returns, kwargs))
+            return refs[:num_returns], refs[num_returns:]
+
+    stand_in = private_apis._FirstReadyRay(FakeRay())
+    assert stand_in.wait(["a", "b", "c"], num_returns=3, timeout=0.1, fetch_local=False) == (["a"], ["b", "c"])
+    assert calls == [(["a", "b", "c"], 1, {"timeout": 0.1, "fetch_local": False})]
+    assert stand_in.ObjectRef is object
 
 
 def test_hubert_span_mask_is_a_boolean_mask_of_about_the_asked_share():

@@ -57,28 +57,33 @@ def task_stages(preprocess: PreprocessConfig, then: Sequence[Stage] = ()) -> lis
     return [(preprocess_batch, dataclasses.asdict(preprocess)), *then]
 
 
-COMPLETION_POLL_S = 0.005  # how long Ray Data's executor waits for its running tasks per step, per batch in a task
+COMPLETION_POLL_S = 0.005  # how long Ray Data's executor waits for its running tasks per step (one batch per task)
+TASKS_POLL_S = 0.1  # the same where a task holds several batches: output wakes the executor (Ray's own value)
 LIMITS_REFRESH_S = 0.2  # how often it re-reads the cluster resources it may use
 
 
 def prompt_ray_data(poll_s: float = COMPLETION_POLL_S, refresh_s: float = LIMITS_REFRESH_S) -> bool:
-    """Make Ray Data's streaming executor (in this driver) notice a finished task within ``poll_s`` and the
-    CPUs it may use within ``refresh_s``. Neither has a setting in Ray 2.60; both are module constants:
+    """Make Ray Data's streaming executor (in this driver) step as soon as a running task has output, at the
+    latest every ``poll_s``, and re-read the CPUs it may use every ``refresh_s``. None of the three has a setting in
+    Ray 2.60 (``private_apis``):
 
-    - each scheduling step waits until ALL running tasks are done or 0.1 s has passed
+    - each scheduling step waits until ALL running tasks have output or 0.1 s has passed
       (``WAIT_FOR_TASK_COMPLETION_TIMEOUT_S``) before it submits new tasks. With two tasks of 0.13 s on
       2 cores, the next task always went to the worker that had just finished: every task ran on ONE worker,
-      one after the other (``ray.timeline()``), 130 clips/s where plain Ray tasks did 251;
+      one after the other (``ray.timeline()``), 130 clips/s where plain Ray tasks did 251. A short poll mended
+      that, at a cost: the executor's thread stepped once per poll, and at 5 ms took 1.6-2.7 s of the driver's CPU
+      over a 1,610-clip frames stage on 2 cores (the cores the tasks need). Waking on the first output
+      (``wake_ray_data_on_first_output``) mends it at no cost, and the poll can stay long where the tasks do all
+      the work (``preprocessed``);
     - the resources an execution may use come from its autoscaling coordinator's reservation, read back at
       most once a second (``ResourceManager.GLOBAL_LIMITS_UPDATE_INTERVAL_S``); until then it runs one task.
 
-    The wait is a cost too: the executor's thread steps once per ``poll_s`` for the whole pipeline, and at 5 ms
-    took 1.6-2.7 s of the driver's CPU over a 1,610-clip frames stage on 2 cores (the cores the tasks need).
-    ``preprocessed`` scales it with a task's length (its batches). Sets each constant that exists (never above
-    Ray's own value) and logs any it cannot find (``private_apis``). Returns whether both were there."""
-    from asd_ray.private_apis import set_ray_data_constants
+    Sets each constant that exists (never above Ray's own value) and logs any it cannot find. Returns whether all
+    three were there."""
+    from asd_ray.private_apis import set_ray_data_constants, wake_ray_data_on_first_output
 
-    return set_ray_data_constants(poll_s, refresh_s)
+    woken = wake_ray_data_on_first_output()
+    return set_ray_data_constants(poll_s, refresh_s) and woken
 
 
 TASK_BATCHES = 4  # batches per pre-processing task where the tasks do all the work (no actor follows them)
@@ -107,7 +112,7 @@ def preprocessed(rows: list[dict], preprocess: PreprocessConfig, *, batch_size: 
     if blocks is None and task_batches > 1:
         blocks = task_blocks(len(rows), batch_size, ray.cluster_resources().get("CPU", 1))
     per_task = max(1, round(len(rows) / blocks / batch_size)) if blocks else 1
-    prompt_ray_data(COMPLETION_POLL_S * per_task)
+    prompt_ray_data(COMPLETION_POLL_S if per_task == 1 else TASKS_POLL_S)
     ds = ray.data.from_items(rows, override_num_blocks=blocks)
     for fn, kwargs in task_stages(preprocess, then):
         ds = ds.map_batches(fn, fn_kwargs=kwargs, batch_size=batch_size, num_cpus=num_cpus,
