@@ -120,7 +120,8 @@ def wake_ray_data_on_first_output() -> bool:
     or for its poll (``WAIT_FOR_TASK_COMPLETION_TIMEOUT_S``) to run out, so a finished task's CPU stood idle for
     part of a poll, and a short poll made the executor's thread step hundreds of times a second on the cores the
     tasks need. Ray 2.60 has no setting for either. The module's ``ray`` becomes ``_FirstReadyRay``; once per
-    process. Returns False, logged, where the module or its ``ray.wait`` call is not there."""
+    process. Returns False, logged, where the module, its ``ray`` or ``process_completed_tasks`` is not there
+    (``tests/test_private_apis.py`` also checks the ``ray.wait`` call itself)."""
     _warn_untested("ray")
     try:
         from ray.data._internal.execution import streaming_executor_state as state
@@ -130,7 +131,8 @@ def wake_ray_data_on_first_output() -> bool:
     if isinstance(getattr(state, "ray", None), _FirstReadyRay):
         return True
     if not hasattr(state, "ray") or not hasattr(state, "process_completed_tasks"):
-        log.info("Ray Data's executor still waits for all its tasks: no ray.wait in process_completed_tasks")
+        log.info("Ray Data's executor still waits for all its tasks: no ray or process_completed_tasks in %s",
+                 state.__name__)
         return False
     state.ray = _FirstReadyRay(state.ray)
     return True
