@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import functools
 import logging
+import threading
+import time
 from importlib.metadata import version
 from typing import Any
 
@@ -101,26 +103,57 @@ _RAY_DATA_DEFAULTS: dict[str, float] = {}  # each of RAY_DATA_CONSTANTS as Ray s
 
 
 class _FirstReadyRay:
-    """Stands for the ``ray`` module in Ray Data's ``streaming_executor_state``: its ``wait`` returns as soon as one
-    ref is ready (``wake_ray_data_on_first_output``); every other name is the ``ray`` module's own."""
+    """Stands for the ``ray`` module in Ray Data's ``streaming_executor_state`` (``wake_ray_data_on_first_output``);
+    every name but ``wait`` is the ``ray`` module's own.
 
-    def __init__(self, ray_module: Any):
-        self._ray = ray_module
+    ``wait(refs, num_returns=len(refs), timeout=t)`` (wait for all, at most ``t``) returns every ref that is ready,
+    as soon as one is: each step still takes every ready task, as Ray Data's output budget expects. A ref can stay
+    ready while the executor takes nothing from it: its metadata still being fetched (milliseconds), or its op's
+    output budget spent (until the consumer catches up). Where no ref has become ready for ``REREADY_SPIN_S``
+    (the same ones ready at each call), it waits ``REREADY_WAIT_S`` at most for one of the others before it returns
+    them again: such a ref makes the executor step every 5 ms (the poll asd-ray used before), never without pause.
+    Where all refs are ready, or the call asks for fewer than all, it is ``ray.wait`` itself."""
+
+    REREADY_SPIN_S = 0.01
+    REREADY_WAIT_S = 0.005
+
+    def __init__(self, ray_module: Any, clock: Any = time.monotonic):
+        self._ray, self._clock = ray_module, clock
+        self._last = threading.local()  # per executor thread: the refs ready at its previous call, and since when
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._ray, name)
 
-    def wait(self, refs: list, *, num_returns: int = 1, **kwargs: Any) -> Any:
-        return self._ray.wait(refs, num_returns=min(num_returns, 1), **kwargs)
+    def wait(self, refs: list, *, num_returns: int = 1, timeout: float | None = None, **kwargs: Any) -> Any:
+        refs = list(refs)
+        if num_returns != len(refs):
+            return self._ray.wait(refs, num_returns=num_returns, timeout=timeout, **kwargs)
+        ready, rest = self._ray.wait(refs, num_returns=len(refs), timeout=0, **kwargs)
+        seen, since = getattr(self._last, "ready", set()), getattr(self._last, "since", 0.0)
+        if rest and not ready:  # nothing ready: wait for the first, at most the poll
+            wait_s = timeout
+        elif rest and {id(r) for r in ready} <= seen and self._clock() - since > self.REREADY_SPIN_S:
+            wait_s = self.REREADY_WAIT_S if timeout is None else min(timeout, self.REREADY_WAIT_S)
+        else:
+            wait_s = 0
+        if wait_s != 0 and self._ray.wait(rest, num_returns=1, timeout=wait_s, **kwargs)[0]:
+            ready, rest = self._ray.wait(refs, num_returns=len(refs), timeout=0, **kwargs)
+        ids = {id(r) for r in ready}
+        if not ids <= seen:
+            self._last.since = self._clock()
+        self._last.ready = ids
+        return ready, rest
 
 
 def wake_ray_data_on_first_output() -> bool:
-    """Make Ray Data's streaming executor (in this driver) take its next step as soon as ANY running task has
-    output. Its ``process_completed_tasks`` waits for ALL of them (``ray.wait(..., num_returns=len(active_tasks))``)
+    """Make Ray Data's streaming executors (in this process) take their next step as soon as any running task has
+    new output. Its ``process_completed_tasks`` waits for ALL of them (``ray.wait(..., num_returns=len(active_tasks))``)
     or for its poll (``WAIT_FOR_TASK_COMPLETION_TIMEOUT_S``) to run out, so a finished task's CPU stood idle for
     part of a poll, and a short poll made the executor's thread step hundreds of times a second on the cores the
-    tasks need. Ray 2.60 has no setting for either. The module's ``ray`` becomes ``_FirstReadyRay``; once per
-    process. Returns False, logged, where the module, its ``ray`` or ``process_completed_tasks`` is not there
+    tasks need. Ray 2.60 has no setting for either. The module's ``ray`` becomes ``_FirstReadyRay`` (a step
+    still takes every task that is ready, and a task that stays ready with nothing to take wakes it every 5 ms at
+    most once 10 ms have passed);
+    once per process. Returns False, logged, where the module, its ``ray`` or ``process_completed_tasks`` is not there
     (``tests/test_private_apis.py`` also checks the ``ray.wait`` call itself)."""
     _warn_untested("ray")
     try:

@@ -37,7 +37,8 @@ def test_every_private_name_used_still_exists():
 
     waits = inspect.getsource(state.process_completed_tasks)
     assert "ray.wait(" in waits and "num_returns=len(active_tasks)" in waits
-    assert [n for n in state.__dict__ if n == "ray"] and "ray.get(" not in inspect.getsource(state)
+    calls = [line for line in inspect.getsource(state).splitlines() if "ray.wait(" in line and "#" not in line]
+    assert "ray" in state.__dict__ and len(calls) == 1, calls  # the one call the stand-in changes
     from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import (  # noqa: F401
         get_or_create_autoscaling_coordinator)
     from ray.data._internal.stats import get_or_create_stats_actor  # noqa: F401
@@ -56,20 +57,50 @@ def test_every_private_name_used_still_exists():
     assert "enable_so_reuseport" in inspect.signature(replica.start_asgi_http_server).parameters
 
 
-def test_the_stand_in_for_ray_in_ray_datas_executor_waits_for_one_ref_and_is_ray_otherwise():
-    calls = []
+def test_the_stand_in_for_ray_in_ray_datas_executor_returns_all_ready_refs_as_soon_as_one_is():
+    """Its ``wait`` for all refs returns every ready ref at once. When the same refs have stayed ready for 10 ms (a
+    task whose output the executor cannot take yet), it first waits 5 ms at most for another, so that such a ref
+    cannot make the executor step without pause. Nothing ready: it waits for the first, at most the poll. Fewer
+    than all asked: ``ray.wait`` itself."""
 
     class FakeRay:
         ObjectRef = object
 
-        def wait(self, refs, *, num_returns=1, **kwargs):
-            calls.append((list(refs), num_returns, kwargs))
-            return refs[:num_returns], refs[num_returns:]
+        def __init__(self):
+            self.ready, self.calls, self.becomes_ready, self.now = set(), [], set(), 0.0
 
-    stand_in = private_apis._FirstReadyRay(FakeRay())
-    assert stand_in.wait(["a", "b", "c"], num_returns=3, timeout=0.1, fetch_local=False) == (["a"], ["b", "c"])
-    assert calls == [(["a", "b", "c"], 1, {"timeout": 0.1, "fetch_local": False})]
-    assert stand_in.ObjectRef is object
+        def wait(self, refs, *, num_returns=1, timeout=None, fetch_local=True):
+            self.calls.append((num_returns, timeout))
+            if timeout and not any(r in self.ready for r in refs):  # a blocking wait: the next output may come
+                self.ready |= self.becomes_ready
+            ready = [r for r in refs if r in self.ready][:num_returns]
+            return ready, [r for r in refs if r not in ready]
+
+    fake = FakeRay()
+    stand_in = private_apis._FirstReadyRay(fake, clock=lambda: fake.now)
+    assert stand_in.ObjectRef is object and (stand_in.REREADY_SPIN_S, stand_in.REREADY_WAIT_S) == (0.01, 0.005)
+
+    def step(now, expected, calls, *, timeout=0.1):
+        fake.now = now
+        fake.calls.clear()
+        assert stand_in.wait(["a", "b", "c"], num_returns=3, timeout=timeout, fetch_local=False) == expected
+        assert fake.calls == calls
+
+    fake.ready = {"a"}
+    step(0.0, (["a"], ["b", "c"]), [(3, 0)])  # "a" is new: at once
+    step(0.005, (["a"], ["b", "c"]), [(3, 0)])  # still ready, for 5 ms only: at once again
+    fake.becomes_ready = {"c"}  # ready for 20 ms: 5 ms at most for another, then both
+    step(0.02, (["a", "c"], ["b"]), [(3, 0), (1, 0.005), (3, 0)])
+    step(0.025, (["a", "c"], ["b"]), [(3, 0)])  # "c" came 5 ms ago: at once
+    fake.becomes_ready = set()  # the same two for 30 ms, nothing new within 5 ms: the two once more
+    step(0.05, (["a", "c"], ["b"]), [(3, 0), (1, 0.005)])
+    fake.ready, fake.becomes_ready = set(), {"b"}  # nothing ready: the whole poll at most for the first
+    step(0.06, (["b"], ["a", "c"]), [(3, 0), (1, 0.1), (3, 0)])
+    fake.ready = {"a", "b", "c"}  # all ready: at once, as ray.wait
+    step(0.5, (["a", "b", "c"], []), [(3, 0)])
+    fake.calls.clear()
+    assert stand_in.wait(["a", "b", "c"], num_returns=1, timeout=0.5) == (["a"], ["b", "c"])
+    assert fake.calls == [(1, 0.5)]
 
 
 def test_hubert_span_mask_is_a_boolean_mask_of_about_the_asked_share():

@@ -63,7 +63,7 @@ LIMITS_REFRESH_S = 0.2  # how often it re-reads the cluster resources it may use
 
 
 def prompt_ray_data(poll_s: float = COMPLETION_POLL_S, refresh_s: float = LIMITS_REFRESH_S) -> bool:
-    """Make Ray Data's streaming executor (in this driver) step as soon as a running task has output, at the
+    """Make Ray Data's streaming executor (in this process) step as soon as a running task has new output, at the
     latest every ``poll_s``, and re-read the CPUs it may use every ``refresh_s``. None of the three has a setting in
     Ray 2.60 (``private_apis``):
 
@@ -72,9 +72,9 @@ def prompt_ray_data(poll_s: float = COMPLETION_POLL_S, refresh_s: float = LIMITS
       2 cores, the next task always went to the worker that had just finished: every task ran on ONE worker,
       one after the other (``ray.timeline()``), 130 clips/s where plain Ray tasks did 251. A short poll mended
       that, at a cost: the executor's thread stepped once per poll, and at 5 ms took 1.6-2.7 s of the driver's CPU
-      over a 1,610-clip frames stage on 2 cores (the cores the tasks need). Waking on the first output
-      (``wake_ray_data_on_first_output``) mends it at no cost, and the poll can stay long where the tasks do all
-      the work (``preprocessed``);
+      over a 1,610-clip frames stage on 2 cores (the cores the tasks need). Waking on the first new output
+      (``wake_ray_data_on_first_output``) mends it without stepping more often, and the poll can stay long where
+      the tasks do all the work (``preprocessed``);
     - the resources an execution may use come from its autoscaling coordinator's reservation, read back at
       most once a second (``ResourceManager.GLOBAL_LIMITS_UPDATE_INTERVAL_S``); until then it runs one task.
 
