@@ -110,8 +110,10 @@ class _FirstReadyRay:
     as soon as one is: each step still takes every ready task, as Ray Data's output budget expects. A ref can stay
     ready while the executor takes nothing from it: its metadata still being fetched (milliseconds), or its op's
     output budget spent (until the consumer catches up). Where no ref has become ready for ``REREADY_SPIN_S``
-    (the same ones ready at each call), it waits ``REREADY_WAIT_S`` at most for one of the others before it returns
-    them again: such a ref makes the executor step every 5 ms (the poll asd-ray used before), never without pause.
+    (the same ones ready at the end of one call and the start of the next), it waits ``REREADY_WAIT_S`` at most
+    for one of the others before it returns them again: such a ref makes the executor step every 5 ms (the poll
+    asd-ray used before), never without pause. A ref that became ready during a call's wait is new, though the
+    same task's ref was ready at an earlier call: a task's next block, or the end of its stream, is not delayed.
     Where all refs are ready, or the call asks for fewer than all, it is ``ray.wait`` itself."""
 
     REREADY_SPIN_S = 0.01
@@ -129,18 +131,19 @@ class _FirstReadyRay:
         if num_returns != len(refs):
             return self._ray.wait(refs, num_returns=num_returns, timeout=timeout, **kwargs)
         ready, rest = self._ray.wait(refs, num_returns=len(refs), timeout=0, **kwargs)
-        seen, since = getattr(self._last, "ready", set()), getattr(self._last, "since", 0.0)
+        ids = {id(r) for r in ready}
+        if not ids <= getattr(self._last, "ready", set()):  # a ref is ready that was not at the last call's end
+            self._last.since = self._clock()
         if rest and not ready:  # nothing ready: wait for the first, at most the poll
             wait_s = timeout
-        elif rest and {id(r) for r in ready} <= seen and self._clock() - since > self.REREADY_SPIN_S:
+        elif rest and self._clock() - getattr(self._last, "since", 0.0) > self.REREADY_SPIN_S:
             wait_s = self.REREADY_WAIT_S if timeout is None else min(timeout, self.REREADY_WAIT_S)
         else:
             wait_s = 0
         if wait_s != 0 and self._ray.wait(rest, num_returns=1, timeout=wait_s, **kwargs)[0]:
             ready, rest = self._ray.wait(refs, num_returns=len(refs), timeout=0, **kwargs)
-        ids = {id(r) for r in ready}
-        if not ids <= seen:
-            self._last.since = self._clock()
+            ids = {id(r) for r in ready}
+            self._last.since = self._clock()  # one became ready during this call: new, whoever it is
         self._last.ready = ids
         return ready, rest
 
@@ -152,9 +155,9 @@ def wake_ray_data_on_first_output() -> bool:
     part of a poll, and a short poll made the executor's thread step hundreds of times a second on the cores the
     tasks need. Ray 2.60 has no setting for either. The module's ``ray`` becomes ``_FirstReadyRay`` (a step
     still takes every task that is ready, and a task that stays ready with nothing to take wakes it every 5 ms at
-    most once 10 ms have passed);
-    once per process. Returns False, logged, where the module, its ``ray`` or ``process_completed_tasks`` is not there
-    (``tests/test_private_apis.py`` also checks the ``ray.wait`` call itself)."""
+    most once 10 ms have passed). Once per process. Returns False, logged, where the module, its ``ray`` or
+    ``process_completed_tasks`` is not there (``tests/test_private_apis.py`` also checks the ``ray.wait`` call
+    itself)."""
     _warn_untested("ray")
     try:
         from ray.data._internal.execution import streaming_executor_state as state

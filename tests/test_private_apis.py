@@ -98,6 +98,9 @@ def test_the_stand_in_for_ray_in_ray_datas_executor_returns_all_ready_refs_as_so
     step(0.06, (["b"], ["a", "c"]), [(3, 0), (1, 0.1), (3, 0)])
     fake.ready = {"a", "b", "c"}  # all ready: at once, as ray.wait
     step(0.5, (["a", "b", "c"], []), [(3, 0)])
+    fake.ready, fake.becomes_ready = set(), {"a"}  # "a", ready at an earlier call, has its next output: new
+    step(0.6, (["a"], ["b", "c"]), [(3, 0), (1, 0.1), (3, 0)])
+    step(0.605, (["a"], ["b", "c"]), [(3, 0)])  # "a" again (the end of its stream): at once, not after 5 ms
     fake.calls.clear()
     assert stand_in.wait(["a", "b", "c"], num_returns=1, timeout=0.5) == (["a"], ["b", "c"])
     assert fake.calls == [(1, 0.5)]
